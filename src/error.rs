@@ -37,7 +37,6 @@ pub enum AddressProblem {
     EmptyLocalPart,
     EmptyDomain,
     LocalPartTooLong,
-    DomainTooLong,
     PathTooLong,
     InvalidDomain,
     InvalidUtf8,
@@ -47,15 +46,20 @@ impl fmt::Display for AddressProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             AddressProblem::Empty => "is empty",
-            AddressProblem::ControlCharacter => "contains a control character (CR, LF, NUL or another)",
+            AddressProblem::ControlCharacter => {
+                "contains a control character (CR, LF, NUL or another)"
+            }
             AddressProblem::Whitespace => "contains whitespace",
             AddressProblem::AngleBracket => "contains '<' or '>'",
             AddressProblem::MissingAt => "has no '@'",
             AddressProblem::EmptyLocalPart => "has an empty local part",
             AddressProblem::EmptyDomain => "has an empty domain",
-            AddressProblem::LocalPartTooLong => "has a local part over 64 octets (RFC 5321 4.5.3.1.1)",
-            AddressProblem::DomainTooLong => "has a domain over 255 octets (RFC 5321 4.5.3.1.2)",
-            AddressProblem::PathTooLong => "is over 254 octets (RFC 5321 4.5.3.1.3)",
+            AddressProblem::LocalPartTooLong => {
+                "has a local part over 64 octets (RFC 5321 4.5.3.1.1)"
+            }
+            AddressProblem::PathTooLong => {
+                "is over 254 octets (RFC 5321 4.5.3.1.3 limits a path to 256 with its brackets)"
+            }
             AddressProblem::InvalidDomain => "has an invalid domain",
             AddressProblem::InvalidUtf8 => "is not valid UTF-8",
         })
@@ -66,7 +70,10 @@ impl fmt::Display for AddressProblem {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
     /// An address (sender or recipient) is not acceptable.
-    InvalidAddress { field: Field, problem: AddressProblem },
+    InvalidAddress {
+        field: Field,
+        problem: AddressProblem,
+    },
     /// A message must have at least one recipient.
     NoRecipients,
     /// A body line is longer than RFC 5322's 998 octets (line numbers start at 1).
@@ -76,7 +83,10 @@ pub enum Error {
     /// The dispatcher has been shut down and takes no more work.
     ShutDown,
     /// A configuration value is out of range or inconsistent.
-    InvalidConfig { key: &'static str, problem: &'static str },
+    InvalidConfig {
+        key: &'static str,
+        problem: &'static str,
+    },
     /// An operating-system error (socket, thread) while starting.
     Io(std::io::ErrorKind),
 }
@@ -90,7 +100,9 @@ impl fmt::Display for Error {
                 f,
                 "body: line {line} is {length} octets long; RFC 5322 allows at most 998"
             ),
-            Error::QueueFull => f.write_str("queue full: the dispatcher's ingress queue is at capacity"),
+            Error::QueueFull => {
+                f.write_str("queue full: the dispatcher's ingress queue is at capacity")
+            }
             Error::ShutDown => f.write_str("the dispatcher has been shut down"),
             Error::InvalidConfig { key, problem } => write!(f, "config {key}: {problem}"),
             Error::Io(kind) => write!(f, "I/O error: {kind}"),

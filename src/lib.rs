@@ -3,5 +3,7 @@
 //! (crate documentation is completed with the engine)
 
 pub mod error;
+pub mod message;
+pub mod smtp;
 
 pub use error::{Error, Result};

@@ -1,0 +1,233 @@
+//! Envelope addresses (RFC 5321 4.1.2), checked once at the door.
+//!
+//! An [`Address`] that exists is safe to put between `<` and `>` on the wire: no control
+//! characters, no whitespace outside a quoted local part, no angle brackets, and within the
+//! length limits of RFC 5321 4.5.3.1. Non-ASCII addresses are allowed and flagged, because they
+//! need SMTPUTF8 (RFC 6531). This module does not decide deliverability.
+
+use crate::error::{AddressProblem, Error, Field};
+use std::fmt;
+use std::sync::Arc;
+
+/// A validated envelope address. Cheap to clone (shared string).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Address {
+    text: Arc<str>,
+    /// Byte offset of the '@' that separates local part and domain (0 for the null sender).
+    at: u32,
+}
+
+impl Address {
+    /// The null reverse-path `<>` (RFC 5321 4.5.5), for bounces and auto-replies.
+    pub fn null() -> Self {
+        Address {
+            text: Arc::from(""),
+            at: 0,
+        }
+    }
+
+    /// Checks `text` as a mailbox; `field` names it in the error.
+    pub fn parse(text: &str, field: Field) -> Result<Self, Error> {
+        let problem = |problem| Error::InvalidAddress { field, problem };
+        if text.is_empty() {
+            return Err(problem(AddressProblem::Empty));
+        }
+        // RFC 5321 4.5.3.1.3: a path is at most 256 octets including the angle brackets.
+        if text.len() > 254 {
+            return Err(problem(AddressProblem::PathTooLong));
+        }
+        let bytes = text.as_bytes();
+        let mut in_quotes = false;
+        let mut escaped = false;
+        let mut at = None;
+        for (i, &b) in bytes.iter().enumerate() {
+            if b < 0x20 || b == 0x7f {
+                return Err(problem(AddressProblem::ControlCharacter));
+            }
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            match b {
+                b'\\' if in_quotes => escaped = true,
+                b'"' if at.is_none() => in_quotes = !in_quotes,
+                b' ' if !in_quotes => return Err(problem(AddressProblem::Whitespace)),
+                b'<' | b'>' => return Err(problem(AddressProblem::AngleBracket)),
+                b'@' if !in_quotes => at = Some(i),
+                _ => {}
+            }
+        }
+        let Some(at) = at else {
+            return Err(problem(AddressProblem::MissingAt));
+        };
+        let (local, domain) = (&text[..at], &text[at + 1..]);
+        if local.is_empty() {
+            return Err(problem(AddressProblem::EmptyLocalPart));
+        }
+        if domain.is_empty() {
+            return Err(problem(AddressProblem::EmptyDomain));
+        }
+        if local.len() > 64 {
+            return Err(problem(AddressProblem::LocalPartTooLong));
+        }
+        if !valid_domain(domain) {
+            return Err(problem(AddressProblem::InvalidDomain));
+        }
+        Ok(Address {
+            text: Arc::from(text),
+            at: at as u32,
+        })
+    }
+
+    /// Like [`Address::parse`] for bytes that must be UTF-8 (from C or a file).
+    pub fn parse_bytes(bytes: &[u8], field: Field) -> Result<Self, Error> {
+        let text = std::str::from_utf8(bytes).map_err(|_| Error::InvalidAddress {
+            field,
+            problem: AddressProblem::InvalidUtf8,
+        })?;
+        Address::parse(text, field)
+    }
+
+    /// The address as written (empty for the null sender).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn is_null(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// The part after the '@' (empty for the null sender).
+    pub fn domain(&self) -> &str {
+        if self.is_null() {
+            ""
+        } else {
+            &self.text[self.at as usize + 1..]
+        }
+    }
+
+    /// The part before the '@'.
+    pub fn local_part(&self) -> &str {
+        &self.text[..self.at as usize]
+    }
+
+    /// Non-ASCII addresses need the SMTPUTF8 extension (RFC 6531 3.4).
+    pub fn needs_smtputf8(&self) -> bool {
+        !self.text.is_ascii()
+    }
+}
+
+/// A domain name of dot-separated labels (letters, digits, hyphens, or non-ASCII U-labels), or
+/// an address literal in brackets (RFC 5321 4.1.3).
+fn valid_domain(domain: &str) -> bool {
+    if let Some(literal) = domain.strip_prefix('[') {
+        return literal.strip_suffix(']').is_some_and(|inner| {
+            !inner.is_empty()
+                && inner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-'))
+        });
+    }
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    !domain.is_empty()
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+        })
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{}>", self.text)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(text: &str) -> AddressProblem {
+        match Address::parse(text, Field::Recipient(2)) {
+            Err(Error::InvalidAddress { field, problem }) => {
+                assert_eq!(field, Field::Recipient(2));
+                problem
+            }
+            other => panic!("{text:?} accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_ordinary_addresses() {
+        for ok in [
+            "a@b.example",
+            "first.last+tag@sub.example.org",
+            "\"with space\"@example.org",
+            "user@[127.0.0.1]",
+            "jöran@bücher.example",
+            "x@example.org.",
+        ] {
+            let a = Address::parse(ok, Field::Sender).unwrap();
+            assert_eq!(a.as_str(), ok);
+        }
+        let a = Address::parse("Local@Example.ORG", Field::Sender).unwrap();
+        assert_eq!(a.domain(), "Example.ORG");
+        assert_eq!(a.local_part(), "Local");
+        assert!(Address::parse("jöran@x.example", Field::Sender)
+            .unwrap()
+            .needs_smtputf8());
+    }
+
+    #[test]
+    fn refuses_bad_addresses() {
+        assert_eq!(problem(""), AddressProblem::Empty);
+        assert_eq!(
+            problem("a@b\r\nRCPT TO:<x@y>"),
+            AddressProblem::ControlCharacter
+        );
+        assert_eq!(problem("a@b\n"), AddressProblem::ControlCharacter);
+        assert_eq!(problem("a\0@b"), AddressProblem::ControlCharacter);
+        assert_eq!(problem("a b@c"), AddressProblem::Whitespace);
+        assert_eq!(problem("a@b> SIZE=1"), AddressProblem::Whitespace);
+        assert_eq!(problem("<a@b>"), AddressProblem::AngleBracket);
+        assert_eq!(problem("nobody"), AddressProblem::MissingAt);
+        assert_eq!(problem("@b.example"), AddressProblem::EmptyLocalPart);
+        assert_eq!(problem("a@"), AddressProblem::EmptyDomain);
+        assert_eq!(
+            problem(&format!("{}@b", "x".repeat(65))),
+            AddressProblem::LocalPartTooLong
+        );
+        assert_eq!(
+            problem(&format!("a@{}", "b".repeat(256))),
+            AddressProblem::PathTooLong
+        );
+        assert_eq!(problem("a@b..c"), AddressProblem::InvalidDomain);
+        assert_eq!(problem("a@-b.c"), AddressProblem::InvalidDomain);
+        assert_eq!(problem("a@b_c.d"), AddressProblem::InvalidDomain);
+        let bytes = Address::parse_bytes(b"a\xff@b", Field::Sender);
+        assert_eq!(
+            bytes,
+            Err(Error::InvalidAddress {
+                field: Field::Sender,
+                problem: AddressProblem::InvalidUtf8
+            })
+        );
+    }
+
+    #[test]
+    fn domain_over_255_is_named() {
+        let label = "d".repeat(60);
+        let domain = [label.as_str(); 5].join(".");
+        assert_eq!(problem(&format!("a@{domain}")), AddressProblem::PathTooLong);
+    }
+}

@@ -1,0 +1,1314 @@
+//! The SMTP client state machine for one connection, sans-IO: no sockets, no clocks, no threads.
+//!
+//! Inputs are bytes from the server ([`Session::handle_input`]), the passing of time
+//! ([`Session::handle_timeout`]), the loss of the connection ([`Session::handle_close`]) and
+//! work ([`Session::start_transaction`], [`Session::quit`]). Outputs are bytes to write
+//! ([`Session::pending_output`]), the next deadline ([`Session::deadline`]) and events
+//! ([`Session::poll_event`]).
+//!
+//! Pipelining (RFC 2920) is two cursors over the commands: `unsent` holds what is queued but not
+//! yet written, `pending` what was written and awaits its reply. Replies are matched to
+//! `pending` strictly in order. The client only waits where RFC 2920 3.1 says it must: for the
+//! greeting, after EHLO, after DATA (for 354), and, before BDAT content, for the RCPT replies so
+//! that no content is sent when every recipient was refused. A reply that fits no command
+//! closes the session; nothing is counted as delivered on a guess.
+
+use super::caps::Capabilities;
+use super::command::{self, MailParams};
+use super::reply::{EnhancedCode, Reply, ReplyError, ReplyLimits, ReplyParser};
+use crate::message::{Address, Body};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long to wait for each reply. RFC 5321 4.5.3.2 gives minimums for patient servers
+/// (5 minutes for most commands, 10 after the end of data); a bulk sender uses shorter ones and
+/// retries later instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The engine's: from connect() to a connected socket.
+    pub connect: Duration,
+    /// From connection to the 220 greeting.
+    pub greeting: Duration,
+    /// Each of EHLO, HELO, RSET, MAIL, RCPT, DATA, QUIT.
+    pub command: Duration,
+    /// From the end of the content (final dot or BDAT LAST) to its reply.
+    pub data_end: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            greeting: Duration::from_secs(60),
+            command: Duration::from_secs(60),
+            data_end: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Settings shared by every session of a dispatcher.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The name sent in EHLO/HELO: a domain, or an address literal such as `[127.0.0.1]`.
+    pub ehlo_name: String,
+    pub timeouts: Timeouts,
+    pub reply_limits: ReplyLimits,
+    /// Use BDAT when the server offers CHUNKING (RFC 3030).
+    pub use_chunking: bool,
+    /// A connection idle for longer than this gets an RSET first when reused, so that a server
+    /// that dropped it costs nothing but a retry on a new connection.
+    pub probe_after_idle: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            ehlo_name: "localhost".into(),
+            timeouts: Timeouts::default(),
+            reply_limits: ReplyLimits::default(),
+            use_chunking: true,
+            probe_after_idle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One mail transaction: a sender, the recipients it carries, and the shared body.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// The engine's identifier, returned with the outcome.
+    pub tag: u64,
+    pub sender: Address,
+    pub recipients: Vec<Address>,
+    pub body: Arc<Body>,
+}
+
+/// How one recipient of a transaction fared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    /// The server took responsibility for the message (2xx after the content).
+    Delivered(Reply),
+    /// The server refused, or the attempt failed; `permanent` is a 5xx or a local decision that
+    /// retrying cannot change. A reply with code 0 was made by the client (no server reply).
+    Failed { reply: Reply, permanent: bool },
+    /// Not attempted in this transaction ("too many recipients", or a reused connection that
+    /// turned out to be dead): submit again without counting an attempt.
+    Retry(Reply),
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closure {
+    /// The reply that ended it, or a client-made one (code 0) for timeouts and errors.
+    pub reply: Reply,
+    /// Greeting and EHLO/HELO had succeeded.
+    pub established: bool,
+    /// Ended by QUIT as planned.
+    pub graceful: bool,
+}
+
+/// Something the engine must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A transaction has ended: one result per recipient, in the transaction's order.
+    TransactionDone { tag: u64, results: Vec<RcptResult> },
+    /// The session is over; the engine closes the socket and never reuses it.
+    Closed(Closure),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Greeting,
+    Ehlo,
+    Helo,
+    Ready,
+    Quitting,
+    Closed,
+}
+
+/// A command written or queued, and what its reply means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    Rset { probe: bool },
+    Mail { txn: u32 },
+    Rcpt { txn: u32, index: u32 },
+    Data { txn: u32 },
+    DataEnd { txn: u32 },
+    Bdat { txn: u32 },
+    Quit,
+}
+
+impl Expect {
+    /// RFC 2920 3.1: these end a group; nothing may follow until their reply is in.
+    fn ends_group(self) -> bool {
+        matches!(
+            self,
+            Expect::Greeting | Expect::Ehlo | Expect::Helo | Expect::Data { .. } | Expect::Quit
+        )
+    }
+
+    fn txn(self) -> Option<u32> {
+        match self {
+            Expect::Mail { txn }
+            | Expect::Rcpt { txn, .. }
+            | Expect::Data { txn }
+            | Expect::DataEnd { txn }
+            | Expect::Bdat { txn } => Some(txn),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Expect::Greeting => "greeting",
+            Expect::Ehlo => "EHLO",
+            Expect::Helo => "HELO",
+            Expect::Rset { .. } => "RSET",
+            Expect::Mail { .. } => "MAIL FROM",
+            Expect::Rcpt { .. } => "RCPT TO",
+            Expect::Data { .. } => "DATA",
+            Expect::DataEnd { .. } => "end of data",
+            Expect::Bdat { .. } => "BDAT",
+            Expect::Quit => "QUIT",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TxnState {
+    id: u32,
+    txn: Transaction,
+    bdat: bool,
+    /// `None` until answered; a refused MAIL decides every recipient.
+    mail: Option<Result<(), Reply>>,
+    results: Vec<Option<RcptResult>>,
+    rcpt_answered: usize,
+    accepted: usize,
+    content_sent: bool,
+    /// The transaction can no longer deliver (MAIL refused, no recipient accepted, DATA
+    /// refused); remaining replies only keep the stream in sync.
+    doomed: bool,
+}
+
+impl TxnState {
+    /// Gives every recipient that has no result yet this one.
+    fn settle_rest(&mut self, result: impl Fn() -> RcptResult) {
+        for r in &mut self.results {
+            if r.is_none() {
+                *r = Some(result());
+            }
+        }
+    }
+
+    /// The recipients accepted at RCPT all get the reply to the content.
+    fn settle_accepted(&mut self, reply: &Reply) {
+        let permanent = reply.is_permanent();
+        for r in &mut self.results {
+            if let Some(RcptResult::Delivered(_)) = r {
+                *r = Some(if reply.is_positive() {
+                    RcptResult::Delivered(reply.clone())
+                } else {
+                    RcptResult::Failed {
+                        reply: reply.clone(),
+                        permanent,
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One SMTP client session.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    phase: Phase,
+    caps: Capabilities,
+    parser: ReplyParser,
+    replies: VecDeque<Reply>,
+    out: Vec<u8>,
+    out_pos: usize,
+    unsent: VecDeque<Expect>,
+    pending: VecDeque<Expect>,
+    txns: VecDeque<TxnState>,
+    next_txn: u32,
+    events: VecDeque<SessionEvent>,
+    deadline: Option<Instant>,
+    last_activity: Instant,
+    transactions_started: u32,
+    established: bool,
+}
+
+fn local_reply(code_class: u8, subject: u16, detail: u16, text: impl Into<String>) -> Reply {
+    Reply::new(
+        0,
+        Some(EnhancedCode::new(code_class, subject, detail)),
+        text,
+    )
+}
+
+impl Session {
+    /// A session for a connection that has just been established; it waits for the greeting.
+    pub fn new(config: Arc<SessionConfig>, now: Instant) -> Self {
+        let parser = ReplyParser::new(config.reply_limits);
+        let deadline = Some(now + config.timeouts.greeting);
+        let mut pending = VecDeque::with_capacity(8);
+        pending.push_back(Expect::Greeting);
+        Session {
+            config,
+            phase: Phase::Greeting,
+            caps: Capabilities::default(),
+            parser,
+            replies: VecDeque::new(),
+            out: Vec::with_capacity(512),
+            out_pos: 0,
+            unsent: VecDeque::with_capacity(8),
+            pending,
+            txns: VecDeque::with_capacity(2),
+            next_txn: 0,
+            events: VecDeque::new(),
+            deadline,
+            last_activity: now,
+            transactions_started: 0,
+            established: false,
+        }
+    }
+
+    /// What the server announced in its last EHLO reply.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Bytes waiting to be written.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.out[self.out_pos..]
+    }
+
+    /// The engine wrote `n` bytes of [`Session::pending_output`].
+    pub fn consume_output(&mut self, n: usize) {
+        self.out_pos += n;
+        debug_assert!(self.out_pos <= self.out.len());
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            // Do not keep a large body's worth of buffer for an idle connection.
+            if self.out.capacity() > 256 * 1024 {
+                self.out = Vec::with_capacity(512);
+            }
+        }
+    }
+
+    /// When [`Session::handle_timeout`] must be called, if a reply is awaited.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Greeting and EHLO/HELO are done.
+    pub fn is_established(&self) -> bool {
+        self.established
+    }
+
+    /// Ready for a transaction with nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.phase == Phase::Ready && self.txns.is_empty() && self.pending.is_empty()
+    }
+
+    /// A transaction may be started now. With PIPELINING, the next transaction's envelope may
+    /// follow the previous one's content in the same write (RFC 2920 3.1).
+    pub fn can_accept(&self) -> bool {
+        if self.phase != Phase::Ready {
+            return false;
+        }
+        if self.caps.pipelining {
+            self.txns.len() < 2 && self.txns.iter().all(|t| t.content_sent || t.doomed)
+        } else {
+            self.txns.is_empty()
+        }
+    }
+
+    /// Transactions started on this connection so far.
+    pub fn transactions_started(&self) -> u32 {
+        self.transactions_started
+    }
+
+    /// Starts a transaction; [`Session::can_accept`] must be true. Transactions the server
+    /// cannot take (too large for its SIZE, 8-bit or UTF-8 content it does not support) end at
+    /// once with a permanent result, and nothing reaches the wire.
+    pub fn start_transaction(&mut self, txn: Transaction, now: Instant) {
+        debug_assert!(self.can_accept());
+        if let Some(reply) = self.refusal(&txn) {
+            let results = txn
+                .recipients
+                .iter()
+                .map(|_| RcptResult::Failed {
+                    reply: reply.clone(),
+                    permanent: true,
+                })
+                .collect();
+            self.events.push_back(SessionEvent::TransactionDone {
+                tag: txn.tag,
+                results,
+            });
+            return;
+        }
+        let id = self.next_txn;
+        self.next_txn = self.next_txn.wrapping_add(1);
+        if self.transactions_started > 0
+            && self.txns.is_empty()
+            && self.pending.is_empty()
+            && now.duration_since(self.last_activity) > self.config.probe_after_idle
+        {
+            self.unsent.push_back(Expect::Rset { probe: true });
+        }
+        self.transactions_started += 1;
+        let bdat = self.config.use_chunking && self.caps.chunking;
+        self.unsent.push_back(Expect::Mail { txn: id });
+        for index in 0..txn.recipients.len() as u32 {
+            self.unsent.push_back(Expect::Rcpt { txn: id, index });
+        }
+        if !bdat {
+            self.unsent.push_back(Expect::Data { txn: id });
+        }
+        let n = txn.recipients.len();
+        self.txns.push_back(TxnState {
+            id,
+            txn,
+            bdat,
+            mail: None,
+            results: vec![None; n],
+            rcpt_answered: 0,
+            accepted: 0,
+            content_sent: false,
+            doomed: false,
+        });
+        self.pump(now);
+    }
+
+    /// Ends the session politely: QUIT once nothing is in flight (RFC 5321 4.1.1.10).
+    pub fn quit(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Closed | Phase::Quitting => {}
+            Phase::Ready if self.txns.is_empty() => {
+                self.phase = Phase::Quitting;
+                self.unsent.push_back(Expect::Quit);
+                self.pump(now);
+            }
+            _ => {
+                // Mid-handshake or mid-transaction: just close; in-flight work is retried.
+                self.fail(local_reply(4, 4, 2, "session ended by the client"));
+            }
+        }
+    }
+
+    /// Bytes arrived from the server.
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.last_activity = now;
+        let mut replies = std::mem::take(&mut self.replies);
+        let parsed = self.parser.feed(data, &mut replies);
+        while let Some(reply) = replies.pop_front() {
+            self.handle_reply(reply, now);
+            if self.phase == Phase::Closed {
+                replies.clear();
+                break;
+            }
+        }
+        self.replies = replies;
+        if let Err(e) = parsed {
+            self.protocol_error(e);
+        }
+    }
+
+    /// The connection was closed by the peer or failed.
+    pub fn handle_close(&mut self, why: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if self.phase == Phase::Quitting {
+            // The server may close without answering QUIT; nothing was in flight.
+            self.close(Reply::new(221, None, "closed after QUIT"), true);
+            return;
+        }
+        let waiting_for = self.pending.front().copied();
+        let name = waiting_for.map_or("nothing", |e| e.name());
+        let reply = local_reply(
+            4,
+            4,
+            2,
+            format!("connection lost while waiting for reply to {name}: {why}"),
+        );
+        if waiting_for == Some(Expect::Rset { probe: true }) {
+            // The reused connection had died while idle: nothing was attempted.
+            self.fail_with_retry(reply);
+        } else {
+            self.fail(reply);
+        }
+    }
+
+    /// Time has passed; if the awaited reply is overdue, the session fails.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.deadline {
+            Some(deadline) if now >= deadline && self.phase != Phase::Closed => {
+                let waiting_for = self.pending.front().map_or("nothing", |e| e.name());
+                let text = format!("timed out waiting for reply to {waiting_for}");
+                self.fail(local_reply(4, 4, 2, text));
+            }
+            _ => {}
+        }
+    }
+
+    fn refusal(&self, txn: &Transaction) -> Option<Reply> {
+        let size = txn.body.len() as u64;
+        if let Some(limit) = self.caps.size_limit() {
+            if size > limit {
+                return Some(local_reply(
+                    5,
+                    3,
+                    4,
+                    format!("message is {size} octets; the server accepts at most {limit} (SIZE)"),
+                ));
+            }
+        }
+        if txn.body.is_eight_bit() && !self.caps.eight_bit_mime {
+            return Some(local_reply(
+                5,
+                6,
+                3,
+                "message has 8-bit content and the server does not offer 8BITMIME",
+            ));
+        }
+        let utf8 =
+            txn.sender.needs_smtputf8() || txn.recipients.iter().any(Address::needs_smtputf8);
+        if utf8 && !self.caps.smtputf8 {
+            return Some(local_reply(
+                5,
+                6,
+                7,
+                "non-ASCII address and the server does not offer SMTPUTF8",
+            ));
+        }
+        None
+    }
+
+    /// Moves commands from `unsent` to the wire while RFC 2920 allows it.
+    fn pump(&mut self, now: Instant) {
+        while let Some(&next) = self.unsent.front() {
+            if let Some(&last) = self.pending.back() {
+                if !self.caps.pipelining || last.ends_group() {
+                    break;
+                }
+            }
+            self.unsent.pop_front();
+            self.encode(next);
+            self.push_pending(next, now);
+        }
+    }
+
+    fn push_pending(&mut self, expect: Expect, now: Instant) {
+        if self.pending.is_empty() {
+            self.deadline = Some(now + self.timeout_for(expect));
+        }
+        self.pending.push_back(expect);
+    }
+
+    fn timeout_for(&self, expect: Expect) -> Duration {
+        let t = &self.config.timeouts;
+        match expect {
+            Expect::Greeting => t.greeting,
+            Expect::DataEnd { .. } | Expect::Bdat { .. } => t.data_end,
+            _ => t.command,
+        }
+    }
+
+    fn encode(&mut self, expect: Expect) {
+        let out = &mut self.out;
+        match expect {
+            Expect::Greeting => {}
+            Expect::Ehlo => command::ehlo(out, &self.config.ehlo_name),
+            Expect::Helo => command::helo(out, &self.config.ehlo_name),
+            Expect::Rset { .. } => command::rset(out),
+            Expect::Quit => command::quit(out),
+            Expect::Mail { txn } => {
+                let caps = &self.caps;
+                let t = self
+                    .txns
+                    .iter()
+                    .find(|t| t.id == txn)
+                    .expect("transaction in flight");
+                let utf8 = t.txn.sender.needs_smtputf8()
+                    || t.txn.recipients.iter().any(Address::needs_smtputf8);
+                let params = MailParams {
+                    size: caps.size.map(|_| t.txn.body.len()),
+                    eight_bit: t.txn.body.is_eight_bit() && caps.eight_bit_mime,
+                    smtputf8: utf8 && caps.smtputf8,
+                };
+                command::mail_from(out, &t.txn.sender, params);
+            }
+            Expect::Rcpt { txn, index } => {
+                let t = self
+                    .txns
+                    .iter()
+                    .find(|t| t.id == txn)
+                    .expect("transaction in flight");
+                command::rcpt_to(out, &t.txn.recipients[index as usize]);
+            }
+            Expect::Data { .. } => command::data(out),
+            // Content follows these; they are written by `send_content`.
+            Expect::DataEnd { .. } | Expect::Bdat { .. } => {}
+        }
+    }
+
+    fn txn_mut(&mut self, id: u32) -> Option<&mut TxnState> {
+        self.txns.iter_mut().find(|t| t.id == id)
+    }
+
+    fn handle_reply(&mut self, reply: Reply, now: Instant) {
+        let Some(expect) = self.pending.pop_front() else {
+            self.protocol_error_text(format!(
+                "unexpected reply with nothing outstanding: {reply}"
+            ));
+            return;
+        };
+        self.deadline = self.pending.front().map(|&e| now + self.timeout_for(e));
+        // RFC 5321 3.8: 421 means the server is shutting the connection, whatever it answers.
+        let closing = reply.code == 421;
+        match expect {
+            Expect::Greeting => {
+                if reply.code == 220 {
+                    self.phase = Phase::Ehlo;
+                    self.unsent.push_back(Expect::Ehlo);
+                } else {
+                    return self.fail(reply);
+                }
+            }
+            Expect::Ehlo => {
+                if reply.is_positive() {
+                    self.caps = Capabilities::from_ehlo(&reply);
+                    self.established();
+                } else if reply.is_permanent() {
+                    // RFC 5321 3.2: a server that does not know EHLO gets HELO.
+                    self.phase = Phase::Helo;
+                    self.unsent.push_back(Expect::Helo);
+                } else {
+                    return self.fail(reply);
+                }
+            }
+            Expect::Helo => {
+                if reply.is_positive() {
+                    self.caps = Capabilities::default();
+                    self.established();
+                } else {
+                    return self.fail(reply);
+                }
+            }
+            Expect::Rset { .. } => {
+                if !reply.is_positive() {
+                    // A dead or confused connection: what follows it was not attempted.
+                    return self.fail_with_retry(reply);
+                }
+            }
+            Expect::Quit => {
+                self.close(reply, true);
+                return;
+            }
+            Expect::Mail { txn } => {
+                if !self.on_mail(txn, reply.clone()) {
+                    return;
+                }
+            }
+            Expect::Rcpt { txn, index } => self.on_rcpt(txn, index, reply.clone(), now),
+            Expect::Data { txn } => {
+                if !self.on_data(txn, reply.clone(), now) {
+                    return;
+                }
+            }
+            Expect::DataEnd { txn } | Expect::Bdat { txn } => {
+                if !(reply.is_positive() || reply.is_transient() || reply.is_permanent()) {
+                    return self.protocol_error_text(format!(
+                        "unexpected reply to {}: {reply}",
+                        expect.name()
+                    ));
+                }
+                if let Some(t) = self.txn_mut(txn) {
+                    t.settle_accepted(&reply);
+                }
+                self.finish(txn);
+            }
+        }
+        if closing && self.phase != Phase::Closed {
+            return self.fail(reply);
+        }
+        self.pump(now);
+    }
+
+    fn established(&mut self) {
+        self.phase = Phase::Ready;
+        self.established = true;
+    }
+
+    /// Returns false when the session was closed.
+    fn on_mail(&mut self, txn: u32, reply: Reply) -> bool {
+        if reply.is_intermediate() {
+            self.protocol_error_text(format!("unexpected reply to MAIL FROM: {reply}"));
+            return false;
+        }
+        let Some(t) = self.txn_mut(txn) else {
+            return true;
+        };
+        if reply.is_positive() {
+            t.mail = Some(Ok(()));
+        } else {
+            let permanent = reply.is_permanent();
+            t.settle_rest(|| RcptResult::Failed {
+                reply: reply.clone(),
+                permanent,
+            });
+            t.mail = Some(Err(reply));
+            t.doomed = true;
+        }
+        self.after_txn_reply(txn);
+        true
+    }
+
+    fn on_rcpt(&mut self, txn: u32, index: u32, reply: Reply, now: Instant) {
+        if reply.is_intermediate() {
+            return self.protocol_error_text(format!("unexpected reply to RCPT TO: {reply}"));
+        }
+        let Some(t) = self.txn_mut(txn) else { return };
+        t.rcpt_answered += 1;
+        let slot = &mut t.results[index as usize];
+        if slot.is_none() {
+            *slot = Some(if reply.is_positive() {
+                t.accepted += 1;
+                // Provisional: becomes the reply to the content.
+                RcptResult::Delivered(reply)
+            } else if too_many_recipients(&reply) {
+                // RFC 5321 4.5.3.1.10: the rest go in a new transaction.
+                RcptResult::Retry(reply)
+            } else {
+                let permanent = reply.is_permanent();
+                RcptResult::Failed { reply, permanent }
+            });
+        }
+        if t.rcpt_answered == t.results.len() && t.accepted == 0 {
+            t.doomed = true;
+        }
+        let (all_answered, bdat, doomed) = (t.rcpt_answered == t.results.len(), t.bdat, t.doomed);
+        if all_answered && bdat && !doomed {
+            self.send_content(txn, now);
+        }
+        self.after_txn_reply(txn);
+    }
+
+    /// Returns false when the session was closed.
+    fn on_data(&mut self, txn: u32, reply: Reply, now: Instant) -> bool {
+        let Some(t) = self.txn_mut(txn) else {
+            return true;
+        };
+        if reply.code == 354 {
+            if t.accepted == 0 || t.mail != Some(Ok(())) {
+                // RFC 2920 3.1: the server took DATA although nothing is valid; end the
+                // data at once, with no content.
+                self.out.extend_from_slice(b".\r\n");
+                self.push_pending(Expect::DataEnd { txn }, now);
+                if let Some(t) = self.txn_mut(txn) {
+                    t.content_sent = true;
+                }
+            } else {
+                self.send_content(txn, now);
+            }
+            true
+        } else if reply.is_transient() || reply.is_permanent() {
+            if !t.doomed {
+                t.settle_accepted(&reply);
+                t.doomed = true;
+            }
+            self.after_txn_reply(txn);
+            true
+        } else {
+            self.protocol_error_text(format!("unexpected reply to DATA: {reply}"));
+            false
+        }
+    }
+
+    fn send_content(&mut self, txn: u32, now: Instant) {
+        let Some(t) = self.txns.iter_mut().find(|t| t.id == txn) else {
+            return;
+        };
+        t.content_sent = true;
+        let body = Arc::clone(&t.txn.body);
+        if t.bdat {
+            command::bdat(&mut self.out, body.len(), true);
+            self.out.extend_from_slice(body.as_bytes());
+            self.push_pending(Expect::Bdat { txn }, now);
+        } else {
+            self.out.extend_from_slice(body.dot_stuffed());
+            self.out.extend_from_slice(b".\r\n");
+            self.push_pending(Expect::DataEnd { txn }, now);
+        }
+    }
+
+    /// After a reply about `txn`: a doomed transaction drops its unsent commands and ends once
+    /// nothing of it is outstanding; a transaction that opened a mail transaction on the server
+    /// and did not complete it gets an RSET (RFC 5321 4.1.1.5).
+    fn after_txn_reply(&mut self, txn: u32) {
+        let Some(t) = self.txns.iter().find(|t| t.id == txn) else {
+            return;
+        };
+        if !t.doomed {
+            return;
+        }
+        self.unsent.retain(|e| e.txn() != Some(txn));
+        if self.pending.iter().any(|e| e.txn() == Some(txn)) {
+            return;
+        }
+        let opened = t.mail == Some(Ok(()));
+        self.finish(txn);
+        if opened {
+            self.unsent.push_front(Expect::Rset { probe: false });
+        }
+    }
+
+    fn finish(&mut self, txn: u32) {
+        let Some(pos) = self.txns.iter().position(|t| t.id == txn) else {
+            return;
+        };
+        let mut t = self.txns.remove(pos).expect("position is valid");
+        // A server that refuses every recipient as "too many" would otherwise be retried for
+        // free forever: count it as a failed attempt.
+        if t.results
+            .iter()
+            .all(|r| matches!(r, Some(RcptResult::Retry(_))))
+        {
+            for r in &mut t.results {
+                if let Some(RcptResult::Retry(reply)) = r.take() {
+                    *r = Some(RcptResult::Failed {
+                        reply,
+                        permanent: false,
+                    });
+                }
+            }
+        }
+        t.settle_rest(|| RcptResult::Failed {
+            reply: local_reply(
+                4,
+                5,
+                0,
+                "transaction ended without a reply for this recipient",
+            ),
+            permanent: false,
+        });
+        let results = t.results.into_iter().map(|r| r.expect("settled")).collect();
+        self.events.push_back(SessionEvent::TransactionDone {
+            tag: t.txn.tag,
+            results,
+        });
+    }
+
+    fn protocol_error(&mut self, e: ReplyError) {
+        self.protocol_error_text(format!("protocol error: {e}"));
+    }
+
+    fn protocol_error_text(&mut self, text: String) {
+        self.fail(local_reply(4, 5, 0, text));
+    }
+
+    /// Ends the session: every transaction in flight fails with `reply` (transient, since the
+    /// connection, not the message, failed), except transactions that had no reply yet on a
+    /// reused connection after a probe failure.
+    fn fail(&mut self, reply: Reply) {
+        let txns: Vec<TxnState> = self.txns.drain(..).collect();
+        for mut t in txns {
+            let text = if t.content_sent && t.accepted > 0 {
+                // RFC 5321 6.1: the server may have the message; a retry risks a duplicate.
+                format!(
+                    "{} (after the content was sent: the message may have been delivered)",
+                    reply.text
+                )
+            } else {
+                reply.text.clone()
+            };
+            let r = Reply::new(reply.code, reply.enhanced, text);
+            for slot in &mut t.results {
+                match slot {
+                    Some(RcptResult::Delivered(_)) | None => {
+                        *slot = Some(RcptResult::Failed {
+                            reply: r.clone(),
+                            permanent: false,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            let results = t.results.into_iter().map(|r| r.expect("settled")).collect();
+            self.events.push_back(SessionEvent::TransactionDone {
+                tag: t.txn.tag,
+                results,
+            });
+        }
+        self.close(reply, false);
+    }
+
+    /// Like `fail`, for a failed probe: nothing after it was attempted.
+    fn fail_with_retry(&mut self, reply: Reply) {
+        let txns: Vec<TxnState> = self.txns.drain(..).collect();
+        for t in txns {
+            let results = t
+                .txn
+                .recipients
+                .iter()
+                .map(|_| RcptResult::Retry(reply.clone()))
+                .collect();
+            self.events.push_back(SessionEvent::TransactionDone {
+                tag: t.txn.tag,
+                results,
+            });
+        }
+        self.fail(reply);
+    }
+
+    fn close(&mut self, reply: Reply, graceful: bool) {
+        self.phase = Phase::Closed;
+        self.deadline = None;
+        self.pending.clear();
+        self.unsent.clear();
+        self.events.push_back(SessionEvent::Closed(Closure {
+            reply,
+            established: self.established,
+            graceful,
+        }));
+    }
+}
+
+/// RFC 5321 4.5.3.1.10: "452 too many recipients" (and the obsolete 552 form) asks the client
+/// to send the remaining recipients in a later transaction.
+fn too_many_recipients(reply: &Reply) -> bool {
+    let enhanced = reply
+        .enhanced
+        .is_some_and(|e| e.subject == 5 && e.detail == 3);
+    (reply.code == 452 || reply.code == 552)
+        && (enhanced
+            || reply
+                .text
+                .to_ascii_lowercase()
+                .contains("too many recipients"))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Byte-literal transcripts: what the client writes, what the server answers.
+    use super::*;
+    use crate::error::Field;
+
+    struct Script {
+        session: Session,
+        now: Instant,
+        done: Vec<(u64, Vec<RcptResult>)>,
+        closed: Option<Closure>,
+    }
+
+    fn addr(s: &str) -> Address {
+        Address::parse(s, Field::Sender).unwrap()
+    }
+
+    fn txn(tag: u64, rcpts: &[&str], body: &[u8]) -> Transaction {
+        Transaction {
+            tag,
+            sender: addr("from@s.example"),
+            recipients: rcpts.iter().map(|r| addr(r)).collect(),
+            body: Arc::new(Body::new(body).unwrap()),
+        }
+    }
+
+    impl Script {
+        fn new(chunking: bool) -> Self {
+            let config = SessionConfig {
+                ehlo_name: "client.example".into(),
+                use_chunking: chunking,
+                ..SessionConfig::default()
+            };
+            let now = Instant::now();
+            Script {
+                session: Session::new(Arc::new(config), now),
+                now,
+                done: Vec::new(),
+                closed: None,
+            }
+        }
+
+        /// Greeting and EHLO with these capability lines.
+        fn connected(chunking: bool, caps: &str) -> Self {
+            let mut s = Script::new(chunking);
+            s.server("220 mx.example ESMTP\r\n");
+            s.expect("EHLO client.example\r\n");
+            let mut ehlo = String::from("250-mx.example\r\n");
+            let lines: Vec<&str> = caps.split(',').filter(|c| !c.is_empty()).collect();
+            for (i, c) in lines.iter().enumerate() {
+                let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+                ehlo.push_str(&format!("250{sep}{c}\r\n"));
+            }
+            if lines.is_empty() {
+                ehlo = "250 mx.example\r\n".into();
+            }
+            s.server(&ehlo);
+            assert!(s.session.is_established());
+            s
+        }
+
+        fn server(&mut self, bytes: &str) {
+            self.server_bytes(bytes.as_bytes());
+        }
+
+        fn server_bytes(&mut self, bytes: &[u8]) {
+            self.session.handle_input(bytes, self.now);
+            self.drain();
+        }
+
+        fn drain(&mut self) {
+            while let Some(e) = self.session.poll_event() {
+                match e {
+                    SessionEvent::TransactionDone { tag, results } => {
+                        self.done.push((tag, results))
+                    }
+                    SessionEvent::Closed(c) => self.closed = Some(c),
+                }
+            }
+        }
+
+        fn written(&mut self) -> String {
+            let out = String::from_utf8_lossy(self.session.pending_output()).into_owned();
+            let n = self.session.pending_output().len();
+            self.session.consume_output(n);
+            out
+        }
+
+        fn expect(&mut self, wire: &str) {
+            assert_eq!(self.written(), wire);
+        }
+
+        fn start(&mut self, t: Transaction) {
+            assert!(self.session.can_accept());
+            self.session.start_transaction(t, self.now);
+            self.drain();
+        }
+    }
+
+    fn codes(results: &[RcptResult]) -> Vec<String> {
+        results
+            .iter()
+            .map(|r| match r {
+                RcptResult::Delivered(r) => format!("D{}", r.code),
+                RcptResult::Failed { reply, permanent } => {
+                    format!("{}{}", if *permanent { "P" } else { "T" }, reply.code)
+                }
+                RcptResult::Retry(r) => format!("R{}", r.code),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_transactions_back_to_back() {
+        let mut s = Script::connected(false, "PIPELINING,SIZE 100000,8BITMIME");
+        s.start(txn(
+            1,
+            &["a@r.example", "bad@r.example", "c@r.example"],
+            b"Hi\n.dot\n",
+        ));
+        s.expect(
+            "MAIL FROM:<from@s.example> SIZE=10\r\nRCPT TO:<a@r.example>\r\nRCPT TO:<bad@r.example>\r\nRCPT TO:<c@r.example>\r\nDATA\r\n",
+        );
+        s.server("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <bad@r.example>: User unknown\r\n");
+        assert_eq!(s.written(), "", "nothing may follow DATA before 354");
+        s.server("250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n");
+        s.expect("Hi\r\n..dot\r\n.\r\n");
+        // The next envelope goes out before the reply to the first message's end of data.
+        assert!(s.session.can_accept());
+        s.start(txn(2, &["d@r.example"], "8bit é\n".as_bytes()));
+        s.expect(
+            "MAIL FROM:<from@s.example> SIZE=9 BODY=8BITMIME\r\nRCPT TO:<d@r.example>\r\nDATA\r\n",
+        );
+        s.server("250 2.0.0 Ok: queued as A1\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
+        assert_eq!(s.done.len(), 1);
+        assert_eq!(s.done[0].0, 1);
+        assert_eq!(codes(&s.done[0].1), ["D250", "P550", "D250"]);
+        match &s.done[0].1[0] {
+            RcptResult::Delivered(r) => assert_eq!(r.text, "Ok: queued as A1"),
+            other => panic!("{other:?}"),
+        }
+        match &s.done[0].1[1] {
+            RcptResult::Failed { reply, .. } => {
+                assert_eq!(reply.enhanced, Some(EnhancedCode::new(5, 1, 1)));
+                assert_eq!(reply.text, "<bad@r.example>: User unknown");
+            }
+            other => panic!("{other:?}"),
+        }
+        s.expect("8bit \u{e9}\r\n.\r\n");
+        s.server("451 4.3.0 try later\r\n");
+        assert_eq!(codes(&s.done[1].1), ["T451"]);
+        assert!(s.session.is_idle());
+        s.session.quit(s.now);
+        s.expect("QUIT\r\n");
+        s.server("221 2.0.0 Bye\r\n");
+        assert!(s.closed.as_ref().unwrap().graceful);
+    }
+
+    #[test]
+    fn every_rcpt_refused_sends_no_content_and_resets() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b"secret\n"));
+        s.written();
+        s.server("250 Ok\r\n550 5.1.1 no\r\n450 4.2.1 busy\r\n");
+        // A conforming server refuses DATA.
+        s.server("554 5.5.1 No valid recipients\r\n");
+        assert_eq!(codes(&s.done[0].1), ["P550", "T450"]);
+        s.expect("RSET\r\n");
+        s.server("250 Ok\r\n");
+        // A server that answers 354 anyway gets an empty message, never the content.
+        s.start(txn(2, &["a@r.example"], b"secret\n"));
+        s.written();
+        s.server("250 Ok\r\n550 no\r\n354 go\r\n");
+        s.expect(".\r\n");
+        s.server("554 no recipients\r\n");
+        assert_eq!(codes(&s.done[1].1), ["P550"]);
+        // The reply to the end of data closes the transaction on the server: no RSET.
+        s.expect("");
+    }
+
+    #[test]
+    fn refused_data_sends_no_body() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"body\n"));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n451 4.3.0 not now\r\n");
+        assert_eq!(codes(&s.done[0].1), ["T451"]);
+        s.expect("RSET\r\n");
+    }
+
+    #[test]
+    fn refused_mail_decides_every_recipient() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b"body\n"));
+        s.written();
+        s.server("553 5.7.1 sender rejected\r\n503 5.5.1 need MAIL\r\n503 need MAIL\r\n554 no\r\n");
+        assert_eq!(codes(&s.done[0].1), ["P553", "P553"]);
+        // No transaction was opened: no RSET needed.
+        s.expect("");
+    }
+
+    #[test]
+    fn chunking_waits_for_rcpt_replies_then_sends_bdat() {
+        let mut s = Script::connected(true, "PIPELINING,CHUNKING");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b".x\nlast"));
+        s.expect(
+            "MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\nRCPT TO:<b@r.example>\r\n",
+        );
+        s.server("250 Ok\r\n250 Ok\r\n");
+        s.expect("");
+        s.server("550 no\r\n");
+        // BDAT content is not dot-stuffed (RFC 3030).
+        s.expect("BDAT 10 LAST\r\n.x\r\nlast\r\n");
+        s.start(txn(2, &["c@r.example"], b"z"));
+        s.expect("MAIL FROM:<from@s.example>\r\nRCPT TO:<c@r.example>\r\n");
+        s.server("250 2.0.0 queued\r\n250 Ok\r\n550 no such user\r\n");
+        assert_eq!(codes(&s.done[0].1), ["D250", "P550"]);
+        assert_eq!(codes(&s.done[1].1), ["P550"]);
+        s.expect("RSET\r\n");
+    }
+
+    #[test]
+    fn helo_fallback_and_lockstep_without_pipelining() {
+        let mut s = Script::new(true);
+        s.server("220 old.example SMTP\r\n");
+        s.expect("EHLO client.example\r\n");
+        s.server("502 5.5.2 Command not recognized\r\n");
+        s.expect("HELO client.example\r\n");
+        s.server("250 old.example\r\n");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b"x\n"));
+        s.expect("MAIL FROM:<from@s.example>\r\n");
+        s.server("250 Ok\r\n");
+        s.expect("RCPT TO:<a@r.example>\r\n");
+        s.server("250 Ok\r\n");
+        s.expect("RCPT TO:<b@r.example>\r\n");
+        s.server("250 Ok\r\n");
+        s.expect("DATA\r\n");
+        s.server("354 go\r\n");
+        s.expect("x\r\n.\r\n");
+        assert!(
+            !s.session.can_accept(),
+            "no pipelining: one transaction at a time"
+        );
+        s.server("250 Ok\r\n");
+        assert_eq!(codes(&s.done[0].1), ["D250", "D250"]);
+        assert!(s.session.can_accept());
+    }
+
+    #[test]
+    fn lockstep_stops_after_refused_mail() {
+        let mut s = Script::connected(false, "");
+        s.start(txn(1, &["a@r.example"], b"x\n"));
+        s.expect("MAIL FROM:<from@s.example>\r\n");
+        s.server("451 4.3.0 later\r\n");
+        assert_eq!(codes(&s.done[0].1), ["T451"]);
+        s.expect("");
+    }
+
+    #[test]
+    fn too_many_recipients_are_retried_elsewhere() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(
+            1,
+            &["a@r.example", "b@r.example", "c@r.example"],
+            b"x\n",
+        ));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n452 4.5.3 Too many recipients\r\n452 4.5.3 Too many recipients\r\n354 go\r\n");
+        s.expect("x\r\n.\r\n");
+        s.server("250 Ok\r\n");
+        assert_eq!(codes(&s.done[0].1), ["D250", "R452", "R452"]);
+    }
+
+    #[test]
+    fn service_closing_mid_session_fails_everything_in_flight() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b"x\n"));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n421 4.7.0 closing connection\r\n");
+        assert_eq!(codes(&s.done[0].1), ["T421", "T421"]);
+        let closed = s.closed.clone().unwrap();
+        assert_eq!(closed.reply.code, 421);
+        assert!(!closed.graceful);
+        assert!(s.session.is_closed());
+        assert!(!s.session.can_accept());
+    }
+
+    #[test]
+    fn greeting_refused() {
+        let mut s = Script::new(false);
+        s.server("554 5.3.2 no service\r\n");
+        let closed = s.closed.unwrap();
+        assert_eq!(closed.reply.code, 554);
+        assert!(!closed.established);
+        assert_eq!(s.session.pending_output(), b"");
+    }
+
+    #[test]
+    fn deadline_is_per_request_not_per_read() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"x\n"));
+        s.written();
+        let deadline = s.session.deadline().unwrap();
+        assert_eq!(deadline, s.now + Timeouts::default().command);
+        // A server dribbling one byte at a time does not move the deadline.
+        s.now += Duration::from_secs(30);
+        s.server("2");
+        s.now += Duration::from_secs(29);
+        s.server("5");
+        assert_eq!(s.session.deadline(), Some(deadline));
+        s.now = deadline;
+        s.session.handle_timeout(s.now);
+        s.drain();
+        assert_eq!(codes(&s.done[0].1), ["T0"]);
+        match &s.done[0].1[0] {
+            RcptResult::Failed { reply, .. } => {
+                assert_eq!(reply.text, "timed out waiting for reply to MAIL FROM")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.session.is_closed());
+    }
+
+    #[test]
+    fn connection_lost_after_content_warns_of_duplicate() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"x\n"));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n354 go\r\n");
+        s.written();
+        s.session.handle_close("connection reset by peer");
+        s.drain();
+        match &s.done[0].1[0] {
+            RcptResult::Failed { reply, permanent: false } => assert_eq!(
+                reply.text,
+                "connection lost while waiting for reply to end of data: connection reset by peer (after the content was sent: the message may have been delivered)"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_before_the_wire() {
+        let mut s = Script::connected(false, "PIPELINING,SIZE 10");
+        s.start(txn(1, &["a@r.example"], b"0123456789abc"));
+        assert_eq!(s.written(), "");
+        assert_eq!(codes(&s.done[0].1), ["P0"]);
+        match &s.done[0].1[0] {
+            RcptResult::Failed { reply, .. } => {
+                assert_eq!(reply.enhanced, Some(EnhancedCode::new(5, 3, 4)));
+                assert_eq!(
+                    reply.text,
+                    "message is 15 octets; the server accepts at most 10 (SIZE)"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], "é".as_bytes()));
+        s.start(txn(2, &["jöran@r.example"], b"x"));
+        assert_eq!(s.written(), "");
+        assert_eq!(codes(&s.done[0].1), ["P0"]);
+        assert_eq!(codes(&s.done[1].1), ["P0"]);
+    }
+
+    #[test]
+    fn smtputf8_when_offered() {
+        let mut s = Script::connected(false, "PIPELINING,SMTPUTF8");
+        s.start(txn(1, &["jöran@r.example"], b"x"));
+        s.expect("MAIL FROM:<from@s.example> SMTPUTF8\r\nRCPT TO:<jöran@r.example>\r\nDATA\r\n");
+    }
+
+    #[test]
+    fn reply_with_nothing_outstanding_closes() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.server("250 surprise\r\n");
+        assert!(s.session.is_closed());
+        assert!(s.closed.unwrap().reply.text.contains("unexpected reply"));
+    }
+
+    #[test]
+    fn garbage_closes_with_protocol_error() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"x"));
+        s.written();
+        s.server("HTTP/1.1 400 Bad Request\r\n");
+        assert_eq!(codes(&s.done[0].1), ["T0"]);
+        assert!(s.session.is_closed());
+    }
+
+    #[test]
+    fn idle_reuse_is_probed_and_a_dead_probe_retries() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"x"));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n354 go\r\n250 Ok\r\n");
+        s.written();
+        s.now += Duration::from_secs(10);
+        s.start(txn(2, &["b@r.example"], b"y"));
+        s.expect("RSET\r\nMAIL FROM:<from@s.example>\r\nRCPT TO:<b@r.example>\r\nDATA\r\n");
+        s.session.handle_close("connection reset by peer");
+        s.drain();
+        assert_eq!(codes(&s.done[1].1), ["R0"]);
+    }
+}
