@@ -1,6 +1,537 @@
-//! The `mxpipe` command-line tool.
+//! The `mxpipe` command-line tool: bulk sends, the built-in sink, the throughput benchmark and a
+//! self-contained demo.
+//!
+//! ```text
+//! mxpipe demo                                   # a bulk send to the built-in sink, no setup
+//! mxpipe sink --listen 127.0.0.1:2525           # a fast SMTP sink
+//! mxpipe send --relay 127.0.0.1:2525 --from news@example.org --to-file list.txt msg.eml
+//! mxpipe bench --messages 200000 --size 2048 --connections 20
+//! ```
+
+use clap::{Parser, Subcommand};
+use mxpipe::engine::{Dispatcher, Event, EventKind, StatsSnapshot};
+use mxpipe::message::{Address, Body, Message};
+use mxpipe::queue::RetryPolicy;
+use mxpipe::sink::{Sink, SinkConfig};
+use mxpipe::Error;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() {}
+#[derive(Parser)]
+#[command(
+    name = "mxpipe",
+    version,
+    about = "High-throughput bulk mail dispatcher"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a fast SMTP sink (PIPELINING, CHUNKING, 8BITMIME, SIZE) until killed.
+    Sink {
+        /// Address to listen on (port 0 picks one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:2525")]
+        listen: SocketAddr,
+        /// Write every received message to this directory (.eml + .json envelope).
+        #[arg(long)]
+        capture: Option<PathBuf>,
+        /// Do not advertise CHUNKING.
+        #[arg(long)]
+        no_chunking: bool,
+        /// Do not advertise PIPELINING.
+        #[arg(long)]
+        no_pipelining: bool,
+    },
+    /// Send one message to many recipients through a relay.
+    Send {
+        /// The smarthost, host:port.
+        #[arg(long)]
+        relay: String,
+        /// Envelope sender (MAIL FROM); "" for the null sender.
+        #[arg(long)]
+        from: String,
+        /// Recipients, one per line ('#' starts a comment).
+        #[arg(long)]
+        to_file: PathBuf,
+        /// The message (RFC 5322 headers and body).
+        message: PathBuf,
+        /// Connections to the relay at most.
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        /// The name sent in EHLO.
+        #[arg(long, default_value = "localhost")]
+        ehlo_name: String,
+        /// Write one JSON line per recipient outcome here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Keep retrying deferred recipients until they are final (up to --max-age).
+        #[arg(long)]
+        wait_final: bool,
+        /// Give up on a recipient after this many seconds of temporary failures.
+        #[arg(long, default_value_t = 3 * 24 * 3600)]
+        max_age: u64,
+        /// First retry after this many seconds (doubling, with jitter).
+        #[arg(long, default_value_t = 300)]
+        retry_after: u64,
+    },
+    /// Measure end-to-end throughput to a sink (the built-in one, in a child process, by default).
+    Bench {
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Approximate message size in bytes.
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        /// Send to this host:port instead of a built-in sink.
+        #[arg(long)]
+        to: Option<String>,
+        /// Recipients per message.
+        #[arg(long, default_value_t = 1)]
+        recipients: usize,
+        /// Event-loop threads.
+        #[arg(long, default_value_t = 1)]
+        loops: usize,
+    },
+    /// A real bulk send of a generated newsletter to the built-in sink, with no setup.
+    Demo {
+        #[arg(long, default_value_t = 10_000)]
+        recipients: usize,
+    },
+    /// Internal: a built-in sink for `bench`, printing its address on the first line.
+    #[command(hide = true)]
+    BenchSink,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sink {
+            listen,
+            capture,
+            no_chunking,
+            no_pipelining,
+        } => run_sink(listen, capture, !no_chunking, !no_pipelining),
+        Command::Send {
+            relay,
+            from,
+            to_file,
+            message,
+            connections,
+            ehlo_name,
+            report,
+            wait_final,
+            max_age,
+            retry_after,
+        } => run_send(SendArgs {
+            relay,
+            from,
+            to_file,
+            message,
+            connections,
+            ehlo_name,
+            report,
+            wait_final,
+            max_age: Duration::from_secs(max_age),
+            retry_after: Duration::from_secs(retry_after),
+        }),
+        Command::Bench {
+            messages,
+            size,
+            connections,
+            to,
+            recipients,
+            loops,
+        } => run_bench(messages, size, connections, to, recipients, loops),
+        Command::Demo { recipients } => run_demo(recipients),
+        Command::BenchSink => run_bench_sink(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mxpipe: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+type CliResult = Result<ExitCode, String>;
+
+fn run_sink(
+    listen: SocketAddr,
+    capture: Option<PathBuf>,
+    chunking: bool,
+    pipelining: bool,
+) -> CliResult {
+    let sink = Sink::start(SinkConfig {
+        listen,
+        capture_dir: capture,
+        chunking,
+        pipelining,
+        ..SinkConfig::default()
+    })
+    .map_err(|e| format!("sink: cannot listen on {listen}: {e}"))?;
+    println!("mxpipe sink listening on {}", sink.local_addr());
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+fn run_bench_sink() -> CliResult {
+    let sink = Sink::start(SinkConfig::default()).map_err(|e| format!("sink: {e}"))?;
+    println!("{}", sink.local_addr());
+    let _ = std::io::stdout().flush();
+    // Serve until the parent closes our stdin (or kills us).
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    let stats = sink.stop();
+    println!(
+        "sink messages={} recipients={}",
+        stats.messages, stats.recipients
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+struct SendArgs {
+    relay: String,
+    from: String,
+    to_file: PathBuf,
+    message: PathBuf,
+    connections: usize,
+    ehlo_name: String,
+    report: Option<PathBuf>,
+    wait_final: bool,
+    max_age: Duration,
+    retry_after: Duration,
+}
+
+fn run_send(args: SendArgs) -> CliResult {
+    let content = std::fs::read(&args.message)
+        .map_err(|e| format!("{}: cannot read: {e}", args.message.display()))?;
+    let body = Body::new(&content).map_err(|e| format!("{}: {e}", args.message.display()))?;
+    let sender = if args.from.is_empty() {
+        Address::null()
+    } else {
+        Address::parse(&args.from, mxpipe::error::Field::Sender)
+            .map_err(|e| format!("--from: {e}"))?
+    };
+    let list = std::fs::File::open(&args.to_file)
+        .map_err(|e| format!("{}: cannot read: {e}", args.to_file.display()))?;
+    let mut recipients = Vec::new();
+    let mut invalid = 0u64;
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in BufReader::new(list).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: line {}: {e}", args.to_file.display(), n + 1))?;
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        match Address::parse(text, mxpipe::error::Field::Recipient(recipients.len())) {
+            Ok(a) => {
+                if seen.insert(a.as_str().to_ascii_lowercase()) {
+                    recipients.push(a);
+                }
+            }
+            Err(Error::InvalidAddress { problem, .. }) => {
+                invalid += 1;
+                eprintln!(
+                    "{}:{}: recipient {text:?} skipped: address {problem}",
+                    args.to_file.display(),
+                    n + 1
+                );
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if recipients.is_empty() {
+        return Err(format!("{}: no valid recipients", args.to_file.display()));
+    }
+    let dispatcher = Dispatcher::builder()
+        .relay(&args.relay)
+        .ehlo_name(&args.ehlo_name)
+        .max_connections_per_destination(args.connections)
+        .retry(RetryPolicy {
+            initial: args.retry_after,
+            max_age: args.max_age,
+            ..RetryPolicy::default()
+        })
+        .start()
+        .map_err(|e| e.to_string())?;
+    let events = dispatcher.events().expect("events are on");
+    let total = recipients.len();
+    let message =
+        Message::from_parts(sender, recipients, Arc::new(body)).map_err(|e| e.to_string())?;
+    dispatcher
+        .submit_timeout(message, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    let mut report = match &args.report {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
+    if args.wait_final {
+        dispatcher.wait_final(args.max_age + Duration::from_secs(60));
+    } else {
+        dispatcher.flush();
+    }
+    dispatcher.shutdown();
+    for event in events.try_iter() {
+        if let Some(w) = report.as_mut() {
+            writeln!(w, "{}", event_json(&event)).map_err(|e| format!("report: {e}"))?;
+        }
+    }
+    if let Some(mut w) = report {
+        w.flush().map_err(|e| format!("report: {e}"))?;
+    }
+    let s = dispatcher.stats();
+    print_summary(total as u64, invalid, &s);
+    let pending = s.in_flight;
+    Ok(if s.bounced + s.expired + invalid + pending == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_summary(recipients: u64, invalid: u64, s: &StatsSnapshot) {
+    println!(
+        "recipients={recipients} delivered={} bounced={} expired={} deferred_now={} invalid={invalid} connections={}",
+        s.delivered, s.bounced, s.expired, s.in_flight, s.connections_opened
+    );
+}
+
+/// One outcome as a JSON line for reports.
+fn event_json(e: &Event) -> String {
+    serde_json::json!({
+        "message_id": e.message_id,
+        "recipient": e.recipient.as_str(),
+        "status": e.kind.as_str(),
+        "code": e.reply.code,
+        "enhanced": e.reply.enhanced.map(|c| c.to_string()),
+        "text": e.reply.text,
+        "attempts": e.attempts,
+        "destination": &*e.destination,
+        "retry_after_s": e.retry_after.map(|d| d.as_secs_f64()),
+        "elapsed_ms": e.elapsed.as_millis() as u64,
+    })
+    .to_string()
+}
+
+/// A body of about `size` bytes: headers and 76-column lines.
+fn bench_body(size: usize) -> Vec<u8> {
+    let mut body = b"From: bench@mxpipe.example\r\nTo: sink@mxpipe.example\r\nSubject: mxpipe bench\r\nMessage-ID: <bench@mxpipe.example>\r\n\r\n".to_vec();
+    let line =
+        b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n";
+    while body.len() + line.len() <= size.max(body.len() + line.len()) && body.len() < size {
+        body.extend_from_slice(line);
+    }
+    body
+}
+
+struct ChildSink {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ChildSink {
+    fn start() -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = std::process::Command::new(exe)
+            .arg("bench-sink")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the sink: {e}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| format!("sink: {e}"))?;
+        Ok(ChildSink {
+            child,
+            addr: line.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for ChildSink {
+    fn drop(&mut self) {
+        // Closing stdin tells the sink to stop; wait for it so no process is left behind.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn rusage_self() -> (Duration, u64) {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+        usage.ru_maxrss as u64,
+    )
+}
+
+fn run_bench(
+    messages: u64,
+    size: usize,
+    connections: usize,
+    to: Option<String>,
+    recipients: usize,
+    loops: usize,
+) -> CliResult {
+    if messages == 0 || recipients == 0 {
+        return Err("--messages and --recipients must be at least 1".into());
+    }
+    let sink = match &to {
+        Some(_) => None,
+        None => Some(ChildSink::start()?),
+    };
+    let target = to.unwrap_or_else(|| sink.as_ref().expect("started").addr.clone());
+    let dispatcher = Dispatcher::builder()
+        .relay(&target)
+        .ehlo_name("bench.mxpipe.example")
+        .max_connections_per_destination(connections)
+        .max_messages_per_connection(u32::MAX)
+        .record_events(false)
+        .loops(loops)
+        .start()
+        .map_err(|e| e.to_string())?;
+    let body = Arc::new(Body::new(&bench_body(size)).map_err(|e| e.to_string())?);
+    let sender =
+        Address::parse("bench@mxpipe.example", mxpipe::error::Field::Sender).expect("valid");
+    let rcpts: Vec<Address> = (0..recipients)
+        .map(|i| {
+            Address::parse(
+                &format!("user{i}@sink.example"),
+                mxpipe::error::Field::Recipient(i),
+            )
+            .expect("valid")
+        })
+        .collect();
+    let (cpu0, _) = rusage_self();
+    let start = Instant::now();
+    for _ in 0..messages {
+        let m = Message::from_parts(sender.clone(), rcpts.clone(), Arc::clone(&body))
+            .map_err(|e| e.to_string())?;
+        dispatcher
+            .submit_timeout(m, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+    }
+    let limit = Duration::from_secs(600);
+    if !dispatcher.wait_final(limit) {
+        return Err(format!(
+            "bench: not every message was final after {limit:?}"
+        ));
+    }
+    let elapsed = start.elapsed();
+    let (cpu1, peak_rss_kb) = rusage_self();
+    let s = dispatcher.stats();
+    drop(dispatcher);
+    drop(sink);
+    let cpu = cpu1 - cpu0;
+    println!(
+        "result messages={messages} delivered={} msgs_per_s={:.0} cpu_us_per_msg={:.2} peak_rss_kb={peak_rss_kb} connections={}",
+        s.delivered / recipients as u64,
+        messages as f64 / elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / messages as f64,
+        s.connections_opened,
+    );
+    Ok(if s.delivered == messages * recipients as u64 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run_demo(recipients: usize) -> CliResult {
+    let capture = std::env::temp_dir().join(format!("mxpipe-demo-{}", std::process::id()));
+    let sink = Sink::start(SinkConfig {
+        capture_dir: Some(capture.clone()),
+        ..SinkConfig::default()
+    })
+    .map_err(|e| format!("sink: {e}"))?;
+    println!(
+        "built-in sink listening on {} (capturing to {})",
+        sink.local_addr(),
+        capture.display()
+    );
+    let dispatcher = Dispatcher::builder()
+        .relay(&sink.local_addr().to_string())
+        .ehlo_name("demo.mxpipe.example")
+        .max_connections_per_destination(8)
+        .start()
+        .map_err(|e| e.to_string())?;
+    let events = dispatcher.events().expect("events are on");
+    let start = Instant::now();
+    let body = Arc::new(
+        Body::new(
+            b"From: Newsletter <news@demo.mxpipe.example>\r\nSubject: mxpipe demo newsletter\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello from mxpipe.\r\n.This line starts with a dot and arrives intact.\r\n",
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let sender =
+        Address::parse("news@demo.mxpipe.example", mxpipe::error::Field::Sender).expect("valid");
+    let all: Vec<Address> = (0..recipients)
+        .map(|i| {
+            Address::parse(
+                &format!("reader{i}@demo.mxpipe.example"),
+                mxpipe::error::Field::Recipient(i),
+            )
+            .expect("valid")
+        })
+        .collect();
+    // One body, many envelopes of 50 recipients each.
+    for chunk in all.chunks(50) {
+        let m = Message::from_parts(sender.clone(), chunk.to_vec(), Arc::clone(&body))
+            .map_err(|e| e.to_string())?;
+        dispatcher
+            .submit_timeout(m, Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+    }
+    let done = dispatcher.wait_final(Duration::from_secs(120));
+    let elapsed = start.elapsed();
+    let mut by_kind = std::collections::BTreeMap::new();
+    let mut sample = None;
+    for event in events.try_iter() {
+        *by_kind.entry(event.kind.as_str()).or_insert(0u64) += 1;
+        if sample.is_none() && event.kind == EventKind::Delivered {
+            sample = Some(event_json(&event));
+        }
+    }
+    let s = dispatcher.stats();
+    drop(dispatcher);
+    let sink_stats = sink.stop();
+    println!("outcomes: {by_kind:?}");
+    if let Some(sample) = sample {
+        println!("first outcome: {sample}");
+    }
+    println!(
+        "sent {} recipients in {} transactions over {} connections in {:.2}s; sink received {} messages for {} recipients",
+        s.delivered,
+        s.transactions,
+        s.connections_opened,
+        elapsed.as_secs_f64(),
+        sink_stats.messages,
+        sink_stats.recipients
+    );
+    let _ = std::fs::remove_dir_all(&capture);
+    Ok(if done && s.delivered == recipients as u64 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,624 @@
+//! The dispatcher: configuration, the public handle, outcome events and counters.
+//!
+//! [`Dispatcher::builder`] collects settings; [`DispatcherBuilder::start`] resolves routes and
+//! starts one or more event-loop threads ([`reactor`]). Any thread may [`Dispatcher::submit`];
+//! outcomes arrive as [`Event`]s on a channel and are counted in [`Stats`]. The handle itself never
+//! touches a socket.
+
+mod conn;
+mod pool;
+mod reactor;
+
+use crate::error::{Error, Result};
+use crate::message::{Address, Message};
+use crate::queue::{Ingress, RetryPolicy, Submission};
+use crate::route::{Routes, Target};
+use crate::smtp::{Reply, SessionConfig, Timeouts};
+use crossbeam_channel::Receiver;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What happened to one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// The destination accepted the message (final).
+    Delivered,
+    /// A temporary failure; the recipient will be tried again after `retry_after`.
+    Deferred,
+    /// A permanent failure (final).
+    Bounced,
+    /// Temporary failures until the maximum age passed (final).
+    Expired,
+}
+
+impl EventKind {
+    /// Delivered, Bounced and Expired end a recipient's story.
+    pub fn is_final(self) -> bool {
+        !matches!(self, EventKind::Deferred)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Delivered => "delivered",
+            EventKind::Deferred => "deferred",
+            EventKind::Bounced => "bounced",
+            EventKind::Expired => "expired",
+        }
+    }
+}
+
+/// One outcome for one recipient.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    /// The identifier [`Dispatcher::submit`] returned.
+    pub message_id: u64,
+    pub recipient: Address,
+    /// The server's reply; code 0 when the outcome was decided without one (connection failure,
+    /// timeout, a message the server cannot take), with the reason in the text.
+    pub reply: Reply,
+    /// The destination (`host:port`) the attempt went to.
+    pub destination: Arc<str>,
+    /// Delivery attempts made so far, this one included.
+    pub attempts: u32,
+    /// For Deferred: when the next attempt is due, from now.
+    pub retry_after: Option<Duration>,
+    /// Time since the message was submitted.
+    pub elapsed: Duration,
+}
+
+/// Counters, shared by the loops and readable from any thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub submitted_messages: AtomicU64,
+    pub submitted_recipients: AtomicU64,
+    pub delivered: AtomicU64,
+    pub deferred: AtomicU64,
+    pub bounced: AtomicU64,
+    pub expired: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub transactions: AtomicU64,
+    /// Recipients being worked on now: not final and not waiting for a retry.
+    pub(crate) active: AtomicU64,
+    /// Recipients without a final outcome yet.
+    pub(crate) unfinished: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub submitted_messages: u64,
+    pub submitted_recipients: u64,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+    pub expired: u64,
+    /// Recipients without a final outcome (queued, in a transaction, or waiting to retry).
+    pub in_flight: u64,
+    pub connections_opened: u64,
+    pub connections_open: u64,
+    pub transactions: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            submitted_messages: get(&self.submitted_messages),
+            submitted_recipients: get(&self.submitted_recipients),
+            delivered: get(&self.delivered),
+            deferred: get(&self.deferred),
+            bounced: get(&self.bounced),
+            expired: get(&self.expired),
+            in_flight: get(&self.unfinished),
+            connections_opened: get(&self.connections_opened),
+            connections_open: get(&self.connections_open),
+            transactions: get(&self.transactions),
+        }
+    }
+}
+
+/// Everything the loops share with the handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub stats: Stats,
+    pub events: Option<crossbeam_channel::Sender<Event>>,
+    pub shutting_down: AtomicBool,
+    idle_lock: Mutex<()>,
+    idle: Condvar,
+}
+
+impl Shared {
+    /// Wakes threads blocked in `flush` or `wait_final`.
+    pub fn notify(&self) {
+        let _guard = self.idle_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.idle.notify_all();
+    }
+
+    fn wait_until(&self, deadline: Option<Instant>, done: impl Fn() -> bool) -> bool {
+        let mut guard = self.idle_lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if done() {
+                return true;
+            }
+            let mut step = Duration::from_millis(50);
+            if let Some(deadline) = deadline {
+                let now = Instant::now();
+                if now >= deadline {
+                    return false;
+                }
+                step = step.min(deadline - now);
+            }
+            // The timeout covers a notification that raced with the check above.
+            guard = self
+                .idle
+                .wait_timeout(guard, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The dispatcher's settings. Build with [`Dispatcher::builder`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub routes: Routes,
+    pub session: SessionConfig,
+    /// Connections open at once to one destination.
+    pub max_connections_per_destination: usize,
+    /// Transactions on one connection before it is closed and replaced.
+    pub max_messages_per_connection: u32,
+    /// Recipients in one transaction (RFC 5321 4.5.3.1.8: servers must take at least 100).
+    pub max_recipients_per_transaction: usize,
+    /// An unused pooled connection is closed (QUIT) after this long.
+    pub idle_timeout: Duration,
+    /// Messages the ingress queue holds before `submit` reports it full.
+    pub queue_capacity: usize,
+    /// Recipients one loop holds (queued, in flight, or waiting to retry) before it stops
+    /// taking from the ingress queue.
+    pub max_queued_recipients: usize,
+    pub retry: RetryPolicy,
+    /// Event-loop threads; work is spread over them by recipient domain.
+    pub loops: usize,
+    /// Send events on the channel of [`Dispatcher::events`]. Events wait there until read.
+    pub record_events: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            routes: Routes::default(),
+            session: SessionConfig::default(),
+            max_connections_per_destination: 20,
+            max_messages_per_connection: 10_000,
+            max_recipients_per_transaction: 100,
+            idle_timeout: Duration::from_secs(5),
+            queue_capacity: 65_536,
+            max_queued_recipients: 1_000_000,
+            retry: RetryPolicy::default(),
+            loops: 1,
+            record_events: true,
+        }
+    }
+}
+
+/// Collects settings; `start` checks them and starts the loops.
+#[derive(Debug, Default)]
+pub struct DispatcherBuilder {
+    config: Config,
+    relay: Option<String>,
+    routes: Vec<(String, String)>,
+}
+
+impl DispatcherBuilder {
+    /// Sends everything without a specific route to this smarthost (`host:port`).
+    pub fn relay(mut self, host_port: &str) -> Self {
+        self.relay = Some(host_port.to_string());
+        self
+    }
+
+    /// Sends mail for `domain` to `host_port`.
+    pub fn route(mut self, domain: &str, host_port: &str) -> Self {
+        self.routes
+            .push((domain.to_string(), host_port.to_string()));
+        self
+    }
+
+    /// The name sent in EHLO.
+    pub fn ehlo_name(mut self, name: &str) -> Self {
+        self.config.session.ehlo_name = name.to_string();
+        self
+    }
+
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.config.session.timeouts = timeouts;
+        self
+    }
+
+    /// Use BDAT when offered (default true).
+    pub fn chunking(mut self, on: bool) -> Self {
+        self.config.session.use_chunking = on;
+        self
+    }
+
+    pub fn max_connections_per_destination(mut self, n: usize) -> Self {
+        self.config.max_connections_per_destination = n;
+        self
+    }
+
+    pub fn max_messages_per_connection(mut self, n: u32) -> Self {
+        self.config.max_messages_per_connection = n;
+        self
+    }
+
+    pub fn max_recipients_per_transaction(mut self, n: usize) -> Self {
+        self.config.max_recipients_per_transaction = n;
+        self
+    }
+
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.config.idle_timeout = d;
+        self
+    }
+
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.config.queue_capacity = n;
+        self
+    }
+
+    pub fn max_queued_recipients(mut self, n: usize) -> Self {
+        self.config.max_queued_recipients = n;
+        self
+    }
+
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    pub fn loops(mut self, n: usize) -> Self {
+        self.config.loops = n;
+        self
+    }
+
+    pub fn record_events(mut self, on: bool) -> Self {
+        self.config.record_events = on;
+        self
+    }
+
+    /// The settings as they stand (before `start` checks them).
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+
+    /// Checks the settings, resolves the routes and starts the loops.
+    pub fn start(mut self) -> Result<Dispatcher> {
+        if let Some(relay) = &self.relay {
+            self.config
+                .routes
+                .set_default(Target::resolve(relay, "relay")?);
+        }
+        for (domain, host_port) in &self.routes {
+            self.config
+                .routes
+                .add_route(domain, Target::resolve(host_port, "route")?);
+        }
+        validate(&self.config)?;
+        Dispatcher::start(self.config)
+    }
+}
+
+fn validate(c: &Config) -> Result<()> {
+    let check = |ok: bool, key, problem| {
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig { key, problem })
+        }
+    };
+    check(
+        !c.routes.is_empty(),
+        "relay",
+        "no relay or route is configured",
+    )?;
+    let name = &c.session.ehlo_name;
+    check(
+        !name.is_empty()
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)),
+        "ehlo_name",
+        "must be a domain name or an address literal",
+    )?;
+    check(
+        c.max_connections_per_destination > 0,
+        "max_connections_per_destination",
+        "must be at least 1",
+    )?;
+    check(
+        c.max_messages_per_connection > 0,
+        "max_messages_per_connection",
+        "must be at least 1",
+    )?;
+    check(
+        c.max_recipients_per_transaction > 0,
+        "max_recipients_per_transaction",
+        "must be at least 1",
+    )?;
+    check(c.queue_capacity > 0, "queue_capacity", "must be at least 1")?;
+    check(
+        c.max_queued_recipients > 0,
+        "max_queued_recipients",
+        "must be at least 1",
+    )?;
+    check((1..=64).contains(&c.loops), "loops", "must be from 1 to 64")?;
+    check(
+        c.retry.multiplier >= 1.0 && (0.0..1.0).contains(&c.retry.jitter),
+        "retry",
+        "multiplier must be at least 1 and jitter in [0, 1)",
+    )?;
+    let t = &c.session.timeouts;
+    check(
+        [t.connect, t.greeting, t.command, t.data_end]
+            .iter()
+            .all(|d| !d.is_zero()),
+        "timeouts",
+        "every timeout must be above zero",
+    )
+}
+
+/// A message refused by `submit`, handed back so that nothing is lost.
+#[derive(Debug)]
+pub struct SubmitError {
+    pub error: Error,
+    pub message: Message,
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+struct Loop {
+    ingress: Arc<Ingress>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The running dispatcher. Cheap to share by reference between threads (`Sync`).
+pub struct Dispatcher {
+    loops: Vec<Loop>,
+    shared: Arc<Shared>,
+    events: Option<Receiver<Event>>,
+    next_id: AtomicU64,
+    by_domain: bool,
+    stopped: AtomicBool,
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("loops", &self.loops.len())
+            .field("stats", &self.shared.stats.snapshot())
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    pub fn builder() -> DispatcherBuilder {
+        DispatcherBuilder::default()
+    }
+
+    /// Starts with settings checked by the caller (the builder checks them).
+    pub fn start(config: Config) -> Result<Dispatcher> {
+        validate(&config)?;
+        let (events_tx, events_rx) = if config.record_events {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let shared = Arc::new(Shared {
+            stats: Stats::default(),
+            events: events_tx,
+            shutting_down: AtomicBool::new(false),
+            idle_lock: Mutex::new(()),
+            idle: Condvar::new(),
+        });
+        let by_domain = !config.routes.is_single_target();
+        let config = Arc::new(config);
+        let mut loops = Vec::with_capacity(config.loops);
+        for index in 0..config.loops {
+            let (ingress, thread) =
+                reactor::spawn(index, Arc::clone(&config), Arc::clone(&shared))?;
+            loops.push(Loop {
+                ingress,
+                thread: Some(thread),
+            });
+        }
+        Ok(Dispatcher {
+            loops,
+            shared,
+            events: events_rx,
+            next_id: AtomicU64::new(1),
+            by_domain,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Queues a message without waiting. Returns its identifier, or the message back with
+    /// [`Error::QueueFull`] or [`Error::ShutDown`].
+    pub fn submit(&self, message: Message) -> std::result::Result<u64, SubmitError> {
+        self.submit_inner(message, None)
+    }
+
+    /// Queues a message, waiting up to `timeout` for room in the queue.
+    pub fn submit_timeout(
+        &self,
+        message: Message,
+        timeout: Duration,
+    ) -> std::result::Result<u64, SubmitError> {
+        self.submit_inner(message, Some(timeout))
+    }
+
+    fn submit_inner(
+        &self,
+        message: Message,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<u64, SubmitError> {
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(SubmitError {
+                error: Error::ShutDown,
+                message,
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let n = message.recipients.len() as u64;
+        let loop_index = if self.loops.len() == 1 {
+            0
+        } else if self.by_domain {
+            domain_hash(message.recipients[0].domain()) as usize % self.loops.len()
+        } else {
+            id as usize % self.loops.len()
+        };
+        let stats = &self.shared.stats;
+        // Counted before the loop can see the message, so that flush never misses it.
+        stats.active.fetch_add(n, Ordering::AcqRel);
+        stats.unfinished.fetch_add(n, Ordering::AcqRel);
+        let ingress = &self.loops[loop_index].ingress;
+        let submission = Submission { id, message };
+        let result = match timeout {
+            None => ingress.try_submit(submission),
+            Some(t) => ingress.submit_timeout(submission, t),
+        };
+        match result {
+            Ok(()) => {
+                stats.submitted_messages.fetch_add(1, Ordering::Relaxed);
+                stats.submitted_recipients.fetch_add(n, Ordering::Relaxed);
+                Ok(id)
+            }
+            Err((error, submission)) => {
+                stats.active.fetch_sub(n, Ordering::AcqRel);
+                stats.unfinished.fetch_sub(n, Ordering::AcqRel);
+                Err(SubmitError {
+                    error,
+                    message: submission.message,
+                })
+            }
+        }
+    }
+
+    /// The outcome events (a clone of the one receiver; each event is seen by one reader).
+    /// `None` when events were turned off.
+    pub fn events(&self) -> Option<Receiver<Event>> {
+        self.events.clone()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Waits until every submitted recipient is final or waiting for a retry.
+    pub fn flush(&self) {
+        let stats = &self.shared.stats;
+        self.shared
+            .wait_until(None, || stats.active.load(Ordering::Acquire) == 0);
+    }
+
+    /// Waits until every submitted recipient has a final outcome, or the timeout passes
+    /// (returns false then).
+    pub fn wait_final(&self, timeout: Duration) -> bool {
+        let stats = &self.shared.stats;
+        self.shared.wait_until(Some(Instant::now() + timeout), || {
+            stats.unfinished.load(Ordering::Acquire) == 0
+        })
+    }
+
+    /// Flushes, then ends every session with QUIT and stops the loops. Recipients still waiting
+    /// for a retry stay deferred (their Deferred event was sent). Later submissions fail with
+    /// [`Error::ShutDown`].
+    pub fn shutdown(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.flush();
+        self.shared.shutting_down.store(true, Ordering::Release);
+        for l in &self.loops {
+            let _ = l.ingress.wake_now();
+        }
+    }
+
+    fn join(&mut self) {
+        for l in &mut self.loops {
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.shutdown();
+        self.join();
+    }
+}
+
+/// FNV-1a over the lower-cased domain: stable, cheap, good enough to spread domains over loops.
+fn domain_hash(domain: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in domain.bytes() {
+        h ^= u64::from(b.to_ascii_lowercase());
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let e = Dispatcher::builder().start().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config relay: no relay or route is configured"
+        );
+        let e = Dispatcher::builder()
+            .relay("127.0.0.1:2525")
+            .ehlo_name("bad name\r\n")
+            .start()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config ehlo_name: must be a domain name or an address literal"
+        );
+        let e = Dispatcher::builder()
+            .relay("127.0.0.1:2525")
+            .max_connections_per_destination(0)
+            .start()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config max_connections_per_destination: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn submit_after_shutdown_hands_the_message_back() {
+        let d = Dispatcher::builder().relay("127.0.0.1:9").start().unwrap();
+        d.shutdown();
+        let m = Message::new("a@b.example", ["c@d.example"], b"x").unwrap();
+        let e = d.submit(m).unwrap_err();
+        assert_eq!(e.error, Error::ShutDown);
+        assert_eq!(e.message.recipients()[0].as_str(), "c@d.example");
+    }
+}

@@ -1,0 +1,67 @@
+//! One destination's share of the loop: its queue of jobs and its pool of connections.
+//!
+//! The pool counts connections (connecting and established) against the destination's limit and
+//! keeps the list of connections that can take a transaction now, most recently used first, so
+//! that a busy destination keeps few connections warm rather than many lukewarm. It owns no
+//! sockets: connections live in the reactor's table and are named here by token.
+
+use crate::queue::Job;
+use crate::route::Target;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// A connection's slot in the reactor's table: the token and the generation that guards against
+/// a slot reused by a later connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub token: usize,
+    pub generation: u64,
+}
+
+#[derive(Debug)]
+pub struct Destination {
+    pub target: Target,
+    /// `target.name`, shared with every event.
+    pub name: Arc<str>,
+    pub queue: VecDeque<Job>,
+    /// Connections that may be able to take a transaction (checked when taken).
+    pub ready: Vec<ConnRef>,
+    /// Connections counted against the limit: connecting or established.
+    pub open: usize,
+    pub connecting: usize,
+    pub established: usize,
+    /// Which of the target's addresses the next connection tries.
+    pub next_addr: usize,
+}
+
+impl Destination {
+    pub fn new(target: Target) -> Self {
+        Destination {
+            name: Arc::from(target.name.as_str()),
+            target,
+            queue: VecDeque::new(),
+            ready: Vec::new(),
+            open: 0,
+            connecting: 0,
+            established: 0,
+            next_addr: 0,
+        }
+    }
+
+    /// The address for a new connection; failures move on to the next one.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.target.addrs[self.next_addr % self.target.addrs.len()]
+    }
+
+    /// A connection attempt failed: try the next address next time.
+    pub fn rotate_address(&mut self) {
+        self.next_addr = (self.next_addr + 1) % self.target.addrs.len();
+    }
+
+    /// Connections worth opening now for the queued work, within `limit`.
+    pub fn connections_wanted(&self, limit: usize) -> usize {
+        let room = limit.saturating_sub(self.open);
+        let uncovered = self.queue.len().saturating_sub(self.connecting);
+        room.min(uncovered)
+    }
+}

@@ -1,0 +1,788 @@
+//! The event loop: one thread, one `mio::Poll`, thousands of connections.
+//!
+//! Each turn: wait for sockets, the waker or the next deadline; feed readable sockets to their
+//! sessions; take new submissions from the ingress; fire due timers and retries; then hand queued
+//! jobs to connections that can take them, opening new connections within each destination's
+//! limit. Outcomes become events and counters here. Nothing in the loop blocks: name resolution
+//! happened before it started, and a full event channel is impossible (it is unbounded; the
+//! ingress bound limits what is in flight).
+
+use super::conn::{Conn, ReadOutcome};
+use super::pool::{ConnRef, Destination};
+use super::{Config, Event, EventKind, Shared};
+use crate::error::Result;
+use crate::message::Address;
+use crate::queue::{Envelope, Ingress, Job, RetrySchedule, Submission};
+use crate::smtp::{
+    EnhancedCode, RcptResult, Reply, Session, SessionConfig, SessionEvent, Transaction,
+};
+use crossbeam_channel::Receiver;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const WAKER: Token = Token(usize::MAX);
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Starts loop number `index`; returns its ingress and thread.
+pub(super) fn spawn(
+    index: usize,
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+) -> Result<(Arc<Ingress>, JoinHandle<()>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (ingress, receiver) = Ingress::new(config.queue_capacity, waker);
+    let ingress = Arc::new(ingress);
+    let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared);
+    let thread = std::thread::Builder::new()
+        .name(format!("mxpipe-loop-{index}"))
+        .spawn(move || reactor.run())?;
+    Ok((ingress, thread))
+}
+
+struct Reactor {
+    poll: Poll,
+    receiver: Receiver<Submission>,
+    ingress: Arc<Ingress>,
+    config: Arc<Config>,
+    session_config: Arc<SessionConfig>,
+    shared: Arc<Shared>,
+    destinations: Vec<Destination>,
+    conns: Slab<Conn>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    retries: RetrySchedule,
+    read_buf: Box<[u8]>,
+    /// Destinations with queued work to hand out this turn.
+    dirty: Vec<usize>,
+    is_dirty: Vec<bool>,
+    /// Recipients this loop holds (queued, in flight, waiting to retry).
+    held: usize,
+    next_tag: u64,
+    next_generation: u64,
+    /// Counters changed this turn: waiters may need waking.
+    changed: bool,
+    stop_by: Option<Instant>,
+}
+
+/// Where a connection event came from, decoded from the mio event.
+struct Readiness {
+    readable: bool,
+    writable: bool,
+    error: bool,
+}
+
+impl Reactor {
+    fn new(
+        poll: Poll,
+        receiver: Receiver<Submission>,
+        ingress: Arc<Ingress>,
+        config: Arc<Config>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let destinations: Vec<Destination> = config
+            .routes
+            .targets()
+            .iter()
+            .cloned()
+            .map(Destination::new)
+            .collect();
+        let n = destinations.len();
+        Reactor {
+            poll,
+            receiver,
+            ingress,
+            session_config: Arc::new(config.session.clone()),
+            config,
+            shared,
+            destinations,
+            conns: Slab::with_capacity(1024),
+            timers: BinaryHeap::new(),
+            retries: RetrySchedule::default(),
+            read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            dirty: Vec::with_capacity(n),
+            is_dirty: vec![false; n],
+            held: 0,
+            next_tag: 1,
+            next_generation: 1,
+            changed: false,
+            stop_by: None,
+        }
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The poller itself failed: nothing more can be sent from this loop.
+                break;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                if event.token() == WAKER {
+                    continue;
+                }
+                let readiness = Readiness {
+                    readable: event.is_readable() || event.is_read_closed(),
+                    writable: event.is_writable() || event.is_write_closed(),
+                    error: event.is_error(),
+                };
+                self.on_socket(event.token().0, readiness, now);
+            }
+            self.take_submissions(now);
+            self.on_timers(now);
+            self.on_retries(now);
+            self.dispatch(now);
+            if self.changed {
+                self.changed = false;
+                self.shared.notify();
+            }
+            if self.shared.shutting_down.load(Ordering::Acquire) {
+                let stop_by = *self
+                    .stop_by
+                    .get_or_insert_with(|| now + self.config.session.timeouts.command);
+                self.retire_all(now);
+                if self.conns.is_empty() || now >= stop_by {
+                    break;
+                }
+            }
+        }
+        self.shared
+            .stats
+            .connections_open
+            .fetch_sub(self.conns.len() as u64, Ordering::Relaxed);
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let timer = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let next = match (timer, self.retries.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
+        if self.stop_by.is_some() {
+            timeout = Some(timeout.map_or(Duration::from_millis(20), |t| {
+                t.min(Duration::from_millis(20))
+            }));
+        }
+        // Submissions held back by the recipient bound are retried on every turn.
+        if self.held >= self.config.max_queued_recipients && !self.receiver.is_empty() {
+            timeout = Some(timeout.map_or(Duration::from_millis(10), |t| {
+                t.min(Duration::from_millis(10))
+            }));
+        }
+        timeout
+    }
+
+    // ----- submissions -------------------------------------------------------------------
+
+    fn take_submissions(&mut self, now: Instant) {
+        self.ingress.clear_wake();
+        while self.held < self.config.max_queued_recipients {
+            match self.receiver.try_recv() {
+                Ok(submission) => self.accept(submission, now),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn accept(&mut self, submission: Submission, now: Instant) {
+        let Submission { id, message } = submission;
+        let envelope = Arc::new(Envelope {
+            id,
+            sender: message.sender,
+            body: message.body,
+            submitted: now,
+        });
+        self.held += message.recipients.len();
+        let max = self.config.max_recipients_per_transaction;
+        let config = Arc::clone(&self.config);
+        let routes = &config.routes;
+        if routes.is_single_target() {
+            let destination = routes.lookup("").expect("a relay is configured");
+            self.enqueue_split(&envelope, message.recipients, destination, max);
+            return;
+        }
+        let mut groups: Vec<(usize, Vec<Address>)> = Vec::new();
+        for recipient in message.recipients {
+            match routes.lookup(recipient.domain()) {
+                Some(d) => match groups.iter_mut().find(|(g, _)| *g == d) {
+                    Some((_, list)) => list.push(recipient),
+                    None => groups.push((d, vec![recipient])),
+                },
+                None => {
+                    let reply = Reply::new(
+                        0,
+                        Some(EnhancedCode::new(5, 4, 4)),
+                        format!("no route to domain {}", recipient.domain()),
+                    );
+                    let nowhere: Arc<str> = Arc::from("");
+                    self.finish_recipient(
+                        EventKind::Bounced,
+                        &envelope,
+                        recipient,
+                        reply,
+                        &nowhere,
+                        0,
+                        now,
+                    );
+                }
+            }
+        }
+        for (destination, list) in groups {
+            self.enqueue_split(&envelope, list, destination, max);
+        }
+    }
+
+    fn enqueue_split(
+        &mut self,
+        envelope: &Arc<Envelope>,
+        mut recipients: Vec<Address>,
+        destination: usize,
+        max: usize,
+    ) {
+        while recipients.len() > max {
+            let rest = recipients.split_off(max);
+            self.enqueue(Job {
+                envelope: Arc::clone(envelope),
+                recipients,
+                destination,
+                attempts: 0,
+            });
+            recipients = rest;
+        }
+        self.enqueue(Job {
+            envelope: Arc::clone(envelope),
+            recipients,
+            destination,
+            attempts: 0,
+        });
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let d = job.destination;
+        self.destinations[d].queue.push_back(job);
+        self.mark_dirty(d);
+    }
+
+    fn mark_dirty(&mut self, d: usize) {
+        if !self.is_dirty[d] {
+            self.is_dirty[d] = true;
+            self.dirty.push(d);
+        }
+    }
+
+    // ----- scheduling --------------------------------------------------------------------
+
+    /// Hands queued jobs to connections that can take them; opens connections for the rest.
+    fn dispatch(&mut self, now: Instant) {
+        while let Some(d) = self.dirty.pop() {
+            self.is_dirty[d] = false;
+            if self.stop_by.is_some() {
+                continue;
+            }
+            while !self.destinations[d].queue.is_empty() {
+                let Some(conn) = self.destinations[d].ready.pop() else {
+                    break;
+                };
+                let usable = self.conns.get_mut(conn.token).is_some_and(|c| {
+                    c.this == conn && {
+                        c.listed = false;
+                        !c.retiring && c.session.as_ref().is_some_and(Session::can_accept)
+                    }
+                });
+                if usable {
+                    self.drive(conn.token, now);
+                }
+            }
+            let wanted = self.destinations[d]
+                .connections_wanted(self.config.max_connections_per_destination);
+            for _ in 0..wanted {
+                self.open(d, now);
+            }
+        }
+    }
+
+    fn open(&mut self, d: usize, now: Instant) {
+        let addr = self.destinations[d].address();
+        let stream = match mio::net::TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                self.destinations[d].rotate_address();
+                let reply = connect_reply(&format!("connect to {addr} failed: {e}"));
+                self.destination_failed(d, reply, now);
+                return;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let token = entry.key();
+        let this = ConnRef {
+            token,
+            generation: self.next_generation,
+        };
+        self.next_generation += 1;
+        let mut conn = Conn {
+            stream,
+            this,
+            destination: d,
+            session: None,
+            connect_deadline: now + self.config.session.timeouts.connect,
+            idle_since: None,
+            scheduled: None,
+            jobs: Vec::with_capacity(2),
+            retiring: false,
+            listed: false,
+            established: false,
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut conn.stream,
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            let reply = connect_reply(&format!("cannot register socket: {e}"));
+            self.destination_failed(d, reply, now);
+            return;
+        }
+        entry.insert(conn);
+        let dest = &mut self.destinations[d];
+        dest.open += 1;
+        dest.connecting += 1;
+        let stats = &self.shared.stats;
+        stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        self.schedule(token);
+    }
+
+    // ----- sockets -----------------------------------------------------------------------
+
+    fn on_socket(&mut self, token: usize, readiness: Readiness, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if conn.session.is_none() {
+            if !(readiness.writable || readiness.error || readiness.readable) {
+                return;
+            }
+            let failure = match conn.stream.take_error() {
+                Ok(Some(e)) | Err(e) => Some(e.to_string()),
+                Ok(None) => match conn.stream.peer_addr() {
+                    Ok(_) => None,
+                    // Not connected yet: a spurious wake-up.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return,
+                    Err(e) => Some(e.to_string()),
+                },
+            };
+            if let Some(why) = failure {
+                return self.connect_failed(token, &why, now);
+            }
+            // Commands are small and written in groups: Nagle would only add delay.
+            let _ = conn.stream.set_nodelay(true);
+            conn.session = Some(Session::new(Arc::clone(&self.session_config), now));
+            self.destinations[conn.destination].connecting -= 1;
+        }
+        if readiness.readable || readiness.error {
+            let conn = self.conns.get_mut(token).expect("connection exists");
+            let lost = match conn.read(&mut self.read_buf, now) {
+                ReadOutcome::Drained => None,
+                ReadOutcome::Closed => Some("connection closed by the server".to_string()),
+                ReadOutcome::Failed(e) => Some(e.to_string()),
+            };
+            if let (Some(why), Some(session)) = (lost, conn.session.as_mut()) {
+                session.handle_close(&why);
+            }
+        }
+        self.drive(token, now);
+    }
+
+    fn connect_failed(&mut self, token: usize, why: &str, now: Instant) {
+        let conn = self.remove(token);
+        let d = conn.destination;
+        let dest = &mut self.destinations[d];
+        dest.connecting -= 1;
+        let addr = dest.address();
+        dest.rotate_address();
+        let reply = connect_reply(&format!("connect to {addr} failed: {why}"));
+        if self.destinations[d].established == 0 {
+            self.destination_failed(d, reply, now);
+        }
+        self.mark_dirty(d);
+    }
+
+    /// Moves a connection's session forward: outcomes, new work, bytes out, timers.
+    fn drive(&mut self, token: usize, now: Instant) {
+        let max_messages = self.config.max_messages_per_connection;
+        let stopping = self.stop_by.is_some();
+        loop {
+            let mut done = Vec::new();
+            let mut closed = None;
+            {
+                let Some(conn) = self.conns.get_mut(token) else {
+                    return;
+                };
+                let Some(session) = conn.session.as_mut() else {
+                    return;
+                };
+                while let Some(event) = session.poll_event() {
+                    match event {
+                        SessionEvent::TransactionDone { tag, results } => done.push((tag, results)),
+                        SessionEvent::Closed(closure) => closed = Some(closure),
+                    }
+                }
+                if !conn.established && session.is_established() {
+                    conn.established = true;
+                    self.destinations[conn.destination].established += 1;
+                }
+            }
+            for (tag, results) in done {
+                let job = self.conns[token].take_job(tag);
+                if let Some(job) = job {
+                    self.on_transaction(job, results, now);
+                }
+            }
+            if let Some(closure) = closed {
+                let conn = self.remove(token);
+                let d = conn.destination;
+                if !closure.established {
+                    if self.destinations[d].established == 0 {
+                        let mut reply = closure.reply;
+                        reply.text = format!("{}: {}", self.destinations[d].name, reply.text);
+                        self.destination_failed(d, reply, now);
+                    }
+                }
+                for (_, job) in conn.jobs {
+                    self.requeue(job);
+                }
+                self.mark_dirty(d);
+                return;
+            }
+            // Feed the session while it can take a transaction.
+            let conn = self.conns.get_mut(token).expect("connection exists");
+            let session = conn.session.as_mut().expect("session exists");
+            if !conn.retiring && !stopping && session.can_accept() {
+                if session.transactions_started() >= max_messages {
+                    conn.retiring = true;
+                } else if let Some(job) = self.destinations[conn.destination].queue.pop_front() {
+                    let tag = self.next_tag;
+                    self.next_tag += 1;
+                    let txn = Transaction {
+                        tag,
+                        sender: job.envelope.sender.clone(),
+                        recipients: job.recipients.clone(),
+                        body: Arc::clone(&job.envelope.body),
+                    };
+                    conn.jobs.push((tag, job));
+                    conn.idle_since = None;
+                    session.start_transaction(txn, now);
+                    continue;
+                }
+            }
+            if session.is_idle() && (conn.retiring || stopping) {
+                session.quit(now);
+            }
+            if let Err(e) = conn.flush() {
+                if let Some(session) = conn.session.as_mut() {
+                    session.handle_close(&format!("write failed: {e}"));
+                }
+                continue;
+            }
+            break;
+        }
+        let conn = self.conns.get_mut(token).expect("connection exists");
+        let session = conn.session.as_ref().expect("session exists");
+        if session.is_idle() {
+            conn.idle_since.get_or_insert(now);
+        }
+        if session.can_accept() && !conn.retiring && !conn.listed {
+            conn.listed = true;
+            let this = conn.this;
+            let d = conn.destination;
+            self.destinations[d].ready.push(this);
+            if !self.destinations[d].queue.is_empty() {
+                self.mark_dirty(d);
+            }
+        }
+        self.schedule(token);
+    }
+
+    /// Takes a connection out of every table and closes its socket.
+    fn remove(&mut self, token: usize) -> Conn {
+        let mut conn = self.conns.remove(token);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let dest = &mut self.destinations[conn.destination];
+        dest.open -= 1;
+        if conn.established {
+            dest.established -= 1;
+        }
+        self.shared
+            .stats
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+        conn
+    }
+
+    fn retire_all(&mut self, now: Instant) {
+        let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        for token in tokens {
+            let conn = &mut self.conns[token];
+            if conn.retiring {
+                continue;
+            }
+            conn.retiring = true;
+            if conn.session.is_none() {
+                let conn = self.remove(token);
+                self.destinations[conn.destination].connecting -= 1;
+                continue;
+            }
+            self.drive(token, now);
+        }
+    }
+
+    // ----- time --------------------------------------------------------------------------
+
+    fn schedule(&mut self, token: usize) {
+        let idle = self.config.idle_timeout;
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if let Some(deadline) = conn.deadline(idle) {
+            if conn.scheduled.is_none_or(|s| deadline < s) {
+                conn.scheduled = Some(deadline);
+                self.timers
+                    .push(Reverse((deadline, token, conn.this.generation)));
+            }
+        }
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        let idle = self.config.idle_timeout;
+        while let Some(&Reverse((at, token, generation))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(token) else {
+                continue;
+            };
+            if conn.this.generation != generation {
+                continue;
+            }
+            conn.scheduled = None;
+            match conn.deadline(idle) {
+                Some(d) if d <= now => {}
+                _ => {
+                    self.schedule(token);
+                    continue;
+                }
+            }
+            match conn.session.as_mut() {
+                None => {
+                    let limit = self.config.session.timeouts.connect;
+                    self.connect_failed(token, &format!("timed out after {limit:?}"), now);
+                    continue;
+                }
+                Some(session) => {
+                    if session.deadline().is_some() {
+                        session.handle_timeout(now);
+                    } else {
+                        // Idle for too long: retire politely.
+                        conn.retiring = true;
+                    }
+                }
+            }
+            self.drive(token, now);
+        }
+    }
+
+    fn on_retries(&mut self, now: Instant) {
+        while let Some(job) = self.retries.pop_due(now) {
+            self.shared
+                .stats
+                .active
+                .fetch_add(job.recipients.len() as u64, Ordering::AcqRel);
+            self.enqueue(job);
+        }
+    }
+
+    // ----- outcomes ----------------------------------------------------------------------
+
+    fn on_transaction(&mut self, job: Job, results: Vec<RcptResult>, now: Instant) {
+        self.shared
+            .stats
+            .transactions
+            .fetch_add(1, Ordering::Relaxed);
+        let attempts = job.attempts + 1;
+        let name = Arc::clone(&self.destinations[job.destination].name);
+        let mut transient: Vec<(Address, Reply)> = Vec::new();
+        let mut again: Vec<Address> = Vec::new();
+        for (recipient, result) in job.recipients.into_iter().zip(results) {
+            match result {
+                RcptResult::Delivered(reply) => self.finish_recipient(
+                    EventKind::Delivered,
+                    &job.envelope,
+                    recipient,
+                    reply,
+                    &name,
+                    attempts,
+                    now,
+                ),
+                RcptResult::Failed {
+                    reply,
+                    permanent: true,
+                } => self.finish_recipient(
+                    EventKind::Bounced,
+                    &job.envelope,
+                    recipient,
+                    reply,
+                    &name,
+                    attempts,
+                    now,
+                ),
+                RcptResult::Failed { reply, .. } => transient.push((recipient, reply)),
+                RcptResult::Retry(_) => again.push(recipient),
+            }
+        }
+        if !again.is_empty() {
+            self.requeue(Job {
+                envelope: Arc::clone(&job.envelope),
+                recipients: again,
+                destination: job.destination,
+                attempts: job.attempts,
+            });
+        }
+        if !transient.is_empty() {
+            self.defer(&job.envelope, transient, job.destination, attempts, now);
+        }
+    }
+
+    /// A job goes back to the front of its queue without counting an attempt.
+    fn requeue(&mut self, job: Job) {
+        let d = job.destination;
+        self.destinations[d].queue.push_front(job);
+        self.mark_dirty(d);
+    }
+
+    /// Every job queued for a destination that cannot be reached is deferred with `reply`.
+    fn destination_failed(&mut self, d: usize, reply: Reply, now: Instant) {
+        let jobs: Vec<Job> = self.destinations[d].queue.drain(..).collect();
+        for job in jobs {
+            let attempts = job.attempts + 1;
+            let failures = job
+                .recipients
+                .into_iter()
+                .map(|r| (r, reply.clone()))
+                .collect();
+            self.defer(&job.envelope, failures, d, attempts, now);
+        }
+    }
+
+    /// Temporary failures: Deferred with a retry time, or Expired past the maximum age.
+    fn defer(
+        &mut self,
+        envelope: &Arc<Envelope>,
+        failures: Vec<(Address, Reply)>,
+        destination: usize,
+        attempts: u32,
+        now: Instant,
+    ) {
+        let name = Arc::clone(&self.destinations[destination].name);
+        let delay = self.config.retry.delay(attempts);
+        let expires = envelope.submitted + self.config.retry.max_age;
+        if now + delay > expires {
+            for (recipient, reply) in failures {
+                self.finish_recipient(
+                    EventKind::Expired,
+                    envelope,
+                    recipient,
+                    reply,
+                    &name,
+                    attempts,
+                    now,
+                );
+            }
+            return;
+        }
+        let n = failures.len() as u64;
+        let mut recipients = Vec::with_capacity(failures.len());
+        for (recipient, reply) in failures {
+            self.send_event(Event {
+                kind: EventKind::Deferred,
+                message_id: envelope.id,
+                recipient: recipient.clone(),
+                reply,
+                destination: Arc::clone(&name),
+                attempts,
+                retry_after: Some(delay),
+                elapsed: now.saturating_duration_since(envelope.submitted),
+            });
+            recipients.push(recipient);
+        }
+        let stats = &self.shared.stats;
+        stats.deferred.fetch_add(n, Ordering::Relaxed);
+        stats.active.fetch_sub(n, Ordering::AcqRel);
+        self.changed = true;
+        self.retries.push(
+            now + delay,
+            Job {
+                envelope: Arc::clone(envelope),
+                recipients,
+                destination,
+                attempts,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_recipient(
+        &mut self,
+        kind: EventKind,
+        envelope: &Arc<Envelope>,
+        recipient: Address,
+        reply: Reply,
+        destination: &Arc<str>,
+        attempts: u32,
+        now: Instant,
+    ) {
+        let stats = &self.shared.stats;
+        let counter = match kind {
+            EventKind::Delivered => &stats.delivered,
+            EventKind::Bounced => &stats.bounced,
+            EventKind::Expired => &stats.expired,
+            EventKind::Deferred => unreachable!("deferrals are not final"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        stats.active.fetch_sub(1, Ordering::AcqRel);
+        stats.unfinished.fetch_sub(1, Ordering::AcqRel);
+        self.held -= 1;
+        self.changed = true;
+        self.send_event(Event {
+            kind,
+            message_id: envelope.id,
+            recipient,
+            reply,
+            destination: Arc::clone(destination),
+            attempts,
+            retry_after: None,
+            elapsed: now.saturating_duration_since(envelope.submitted),
+        });
+    }
+
+    fn send_event(&self, event: Event) {
+        if let Some(events) = &self.shared.events {
+            // The receiver lives in the Dispatcher, which outlives the loop.
+            let _ = events.send(event);
+        }
+    }
+}
+
+fn connect_reply(text: &str) -> Reply {
+    Reply::new(0, Some(EnhancedCode::new(4, 4, 1)), text)
+}

@@ -1,0 +1,35 @@
+//! Work waiting to be sent: the lock-free ingress from callers, the per-destination queues
+//! inside the loop, and the retry schedule.
+//!
+//! Every queue is bounded or drained by something bounded: the ingress by its capacity, the
+//! loop's queues by the number of recipients it agrees to hold. Nothing here touches a socket.
+
+pub mod ingress;
+pub mod retry;
+
+pub use ingress::{Ingress, Submission};
+pub use retry::{RetryPolicy, RetrySchedule};
+
+use crate::message::{Address, Body};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What every part of one submitted message shares.
+#[derive(Debug)]
+pub struct Envelope {
+    pub id: u64,
+    pub sender: Address,
+    pub body: Arc<Body>,
+    pub submitted: Instant,
+}
+
+/// Recipients of one message bound for one destination: the unit of a transaction.
+#[derive(Debug)]
+pub struct Job {
+    pub envelope: Arc<Envelope>,
+    pub recipients: Vec<Address>,
+    /// Index of the destination (target) in the engine's table.
+    pub destination: usize,
+    /// Delivery attempts already made for these recipients.
+    pub attempts: u32,
+}
