@@ -1,0 +1,391 @@
+//! The engine over loopback against SMTP servers this project did not write: Postfix's
+//! `smtp-sink` and `aiosmtpd` (capturing what arrived), plus mxpipe's own sink where a fault must
+//! be scripted. Each test asserts what a user would check: the bytes that arrived, every
+//! recipient's outcome, the error text.
+
+mod util;
+
+use mxpipe::engine::{Dispatcher, Event, EventKind};
+use mxpipe::message::{Body, Message};
+use mxpipe::queue::RetryPolicy;
+use mxpipe::sink::{Faults, Sink, SinkConfig};
+use mxpipe::smtp::Timeouts;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use util::{CaptureServer, SmtpSink};
+
+fn quick_retry(max_age_ms: u64) -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(100),
+        max_interval: Duration::from_millis(400),
+        multiplier: 2.0,
+        jitter: 0.1,
+        max_age: Duration::from_millis(max_age_ms),
+    }
+}
+
+fn dispatcher(relay: &str, retry: RetryPolicy) -> Dispatcher {
+    Dispatcher::builder()
+        .relay(relay)
+        .ehlo_name("client.mxpipe.test")
+        .max_connections_per_destination(4)
+        .retry(retry)
+        .start()
+        .expect("dispatcher starts")
+}
+
+/// Waits for every recipient to be final and returns all events, in order.
+fn finish(d: &Dispatcher) -> Vec<Event> {
+    assert!(
+        d.wait_final(Duration::from_secs(60)),
+        "not final: {:?}",
+        d.stats()
+    );
+    d.events().expect("events on").try_iter().collect()
+}
+
+/// The final event of each recipient, checking that there is exactly one.
+fn finals(events: &[Event]) -> HashMap<String, Event> {
+    let mut out = HashMap::new();
+    for e in events.iter().filter(|e| e.kind.is_final()) {
+        let old = out.insert(e.recipient.as_str().to_string(), e.clone());
+        assert!(old.is_none(), "two final outcomes for {}", e.recipient);
+    }
+    out
+}
+
+#[test]
+fn bodies_arrive_byte_exact_at_aiosmtpd() {
+    let server = CaptureServer::start();
+    let d = dispatcher(&server.addr().to_string(), quick_retry(5_000));
+    let big: Vec<u8> = (0..(1 << 20) / 64)
+        .flat_map(|i| format!("{i:061}\r\n").into_bytes().into_iter().chain(*b"."))
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        (
+            "dots",
+            b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nafter a lone dot\r\n".to_vec(),
+            b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nafter a lone dot\r\n".to_vec(),
+        ),
+        (
+            "bare-lf",
+            b"Subject: lf\n\nline one\n.\nline three\rno final newline".to_vec(),
+            b"Subject: lf\r\n\r\nline one\r\n.\r\nline three\r\nno final newline\r\n".to_vec(),
+        ),
+        (
+            "8bit",
+            "Subject: =?utf-8?q?caf=C3=A9?=\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nCafé, naïve, Grüße — ☃\r\n".as_bytes().to_vec(),
+            "Subject: =?utf-8?q?caf=C3=A9?=\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nCafé, naïve, Grüße — ☃\r\n".as_bytes().to_vec(),
+        ),
+        ("1mib", big.clone(), {
+            let mut b = big.clone();
+            b.extend_from_slice(b"\r\n");
+            b
+        }),
+    ];
+    for (name, input, _) in &cases {
+        let m = Message::new(
+            "sender@mxpipe.test",
+            [format!("{name}@rcpt.test").as_str()],
+            input,
+        )
+        .unwrap();
+        d.submit(m).unwrap();
+    }
+    let events = finish(&d);
+    assert!(
+        events.iter().all(|e| e.kind == EventKind::Delivered),
+        "{events:?}"
+    );
+    let got = server.wait_for_messages(cases.len(), Duration::from_secs(30));
+    for (name, _, expected) in &cases {
+        let rcpt = format!("{name}@rcpt.test");
+        let m = got
+            .iter()
+            .find(|m| m.rcpt_tos == [rcpt.clone()])
+            .expect("captured");
+        assert_eq!(m.mail_from, "sender@mxpipe.test");
+        assert!(
+            m.data == *expected,
+            "{name}: content differs ({} vs {} bytes)",
+            m.data.len(),
+            expected.len()
+        );
+        assert_eq!(m.helo.as_deref(), Some("client.mxpipe.test"));
+        if *name == "8bit" {
+            assert!(
+                m.mail_options.iter().any(|o| o == "BODY=8BITMIME"),
+                "{:?}",
+                m.mail_options
+            );
+        }
+    }
+}
+
+#[test]
+fn rejected_recipients_get_their_own_outcomes() {
+    let server = CaptureServer::builder()
+        .reject_rcpt("unknown")
+        .tempfail_rcpt("busy")
+        .start();
+    let d = dispatcher(&server.addr().to_string(), quick_retry(600));
+    let rcpts = ["ok1@r.test", "unknown@r.test", "busy@r.test", "ok2@r.test"];
+    let id = d
+        .submit(Message::new("s@mxpipe.test", rcpts, b"Subject: x\r\n\r\nhello\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    let f = finals(&events);
+    assert_eq!(f.len(), 4);
+    assert_eq!(f["ok1@r.test"].kind, EventKind::Delivered);
+    assert_eq!(f["ok2@r.test"].kind, EventKind::Delivered);
+    assert_eq!(f["ok1@r.test"].message_id, id);
+    let bounced = &f["unknown@r.test"];
+    assert_eq!(bounced.kind, EventKind::Bounced);
+    assert_eq!(bounced.reply.code, 550);
+    assert_eq!(bounced.reply.enhanced.unwrap().to_string(), "5.1.1");
+    assert_eq!(bounced.attempts, 1);
+    let busy = &f["busy@r.test"];
+    assert_eq!(busy.kind, EventKind::Expired);
+    assert_eq!(busy.reply.code, 450);
+    assert!(busy.attempts >= 2, "retried before expiring: {busy:?}");
+    // Deferred events came first, each with a retry time.
+    let deferred: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Deferred)
+        .collect();
+    assert!(!deferred.is_empty());
+    assert!(deferred
+        .iter()
+        .all(|e| e.recipient.as_str() == "busy@r.test" && e.retry_after.is_some()));
+    // The good recipients arrived in one message (one transaction), once.
+    let got = server.messages();
+    let delivered: Vec<&String> = got.iter().flat_map(|m| m.rcpt_tos.iter()).collect();
+    assert_eq!(delivered, ["ok1@r.test", "ok2@r.test"]);
+    let s = d.stats();
+    assert_eq!(
+        (s.delivered, s.bounced, s.expired, s.in_flight),
+        (2, 1, 1, 0)
+    );
+}
+
+#[test]
+fn temporary_failure_then_success_on_retry() {
+    let server = CaptureServer::builder().tempfail_first(1).start();
+    let d = dispatcher(&server.addr().to_string(), quick_retry(20_000));
+    d.submit(
+        Message::new(
+            "s@mxpipe.test",
+            ["a@r.test"],
+            b"Subject: retry\r\n\r\nx\r\n",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let events = finish(&d);
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Deferred, EventKind::Delivered]);
+    assert_eq!(events[0].reply.code, 451);
+    assert_eq!(events[0].attempts, 1);
+    assert_eq!(events[1].attempts, 2);
+    assert_eq!(server.messages().len(), 1);
+}
+
+#[test]
+fn many_messages_through_postfix_smtp_sink_reuse_connections() {
+    let sink = SmtpSink::start(&[], 1024);
+    let d = Dispatcher::builder()
+        .relay(&sink.addr().to_string())
+        .max_connections_per_destination(8)
+        .record_events(false)
+        .start()
+        .unwrap();
+    let body =
+        Arc::new(Body::new(&b"0123456789012345678901234567890123456789\r\n".repeat(48)).unwrap());
+    for i in 0..10_000 {
+        let rcpts = [format!("u{i}@a.test"), format!("v{i}@b.test")];
+        let m = Message::with_body(
+            "s@mxpipe.test",
+            rcpts.iter().map(String::as_str),
+            Arc::clone(&body),
+        )
+        .unwrap();
+        d.submit_timeout(m, Duration::from_secs(10)).unwrap();
+    }
+    assert!(d.wait_final(Duration::from_secs(120)));
+    let s = d.stats();
+    assert_eq!(s.delivered, 20_000);
+    assert_eq!(s.transactions, 10_000);
+    assert!(
+        s.connections_opened <= 8,
+        "pooled: {} connections",
+        s.connections_opened
+    );
+}
+
+#[test]
+fn service_closing_421_mid_session_defers_then_expires() {
+    // smtp-sink -Q rcpt: answers RCPT with 421 and hangs up.
+    let sink = SmtpSink::start(&["-Q", "rcpt"], 64);
+    let d = dispatcher(&sink.addr().to_string(), quick_retry(700));
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test", "b@r.test"], b"x\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    let f = finals(&events);
+    assert_eq!(f.len(), 2);
+    for e in f.values() {
+        assert_eq!(e.kind, EventKind::Expired);
+        assert_eq!(e.reply.code, 421, "{e:?}");
+    }
+    assert!(events
+        .iter()
+        .any(|e| e.kind == EventKind::Deferred && e.reply.code == 421));
+}
+
+#[test]
+fn connection_refused_is_deferred_with_the_reason() {
+    let port = util::free_port("127.0.0.1");
+    let d = dispatcher(&format!("127.0.0.1:{port}"), quick_retry(500));
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test"], b"x\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    assert_eq!(events[0].kind, EventKind::Deferred);
+    assert_eq!(events[0].reply.code, 0);
+    assert!(
+        events[0]
+            .reply
+            .text
+            .contains(&format!("connect to 127.0.0.1:{port} failed"))
+            && events[0].reply.text.to_lowercase().contains("refused"),
+        "{:?}",
+        events[0].reply.text
+    );
+    assert_eq!(events.last().unwrap().kind, EventKind::Expired);
+    assert_eq!(finals(&events).len(), 1);
+}
+
+#[test]
+fn server_closing_during_data_defers_and_warns_of_duplicates() {
+    let server = CaptureServer::builder().close_in_data().start();
+    let d = dispatcher(&server.addr().to_string(), quick_retry(300));
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test"], b"Subject: x\r\n\r\nbody\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    let first = &events[0];
+    assert_eq!(first.kind, EventKind::Deferred);
+    assert!(
+        first.reply.text.contains("connection lost"),
+        "{:?}",
+        first.reply.text
+    );
+    assert_eq!(finals(&events)["a@r.test"].kind, EventKind::Expired);
+    assert!(server.messages().is_empty());
+}
+
+#[test]
+fn message_over_server_size_bounces_without_touching_the_wire() {
+    let server = CaptureServer::builder().size_limit(1000).start();
+    let d = dispatcher(&server.addr().to_string(), quick_retry(5_000));
+    d.submit(Message::new("s@mxpipe.test", ["big@r.test"], &b"y\r\n".repeat(2500)).unwrap())
+        .unwrap();
+    d.submit(Message::new("s@mxpipe.test", ["small@r.test"], b"small\r\n").unwrap())
+        .unwrap();
+    let f = finals(&finish(&d));
+    let big = &f["big@r.test"];
+    assert_eq!(big.kind, EventKind::Bounced);
+    assert_eq!(big.reply.enhanced.unwrap().to_string(), "5.3.4");
+    assert!(
+        big.reply.text.contains("the server accepts at most 1000"),
+        "{}",
+        big.reply.text
+    );
+    assert_eq!(f["small@r.test"].kind, EventKind::Delivered);
+    let got = server.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_tos, ["small@r.test"]);
+}
+
+#[test]
+fn too_many_recipients_moves_the_rest_to_new_transactions() {
+    let capture = util::fresh_temp_dir("too-many");
+    let sink = Sink::start(SinkConfig {
+        capture_dir: Some(capture.clone()),
+        faults: Faults {
+            max_recipients: Some(3),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let d = dispatcher(&sink.local_addr().to_string(), quick_retry(5_000));
+    let rcpts: Vec<String> = (0..8).map(|i| format!("r{i}@x.test")).collect();
+    d.submit(Message::new("s@mxpipe.test", rcpts.iter().map(String::as_str), b"hi\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    assert_eq!(
+        events.len(),
+        8,
+        "one final event each and no deferral: {events:?}"
+    );
+    assert!(events
+        .iter()
+        .all(|e| e.kind == EventKind::Delivered && e.attempts == 1));
+    let stats = sink.stop();
+    assert_eq!(stats.messages, 3, "3 + 3 + 2 recipients");
+    assert_eq!(stats.recipients, 8);
+    let _ = std::fs::remove_dir_all(capture);
+}
+
+#[test]
+fn slow_server_times_out_per_request() {
+    // Every reply after the greeting takes 3 s; the command timeout is 1 s.
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            reply_delay: Some(Duration::from_secs(3)),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let d = Dispatcher::builder()
+        .relay(&sink.local_addr().to_string())
+        .timeouts(Timeouts {
+            command: Duration::from_secs(1),
+            ..Timeouts::default()
+        })
+        .retry(quick_retry(200))
+        .start()
+        .unwrap();
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test"], b"x\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, EventKind::Expired);
+    let addr = sink.local_addr();
+    assert_eq!(
+        last.reply.text,
+        format!("{addr}: timed out waiting for reply to EHLO")
+    );
+}
+
+#[test]
+fn helo_fallback_when_ehlo_is_refused() {
+    let capture = util::fresh_temp_dir("helo");
+    let sink = Sink::start(SinkConfig {
+        capture_dir: Some(capture.clone()),
+        faults: Faults {
+            no_ehlo: true,
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let d = dispatcher(&sink.local_addr().to_string(), quick_retry(5_000));
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test", "b@r.test"], b".x\r\n").unwrap())
+        .unwrap();
+    let f = finals(&finish(&d));
+    assert!(f.values().all(|e| e.kind == EventKind::Delivered));
+    let eml = std::fs::read(capture.join("00000001.eml")).unwrap();
+    assert_eq!(eml, b".x\r\n");
+    let _ = std::fs::remove_dir_all(capture);
+}
