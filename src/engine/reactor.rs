@@ -451,12 +451,10 @@ impl Reactor {
             if let Some(closure) = closed {
                 let conn = self.remove(token);
                 let d = conn.destination;
-                if !closure.established {
-                    if self.destinations[d].established == 0 {
-                        let mut reply = closure.reply;
-                        reply.text = format!("{}: {}", self.destinations[d].name, reply.text);
-                        self.destination_failed(d, reply, now);
-                    }
+                if !closure.established && self.destinations[d].established == 0 {
+                    let mut reply = closure.reply;
+                    reply.text = format!("{}: {}", self.destinations[d].name, reply.text);
+                    self.destination_failed(d, reply, now);
                 }
                 for (_, job) in conn.jobs {
                     self.requeue(job);

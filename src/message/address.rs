@@ -198,7 +198,8 @@ mod tests {
         assert_eq!(problem("a@b\n"), AddressProblem::ControlCharacter);
         assert_eq!(problem("a\0@b"), AddressProblem::ControlCharacter);
         assert_eq!(problem("a b@c"), AddressProblem::Whitespace);
-        assert_eq!(problem("a@b> SIZE=1"), AddressProblem::Whitespace);
+        assert_eq!(problem("a@b> SIZE=1"), AddressProblem::AngleBracket);
+        assert_eq!(problem("a@b SIZE=1"), AddressProblem::Whitespace);
         assert_eq!(problem("<a@b>"), AddressProblem::AngleBracket);
         assert_eq!(problem("nobody"), AddressProblem::MissingAt);
         assert_eq!(problem("@b.example"), AddressProblem::EmptyLocalPart);
