@@ -144,7 +144,14 @@ impl Reactor {
             self.dispatch(now);
             if self.changed {
                 self.changed = false;
-                self.shared.notify();
+                // Waiters only care about reaching zero; waking them on every turn would cost
+                // a futex call and a context switch per turn.
+                let stats = &self.shared.stats;
+                if stats.active.load(Ordering::Acquire) == 0
+                    || stats.unfinished.load(Ordering::Acquire) == 0
+                {
+                    self.shared.notify();
+                }
             }
             if self.shared.shutting_down.load(Ordering::Acquire) {
                 let stop_by = *self
