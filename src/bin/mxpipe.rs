@@ -370,6 +370,20 @@ impl Drop for ChildSink {
     }
 }
 
+/// Thousands of connections need thousands of descriptors: lift the soft limit to the hard one
+/// (the child sink inherits it).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn rusage_self() -> (Duration, u64) {
     // SAFETY: getrusage writes into the zeroed struct we own.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -392,6 +406,7 @@ fn run_bench(
     if messages == 0 || recipients == 0 {
         return Err("--messages and --recipients must be at least 1".into());
     }
+    raise_fd_limit();
     let sink = match &to {
         Some(_) => None,
         None => Some(ChildSink::start()?),
