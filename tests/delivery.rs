@@ -389,3 +389,97 @@ fn helo_fallback_when_ehlo_is_refused() {
     assert_eq!(eml, b".x\r\n");
     let _ = std::fs::remove_dir_all(capture);
 }
+
+#[test]
+fn full_queue_is_reported_and_the_message_handed_back() {
+    // A tarpit keeps the loop's one permitted recipient busy, so the ingress fills up.
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            reply_delay: Some(Duration::from_millis(700)),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let d = Dispatcher::builder()
+        .relay(&sink.local_addr().to_string())
+        .queue_capacity(2)
+        .max_queued_recipients(1)
+        .retry(quick_retry(100))
+        .start()
+        .unwrap();
+    let message = |i: usize| {
+        Message::new("s@mxpipe.test", [format!("r{i}@x.test").as_str()], b"x\r\n").unwrap()
+    };
+    d.submit(message(0)).unwrap();
+    // Give the loop time to take the first message and stop at its bound.
+    std::thread::sleep(Duration::from_millis(200));
+    d.submit(message(1)).unwrap();
+    d.submit(message(2)).unwrap();
+    let refused = d.submit(message(3)).unwrap_err();
+    assert_eq!(refused.error, mxpipe::Error::QueueFull);
+    assert_eq!(
+        refused.to_string(),
+        "queue full: the dispatcher's ingress queue is at capacity"
+    );
+    assert_eq!(refused.message.recipients()[0].as_str(), "r3@x.test");
+    let waited = d
+        .submit_timeout(refused.message, Duration::from_millis(100))
+        .unwrap_err();
+    assert_eq!(waited.error, mxpipe::Error::QueueFull);
+    assert_eq!(d.stats().submitted_messages, 3);
+    // The three accepted messages still end with one final outcome each.
+    let f = finals(&finish(&d));
+    assert_eq!(f.len(), 3);
+}
+
+#[test]
+fn static_routes_send_each_domain_to_its_host() {
+    let special = CaptureServer::start();
+    let default = CaptureServer::start();
+    let d = Dispatcher::builder()
+        .relay(&default.addr().to_string())
+        .route("special.test", &special.addr().to_string())
+        .retry(quick_retry(5_000))
+        .start()
+        .unwrap();
+    let rcpts = ["a@special.test", "b@other.test", "c@SPECIAL.test"];
+    d.submit(Message::new("s@mxpipe.test", rcpts, b"Subject: r\r\n\r\nx\r\n").unwrap())
+        .unwrap();
+    let f = finals(&finish(&d));
+    assert_eq!(
+        &*f["a@special.test"].destination,
+        special.addr().to_string()
+    );
+    assert_eq!(&*f["b@other.test"].destination, default.addr().to_string());
+    let at_special = special.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(
+        at_special[0].rcpt_tos,
+        ["a@special.test", "c@SPECIAL.test"],
+        "one transaction"
+    );
+    let at_default = default.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(at_default[0].rcpt_tos, ["b@other.test"]);
+}
+
+#[test]
+fn several_loops_deliver_everything() {
+    let sink = SmtpSink::start(&[], 1024);
+    let d = Dispatcher::builder()
+        .relay(&sink.addr().to_string())
+        .loops(2)
+        .max_connections_per_destination(4)
+        .start()
+        .unwrap();
+    for i in 0..2_000 {
+        d.submit_timeout(
+            Message::new("s@mxpipe.test", [format!("u{i}@x.test").as_str()], b"x\r\n").unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+    let f = finals(&finish(&d));
+    assert_eq!(f.len(), 2_000);
+    assert!(f.values().all(|e| e.kind == EventKind::Delivered));
+    assert!(d.stats().connections_opened <= 8);
+}
