@@ -1,13 +1,16 @@
-//! One pooled connection: the socket, the SMTP session it drives, and the jobs in flight on it.
+//! One pooled connection: the socket, its TLS layer when there is one, the SMTP session it
+//! drives, and the jobs in flight on it.
 //!
 //! This is where bytes move between the kernel and the sans-IO [`Session`]: reads go through the
-//! loop's shared buffer straight into the session, and everything the session has to say is
-//! written in one `write` call. It makes no scheduling decisions.
+//! loop's shared buffer (and through rustls when encrypted) straight into the session, and
+//! everything the session has to say is written in as few `write` calls as the socket allows.
+//! It makes no scheduling decisions.
 
 use super::pool::ConnRef;
 use crate::queue::Job;
 use crate::smtp::Session;
 use mio::net::TcpStream;
+use rustls::ClientConnection;
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
@@ -31,6 +34,10 @@ pub struct Conn {
     pub listed: bool,
     /// Counted in its destination's established connections.
     pub established: bool,
+    /// The TLS layer, from the handshake on (implicit TLS: from connect).
+    pub tls: Option<ClientConnection>,
+    /// The TLS handshake has completed.
+    pub tls_ready: bool,
 }
 
 /// What a read produced.
@@ -40,11 +47,16 @@ pub enum ReadOutcome {
     /// The peer closed its side.
     Closed,
     Failed(io::Error),
+    /// The TLS layer failed (handshake, certificate, or a corrupt record).
+    TlsFailed(String),
 }
 
 impl Conn {
     /// Reads everything available and feeds it to the session.
     pub fn read(&mut self, buf: &mut [u8], now: Instant) -> ReadOutcome {
+        if self.tls.is_some() {
+            return self.read_tls(buf, now);
+        }
         let Some(session) = self.session.as_mut() else {
             return ReadOutcome::Drained;
         };
@@ -53,7 +65,8 @@ impl Conn {
                 Ok(0) => return ReadOutcome::Closed,
                 Ok(n) => {
                     session.handle_input(&buf[..n], now);
-                    if session.is_closed() {
+                    // Closed, or STARTTLS accepted: what follows is not plaintext SMTP.
+                    if session.is_closed() || session.is_tls_handshake() {
                         return ReadOutcome::Drained;
                     }
                     // A short read emptied the socket; the next arrival raises a new edge.
@@ -68,11 +81,72 @@ impl Conn {
         }
     }
 
+    fn read_tls(&mut self, buf: &mut [u8], now: Instant) -> ReadOutcome {
+        let (Some(tls), Some(session)) = (self.tls.as_mut(), self.session.as_mut()) else {
+            return ReadOutcome::Drained;
+        };
+        loop {
+            let eof = match tls.read_tls(&mut self.stream) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return ReadOutcome::Failed(e),
+            };
+            if let Err(e) = tls.process_new_packets() {
+                // Send the alert that says why, if the socket takes it.
+                let _ = tls.write_tls(&mut self.stream);
+                return ReadOutcome::TlsFailed(e.to_string());
+            }
+            if !self.tls_ready && !tls.is_handshaking() {
+                self.tls_ready = true;
+                session.tls_established(now);
+            }
+            loop {
+                match tls.reader().read(buf) {
+                    Ok(0) => return ReadOutcome::Closed,
+                    Ok(n) => session.handle_input(&buf[..n], now),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return ReadOutcome::Closed
+                    }
+                    Err(e) => return ReadOutcome::Failed(e),
+                }
+                if session.is_closed() {
+                    return ReadOutcome::Drained;
+                }
+            }
+            if eof {
+                return ReadOutcome::Closed;
+            }
+        }
+    }
+
     /// Writes what the session has to say until done or the socket is full.
     pub fn flush(&mut self) -> io::Result<()> {
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
+        if let Some(tls) = self.tls.as_mut() {
+            // Plaintext goes into rustls (which buffers it until the handshake is done), then
+            // records go out as the socket takes them.
+            let out = session.pending_output();
+            if !out.is_empty() {
+                let n = out.len();
+                tls.writer().write_all(out)?;
+                session.consume_output(n);
+            }
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(());
+        }
         loop {
             let out = session.pending_output();
             if out.is_empty() {

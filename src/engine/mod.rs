@@ -8,14 +8,16 @@
 mod conn;
 mod pool;
 mod reactor;
+mod tls;
 
 use crate::error::{Error, Result};
 use crate::message::{Address, Message};
 use crate::queue::{Ingress, RetryPolicy, Submission};
 use crate::route::{Routes, Target};
-use crate::smtp::{Reply, SessionConfig, Timeouts};
+use crate::smtp::{Credentials, Reply, SessionConfig, StartTls, Timeouts};
 use crossbeam_channel::Receiver;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -186,6 +188,12 @@ pub struct Config {
     pub loops: usize,
     /// Send events on the channel of [`Dispatcher::events`]. Events wait there until read.
     pub record_events: bool,
+    /// Verify the server's certificate chain and name. `None` (the default) verifies under
+    /// `StartTls::Required` and implicit TLS, and not under opportunistic STARTTLS, where, as
+    /// with Postfix's "may" level, an unverified encrypted session beats plaintext.
+    pub tls_verify: Option<bool>,
+    /// Extra trust anchors (PEM) beside the Mozilla roots.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -202,6 +210,8 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             loops: 1,
             record_events: true,
+            tls_verify: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -290,6 +300,37 @@ impl DispatcherBuilder {
         self
     }
 
+    /// STARTTLS policy (default opportunistic). Implicit TLS is chosen per target by writing
+    /// it `smtps://host:port`.
+    pub fn starttls(mut self, policy: StartTls) -> Self {
+        self.config.session.starttls = policy;
+        self
+    }
+
+    /// Whether to verify certificates; see [`Config::tls_verify`].
+    pub fn tls_verify(mut self, verify: bool) -> Self {
+        self.config.tls_verify = Some(verify);
+        self
+    }
+
+    /// Trust the CA certificates in this PEM file as well as the Mozilla roots.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Log in with these credentials (RFC 4954) after EHLO, over TLS only unless
+    /// [`DispatcherBuilder::allow_plaintext_auth`] is set.
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.config.session.credentials = Some(credentials);
+        self
+    }
+
+    pub fn allow_plaintext_auth(mut self, allow: bool) -> Self {
+        self.config.session.allow_plaintext_auth = allow;
+        self
+    }
+
     /// The settings as they stand (before `start` checks them).
     pub fn config_mut(&mut self) -> &mut Config {
         &mut self.config
@@ -364,9 +405,15 @@ fn validate(c: &Config) -> Result<()> {
     )?;
     let t = &c.session.timeouts;
     check(
-        [t.connect, t.greeting, t.command, t.data_end]
-            .iter()
-            .all(|d| !d.is_zero()),
+        [
+            t.connect,
+            t.greeting,
+            t.command,
+            t.data_end,
+            t.tls_handshake,
+        ]
+        .iter()
+        .all(|d| !d.is_zero()),
         "timeouts",
         "every timeout must be above zero",
     )
@@ -433,11 +480,12 @@ impl Dispatcher {
             idle: Condvar::new(),
         });
         let by_domain = !config.routes.is_single_target();
+        let tls = tls::TlsConfigs::new(config.tls_ca_file.as_deref())?;
         let config = Arc::new(config);
         let mut loops = Vec::with_capacity(config.loops);
         for index in 0..config.loops {
             let (ingress, thread) =
-                reactor::spawn(index, Arc::clone(&config), Arc::clone(&shared))?;
+                reactor::spawn(index, Arc::clone(&config), Arc::clone(&shared), tls.clone())?;
             loops.push(Loop {
                 ingress,
                 thread: Some(thread),

@@ -32,6 +32,8 @@ pub struct Destination {
     pub established: usize,
     /// Which of the target's addresses the next connection tries.
     pub next_addr: usize,
+    /// Opportunistic TLS failed here: connections until then skip STARTTLS.
+    pub plaintext_until: Option<std::time::Instant>,
 }
 
 impl Destination {
@@ -45,6 +47,7 @@ impl Destination {
             connecting: 0,
             established: 0,
             next_addr: 0,
+            plaintext_until: None,
         }
     }
 

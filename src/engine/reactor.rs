@@ -9,12 +9,13 @@
 
 use super::conn::{Conn, ReadOutcome};
 use super::pool::{ConnRef, Destination};
+use super::tls::{server_name, TlsConfigs};
 use super::{Config, Event, EventKind, Shared};
 use crate::error::Result;
 use crate::message::Address;
 use crate::queue::{Envelope, Ingress, Job, RetrySchedule, Submission};
 use crate::smtp::{
-    EnhancedCode, RcptResult, Reply, Session, SessionConfig, SessionEvent, Transaction,
+    EnhancedCode, RcptResult, Reply, Session, SessionConfig, SessionEvent, StartTls, Transaction,
 };
 use crossbeam_channel::Receiver;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -28,18 +29,21 @@ use std::time::{Duration, Instant};
 
 const WAKER: Token = Token(usize::MAX);
 const READ_BUFFER: usize = 64 * 1024;
+/// How long a destination whose opportunistic TLS failed is sent to in plaintext.
+const PLAINTEXT_AFTER_TLS_FAILURE: Duration = Duration::from_secs(3600);
 
 /// Starts loop number `index`; returns its ingress and thread.
 pub(super) fn spawn(
     index: usize,
     config: Arc<Config>,
     shared: Arc<Shared>,
+    tls: TlsConfigs,
 ) -> Result<(Arc<Ingress>, JoinHandle<()>)> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (ingress, receiver) = Ingress::new(config.queue_capacity, waker);
     let ingress = Arc::new(ingress);
-    let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared);
+    let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared, tls);
     let thread = std::thread::Builder::new()
         .name(format!("mxpipe-loop-{index}"))
         .spawn(move || reactor.run())?;
@@ -68,6 +72,7 @@ struct Reactor {
     /// Counters changed this turn: waiters may need waking.
     changed: bool,
     stop_by: Option<Instant>,
+    tls: TlsConfigs,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -84,6 +89,7 @@ impl Reactor {
         ingress: Arc<Ingress>,
         config: Arc<Config>,
         shared: Arc<Shared>,
+        tls: TlsConfigs,
     ) -> Self {
         let destinations: Vec<Destination> = config
             .routes
@@ -112,6 +118,7 @@ impl Reactor {
             next_generation: 1,
             changed: false,
             stop_by: None,
+            tls,
         }
     }
 
@@ -349,6 +356,8 @@ impl Reactor {
             retiring: false,
             listed: false,
             established: false,
+            tls: None,
+            tls_ready: false,
         };
         if let Err(e) = self.poll.registry().register(
             &mut conn.stream,
@@ -393,18 +402,43 @@ impl Reactor {
             }
             // Commands are small and written in groups: Nagle would only add delay.
             let _ = conn.stream.set_nodelay(true);
-            conn.session = Some(Session::new(Arc::clone(&self.session_config), now));
-            self.destinations[conn.destination].connecting -= 1;
+            let mut session = Session::new(Arc::clone(&self.session_config), now);
+            let d = conn.destination;
+            let dest = &mut self.destinations[d];
+            dest.connecting -= 1;
+            if dest.target.implicit_tls {
+                session.set_implicit_tls();
+                match self.tls_client(d) {
+                    Ok(tls) => self.conns[token].tls = Some(tls),
+                    Err(why) => session.tls_failed(&why),
+                }
+            } else if dest.plaintext_until.is_some_and(|until| now < until) {
+                session.forbid_starttls();
+            }
+            self.conns[token].session = Some(session);
         }
         if readiness.readable || readiness.error {
             let conn = self.conns.get_mut(token).expect("connection exists");
-            let lost = match conn.read(&mut self.read_buf, now) {
-                ReadOutcome::Drained => None,
-                ReadOutcome::Closed => Some("connection closed by the server".to_string()),
-                ReadOutcome::Failed(e) => Some(e.to_string()),
+            let outcome = conn.read(&mut self.read_buf, now);
+            let d = conn.destination;
+            let Some(session) = conn.session.as_mut() else {
+                return;
             };
-            if let (Some(why), Some(session)) = (lost, conn.session.as_mut()) {
-                session.handle_close(&why);
+            match outcome {
+                ReadOutcome::Drained => {}
+                ReadOutcome::Closed => session.handle_close("connection closed by the server"),
+                ReadOutcome::Failed(e) => session.handle_close(&e.to_string()),
+                ReadOutcome::TlsFailed(why) => {
+                    session.tls_failed(&why);
+                    let dest = &mut self.destinations[d];
+                    if !dest.target.implicit_tls
+                        && self.config.session.starttls == StartTls::Opportunistic
+                    {
+                        // Opportunistic TLS that fails is not retried at once: the next
+                        // connections to this destination go in plaintext for a while.
+                        dest.plaintext_until = Some(now + PLAINTEXT_AFTER_TLS_FAILURE);
+                    }
+                }
             }
         }
         self.drive(token, now);
@@ -431,6 +465,7 @@ impl Reactor {
         loop {
             let mut done = Vec::new();
             let mut closed = None;
+            let mut start_tls = false;
             {
                 let Some(conn) = self.conns.get_mut(token) else {
                     return;
@@ -441,12 +476,27 @@ impl Reactor {
                 while let Some(event) = session.poll_event() {
                     match event {
                         SessionEvent::TransactionDone { tag, results } => done.push((tag, results)),
+                        SessionEvent::StartTls => start_tls = true,
                         SessionEvent::Closed(closure) => closed = Some(closure),
                     }
                 }
                 if !conn.established && session.is_established() {
                     conn.established = true;
                     self.destinations[conn.destination].established += 1;
+                }
+            }
+            if start_tls {
+                let d = self.conns[token].destination;
+                let tls = self.tls_client(d);
+                let conn = &mut self.conns[token];
+                match tls {
+                    Ok(tls) => conn.tls = Some(tls),
+                    Err(why) => {
+                        if let Some(session) = conn.session.as_mut() {
+                            session.tls_failed(&why);
+                        }
+                        continue;
+                    }
                 }
             }
             for (tag, results) in done {
@@ -516,6 +566,23 @@ impl Reactor {
             }
         }
         self.schedule(token);
+    }
+
+    /// A TLS client for a new handshake with destination `d`.
+    fn tls_client(&self, d: usize) -> std::result::Result<rustls::ClientConnection, String> {
+        let target = &self.destinations[d].target;
+        let verify = self
+            .config
+            .tls_verify
+            .unwrap_or(target.implicit_tls || self.config.session.starttls == StartTls::Required);
+        let config = if verify {
+            &self.tls.verifying
+        } else {
+            &self.tls.encrypt_only
+        };
+        let name = server_name(&target.host)
+            .ok_or_else(|| format!("{:?} is not a valid TLS server name", target.host))?;
+        rustls::ClientConnection::new(Arc::clone(config), name).map_err(|e| e.to_string())
     }
 
     /// Takes a connection out of every table and closes its socket.

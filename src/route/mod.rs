@@ -5,6 +5,8 @@
 //! routed to the same host shares that host's connections and limits. Direct-to-MX delivery plugs
 //! in here as another way to produce targets; nothing here performs I/O after start-up.
 
+pub mod mx;
+
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -14,14 +16,23 @@ use std::net::{SocketAddr, ToSocketAddrs};
 pub struct Target {
     /// As configured (`host:port`): the destination named in outcomes.
     pub name: String,
+    /// The host part: the TLS server name (SNI and certificate check).
+    pub host: String,
     /// The addresses it resolved to, tried in order.
     pub addrs: Vec<SocketAddr>,
+    /// TLS from the first byte (RFC 8314, usually port 465), written `smtps://host:port`.
+    pub implicit_tls: bool,
 }
 
 impl Target {
-    /// Parses `host:port` (or `[v6]:port`) and resolves it now; `key` names the setting.
+    /// Parses `host:port` (or `[v6]:port`, or `smtps://host:port` for implicit TLS) and
+    /// resolves it now; `key` names the setting.
     pub fn resolve(spec: &str, key: &'static str) -> Result<Self> {
         let invalid = |problem| Error::InvalidConfig { key, problem };
+        let (implicit_tls, spec) = match spec.strip_prefix("smtps://") {
+            Some(rest) => (true, rest),
+            None => (false, spec.strip_prefix("smtp://").unwrap_or(spec)),
+        };
         let (host, port) = spec.rsplit_once(':').ok_or(invalid("expected host:port"))?;
         if host.is_empty() {
             return Err(invalid("the host is empty"));
@@ -39,7 +50,12 @@ impl Target {
         }
         Ok(Target {
             name: spec.to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             addrs,
+            implicit_tls,
         })
     }
 }
@@ -138,5 +154,12 @@ mod tests {
         );
         let e = Target::resolve("[::1]:25", "relay").unwrap();
         assert_eq!(e.addrs[0].port(), 25);
+        assert_eq!(e.host, "::1");
+        let t = Target::resolve("smtps://localhost:465", "relay").unwrap();
+        assert!(t.implicit_tls);
+        assert_eq!(
+            (t.host.as_str(), t.name.as_str()),
+            ("localhost", "localhost:465")
+        );
     }
 }

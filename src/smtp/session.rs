@@ -13,6 +13,7 @@
 //! that no content is sent when every recipient was refused. A reply that fits no command
 //! closes the session; nothing is counted as delivered on a guess.
 
+use super::auth::{Credentials, Mechanism};
 use super::caps::Capabilities;
 use super::command::{self, MailParams};
 use super::reply::{EnhancedCode, Reply, ReplyError, ReplyLimits, ReplyParser};
@@ -34,6 +35,9 @@ pub struct Timeouts {
     pub command: Duration,
     /// From the end of the content (final dot or BDAT LAST) to its reply.
     pub data_end: Duration,
+    /// From the start of a TLS handshake (after STARTTLS's 220, or on connect for implicit
+    /// TLS) to its end.
+    pub tls_handshake: Duration,
 }
 
 impl Default for Timeouts {
@@ -43,8 +47,22 @@ impl Default for Timeouts {
             greeting: Duration::from_secs(60),
             command: Duration::from_secs(60),
             data_end: Duration::from_secs(180),
+            tls_handshake: Duration::from_secs(30),
         }
     }
+}
+
+/// When to upgrade a plaintext connection with STARTTLS (RFC 3207).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartTls {
+    /// Never.
+    Disabled,
+    /// When the server offers it; carry on in plaintext when it does not.
+    #[default]
+    Opportunistic,
+    /// Always: a server without STARTTLS, or a refused STARTTLS, fails the session and no
+    /// MAIL is ever sent in plaintext.
+    Required,
 }
 
 /// Settings shared by every session of a dispatcher.
@@ -59,6 +77,11 @@ pub struct SessionConfig {
     /// A connection idle for longer than this gets an RSET first when reused, so that a server
     /// that dropped it costs nothing but a retry on a new connection.
     pub probe_after_idle: Duration,
+    pub starttls: StartTls,
+    /// Log in with these after EHLO (RFC 4954).
+    pub credentials: Option<Credentials>,
+    /// Allow AUTH on a connection without TLS (off: credentials never cross in plaintext).
+    pub allow_plaintext_auth: bool,
 }
 
 impl Default for SessionConfig {
@@ -69,6 +92,9 @@ impl Default for SessionConfig {
             reply_limits: ReplyLimits::default(),
             use_chunking: true,
             probe_after_idle: Duration::from_secs(2),
+            starttls: StartTls::default(),
+            credentials: None,
+            allow_plaintext_auth: false,
         }
     }
 }
@@ -112,6 +138,9 @@ pub struct Closure {
 pub enum SessionEvent {
     /// A transaction has ended: one result per recipient, in the transaction's order.
     TransactionDone { tag: u64, results: Vec<RcptResult> },
+    /// The server agreed to STARTTLS: the engine runs the TLS handshake on this connection,
+    /// then calls [`Session::tls_established`] or [`Session::tls_failed`].
+    StartTls,
     /// The session is over; the engine closes the socket and never reuses it.
     Closed(Closure),
 }
@@ -121,6 +150,9 @@ enum Phase {
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
+    TlsHandshake,
+    Auth,
     Ready,
     Quitting,
     Closed,
@@ -133,6 +165,8 @@ enum Expect {
     Ehlo,
     Helo,
     Rset { probe: bool },
+    StartTls,
+    Auth { step: u8 },
     Mail { txn: u32 },
     Rcpt { txn: u32, index: u32 },
     Data { txn: u32 },
@@ -146,7 +180,13 @@ impl Expect {
     fn ends_group(self) -> bool {
         matches!(
             self,
-            Expect::Greeting | Expect::Ehlo | Expect::Helo | Expect::Data { .. } | Expect::Quit
+            Expect::Greeting
+                | Expect::Ehlo
+                | Expect::Helo
+                | Expect::StartTls
+                | Expect::Auth { .. }
+                | Expect::Data { .. }
+                | Expect::Quit
         )
     }
 
@@ -167,6 +207,8 @@ impl Expect {
             Expect::Ehlo => "EHLO",
             Expect::Helo => "HELO",
             Expect::Rset { .. } => "RSET",
+            Expect::StartTls => "STARTTLS",
+            Expect::Auth { .. } => "AUTH",
             Expect::Mail { .. } => "MAIL FROM",
             Expect::Rcpt { .. } => "RCPT TO",
             Expect::Data { .. } => "DATA",
@@ -240,6 +282,9 @@ pub struct Session {
     last_activity: Instant,
     transactions_started: u32,
     established: bool,
+    tls_active: bool,
+    starttls_forbidden: bool,
+    mechanism: Option<Mechanism>,
 }
 
 fn local_reply(code_class: u8, subject: u16, detail: u16, text: impl Into<String>) -> Reply {
@@ -274,6 +319,54 @@ impl Session {
             last_activity: now,
             transactions_started: 0,
             established: false,
+            tls_active: false,
+            starttls_forbidden: false,
+            mechanism: None,
+        }
+    }
+
+    /// The connection is already encrypted (implicit TLS, RFC 8314): no STARTTLS.
+    pub fn set_implicit_tls(&mut self) {
+        self.tls_active = true;
+    }
+
+    /// The server accepted STARTTLS and the engine must run the handshake now.
+    pub fn is_tls_handshake(&self) -> bool {
+        self.phase == Phase::TlsHandshake
+    }
+
+    /// Do not use STARTTLS on this connection even when offered (a destination whose TLS
+    /// failed under the opportunistic policy is tried in plaintext).
+    pub fn forbid_starttls(&mut self) {
+        self.starttls_forbidden = true;
+    }
+
+    /// The connection is encrypted (implicit TLS, or STARTTLS completed).
+    pub fn is_tls(&self) -> bool {
+        self.tls_active
+    }
+
+    /// The TLS handshake after STARTTLS completed. RFC 3207 4.2: everything learnt before is
+    /// forgotten, anything the server sent before the handshake is discarded (the reply
+    /// injection of CVE-2011-0411), and EHLO is sent again.
+    pub fn tls_established(&mut self, now: Instant) {
+        if self.phase != Phase::TlsHandshake {
+            return;
+        }
+        self.tls_active = true;
+        self.parser.clear();
+        self.replies.clear();
+        self.caps = Capabilities::default();
+        self.phase = Phase::Ehlo;
+        self.unsent.push_back(Expect::Ehlo);
+        self.pump(now);
+    }
+
+    /// The TLS handshake failed (a certificate that does not verify, a protocol error, or
+    /// the handshake timed out); `why` says which.
+    pub fn tls_failed(&mut self, why: &str) {
+        if self.phase != Phase::Closed {
+            self.fail(local_reply(4, 7, 5, format!("TLS handshake failed: {why}")));
         }
     }
 
@@ -416,14 +509,37 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
+        if self.phase == Phase::TlsHandshake {
+            // Plaintext after the 220 to STARTTLS: not to be trusted, never acted on.
+            return;
+        }
         self.last_activity = now;
+        // Only commands written before these bytes arrived can be answered by them; a reply
+        // beyond that was sent before the server saw its command (a spoofed or injected one).
+        let mut answerable = self.pending.len();
         let mut replies = std::mem::take(&mut self.replies);
         let parsed = self.parser.feed(data, &mut replies);
         while let Some(reply) = replies.pop_front() {
+            if answerable == 0 {
+                replies.clear();
+                self.protocol_error_text(format!(
+                    "reply arrived before its command was sent: {reply}"
+                ));
+                break;
+            }
+            answerable -= 1;
             self.handle_reply(reply, now);
             if self.phase == Phase::Closed {
                 replies.clear();
                 break;
+            }
+            if self.phase == Phase::TlsHandshake {
+                // RFC 3207 4.2 / CVE-2011-0411: whatever followed the 220 in the same
+                // packet came before the handshake and is discarded.
+                replies.clear();
+                self.parser.clear();
+                self.replies = replies;
+                return;
             }
         }
         self.replies = replies;
@@ -461,6 +577,10 @@ impl Session {
     /// Time has passed; if the awaited reply is overdue, the session fails.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.deadline {
+            Some(deadline) if now >= deadline && self.phase == Phase::TlsHandshake => {
+                let limit = self.config.timeouts.tls_handshake;
+                self.tls_failed(&format!("timed out after {limit:?}"));
+            }
             Some(deadline) if now >= deadline && self.phase != Phase::Closed => {
                 let waiting_for = self.pending.front().map_or("nothing", |e| e.name());
                 let text = format!("timed out waiting for reply to {waiting_for}");
@@ -540,6 +660,12 @@ impl Session {
             Expect::Ehlo => command::ehlo(out, &self.config.ehlo_name),
             Expect::Helo => command::helo(out, &self.config.ehlo_name),
             Expect::Rset { .. } => command::rset(out),
+            Expect::StartTls => out.extend_from_slice(b"STARTTLS\r\n"),
+            Expect::Auth { .. } => {
+                let mechanism = self.mechanism.expect("mechanism chosen before AUTH");
+                let credentials = self.config.credentials.as_ref().expect("credentials");
+                credentials.first_command(mechanism, out);
+            }
             Expect::Quit => command::quit(out),
             Expect::Mail { txn } => {
                 let caps = &self.caps;
@@ -597,7 +723,7 @@ impl Session {
             Expect::Ehlo => {
                 if reply.is_positive() {
                     self.caps = Capabilities::from_ehlo(&reply);
-                    self.established();
+                    self.negotiate();
                 } else if reply.is_permanent() {
                     // RFC 5321 3.2: a server that does not know EHLO gets HELO.
                     self.phase = Phase::Helo;
@@ -609,9 +735,37 @@ impl Session {
             Expect::Helo => {
                 if reply.is_positive() {
                     self.caps = Capabilities::default();
-                    self.established();
+                    self.negotiate();
                 } else {
                     return self.fail(reply);
+                }
+            }
+            Expect::StartTls => {
+                if reply.code == 220 {
+                    self.phase = Phase::TlsHandshake;
+                    self.deadline = Some(now + self.config.timeouts.tls_handshake);
+                    self.events.push_back(SessionEvent::StartTls);
+                    return;
+                }
+                if self.config.starttls == StartTls::Required {
+                    let text =
+                        format!("STARTTLS refused under a policy that requires TLS: {reply}");
+                    return self.fail(Reply::new(reply.code, reply.enhanced, text));
+                }
+                // Opportunistic: carry on in plaintext (RFC 3207 4.1 leaves it to policy).
+                self.after_tls_decision();
+            }
+            Expect::Auth { step } => {
+                if reply.code == 235 {
+                    self.established();
+                } else if reply.code == 334 && step < 2 {
+                    let mechanism = self.mechanism.expect("AUTH in progress");
+                    let credentials = self.config.credentials.clone().expect("credentials");
+                    credentials.respond(mechanism, step, &mut self.out);
+                    self.push_pending(Expect::Auth { step: step + 1 }, now);
+                } else {
+                    let text = format!("authentication failed: {reply}");
+                    return self.fail(Reply::new(reply.code, reply.enhanced, text));
                 }
             }
             Expect::Rset { .. } => {
@@ -657,6 +811,52 @@ impl Session {
     fn established(&mut self) {
         self.phase = Phase::Ready;
         self.established = true;
+    }
+
+    /// After EHLO/HELO: STARTTLS when policy and server allow, then AUTH, then ready.
+    fn negotiate(&mut self) {
+        if !self.tls_active {
+            let policy = self.config.starttls;
+            if policy != StartTls::Disabled && !self.starttls_forbidden && self.caps.starttls {
+                self.phase = Phase::StartTls;
+                self.unsent.push_back(Expect::StartTls);
+                return;
+            }
+            if policy == StartTls::Required {
+                return self.fail(local_reply(
+                    4,
+                    7,
+                    10,
+                    "TLS is required but the server does not offer STARTTLS; nothing was sent in plaintext",
+                ));
+            }
+        }
+        self.after_tls_decision();
+    }
+
+    fn after_tls_decision(&mut self) {
+        let Some(credentials) = &self.config.credentials else {
+            return self.established();
+        };
+        if !self.tls_active && !self.config.allow_plaintext_auth {
+            return self.fail(local_reply(
+                4,
+                7,
+                10,
+                "AUTH is configured but the connection is not encrypted; credentials are never sent in plaintext",
+            ));
+        }
+        let Some(mechanism) = credentials.choose(self.caps.auth) else {
+            return self.fail(local_reply(
+                4,
+                7,
+                12,
+                "the server offers no AUTH mechanism these credentials can use",
+            ));
+        };
+        self.mechanism = Some(mechanism);
+        self.phase = Phase::Auth;
+        self.unsent.push_back(Expect::Auth { step: 0 });
     }
 
     /// Returns false when the session was closed.
@@ -918,6 +1118,7 @@ mod tests {
         now: Instant,
         done: Vec<(u64, Vec<RcptResult>)>,
         closed: Option<Closure>,
+        tls_requested: bool,
     }
 
     fn addr(s: &str) -> Address {
@@ -946,6 +1147,7 @@ mod tests {
                 now,
                 done: Vec::new(),
                 closed: None,
+                tls_requested: false,
             }
         }
 
@@ -984,6 +1186,7 @@ mod tests {
                         self.done.push((tag, results))
                     }
                     SessionEvent::Closed(c) => self.closed = Some(c),
+                    SessionEvent::StartTls => self.tls_requested = true,
                 }
             }
         }
@@ -1284,7 +1487,10 @@ mod tests {
         let mut s = Script::connected(false, "PIPELINING");
         s.server("250 surprise\r\n");
         assert!(s.session.is_closed());
-        assert!(s.closed.unwrap().reply.text.contains("unexpected reply"));
+        assert_eq!(
+            s.closed.unwrap().reply.text,
+            "reply arrived before its command was sent: 250 surprise"
+        );
     }
 
     #[test]
@@ -1302,13 +1508,187 @@ mod tests {
         let mut s = Script::connected(false, "PIPELINING");
         s.start(txn(1, &["a@r.example"], b"x"));
         s.written();
-        s.server("250 Ok\r\n250 Ok\r\n354 go\r\n250 Ok\r\n");
+        s.server("250 Ok\r\n250 Ok\r\n354 go\r\n");
         s.written();
+        s.server("250 Ok\r\n");
         s.now += Duration::from_secs(10);
         s.start(txn(2, &["b@r.example"], b"y"));
         s.expect("RSET\r\nMAIL FROM:<from@s.example>\r\nRCPT TO:<b@r.example>\r\nDATA\r\n");
         s.session.handle_close("connection reset by peer");
         s.drain();
         assert_eq!(codes(&s.done[1].1), ["R0"]);
+    }
+
+    fn tls_script(policy: StartTls, credentials: Option<Credentials>) -> Script {
+        let config = SessionConfig {
+            ehlo_name: "client.example".into(),
+            starttls: policy,
+            credentials,
+            ..SessionConfig::default()
+        };
+        let now = Instant::now();
+        Script {
+            session: Session::new(Arc::new(config), now),
+            now,
+            done: Vec::new(),
+            closed: None,
+            tls_requested: false,
+        }
+    }
+
+    #[test]
+    fn starttls_discards_injected_replies_and_says_ehlo_again() {
+        let mut s = tls_script(StartTls::Opportunistic, None);
+        s.server("220 mx ESMTP\r\n");
+        s.expect("EHLO client.example\r\n");
+        s.server("250-mx\r\n250-SIZE 100\r\n250 STARTTLS\r\n");
+        s.expect("STARTTLS\r\n");
+        // The classic injection: a reply smuggled into the same packet as the 220.
+        s.server("220 2.0.0 Ready to start TLS\r\n250-fake\r\n250 PIPELINING\r\n");
+        assert!(s.tls_requested);
+        assert!(s.session.is_tls_handshake());
+        assert_eq!(s.written(), "");
+        // Plaintext arriving during the handshake is ignored too.
+        s.server("250 more fake\r\n");
+        s.session.tls_established(s.now);
+        assert!(s.session.is_tls());
+        assert_eq!(
+            s.session.capabilities(),
+            &Capabilities::default(),
+            "capabilities forgotten"
+        );
+        s.expect("EHLO client.example\r\n");
+        s.server("250-mx\r\n250 PIPELINING\r\n");
+        assert!(s.session.is_established());
+        assert!(s.session.capabilities().pipelining);
+        assert_eq!(s.session.capabilities().size, None);
+    }
+
+    #[test]
+    fn required_tls_without_starttls_sends_nothing_in_plaintext() {
+        let mut s = tls_script(StartTls::Required, None);
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 PIPELINING\r\n");
+        assert_eq!(s.written(), "");
+        let closed = s.closed.unwrap();
+        assert!(!closed.established);
+        assert_eq!(closed.reply.enhanced, Some(EnhancedCode::new(4, 7, 10)));
+        assert!(
+            closed.reply.text.contains("does not offer STARTTLS"),
+            "{}",
+            closed.reply.text
+        );
+        // A refused STARTTLS under the same policy fails too.
+        let mut s = tls_script(StartTls::Required, None);
+        s.server(
+            "220 mx ESMTP\r\n250-mx\r\n250 STARTTLS\r\n"
+                .split_inclusive("\r\n")
+                .next()
+                .unwrap(),
+        );
+        s.written();
+        s.server("250-mx\r\n250 STARTTLS\r\n");
+        s.expect("STARTTLS\r\n");
+        s.server("454 4.7.0 TLS not available due to temporary reason\r\n");
+        let closed = s.closed.unwrap();
+        assert_eq!(closed.reply.code, 454);
+        assert!(
+            closed.reply.text.starts_with("STARTTLS refused"),
+            "{}",
+            closed.reply.text
+        );
+    }
+
+    #[test]
+    fn opportunistic_tls_refused_carries_on_in_plaintext() {
+        let mut s = tls_script(StartTls::Opportunistic, None);
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 STARTTLS\r\n");
+        s.expect("STARTTLS\r\n");
+        s.server("454 4.7.0 not now\r\n");
+        assert!(s.session.is_established());
+        assert!(!s.session.is_tls());
+    }
+
+    #[test]
+    fn tls_handshake_failure_and_timeout_are_reported() {
+        let mut s = tls_script(StartTls::Opportunistic, None);
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 STARTTLS\r\n");
+        s.written();
+        s.server("220 go ahead\r\n");
+        s.now += Timeouts::default().tls_handshake;
+        s.session.handle_timeout(s.now);
+        s.drain();
+        let closed = s.closed.unwrap();
+        assert_eq!(
+            closed.reply.text,
+            "TLS handshake failed: timed out after 30s"
+        );
+        assert_eq!(closed.reply.enhanced, Some(EnhancedCode::new(4, 7, 5)));
+    }
+
+    #[test]
+    fn auth_plain_and_login() {
+        let creds = Credentials::password("u", "p").unwrap();
+        let mut s = tls_script(StartTls::Opportunistic, Some(creds.clone()));
+        s.session.set_implicit_tls();
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 AUTH PLAIN LOGIN\r\n");
+        s.expect("AUTH PLAIN AHUAcA==\r\n");
+        assert!(!s.session.can_accept());
+        s.server("235 2.7.0 Authentication successful\r\n");
+        assert!(s.session.is_established());
+
+        let mut s = tls_script(StartTls::Opportunistic, Some(creds.clone()));
+        s.session.set_implicit_tls();
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 AUTH=LOGIN\r\n");
+        s.expect("AUTH LOGIN\r\n");
+        s.server("334 VXNlcm5hbWU6\r\n");
+        s.expect("dQ==\r\n");
+        s.server("334 UGFzc3dvcmQ6\r\n");
+        s.expect("cA==\r\n");
+        s.server("535 5.7.8 Authentication credentials invalid\r\n");
+        let closed = s.closed.unwrap();
+        assert_eq!(closed.reply.code, 535);
+        assert_eq!(
+            closed.reply.text,
+            "authentication failed: 535 5.7.8 Authentication credentials invalid"
+        );
+        assert!(!closed.reply.text.contains("cA=="));
+    }
+
+    #[test]
+    fn auth_is_never_sent_in_plaintext() {
+        let creds = Credentials::password("u", "p").unwrap();
+        let mut s = tls_script(StartTls::Opportunistic, Some(creds));
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(s.written(), "");
+        let closed = s.closed.unwrap();
+        assert!(
+            closed.reply.text.contains("not encrypted"),
+            "{}",
+            closed.reply.text
+        );
+    }
+
+    #[test]
+    fn reply_before_its_command_is_a_protocol_error() {
+        let mut s = Script::new(false);
+        // A "250" in the same packet as the greeting cannot answer an EHLO not yet sent.
+        s.server("220 mx ESMTP\r\n250 fake\r\n");
+        let closed = s.closed.unwrap();
+        assert!(closed
+            .reply
+            .text
+            .starts_with("reply arrived before its command was sent"));
     }
 }
