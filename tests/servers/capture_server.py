@@ -62,6 +62,8 @@ def parse_args(argv):
                    help="drop the connection when message content arrives, without a reply")
     p.add_argument("--auth-user")
     p.add_argument("--auth-pass")
+    p.add_argument("--auth-exclude", action="append", default=[],
+                   help="do not offer this SASL mechanism (e.g. PLAIN, to test LOGIN)")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--require-starttls", action="store_true",
@@ -173,6 +175,7 @@ async def serve(args):
         smtp_kwargs.update(
             authenticator=make_authenticator(args.auth_user, args.auth_pass),
             auth_required=True,
+            auth_exclude_mechanism=[m.upper() for m in args.auth_exclude],
             auth_require_tls=bool(tls_context) and not args.implicit_tls,
         )
     else:
