@@ -5,6 +5,7 @@
 
 mod util;
 
+use mxpipe::engine::classify::Category;
 use mxpipe::engine::{Dispatcher, Event, EventKind};
 use mxpipe::message::{Body, Message};
 use mxpipe::queue::RetryPolicy;
@@ -145,6 +146,8 @@ fn rejected_recipients_get_their_own_outcomes() {
     assert_eq!(bounced.reply.code, 550);
     assert_eq!(bounced.reply.enhanced.unwrap().to_string(), "5.1.1");
     assert_eq!(bounced.attempts, 1);
+    assert_eq!(bounced.category, Some(Category::BadMailbox));
+    assert_eq!(f["ok1@r.test"].category, None);
     let busy = &f["busy@r.test"];
     assert_eq!(busy.kind, EventKind::Expired);
     assert_eq!(busy.reply.code, 450);
@@ -260,6 +263,7 @@ fn connection_refused_is_deferred_with_the_reason() {
         "{:?}",
         events[0].reply.text
     );
+    assert_eq!(events[0].category, Some(Category::Connection));
     assert_eq!(events.last().unwrap().kind, EventKind::Expired);
     assert_eq!(finals(&events).len(), 1);
 }

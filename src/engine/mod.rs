@@ -5,6 +5,7 @@
 //! outcomes arrive as [`Event`]s on a channel and are counted in [`Stats`]. The handle itself never
 //! touches a socket.
 
+pub mod classify;
 mod conn;
 mod pool;
 mod reactor;
@@ -68,6 +69,8 @@ pub struct Event {
     pub attempts: u32,
     /// For Deferred: when the next attempt is due, from now.
     pub retry_after: Option<Duration>,
+    /// Why it was not delivered (None for Delivered); see [`classify`].
+    pub category: Option<classify::Category>,
     /// Time since the message was submitted.
     pub elapsed: Duration,
 }
@@ -194,6 +197,8 @@ pub struct Config {
     pub tls_verify: Option<bool>,
     /// Extra trust anchors (PEM) beside the Mozilla roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// How outcomes are put into categories.
+    pub classifier: classify::Classifier,
 }
 
 impl Default for Config {
@@ -212,6 +217,7 @@ impl Default for Config {
             record_events: true,
             tls_verify: None,
             tls_ca_file: None,
+            classifier: classify::Classifier::default(),
         }
     }
 }
@@ -323,6 +329,12 @@ impl DispatcherBuilder {
     /// [`DispatcherBuilder::allow_plaintext_auth`] is set.
     pub fn credentials(mut self, credentials: Credentials) -> Self {
         self.config.session.credentials = Some(credentials);
+        self
+    }
+
+    /// Classification rules tried before the built-in table.
+    pub fn classify_rules(mut self, rules: Vec<classify::Rule>) -> Self {
+        self.config.classifier = classify::Classifier::with_rules(rules);
         self
     }
 

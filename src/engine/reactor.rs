@@ -785,6 +785,7 @@ impl Reactor {
         let n = failures.len() as u64;
         let mut recipients = Vec::with_capacity(failures.len());
         for (recipient, reply) in failures {
+            let category = Some(self.config.classifier.classify(&reply));
             self.send_event(Event {
                 kind: EventKind::Deferred,
                 message_id: envelope.id,
@@ -793,6 +794,7 @@ impl Reactor {
                 destination: Arc::clone(&name),
                 attempts,
                 retry_after: Some(delay),
+                category,
                 elapsed: now.saturating_duration_since(envelope.submitted),
             });
             recipients.push(recipient);
@@ -835,6 +837,8 @@ impl Reactor {
         stats.unfinished.fetch_sub(1, Ordering::AcqRel);
         self.held -= 1;
         self.changed = true;
+        let category =
+            (kind != EventKind::Delivered).then(|| self.config.classifier.classify(&reply));
         self.send_event(Event {
             kind,
             message_id: envelope.id,
@@ -843,6 +847,7 @@ impl Reactor {
             destination: Arc::clone(destination),
             attempts,
             retry_after: None,
+            category,
             elapsed: now.saturating_duration_since(envelope.submitted),
         });
     }
