@@ -9,6 +9,7 @@ pub mod classify;
 mod conn;
 mod pool;
 mod reactor;
+pub mod shaping;
 mod tls;
 
 use crate::error::{Error, Result};
@@ -199,6 +200,28 @@ pub struct Config {
     pub tls_ca_file: Option<PathBuf>,
     /// How outcomes are put into categories.
     pub classifier: classify::Classifier,
+    /// Transactions per second per destination; `None`: unlimited.
+    pub messages_per_second: Option<f64>,
+    /// New connections per minute per destination; `None`: unlimited.
+    pub connections_per_minute: Option<f64>,
+    /// Per-destination (host name or `.suffix`) replacements of the limits above.
+    pub limit_overrides: Vec<shaping::LimitOverride>,
+    /// Slow start, backoff and dead-destination settings.
+    pub adaptive: shaping::Adaptive,
+}
+
+impl Config {
+    /// The limits that apply to a destination host.
+    pub fn limits_for(&self, host: &str) -> shaping::Limits {
+        let defaults = shaping::Limits {
+            max_connections: self.max_connections_per_destination,
+            max_messages_per_connection: self.max_messages_per_connection,
+            max_recipients_per_transaction: self.max_recipients_per_transaction,
+            messages_per_second: self.messages_per_second,
+            connections_per_minute: self.connections_per_minute,
+        };
+        shaping::limits_for(host, defaults, &self.limit_overrides)
+    }
 }
 
 impl Default for Config {
@@ -218,6 +241,10 @@ impl Default for Config {
             tls_verify: None,
             tls_ca_file: None,
             classifier: classify::Classifier::default(),
+            messages_per_second: None,
+            connections_per_minute: None,
+            limit_overrides: Vec::new(),
+            adaptive: shaping::Adaptive::default(),
         }
     }
 }
@@ -329,6 +356,29 @@ impl DispatcherBuilder {
     /// [`DispatcherBuilder::allow_plaintext_auth`] is set.
     pub fn credentials(mut self, credentials: Credentials) -> Self {
         self.config.session.credentials = Some(credentials);
+        self
+    }
+
+    /// At most this many transactions per second to each destination.
+    pub fn messages_per_second(mut self, rate: f64) -> Self {
+        self.config.messages_per_second = Some(rate);
+        self
+    }
+
+    /// At most this many new connections per minute to each destination.
+    pub fn connections_per_minute(mut self, rate: f64) -> Self {
+        self.config.connections_per_minute = Some(rate);
+        self
+    }
+
+    /// Different limits for destinations matching `o.pattern` (later overrides win).
+    pub fn limit_override(mut self, o: shaping::LimitOverride) -> Self {
+        self.config.limit_overrides.push(o);
+        self
+    }
+
+    pub fn adaptive(mut self, adaptive: shaping::Adaptive) -> Self {
+        self.config.adaptive = adaptive;
         self
     }
 

@@ -5,6 +5,7 @@
 //! that a busy destination keeps few connections warm rather than many lukewarm. It owns no
 //! sockets: connections live in the reactor's table and are named here by token.
 
+use super::shaping::Shaper;
 use crate::queue::Job;
 use crate::route::Target;
 use std::collections::VecDeque;
@@ -34,10 +35,14 @@ pub struct Destination {
     pub next_addr: usize,
     /// Opportunistic TLS failed here: connections until then skip STARTTLS.
     pub plaintext_until: Option<std::time::Instant>,
+    /// Limits and the adaptive window.
+    pub shaper: Shaper,
+    /// Held back (rate limit, pause, dead) until then: nothing is dispatched before.
+    pub wake_at: Option<std::time::Instant>,
 }
 
 impl Destination {
-    pub fn new(target: Target) -> Self {
+    pub fn new(target: Target, shaper: Shaper) -> Self {
         Destination {
             name: Arc::from(target.name.as_str()),
             target,
@@ -48,6 +53,8 @@ impl Destination {
             established: 0,
             next_addr: 0,
             plaintext_until: None,
+            shaper,
+            wake_at: None,
         }
     }
 
@@ -61,9 +68,9 @@ impl Destination {
         self.next_addr = (self.next_addr + 1) % self.target.addrs.len();
     }
 
-    /// Connections worth opening now for the queued work, within `limit`.
-    pub fn connections_wanted(&self, limit: usize) -> usize {
-        let room = limit.saturating_sub(self.open);
+    /// Connections worth opening now for the queued work, within the adaptive window.
+    pub fn connections_wanted(&self) -> usize {
+        let room = self.shaper.concurrency().saturating_sub(self.open);
         let uncovered = self.queue.len().saturating_sub(self.connecting);
         room.min(uncovered)
     }

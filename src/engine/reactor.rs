@@ -7,8 +7,10 @@
 //! happened before it started, and a full event channel is impossible (it is unbounded; the
 //! ingress bound limits what is in flight).
 
+use super::classify::Category;
 use super::conn::{Conn, ReadOutcome};
 use super::pool::{ConnRef, Destination};
+use super::shaping::Shaper;
 use super::tls::{server_name, TlsConfigs};
 use super::{Config, Event, EventKind, Shared};
 use crate::error::Result;
@@ -60,6 +62,8 @@ struct Reactor {
     destinations: Vec<Destination>,
     conns: Slab<Conn>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Destinations held back by a rate limit or a pause, and when to look again.
+    wakes: BinaryHeap<Reverse<(Instant, usize)>>,
     retries: RetrySchedule,
     read_buf: Box<[u8]>,
     /// Destinations with queued work to hand out this turn.
@@ -96,7 +100,10 @@ impl Reactor {
             .targets()
             .iter()
             .cloned()
-            .map(Destination::new)
+            .map(|target| {
+                let limits = config.limits_for(&target.host);
+                Destination::new(target, Shaper::new(limits, &config.adaptive))
+            })
             .collect();
         let n = destinations.len();
         Reactor {
@@ -109,6 +116,7 @@ impl Reactor {
             destinations,
             conns: Slab::with_capacity(1024),
             timers: BinaryHeap::new(),
+            wakes: BinaryHeap::new(),
             retries: RetrySchedule::default(),
             read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
             dirty: Vec::with_capacity(n),
@@ -147,6 +155,7 @@ impl Reactor {
             }
             self.take_submissions(now);
             self.on_timers(now);
+            self.on_wakes(now);
             self.on_retries(now);
             self.dispatch(now);
             if self.changed {
@@ -177,11 +186,14 @@ impl Reactor {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let timer = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        let next = match (timer, self.retries.next_due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [
+            self.timers.peek().map(|Reverse((t, _, _))| *t),
+            self.wakes.peek().map(|Reverse((t, _))| *t),
+            self.retries.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
         if self.stop_by.is_some() {
             timeout = Some(timeout.map_or(Duration::from_millis(20), |t| {
@@ -218,12 +230,11 @@ impl Reactor {
             submitted: now,
         });
         self.held += message.recipients.len();
-        let max = self.config.max_recipients_per_transaction;
         let config = Arc::clone(&self.config);
         let routes = &config.routes;
         if routes.is_single_target() {
             let destination = routes.lookup("").expect("a relay is configured");
-            self.enqueue_split(&envelope, message.recipients, destination, max);
+            self.enqueue_split(&envelope, message.recipients, destination, now);
             return;
         }
         let mut groups: Vec<(usize, Vec<Address>)> = Vec::new();
@@ -253,7 +264,7 @@ impl Reactor {
             }
         }
         for (destination, list) in groups {
-            self.enqueue_split(&envelope, list, destination, max);
+            self.enqueue_split(&envelope, list, destination, now);
         }
     }
 
@@ -262,30 +273,83 @@ impl Reactor {
         envelope: &Arc<Envelope>,
         mut recipients: Vec<Address>,
         destination: usize,
-        max: usize,
+        now: Instant,
     ) {
+        let max = self.destinations[destination]
+            .shaper
+            .limits
+            .max_recipients_per_transaction;
         while recipients.len() > max {
             let rest = recipients.split_off(max);
-            self.enqueue(Job {
+            self.enqueue(
+                Job {
+                    envelope: Arc::clone(envelope),
+                    recipients,
+                    destination,
+                    attempts: 0,
+                },
+                now,
+            );
+            recipients = rest;
+        }
+        self.enqueue(
+            Job {
                 envelope: Arc::clone(envelope),
                 recipients,
                 destination,
                 attempts: 0,
-            });
-            recipients = rest;
-        }
-        self.enqueue(Job {
-            envelope: Arc::clone(envelope),
-            recipients,
-            destination,
-            attempts: 0,
-        });
+            },
+            now,
+        );
     }
 
-    fn enqueue(&mut self, job: Job) {
+    /// Queues a job for its destination; a dead destination defers it until it may be tried
+    /// again, without a connection attempt.
+    fn enqueue(&mut self, job: Job, now: Instant) {
         let d = job.destination;
+        if let Some(until) = self.destinations[d].shaper.dead_until.filter(|&t| t > now) {
+            let reply = Reply::new(
+                0,
+                Some(EnhancedCode::new(4, 4, 1)),
+                format!(
+                    "{}: destination marked dead after repeated connection failures; next try in {:?}",
+                    self.destinations[d].name,
+                    until - now
+                ),
+            );
+            let failures = job
+                .recipients
+                .into_iter()
+                .map(|r| (r, reply.clone()))
+                .collect();
+            let due = until + self.config.retry.delay(1).mul_f64(0.1);
+            self.defer_until(&job.envelope, failures, d, job.attempts, due, now);
+            return;
+        }
         self.destinations[d].queue.push_back(job);
         self.mark_dirty(d);
+    }
+
+    /// The next job for a connection of destination `d`, if the shaper lets one go now.
+    fn take_job(&mut self, d: usize, now: Instant) -> Option<Job> {
+        let dest = &mut self.destinations[d];
+        if dest.queue.is_empty() || dest.wake_at.is_some() {
+            return None;
+        }
+        if let Some(at) = dest.shaper.take_message(now) {
+            self.hold(d, at);
+            return None;
+        }
+        dest.queue.pop_front()
+    }
+
+    /// Holds destination `d` back until `at` (a rate limit, a pause, a dead period).
+    fn hold(&mut self, d: usize, at: Instant) {
+        let dest = &mut self.destinations[d];
+        if dest.wake_at.is_none_or(|w| at < w) {
+            dest.wake_at = Some(at);
+            self.wakes.push(Reverse((at, d)));
+        }
     }
 
     fn mark_dirty(&mut self, d: usize) {
@@ -304,7 +368,10 @@ impl Reactor {
             if self.stop_by.is_some() {
                 continue;
             }
-            while !self.destinations[d].queue.is_empty() {
+            if self.destinations[d].wake_at.is_some() {
+                continue;
+            }
+            while !self.destinations[d].queue.is_empty() && self.destinations[d].wake_at.is_none() {
                 let Some(conn) = self.destinations[d].ready.pop() else {
                     break;
                 };
@@ -318,9 +385,12 @@ impl Reactor {
                     self.drive(conn.token, now);
                 }
             }
-            let wanted = self.destinations[d]
-                .connections_wanted(self.config.max_connections_per_destination);
+            let wanted = self.destinations[d].connections_wanted();
             for _ in 0..wanted {
+                if let Some(at) = self.destinations[d].shaper.take_connection(now) {
+                    self.hold(d, at);
+                    break;
+                }
                 self.open(d, now);
             }
         }
@@ -452,7 +522,21 @@ impl Reactor {
         let addr = dest.address();
         dest.rotate_address();
         let reply = connect_reply(&format!("connect to {addr} failed: {why}"));
-        if self.destinations[d].established == 0 {
+        self.connection_failed(d, reply, now);
+    }
+
+    /// A connection to `d` failed before it could carry mail. With no other connection
+    /// working, the destination's queued jobs are deferred; repeated failures mark it dead.
+    fn connection_failed(&mut self, d: usize, reply: Reply, now: Instant) {
+        let adaptive = self.config.adaptive;
+        let dest = &mut self.destinations[d];
+        let dead = dest.shaper.on_connection_failure(now, &adaptive);
+        if dead {
+            if let Some(until) = dest.shaper.dead_until {
+                self.hold(d, until);
+            }
+        }
+        if dead || self.destinations[d].established == 0 {
             self.destination_failed(d, reply, now);
         }
         self.mark_dirty(d);
@@ -460,7 +544,6 @@ impl Reactor {
 
     /// Moves a connection's session forward: outcomes, new work, bytes out, timers.
     fn drive(&mut self, token: usize, now: Instant) {
-        let max_messages = self.config.max_messages_per_connection;
         let stopping = self.stop_by.is_some();
         loop {
             let mut done = Vec::new();
@@ -508,10 +591,16 @@ impl Reactor {
             if let Some(closure) = closed {
                 let conn = self.remove(token);
                 let d = conn.destination;
-                if !closure.established && self.destinations[d].established == 0 {
+                if !closure.graceful && self.is_throttle(&closure.reply) {
+                    self.destinations[d]
+                        .shaper
+                        .on_throttle(now, &self.config.adaptive);
+                    self.hold_if_paused(d, now);
+                }
+                if !closure.established {
                     let mut reply = closure.reply;
                     reply.text = format!("{}: {}", self.destinations[d].name, reply.text);
-                    self.destination_failed(d, reply, now);
+                    self.connection_failed(d, reply, now);
                 }
                 for (_, job) in conn.jobs {
                     self.requeue(job);
@@ -520,12 +609,25 @@ impl Reactor {
                 return;
             }
             // Feed the session while it can take a transaction.
+            let conn = &self.conns[token];
+            let session = conn.session.as_ref().expect("session exists");
+            let d = conn.destination;
+            let max_messages = self.destinations[d]
+                .shaper
+                .limits
+                .max_messages_per_connection;
+            let wants_job = !conn.retiring && !stopping && session.can_accept();
+            let job = if wants_job && session.transactions_started() < max_messages {
+                self.take_job(d, now)
+            } else {
+                None
+            };
             let conn = self.conns.get_mut(token).expect("connection exists");
             let session = conn.session.as_mut().expect("session exists");
-            if !conn.retiring && !stopping && session.can_accept() {
+            if wants_job {
                 if session.transactions_started() >= max_messages {
                     conn.retiring = true;
-                } else if let Some(job) = self.destinations[conn.destination].queue.pop_front() {
+                } else if let Some(job) = job {
                     let tag = self.next_tag;
                     self.next_tag += 1;
                     let txn = Transaction {
@@ -561,7 +663,7 @@ impl Reactor {
             let this = conn.this;
             let d = conn.destination;
             self.destinations[d].ready.push(this);
-            if !self.destinations[d].queue.is_empty() {
+            if !self.destinations[d].queue.is_empty() && self.destinations[d].wake_at.is_none() {
                 self.mark_dirty(d);
             }
         }
@@ -674,13 +776,27 @@ impl Reactor {
         }
     }
 
+    fn on_wakes(&mut self, now: Instant) {
+        while let Some(&Reverse((at, d))) = self.wakes.peek() {
+            if at > now {
+                break;
+            }
+            self.wakes.pop();
+            let dest = &mut self.destinations[d];
+            if dest.wake_at.is_some_and(|w| w <= now) {
+                dest.wake_at = None;
+                self.mark_dirty(d);
+            }
+        }
+    }
+
     fn on_retries(&mut self, now: Instant) {
         while let Some(job) = self.retries.pop_due(now) {
             self.shared
                 .stats
                 .active
                 .fetch_add(job.recipients.len() as u64, Ordering::AcqRel);
-            self.enqueue(job);
+            self.enqueue(job, now);
         }
     }
 
@@ -692,6 +808,27 @@ impl Reactor {
             .transactions
             .fetch_add(1, Ordering::Relaxed);
         let attempts = job.attempts + 1;
+        let d = job.destination;
+        let throttled = results.iter().any(|r| match r {
+            RcptResult::Failed { reply, .. } => self.is_throttle(reply),
+            _ => false,
+        });
+        if throttled {
+            self.destinations[d]
+                .shaper
+                .on_throttle(now, &self.config.adaptive);
+            self.hold_if_paused(d, now);
+        } else if results
+            .iter()
+            .any(|r| matches!(r, RcptResult::Delivered(_)))
+        {
+            let dest = &mut self.destinations[d];
+            dest.shaper.on_success();
+            // The window may now allow another connection for the queued work.
+            if dest.connections_wanted() > 0 {
+                self.mark_dirty(d);
+            }
+        }
         let name = Arc::clone(&self.destinations[job.destination].name);
         let mut transient: Vec<(Address, Reply)> = Vec::new();
         let mut again: Vec<Address> = Vec::new();
@@ -735,6 +872,21 @@ impl Reactor {
         }
     }
 
+    /// Replies that ask the sender to slow down (421, throttling texts and codes).
+    fn is_throttle(&self, reply: &Reply) -> bool {
+        reply.code == 421 || self.config.classifier.classify(reply) == Category::Throttled
+    }
+
+    fn hold_if_paused(&mut self, d: usize, now: Instant) {
+        if let Some(until) = self.destinations[d]
+            .shaper
+            .paused_until
+            .filter(|&t| t > now)
+        {
+            self.hold(d, until);
+        }
+    }
+
     /// A job goes back to the front of its queue without counting an attempt.
     fn requeue(&mut self, job: Job) {
         let d = job.destination;
@@ -756,7 +908,8 @@ impl Reactor {
         }
     }
 
-    /// Temporary failures: Deferred with a retry time, or Expired past the maximum age.
+    /// Temporary failures: Deferred with a retry time from the schedule, or Expired past the
+    /// maximum age.
     fn defer(
         &mut self,
         envelope: &Arc<Envelope>,
@@ -765,10 +918,24 @@ impl Reactor {
         attempts: u32,
         now: Instant,
     ) {
+        let due = now + self.config.retry.delay(attempts);
+        self.defer_until(envelope, failures, destination, attempts, due, now);
+    }
+
+    /// Temporary failures retried at `due`, or Expired when that is past the maximum age.
+    fn defer_until(
+        &mut self,
+        envelope: &Arc<Envelope>,
+        failures: Vec<(Address, Reply)>,
+        destination: usize,
+        attempts: u32,
+        due: Instant,
+        now: Instant,
+    ) {
         let name = Arc::clone(&self.destinations[destination].name);
-        let delay = self.config.retry.delay(attempts);
+        let delay = due.saturating_duration_since(now);
         let expires = envelope.submitted + self.config.retry.max_age;
-        if now + delay > expires {
+        if due > expires {
             for (recipient, reply) in failures {
                 self.finish_recipient(
                     EventKind::Expired,
@@ -804,7 +971,7 @@ impl Reactor {
         stats.active.fetch_sub(n, Ordering::AcqRel);
         self.changed = true;
         self.retries.push(
-            now + delay,
+            due,
             Job {
                 envelope: Arc::clone(envelope),
                 recipients,

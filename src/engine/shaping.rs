@@ -1,0 +1,397 @@
+//! Traffic shaping per destination: configured limits, a GCRA rate limiter, and the adaptive
+//! window that shrinks when a destination says "slow down" and grows back on success.
+//!
+//! Modelled on Postfix's queue manager (a concurrency window per destination with slow start and
+//! a dead-destination cohort) and on KumoMTA's traffic shaping (rates as a generic cell rate
+//! algorithm, per-provider overrides). Everything here is arithmetic on `Instant`s: no I/O, no
+//! clocks of its own.
+
+use std::time::{Duration, Instant};
+
+/// Limits that apply to one destination (a smarthost, a route target, or an MX host).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_messages_per_connection: u32,
+    pub max_recipients_per_transaction: usize,
+    /// Transactions (messages) per second at most, over any window; `None`: no limit.
+    pub messages_per_second: Option<f64>,
+    /// New connections per minute at most; `None`: no limit.
+    pub connections_per_minute: Option<f64>,
+}
+
+/// A per-destination override: every `Some` field replaces the default. `pattern` matches the
+/// destination's host name exactly, or as a suffix when it starts with a dot
+/// (`.outlook.com` matches `mx1.outlook.com`), case-insensitively.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LimitOverride {
+    pub pattern: String,
+    pub max_connections: Option<usize>,
+    pub max_messages_per_connection: Option<u32>,
+    pub max_recipients_per_transaction: Option<usize>,
+    pub messages_per_second: Option<f64>,
+    pub connections_per_minute: Option<f64>,
+}
+
+impl LimitOverride {
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.');
+        let pattern = self.pattern.trim_end_matches('.');
+        if let Some(suffix) = pattern.strip_prefix('.') {
+            host.len() > suffix.len()
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        } else {
+            host.eq_ignore_ascii_case(pattern)
+        }
+    }
+
+    fn apply(&self, limits: &mut Limits) {
+        if let Some(v) = self.max_connections {
+            limits.max_connections = v;
+        }
+        if let Some(v) = self.max_messages_per_connection {
+            limits.max_messages_per_connection = v;
+        }
+        if let Some(v) = self.max_recipients_per_transaction {
+            limits.max_recipients_per_transaction = v;
+        }
+        if self.messages_per_second.is_some() {
+            limits.messages_per_second = self.messages_per_second;
+        }
+        if self.connections_per_minute.is_some() {
+            limits.connections_per_minute = self.connections_per_minute;
+        }
+    }
+}
+
+/// The limits for `host`: the defaults with every matching override applied in order.
+pub fn limits_for(host: &str, defaults: Limits, overrides: &[LimitOverride]) -> Limits {
+    let mut limits = defaults;
+    for o in overrides.iter().filter(|o| o.matches(host)) {
+        o.apply(&mut limits);
+    }
+    limits
+}
+
+/// The generic cell rate algorithm: one cell every `interval`, with a burst of `burst` cells.
+/// Equivalent to a token bucket, but one `Instant` of state.
+#[derive(Debug, Clone, Copy)]
+pub struct Gcra {
+    interval: Duration,
+    tolerance: Duration,
+    /// Theoretical arrival time of the next cell.
+    tat: Option<Instant>,
+}
+
+impl Gcra {
+    /// `per_second` cells per second; bursts of up to `burst` cells (at least 1).
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        let interval = Duration::from_secs_f64(1.0 / per_second.max(1e-6));
+        Gcra {
+            interval,
+            tolerance: interval * burst.max(1).saturating_sub(1),
+            tat: None,
+        }
+    }
+
+    /// Takes a cell now, or says when one will be available.
+    pub fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
+        let tat = self.tat.unwrap_or(now).max(now);
+        let allowed_at = tat.checked_sub(self.tolerance).unwrap_or(now);
+        if now < allowed_at {
+            return Err(allowed_at);
+        }
+        self.tat = Some(tat + self.interval);
+        Ok(())
+    }
+
+    /// Changes the rate (adaptive backoff), keeping the schedule already promised.
+    pub fn set_rate(&mut self, per_second: f64) {
+        let burst = (self.tolerance.as_secs_f64() / self.interval.as_secs_f64()).round() as u32 + 1;
+        let tat = self.tat;
+        *self = Gcra::new(per_second, burst);
+        self.tat = tat;
+    }
+}
+
+/// How a destination's concurrency and rate adapt to its replies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adaptive {
+    /// Connections allowed at first; the window grows from here (slow start).
+    pub initial_concurrency: f64,
+    /// The first pause after the window is down to one connection; doubles each time.
+    pub pause: Duration,
+    pub max_pause: Duration,
+    /// Consecutive connection failures (no success between) that mark a destination dead.
+    pub dead_after: u32,
+    /// How long a dead destination is left alone; its queued recipients are deferred.
+    pub dead_for: Duration,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        Adaptive {
+            initial_concurrency: 5.0,
+            pause: Duration::from_secs(1),
+            max_pause: Duration::from_secs(300),
+            dead_after: 3,
+            dead_for: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A destination's shaping state.
+#[derive(Debug, Clone)]
+pub struct Shaper {
+    pub limits: Limits,
+    /// The adaptive concurrency window, between 1 and `limits.max_connections`.
+    pub window: f64,
+    /// Multiplies the configured message rate (1 = as configured).
+    rate_factor: f64,
+    messages: Option<Gcra>,
+    connections: Option<Gcra>,
+    pub paused_until: Option<Instant>,
+    pauses_in_row: u32,
+    pub failures_in_row: u32,
+    pub dead_until: Option<Instant>,
+}
+
+impl Shaper {
+    pub fn new(limits: Limits, adaptive: &Adaptive) -> Self {
+        let max = limits.max_connections.max(1) as f64;
+        Shaper {
+            window: adaptive.initial_concurrency.clamp(1.0, max),
+            rate_factor: 1.0,
+            messages: limits
+                .messages_per_second
+                .map(|r| Gcra::new(r, burst_for(r))),
+            connections: limits
+                .connections_per_minute
+                .map(|r| Gcra::new(r / 60.0, burst_for(r / 60.0))),
+            limits,
+            paused_until: None,
+            pauses_in_row: 0,
+            failures_in_row: 0,
+            dead_until: None,
+        }
+    }
+
+    /// Connections the window allows now.
+    pub fn concurrency(&self) -> usize {
+        (self.window.floor() as usize).clamp(1, self.limits.max_connections.max(1))
+    }
+
+    /// The current message rate limit, if any.
+    pub fn message_rate(&self) -> Option<f64> {
+        self.limits
+            .messages_per_second
+            .map(|r| r * self.rate_factor)
+    }
+
+    /// When this destination may next start a transaction, or `None` if it may now (and a
+    /// cell was taken).
+    pub fn take_message(&mut self, now: Instant) -> Option<Instant> {
+        if let Some(until) = self.blocked_until(now) {
+            return Some(until);
+        }
+        self.messages.as_mut().and_then(|g| g.try_take(now).err())
+    }
+
+    /// When this destination may next open a connection, or `None` if it may now.
+    pub fn take_connection(&mut self, now: Instant) -> Option<Instant> {
+        if let Some(until) = self.blocked_until(now) {
+            return Some(until);
+        }
+        self.connections
+            .as_mut()
+            .and_then(|g| g.try_take(now).err())
+    }
+
+    fn blocked_until(&self, now: Instant) -> Option<Instant> {
+        [self.paused_until, self.dead_until]
+            .into_iter()
+            .flatten()
+            .filter(|&t| t > now)
+            .max()
+    }
+
+    pub fn is_dead(&self, now: Instant) -> bool {
+        self.dead_until.is_some_and(|t| t > now)
+    }
+
+    /// A transaction was accepted: grow the window by one connection per window's worth of
+    /// successes (additive increase), and the rate back toward the configured one.
+    pub fn on_success(&mut self) {
+        let max = self.limits.max_connections.max(1) as f64;
+        self.window = (self.window + 1.0 / self.window).min(max);
+        self.failures_in_row = 0;
+        self.pauses_in_row = 0;
+        if self.rate_factor < 1.0 {
+            self.rate_factor = (self.rate_factor * 1.05).min(1.0);
+            self.apply_rate();
+        }
+    }
+
+    /// The destination said "slow down": halve the window and the rate; when the window is
+    /// already one connection, pause (doubling each time, up to the maximum).
+    pub fn on_throttle(&mut self, now: Instant, adaptive: &Adaptive) {
+        if self.window <= 1.0 {
+            let pause = adaptive
+                .pause
+                .saturating_mul(1 << self.pauses_in_row.min(16))
+                .min(adaptive.max_pause);
+            self.pauses_in_row += 1;
+            self.paused_until = Some(now + pause);
+        }
+        self.window = (self.window / 2.0).max(1.0);
+        if self.limits.messages_per_second.is_some() {
+            self.rate_factor = (self.rate_factor / 2.0).max(0.01);
+            self.apply_rate();
+        }
+    }
+
+    /// A connection failed (refused, timed out, greeting refused). Returns true when this
+    /// failure marked the destination dead.
+    pub fn on_connection_failure(&mut self, now: Instant, adaptive: &Adaptive) -> bool {
+        self.failures_in_row += 1;
+        self.window = (self.window / 2.0).max(1.0);
+        if self.failures_in_row >= adaptive.dead_after {
+            self.dead_until = Some(now + adaptive.dead_for);
+            self.failures_in_row = 0;
+            return true;
+        }
+        false
+    }
+
+    fn apply_rate(&mut self) {
+        if let (Some(g), Some(rate)) = (self.messages.as_mut(), self.limits.messages_per_second) {
+            g.set_rate(rate * self.rate_factor);
+        }
+    }
+}
+
+/// A short burst (a tenth of a second's worth, at least one) keeps rates smooth.
+fn burst_for(per_second: f64) -> u32 {
+    ((per_second / 10.0).ceil() as u32).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 8,
+            max_messages_per_connection: 100,
+            max_recipients_per_transaction: 50,
+            messages_per_second: None,
+            connections_per_minute: None,
+        }
+    }
+
+    #[test]
+    fn overrides_match_host_or_suffix() {
+        let o = LimitOverride {
+            pattern: ".outlook.com".into(),
+            max_connections: Some(2),
+            ..LimitOverride::default()
+        };
+        assert!(o.matches("mx1.OUTLOOK.com"));
+        assert!(!o.matches("outlook.com"));
+        assert!(!o.matches("eviloutlook.com"));
+        let exact = LimitOverride {
+            pattern: "smtp.example.org".into(),
+            messages_per_second: Some(10.0),
+            ..LimitOverride::default()
+        };
+        let l = limits_for("mx1.outlook.com", limits(), &[o.clone(), exact.clone()]);
+        assert_eq!(l.max_connections, 2);
+        assert_eq!(l.messages_per_second, None);
+        let l = limits_for("smtp.example.org", limits(), &[o, exact]);
+        assert_eq!((l.max_connections, l.messages_per_second), (8, Some(10.0)));
+    }
+
+    #[test]
+    fn gcra_holds_the_rate_over_any_window() {
+        let start = Instant::now();
+        let mut g = Gcra::new(100.0, 10);
+        let mut taken = Vec::new();
+        let mut now = start;
+        // Ask every millisecond for two seconds.
+        for _ in 0..2000 {
+            if g.try_take(now).is_ok() {
+                taken.push(now);
+            }
+            now += Duration::from_millis(1);
+        }
+        // 100/s for 2 s plus the burst of 10.
+        assert!((200..=211).contains(&taken.len()), "{}", taken.len());
+        // Any one-second window holds at most rate + burst.
+        for (i, &t) in taken.iter().enumerate() {
+            let in_window = taken[i..]
+                .iter()
+                .take_while(|&&u| u < t + Duration::from_secs(1))
+                .count();
+            assert!(in_window <= 110, "{in_window}");
+        }
+    }
+
+    #[test]
+    fn window_halves_on_throttle_pauses_at_one_and_recovers() {
+        let adaptive = Adaptive::default();
+        let now = Instant::now();
+        let mut s = Shaper::new(limits(), &adaptive);
+        assert_eq!(s.concurrency(), 5);
+        for _ in 0..100 {
+            s.on_success();
+        }
+        assert_eq!(s.concurrency(), 8, "grows to the limit");
+        s.on_throttle(now, &adaptive);
+        assert_eq!(s.concurrency(), 4);
+        s.on_throttle(now, &adaptive);
+        s.on_throttle(now, &adaptive);
+        assert_eq!(s.concurrency(), 1);
+        assert_eq!(s.paused_until, None);
+        s.on_throttle(now, &adaptive);
+        assert_eq!(s.paused_until, Some(now + Duration::from_secs(1)));
+        assert_eq!(s.take_message(now), Some(now + Duration::from_secs(1)));
+        s.on_throttle(now, &adaptive);
+        assert_eq!(
+            s.paused_until,
+            Some(now + Duration::from_secs(2)),
+            "pauses double"
+        );
+        for _ in 0..20 {
+            s.on_success();
+        }
+        assert!(s.concurrency() > 1, "recovers gradually");
+    }
+
+    #[test]
+    fn repeated_connection_failures_mark_dead() {
+        let adaptive = Adaptive::default();
+        let now = Instant::now();
+        let mut s = Shaper::new(limits(), &adaptive);
+        assert!(!s.on_connection_failure(now, &adaptive));
+        assert!(!s.on_connection_failure(now, &adaptive));
+        assert!(s.on_connection_failure(now, &adaptive));
+        assert!(s.is_dead(now));
+        assert_eq!(s.take_connection(now), Some(now + adaptive.dead_for));
+        assert!(!s.is_dead(now + adaptive.dead_for));
+    }
+
+    #[test]
+    fn rate_shrinks_and_grows_back() {
+        let adaptive = Adaptive::default();
+        let mut l = limits();
+        l.messages_per_second = Some(100.0);
+        let mut s = Shaper::new(l, &adaptive);
+        s.on_throttle(Instant::now(), &adaptive);
+        assert_eq!(s.message_rate(), Some(50.0));
+        for _ in 0..200 {
+            s.on_success();
+        }
+        assert_eq!(s.message_rate(), Some(100.0));
+    }
+}
