@@ -228,4 +228,25 @@ fn overrides_apply_by_host() {
     let s = d.stats();
     assert_eq!(s.delivered, 300);
     assert_eq!(s.connections_opened, 1);
+    let name = format!("localhost:{}", sink.addr().port());
+    let per = d.destination_stats();
+    assert_eq!(per.len(), 1);
+    assert_eq!(
+        (
+            per[0].name.as_str(),
+            per[0].delivered,
+            per[0].queued,
+            per[0].in_flight
+        ),
+        (name.as_str(), 300, 0, 0)
+    );
+    assert_eq!(per[0].concurrency_limit, 1);
+    let text = d.prometheus();
+    assert!(text.contains("mxpipe_delivered_total 300\n"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "mxpipe_destination_delivered_total{{destination=\"{name}\"}} 300\n"
+        )),
+        "{text}"
+    );
 }

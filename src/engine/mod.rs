@@ -7,6 +7,7 @@
 
 pub mod classify;
 mod conn;
+pub mod metrics;
 mod pool;
 mod reactor;
 pub mod shaping;
@@ -134,6 +135,7 @@ pub(crate) struct Shared {
     pub stats: Stats,
     pub events: Option<crossbeam_channel::Sender<Event>>,
     pub shutting_down: AtomicBool,
+    pub registry: metrics::Registry,
     idle_lock: Mutex<()>,
     idle: Condvar,
 }
@@ -538,6 +540,7 @@ impl Dispatcher {
             stats: Stats::default(),
             events: events_tx,
             shutting_down: AtomicBool::new(false),
+            registry: metrics::Registry::default(),
             idle_lock: Mutex::new(()),
             idle: Condvar::new(),
         });
@@ -633,6 +636,17 @@ impl Dispatcher {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// Per-destination figures: queue, in flight, outcomes, connections, current limits.
+    pub fn destination_stats(&self) -> Vec<metrics::DestinationStats> {
+        self.shared.registry.snapshot()
+    }
+
+    /// Everything [`Dispatcher::stats`] and [`Dispatcher::destination_stats`] report, as
+    /// Prometheus text.
+    pub fn prometheus(&self) -> String {
+        metrics::prometheus(&self.stats(), &self.destination_stats())
     }
 
     /// Waits until every submitted recipient is final or waiting for a retry.

@@ -5,10 +5,12 @@
 //! that a busy destination keeps few connections warm rather than many lukewarm. It owns no
 //! sockets: connections live in the reactor's table and are named here by token.
 
+use super::metrics::DestinationMetrics;
 use super::shaping::Shaper;
 use crate::queue::Job;
 use crate::route::Target;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// A connection's slot in the reactor's table: the token and the generation that guards against
@@ -24,7 +26,10 @@ pub struct Destination {
     pub target: Target,
     /// `target.name`, shared with every event.
     pub name: Arc<str>,
+    /// Use the methods below to change it: they keep the recipient count and metrics.
     pub queue: VecDeque<Job>,
+    queued_recipients: usize,
+    pub metrics: Arc<DestinationMetrics>,
     /// Connections that may be able to take a transaction (checked when taken).
     pub ready: Vec<ConnRef>,
     /// Connections counted against the limit: connecting or established.
@@ -42,8 +47,8 @@ pub struct Destination {
 }
 
 impl Destination {
-    pub fn new(target: Target, shaper: Shaper) -> Self {
-        Destination {
+    pub fn new(target: Target, shaper: Shaper, metrics: Arc<DestinationMetrics>) -> Self {
+        let d = Destination {
             name: Arc::from(target.name.as_str()),
             target,
             queue: VecDeque::new(),
@@ -53,9 +58,56 @@ impl Destination {
             established: 0,
             next_addr: 0,
             plaintext_until: None,
+            queued_recipients: 0,
+            metrics,
             shaper,
             wake_at: None,
-        }
+        };
+        d.publish_shaping();
+        d
+    }
+
+    pub fn push_back(&mut self, job: Job) {
+        self.queued_recipients += job.recipients.len();
+        self.queue.push_back(job);
+        self.publish_queue();
+    }
+
+    pub fn push_front(&mut self, job: Job) {
+        self.queued_recipients += job.recipients.len();
+        self.queue.push_front(job);
+        self.publish_queue();
+    }
+
+    pub fn pop_front(&mut self) -> Option<Job> {
+        let job = self.queue.pop_front()?;
+        self.queued_recipients -= job.recipients.len();
+        self.publish_queue();
+        Some(job)
+    }
+
+    pub fn drain(&mut self) -> Vec<Job> {
+        self.queued_recipients = 0;
+        self.publish_queue();
+        self.queue.drain(..).collect()
+    }
+
+    fn publish_queue(&self) {
+        self.metrics
+            .queued
+            .store(self.queued_recipients as u64, Ordering::Relaxed);
+    }
+
+    /// Publishes the adaptive window and rate after they change.
+    pub fn publish_shaping(&self) {
+        self.metrics
+            .concurrency_limit
+            .store(self.shaper.concurrency() as u64, Ordering::Relaxed);
+        let rate = self
+            .shaper
+            .message_rate()
+            .map_or(0, |r| (r * 1000.0) as u64);
+        self.metrics.rate_limit_milli.store(rate, Ordering::Relaxed);
     }
 
     /// The address for a new connection; failures move on to the next one.

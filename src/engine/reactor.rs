@@ -102,7 +102,10 @@ impl Reactor {
             .cloned()
             .map(|target| {
                 let limits = config.limits_for(&target.host);
-                Destination::new(target, Shaper::new(limits, &config.adaptive))
+                let metrics = shared
+                    .registry
+                    .destination(&Arc::from(target.name.as_str()));
+                Destination::new(target, Shaper::new(limits, &config.adaptive), metrics)
             })
             .collect();
         let n = destinations.len();
@@ -250,13 +253,12 @@ impl Reactor {
                         Some(EnhancedCode::new(5, 4, 4)),
                         format!("no route to domain {}", recipient.domain()),
                     );
-                    let nowhere: Arc<str> = Arc::from("");
                     self.finish_recipient(
                         EventKind::Bounced,
                         &envelope,
                         recipient,
                         reply,
-                        &nowhere,
+                        None,
                         0,
                         now,
                     );
@@ -326,7 +328,7 @@ impl Reactor {
             self.defer_until(&job.envelope, failures, d, job.attempts, due, now);
             return;
         }
-        self.destinations[d].queue.push_back(job);
+        self.destinations[d].push_back(job);
         self.mark_dirty(d);
     }
 
@@ -340,7 +342,7 @@ impl Reactor {
             self.hold(d, at);
             return None;
         }
-        dest.queue.pop_front()
+        dest.pop_front()
     }
 
     /// Holds destination `d` back until `at` (a rate limit, a pause, a dead period).
@@ -442,6 +444,9 @@ impl Reactor {
         let dest = &mut self.destinations[d];
         dest.open += 1;
         dest.connecting += 1;
+        dest.metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
         stats.connections_opened.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -536,6 +541,7 @@ impl Reactor {
                 self.hold(d, until);
             }
         }
+        self.destinations[d].publish_shaping();
         if dead || self.destinations[d].established == 0 {
             self.destination_failed(d, reply, now);
         }
@@ -603,6 +609,10 @@ impl Reactor {
                     self.connection_failed(d, reply, now);
                 }
                 for (_, job) in conn.jobs {
+                    self.destinations[d]
+                        .metrics
+                        .in_flight
+                        .fetch_sub(job.recipients.len() as u64, Ordering::Relaxed);
                     self.requeue(job);
                 }
                 self.mark_dirty(d);
@@ -636,6 +646,10 @@ impl Reactor {
                         recipients: job.recipients.clone(),
                         body: Arc::clone(&job.envelope.body),
                     };
+                    self.destinations[d]
+                        .metrics
+                        .in_flight
+                        .fetch_add(job.recipients.len() as u64, Ordering::Relaxed);
                     conn.jobs.push((tag, job));
                     conn.idle_since = None;
                     session.start_transaction(txn, now);
@@ -693,6 +707,9 @@ impl Reactor {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         let dest = &mut self.destinations[conn.destination];
         dest.open -= 1;
+        dest.metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
         if conn.established {
             dest.established -= 1;
         }
@@ -809,6 +826,10 @@ impl Reactor {
             .fetch_add(1, Ordering::Relaxed);
         let attempts = job.attempts + 1;
         let d = job.destination;
+        self.destinations[d]
+            .metrics
+            .in_flight
+            .fetch_sub(job.recipients.len() as u64, Ordering::Relaxed);
         let throttled = results.iter().any(|r| match r {
             RcptResult::Failed { reply, .. } => self.is_throttle(reply),
             _ => false,
@@ -829,7 +850,7 @@ impl Reactor {
                 self.mark_dirty(d);
             }
         }
-        let name = Arc::clone(&self.destinations[job.destination].name);
+        self.destinations[d].publish_shaping();
         let mut transient: Vec<(Address, Reply)> = Vec::new();
         let mut again: Vec<Address> = Vec::new();
         for (recipient, result) in job.recipients.into_iter().zip(results) {
@@ -839,7 +860,7 @@ impl Reactor {
                     &job.envelope,
                     recipient,
                     reply,
-                    &name,
+                    Some(d),
                     attempts,
                     now,
                 ),
@@ -851,7 +872,7 @@ impl Reactor {
                     &job.envelope,
                     recipient,
                     reply,
-                    &name,
+                    Some(d),
                     attempts,
                     now,
                 ),
@@ -890,13 +911,13 @@ impl Reactor {
     /// A job goes back to the front of its queue without counting an attempt.
     fn requeue(&mut self, job: Job) {
         let d = job.destination;
-        self.destinations[d].queue.push_front(job);
+        self.destinations[d].push_front(job);
         self.mark_dirty(d);
     }
 
     /// Every job queued for a destination that cannot be reached is deferred with `reply`.
     fn destination_failed(&mut self, d: usize, reply: Reply, now: Instant) {
-        let jobs: Vec<Job> = self.destinations[d].queue.drain(..).collect();
+        let jobs: Vec<Job> = self.destinations[d].drain();
         for job in jobs {
             let attempts = job.attempts + 1;
             let failures = job
@@ -942,7 +963,7 @@ impl Reactor {
                     envelope,
                     recipient,
                     reply,
-                    &name,
+                    Some(destination),
                     attempts,
                     now,
                 );
@@ -969,6 +990,10 @@ impl Reactor {
         let stats = &self.shared.stats;
         stats.deferred.fetch_add(n, Ordering::Relaxed);
         stats.active.fetch_sub(n, Ordering::AcqRel);
+        self.destinations[destination]
+            .metrics
+            .deferred
+            .fetch_add(n, Ordering::Relaxed);
         self.changed = true;
         self.retries.push(
             due,
@@ -988,12 +1013,26 @@ impl Reactor {
         envelope: &Arc<Envelope>,
         recipient: Address,
         reply: Reply,
-        destination: &Arc<str>,
+        destination: Option<usize>,
         attempts: u32,
         now: Instant,
     ) {
         let stats = &self.shared.stats;
-        let counter = match kind {
+        let (counter, name) = match destination {
+            Some(d) => {
+                let dest = &self.destinations[d];
+                let m = &dest.metrics;
+                let per_destination = match kind {
+                    EventKind::Delivered => &m.delivered,
+                    EventKind::Bounced => &m.bounced,
+                    _ => &m.expired,
+                };
+                per_destination.fetch_add(1, Ordering::Relaxed);
+                (kind, Arc::clone(&dest.name))
+            }
+            None => (kind, Arc::from("")),
+        };
+        let counter = match counter {
             EventKind::Delivered => &stats.delivered,
             EventKind::Bounced => &stats.bounced,
             EventKind::Expired => &stats.expired,
@@ -1011,7 +1050,7 @@ impl Reactor {
             message_id: envelope.id,
             recipient,
             reply,
-            destination: Arc::clone(destination),
+            destination: name,
             attempts,
             retry_after: None,
             category,
