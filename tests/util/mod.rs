@@ -21,6 +21,8 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod dns;
+
 /// Where Debian's `postfix` package puts the sink.
 pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 
@@ -476,6 +478,11 @@ impl CaptureServerBuilder {
     /// Without TLS options AUTH is offered in the clear; with STARTTLS only after it.
     pub fn auth(self, user: &str, pass: &str) -> Self {
         self.option("--auth-user", user).option("--auth-pass", pass)
+    }
+
+    /// With [`auth`](Self::auth): do not offer this SASL mechanism (e.g. "PLAIN").
+    pub fn auth_exclude(self, mechanism: &str) -> Self {
+        self.option("--auth-exclude", mechanism)
     }
 
     /// Offer STARTTLS with this certificate chain and key (see [`TestCert`]).

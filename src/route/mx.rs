@@ -1,0 +1,532 @@
+//! Direct-to-MX routing: which hosts, in which order, receive a recipient domain's mail
+//! (RFC 5321 section 5.1, RFC 7505 null MX).
+//!
+//! [`MxResolver`] runs DNS lookups with hickory's async resolver on a thread of its own (a
+//! current-thread tokio runtime) and hands each answer back through a `crossbeam` channel,
+//! waking the event loop's `mio::Waker`. It must never block its caller: a request is a message
+//! to that thread, and the event loop never waits for DNS. It remembers answers for their TTL in
+//! a bounded cache, coalesces concurrent lookups of a domain, and bounds the lookups in flight.
+//! It does not connect to the hosts it finds: trying them in order is the engine's job.
+
+mod cache;
+mod lookup;
+
+use cache::ResolutionCache;
+use crossbeam_channel::{Receiver, Sender};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use lookup::{Answer, Policy};
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{self, error::TryRecvError, UnboundedReceiver, UnboundedSender};
+
+/// Domains whose lookups may run at once; further requests wait in a queue. It bounds the
+/// sockets and memory one burst of new domains can take, and the load on the nameservers.
+const MAX_CONCURRENT_LOOKUPS: usize = 256;
+/// Requests and finished lookups handled before the waker is woken for the answers so far:
+/// one wake covers a batch, and a flood of requests cannot delay answers for long.
+const BATCH: usize = 1024;
+/// A DNS query is sent at most this many times (once, then one retry after a timeout).
+const QUERY_TRIES: usize = 2;
+/// A domain's lookup is an MX query, then its hosts' A and AAAA queries in parallel, then maybe
+/// a CNAME hop: at most this many query rounds, each within `QUERY_TRIES` × `timeout`. Past
+/// that, the domain gets a TempFail whatever hickory is still doing.
+const QUERY_ROUNDS_PER_LOOKUP: u32 = 3;
+
+/// Settings of an [`MxResolver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxConfig {
+    /// The nameservers to ask, each over UDP (and TCP for truncated answers). `None`: those of
+    /// the system's `/etc/resolv.conf`. Must not be an empty list.
+    pub nameservers: Option<Vec<SocketAddr>>,
+    /// The port to connect to on MX hosts (default 25, the SMTP port).
+    pub smtp_port: u16,
+    /// Use IPv4 addresses (A records). At least one of `ipv4` and `ipv6` must be on.
+    pub ipv4: bool,
+    /// Use IPv6 addresses (AAAA records).
+    pub ipv6: bool,
+    /// The MX hosts kept per domain, the most preferred first (default 5; at least 1).
+    pub max_hosts: usize,
+    /// The addresses kept per domain, over all its hosts in order (default 10; at least 1).
+    pub max_addresses: usize,
+    /// How long one DNS query may take before it is retried once (default 5 s).
+    pub timeout: Duration,
+    /// The domains whose answers are remembered (default 100,000; 0 disables caching, also in
+    /// hickory). Answers are kept for their DNS TTL; negative ones for the SOA's negative TTL, at
+    /// most an hour; temporary failures for 30 s.
+    pub cache_capacity: usize,
+}
+
+impl Default for MxConfig {
+    fn default() -> Self {
+        MxConfig {
+            nameservers: None,
+            smtp_port: 25,
+            ipv4: true,
+            ipv6: true,
+            max_hosts: 5,
+            max_addresses: 10,
+            timeout: Duration::from_secs(5),
+            cache_capacity: 100_000,
+        }
+    }
+}
+
+/// One mail exchanger of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxHost {
+    /// The host name, in A-labels, lower case, without the trailing dot (for an address literal,
+    /// the address).
+    pub name: String,
+    /// The MX preference, lower first (0 for an implicit MX or an address literal).
+    pub preference: u16,
+    /// Its addresses to connect to, with `MxConfig::smtp_port`: IPv4 first, then IPv6.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// What a domain resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Hosts in the order to try: by preference, equal preferences shuffled anew for every answer
+    /// (RFC 5321 section 5.1), each with its addresses (A and AAAA, CNAMEs followed), within
+    /// `max_hosts` and `max_addresses`. When the domain has no MX records, the implicit MX: the
+    /// domain itself with its A/AAAA (RFC 5321 section 5.1). Hosts without any address are left
+    /// out. Never empty.
+    Hosts(Arc<[MxHost]>),
+    /// RFC 7505 null MX (a single MX with preference 0 and target "."): bounce with 5.1.10 at
+    /// once, no connection.
+    NullMx,
+    /// NXDOMAIN, no MX and no A/AAAA records, an invalid domain name or address literal: bounce;
+    /// the text says which.
+    NoSuchDomain(String),
+    /// SERVFAIL, timeout, refused, a malformed answer, MX hosts that resolve to no address:
+    /// defer with this text.
+    TempFail(String),
+}
+
+/// A handle on the resolver thread: `Send + Sync`, cheap to clone. The thread stops at
+/// [`MxResolver::shutdown`] or when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct MxResolver {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    requests: UnboundedSender<Request>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+enum Request {
+    Resolve(String),
+    Shutdown,
+}
+
+impl MxResolver {
+    /// Starts a thread (`mxpipe-mx`) running a current-thread tokio runtime with hickory's async
+    /// resolver. Answers arrive on the returned channel as `(domain, resolution)`, `domain` as
+    /// [`MxResolver::domain_key`] spells it; `waker` is woken after answers are sent (one wake
+    /// may cover several answers, and no answer is sent without a wake following it). The thread
+    /// also stops when it finds the receiver dropped (at its next answer).
+    ///
+    /// Fails with `InvalidInput` on a setting out of range, or when the system's resolver
+    /// configuration cannot be read.
+    pub fn start(
+        config: MxConfig,
+        waker: Arc<mio::Waker>,
+    ) -> io::Result<(MxResolver, Receiver<(String, Resolution)>)> {
+        let dns = Arc::new(dns_resolver(&config)?);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        let (answers, answer_rx) = crossbeam_channel::unbounded();
+        let (finished, finished_rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            dns,
+            policy: Policy {
+                smtp_port: config.smtp_port,
+                ipv4: config.ipv4,
+                ipv6: config.ipv6,
+                max_hosts: config.max_hosts,
+                max_addresses: config.max_addresses,
+            },
+            deadline: config.timeout * (QUERY_TRIES as u32) * QUERY_ROUNDS_PER_LOOKUP,
+            cache: ResolutionCache::new(config.cache_capacity),
+            pending: HashSet::new(),
+            queued: VecDeque::new(),
+            running: 0,
+            finished,
+            answers,
+            waker,
+            wake_due: false,
+            receiver_gone: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("mxpipe-mx".into())
+            .spawn(move || runtime.block_on(worker.run(request_rx, finished_rx)))?;
+        let shared = Arc::new(Shared {
+            requests,
+            thread: Mutex::new(Some(thread)),
+        });
+        Ok((MxResolver { shared }, answer_rx))
+    }
+
+    /// Asks for the hosts of `domain`; never blocks. The answer arrives later on the channel,
+    /// keyed by [`MxResolver::domain_key`]`(domain)`, even when it comes from the cache, so the
+    /// caller has a single path.
+    ///
+    /// Answers are per domain, not per call: calls for a domain whose lookup is already under
+    /// way (or queued) share its one answer, so the caller keeps its own list of waiters per
+    /// domain. Every call is followed by at least one answer for its domain, sent after the call
+    /// (unless the resolver has shut down, after which calls are ignored).
+    pub fn resolve(&self, domain: &str) {
+        // A send fails only once the thread has stopped, when no answer is due any more.
+        let _ = self
+            .shared
+            .requests
+            .send(Request::Resolve(MxResolver::domain_key(domain)));
+    }
+
+    /// The key answers carry for `domain`: lower case, without the trailing dot.
+    pub fn domain_key(domain: &str) -> String {
+        domain.trim_end_matches('.').to_lowercase()
+    }
+
+    /// Stops the thread and waits for it (a moment: lookups in flight are abandoned, and
+    /// their answers never come). Later calls to [`MxResolver::resolve`] are ignored. Also done
+    /// when the last clone is dropped.
+    pub fn shutdown(&self) {
+        self.shared.shutdown();
+    }
+}
+
+impl Shared {
+    fn shutdown(&self) {
+        let _ = self.requests.send(Request::Shutdown);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            // The thread only runs our code and hickory's; a panic there has nothing to report
+            // that the missing answers do not already show.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Hickory's resolver with the settings of `config`. Hickory keeps its own cache of single
+/// queries (sized like ours), which is what lets many domains hosted on the same MX hosts
+/// share one lookup of those hosts' addresses.
+fn dns_resolver(config: &MxConfig) -> io::Result<TokioResolver> {
+    let invalid = |problem: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("MX resolver: {problem}"),
+        ))
+    };
+    if !config.ipv4 && !config.ipv6 {
+        return invalid("at least one of ipv4 and ipv6 must be enabled");
+    }
+    if config.max_hosts == 0 || config.max_addresses == 0 {
+        return invalid("max_hosts and max_addresses must be at least 1");
+    }
+    if config.timeout.is_zero() {
+        return invalid("the DNS timeout must be more than zero");
+    }
+    let provider = TokioRuntimeProvider::default();
+    let mut builder = match &config.nameservers {
+        None => TokioResolver::builder(provider).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("MX resolver: cannot read the system's resolver configuration: {e}"),
+            )
+        })?,
+        Some(servers) if servers.is_empty() => return invalid("the nameserver list is empty"),
+        Some(servers) => {
+            let servers = servers
+                .iter()
+                .map(|server| {
+                    let mut ns = NameServerConfig::udp_and_tcp(server.ip());
+                    for connection in &mut ns.connections {
+                        connection.port = server.port();
+                    }
+                    ns
+                })
+                .collect();
+            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+        }
+    };
+    let options: &mut ResolverOpts = builder.options_mut();
+    options.timeout = config.timeout;
+    // Hickory counts retries after the first try.
+    options.attempts = QUERY_TRIES - 1;
+    // Mail routing goes by DNS alone: an /etc/hosts entry is no mail exchanger.
+    options.use_hosts_file = ResolveHosts::Never;
+    options.cache_size = u64::try_from(config.cache_capacity).unwrap_or(u64::MAX);
+    options.negative_max_ttl = Some(Duration::from_secs(3600));
+    builder
+        .build()
+        .map_err(|e| io::Error::other(format!("MX resolver: {e}")))
+}
+
+/// A lookup that has finished (or was cut short), on its way back to the worker.
+struct Finished {
+    domain: String,
+    answer: Answer,
+}
+
+/// Reports a lookup's answer to the worker exactly once, even when its task is dropped before
+/// the end (a panic): then the domain gets a TempFail instead of waiting forever.
+struct Completion {
+    domain: Option<String>,
+    finished: UnboundedSender<Finished>,
+}
+
+impl Completion {
+    fn finish(mut self, answer: Answer) {
+        if let Some(domain) = self.domain.take() {
+            let _ = self.finished.send(Finished { domain, answer });
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(domain) = self.domain.take() {
+            let answer = Answer::temporary(format!("{domain}: the MX lookup failed unexpectedly"));
+            // Fails only when the worker is gone, at shutdown.
+            let _ = self.finished.send(Finished { domain, answer });
+        }
+    }
+}
+
+/// The resolver thread's state; all of it lives on that thread.
+struct Worker {
+    dns: Arc<TokioResolver>,
+    policy: Policy,
+    /// The most a domain's lookup may take in all.
+    deadline: Duration,
+    cache: ResolutionCache,
+    /// Domains with a lookup running or queued; further requests for them are absorbed.
+    pending: HashSet<String>,
+    queued: VecDeque<String>,
+    running: usize,
+    finished: UnboundedSender<Finished>,
+    answers: Sender<(String, Resolution)>,
+    waker: Arc<mio::Waker>,
+    wake_due: bool,
+    receiver_gone: bool,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut requests: UnboundedReceiver<Request>,
+        mut finished: UnboundedReceiver<Finished>,
+    ) {
+        loop {
+            tokio::select! {
+                // The worker holds a sender of `finished`, so this never yields `None`.
+                Some(done) = finished.recv() => self.finish(done),
+                request = requests.recv() => match request {
+                    Some(Request::Resolve(domain)) => self.request(domain),
+                    Some(Request::Shutdown) | None => return,
+                },
+            }
+            for _ in 0..BATCH {
+                if let Ok(done) = finished.try_recv() {
+                    self.finish(done);
+                    continue;
+                }
+                match requests.try_recv() {
+                    Ok(Request::Resolve(domain)) => self.request(domain),
+                    Ok(Request::Shutdown) | Err(TryRecvError::Disconnected) => return,
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if self.wake_due {
+                self.wake_due = false;
+                // The answers are in the channel already; should the wake fail, the loop still
+                // finds them the next time it looks.
+                let _ = self.waker.wake();
+            }
+            if self.receiver_gone {
+                return;
+            }
+        }
+    }
+
+    fn request(&mut self, domain: String) {
+        if self.pending.contains(&domain) {
+            return;
+        }
+        if let Some(resolution) = lookup::address_literal(&domain, &self.policy) {
+            self.answer(domain, resolution);
+            return;
+        }
+        if let Some(resolution) = self.cache.get(&domain, Instant::now()) {
+            let resolution = reshuffled(resolution);
+            self.answer(domain, resolution);
+            return;
+        }
+        self.pending.insert(domain.clone());
+        if self.running < MAX_CONCURRENT_LOOKUPS {
+            self.spawn(domain);
+        } else {
+            self.queued.push_back(domain);
+        }
+    }
+
+    fn spawn(&mut self, domain: String) {
+        self.running += 1;
+        let (dns, policy, deadline) = (self.dns.clone(), self.policy, self.deadline);
+        let completion = Completion {
+            domain: Some(domain.clone()),
+            finished: self.finished.clone(),
+        };
+        tokio::spawn(async move {
+            let lookup = lookup::resolve(&dns, &policy, &domain);
+            let answer = match tokio::time::timeout(deadline, lookup).await {
+                Ok(answer) => answer,
+                Err(_) => Answer::temporary(format!(
+                    "{domain}: the DNS lookup did not finish within {} s",
+                    deadline.as_secs_f32()
+                )),
+            };
+            completion.finish(answer);
+        });
+    }
+
+    fn finish(&mut self, done: Finished) {
+        self.running -= 1;
+        self.pending.remove(&done.domain);
+        let Finished { domain, answer } = done;
+        self.cache.insert(
+            domain.clone(),
+            answer.resolution.clone(),
+            answer.expires,
+            Instant::now(),
+        );
+        self.answer(domain, answer.resolution);
+        while self.running < MAX_CONCURRENT_LOOKUPS {
+            let Some(next) = self.queued.pop_front() else {
+                break;
+            };
+            self.spawn(next);
+        }
+    }
+
+    fn answer(&mut self, domain: String, resolution: Resolution) {
+        if self.answers.send((domain, resolution)).is_err() {
+            self.receiver_gone = true;
+        }
+        self.wake_due = true;
+    }
+}
+
+/// A cached resolution with its equal preferences shuffled again, so that a domain's load is
+/// spread over its equal MX hosts for as long as its answer is cached (RFC 5321 section 5.1).
+fn reshuffled(resolution: &Resolution) -> Resolution {
+    match resolution {
+        Resolution::Hosts(hosts)
+            if hosts
+                .windows(2)
+                .any(|pair| pair[0].preference == pair[1].preference) =>
+        {
+            let mut hosts = hosts.to_vec();
+            lookup::shuffle_ties(&mut hosts, |host| host.preference);
+            Resolution::Hosts(hosts.into())
+        }
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_keys_are_lower_case_without_the_root_dot() {
+        assert_eq!(MxResolver::domain_key("Example.ORG."), "example.org");
+        assert_eq!(MxResolver::domain_key("BÜCHER.example"), "bücher.example");
+        assert_eq!(MxResolver::domain_key("[IPv6:::1]"), "[ipv6:::1]");
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let local = Some(vec!["127.0.0.1:53".parse().unwrap()]);
+        let bad = [
+            MxConfig {
+                ipv4: false,
+                ipv6: false,
+                ..MxConfig::default()
+            },
+            MxConfig {
+                max_hosts: 0,
+                ..MxConfig::default()
+            },
+            MxConfig {
+                timeout: Duration::ZERO,
+                ..MxConfig::default()
+            },
+            MxConfig {
+                nameservers: Some(Vec::new()),
+                ..MxConfig::default()
+            },
+        ];
+        for config in bad {
+            let config = MxConfig {
+                nameservers: config.nameservers.or(local.clone()),
+                ..config
+            };
+            let error = MxResolver::start(config.clone(), waker.clone())
+                .map(|_| ())
+                .expect_err(&format!("{config:?}"));
+            assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+
+    #[test]
+    fn reshuffling_reorders_only_equal_preferences() {
+        let host = |name: &str, preference| MxHost {
+            name: name.into(),
+            preference,
+            addrs: Vec::new(),
+        };
+        let hosts: Arc<[MxHost]> = Arc::from([host("a", 10), host("b", 10), host("c", 20)]);
+        let mut firsts = HashSet::new();
+        for _ in 0..200 {
+            let Resolution::Hosts(shuffled) = reshuffled(&Resolution::Hosts(hosts.clone())) else {
+                panic!("hosts stay hosts");
+            };
+            assert_eq!(shuffled[2], hosts[2]);
+            firsts.insert(shuffled[0].name.clone());
+        }
+        assert_eq!(firsts.len(), 2);
+        let single: Arc<[MxHost]> = Arc::from([host("a", 10), host("c", 20)]);
+        let Resolution::Hosts(same) = reshuffled(&Resolution::Hosts(single.clone())) else {
+            panic!("hosts stay hosts");
+        };
+        assert!(
+            Arc::ptr_eq(&same, &single),
+            "nothing to shuffle: the answer is shared"
+        );
+    }
+}

@@ -1,0 +1,492 @@
+//! One domain's mail exchangers: from DNS answers to a [`Resolution`] and how long it may be
+//! reused (RFC 5321 section 5.1, RFC 7505 null MX, RFC 2308 negative caching).
+//!
+//! It asks hickory's resolver for MX, A and AAAA records and decides what they amount to. It must
+//! not cache results (the resolver thread's cache does), know about channels or threads, or block.
+
+use super::{MxHost, Resolution};
+use hickory_resolver::lookup::Lookup;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::TokioResolver;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// How long a temporary failure (timeout, SERVFAIL, ...) is remembered: long enough that a burst
+/// of recipients at a broken domain costs one lookup, short enough to notice a quick repair.
+pub(super) const TEMPORARY_FAILURE_TTL: Duration = Duration::from_secs(30);
+/// Negative answers are kept for the SOA's negative TTL (RFC 2308 section 5), at most this long.
+const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
+/// A negative answer without an SOA has no TTL; RFC 2308 section 5 says not to cache it, which
+/// would send one query per recipient of a mistyped domain, so it is kept only briefly.
+const UNSOURCED_NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// Hickory caps positive TTLs at a day; results are never kept longer either.
+const MAX_POSITIVE_TTL: Duration = Duration::from_secs(hickory_resolver::MAX_TTL as u64);
+
+/// The settings a lookup applies (from `MxConfig`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Policy {
+    pub smtp_port: u16,
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub max_hosts: usize,
+    pub max_addresses: usize,
+}
+
+impl Policy {
+    /// The address records asked for, for error texts.
+    fn families(&self) -> &'static str {
+        match (self.ipv4, self.ipv6) {
+            (true, false) => "A",
+            (false, true) => "AAAA",
+            _ => "A or AAAA",
+        }
+    }
+}
+
+/// A resolution and the instant until which it may be reused.
+#[derive(Debug)]
+pub(super) struct Answer {
+    pub resolution: Resolution,
+    pub expires: Instant,
+}
+
+impl Answer {
+    pub(super) fn temporary(text: String) -> Answer {
+        Answer {
+            resolution: Resolution::TempFail(text),
+            expires: Instant::now() + TEMPORARY_FAILURE_TTL,
+        }
+    }
+}
+
+/// Answers a domain that is an address literal (`[192.0.2.1]`, `[ipv6:2001:db8::1]`, RFC 5321
+/// section 4.1.3) without DNS; `None` for any other domain. `domain` is already lower-cased.
+pub(super) fn address_literal(domain: &str, policy: &Policy) -> Option<Resolution> {
+    let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
+    let ip = match inner.strip_prefix("ipv6:") {
+        Some(v6) => v6.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+        None => inner.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+    };
+    let Some(ip) = ip else {
+        return Some(Resolution::NoSuchDomain(format!(
+            "{domain} is not a valid address literal (RFC 5321 section 4.1.3)"
+        )));
+    };
+    let (allowed, family) = match ip {
+        IpAddr::V4(_) => (policy.ipv4, "IPv4"),
+        IpAddr::V6(_) => (policy.ipv6, "IPv6"),
+    };
+    if !allowed {
+        return Some(Resolution::NoSuchDomain(format!(
+            "{domain} is an {family} address, and {family} is disabled"
+        )));
+    }
+    Some(Resolution::Hosts(Arc::from([MxHost {
+        name: ip.to_string(),
+        preference: 0,
+        addrs: vec![SocketAddr::new(ip, policy.smtp_port)],
+    }])))
+}
+
+/// Shuffles each run of equal preferences in place; `items` must be sorted by preference.
+/// RFC 5321 section 5.1: "If there are multiple destinations with the same preference and there
+/// is no clear reason to favor one [...], the SMTP client SHOULD pick one at random to spread the
+/// load across multiple mail exchangers".
+pub(super) fn shuffle_ties<T>(items: &mut [T], preference: impl Fn(&T) -> u16) {
+    let mut start = 0;
+    while start < items.len() {
+        let tie = preference(&items[start]);
+        let len = items[start..]
+            .iter()
+            .take_while(|item| preference(item) == tie)
+            .count();
+        fastrand::shuffle(&mut items[start..start + len]);
+        start += len;
+    }
+}
+
+/// Resolves `domain` (lower-case, no trailing dot, not an address literal) to the hosts to try.
+pub(super) async fn resolve(
+    resolver: &Arc<TokioResolver>,
+    policy: &Policy,
+    domain: &str,
+) -> Answer {
+    let Some(name) = dns_name(domain) else {
+        return Answer {
+            resolution: Resolution::NoSuchDomain(format!("{domain:?} is not a valid domain name")),
+            expires: Instant::now() + UNSOURCED_NEGATIVE_TTL,
+        };
+    };
+    let expires = Instant::now() + MAX_POSITIVE_TTL;
+    match classify(resolver.lookup(name.clone(), RecordType::MX).await) {
+        Query::Records(lookup) => {
+            let exchangers: Vec<(u16, Name)> = lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
+                    _ => None,
+                })
+                .collect();
+            let expires = expires.min(lookup.valid_until());
+            if exchangers.is_empty() {
+                // Only CNAMEs came back for the MX query, which is NODATA at the end of the chain.
+                implicit_mx(resolver, policy, domain, &name, expires).await
+            } else {
+                exchangers_of(resolver, policy, domain, exchangers, expires).await
+            }
+        }
+        Query::NoSuchName(until) => Answer {
+            resolution: Resolution::NoSuchDomain(format!("{domain}: no such domain (NXDOMAIN)")),
+            expires: until,
+        },
+        // RFC 5321 section 5.1: no MX records means an implicit MX, the domain itself.
+        Query::NoRecords(until) => {
+            implicit_mx(resolver, policy, domain, &name, expires.min(until)).await
+        }
+        Query::Failed(why) => Answer::temporary(format!("{domain}: MX lookup failed: {why}")),
+    }
+}
+
+/// The domain as a fully qualified DNS name. `Name::from_utf8` applies IDNA (UTS #46), turning
+/// U-labels into A-labels (`bücher.example` → `xn--bcher-kva.example`), so IDNs need nothing more;
+/// labels IDNA refuses (an underscore, say) are taken as they are. The trailing dot stops
+/// hickory from trying the search domains of resolv.conf.
+fn dns_name(domain: &str) -> Option<Name> {
+    let fqdn = format!("{domain}.");
+    Name::from_utf8(&fqdn)
+        .or_else(|_| Name::from_ascii(&fqdn))
+        .ok()
+        .filter(|name| !name.is_root())
+}
+
+/// A DNS name as `MxHost::name` spells it: A-labels, lower case, no trailing dot.
+fn host_name(name: &Name) -> String {
+    name.to_ascii().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The MX records' hosts, in the order to try, with their addresses.
+async fn exchangers_of(
+    resolver: &Arc<TokioResolver>,
+    policy: &Policy,
+    domain: &str,
+    mut exchangers: Vec<(u16, Name)>,
+    mut expires: Instant,
+) -> Answer {
+    // RFC 7505 section 3: a null MX ("MX 0 .") says the domain accepts no mail. A root target
+    // cannot be connected to whatever its preference, so such records are dropped, and a domain
+    // left with no other MX is a null-MX domain (section 4.1 forbids mixing them anyway).
+    exchangers.retain(|(_, name)| !name.is_root());
+    if exchangers.is_empty() {
+        return Answer {
+            resolution: Resolution::NullMx,
+            expires,
+        };
+    }
+    exchangers.sort_by_key(|(preference, _)| *preference);
+    let mut seen = HashSet::new();
+    exchangers.retain(|(_, name)| seen.insert(host_name(name)));
+    // Shuffled before the cap, so that the hosts it leaves out are not always the same ones.
+    shuffle_ties(&mut exchangers, |(preference, _)| *preference);
+    exchangers.truncate(policy.max_hosts);
+
+    let mut lookups = JoinSet::new();
+    for (index, (_, name)) in exchangers.iter().enumerate() {
+        let (resolver, policy, name) = (resolver.clone(), *policy, name.clone());
+        lookups.spawn(async move { (index, host_addresses(&resolver, &policy, &name).await) });
+    }
+    let mut found: Vec<Option<HostAddresses>> = exchangers.iter().map(|_| None).collect();
+    while let Some(joined) = lookups.join_next().await {
+        // A lookup task that panicked leaves its host unresolved, reported below.
+        if let Ok((index, host)) = joined {
+            found[index] = Some(host);
+        }
+    }
+
+    let mut hosts = Vec::new();
+    let mut failures = Vec::new();
+    let mut budget = policy.max_addresses;
+    for ((preference, name), host) in exchangers.iter().zip(found) {
+        let name = host_name(name);
+        let Some(host) = host else {
+            failures.push(format!("{name}: the lookup was interrupted"));
+            expires = expires.min(Instant::now() + TEMPORARY_FAILURE_TTL);
+            continue;
+        };
+        expires = expires.min(host.expires);
+        if let Some(why) = host.failure {
+            failures.push(format!("{name}: {why}"));
+        }
+        let addrs: Vec<SocketAddr> = host
+            .addrs
+            .into_iter()
+            .take(budget)
+            .map(|ip| SocketAddr::new(ip, policy.smtp_port))
+            .collect();
+        budget -= addrs.len();
+        if !addrs.is_empty() {
+            hosts.push(MxHost {
+                name,
+                preference: *preference,
+                addrs,
+            });
+        }
+    }
+    if hosts.is_empty() {
+        // RFC 5321 section 5.1 makes unusable MX records an error, not a reason to fall back
+        // to the domain's own address. It is taken as temporary: the hosts may get addresses.
+        let text = if failures.is_empty() {
+            let names: Vec<String> = exchangers.iter().map(|(_, n)| host_name(n)).collect();
+            format!(
+                "{domain}: its MX hosts have no {} records ({})",
+                policy.families(),
+                names.join(", ")
+            )
+        } else {
+            format!(
+                "{domain}: could not resolve its MX hosts: {}",
+                failures.join("; ")
+            )
+        };
+        return Answer::temporary(text);
+    }
+    Answer {
+        resolution: Resolution::Hosts(hosts.into()),
+        expires,
+    }
+}
+
+/// The implicit MX of a domain without MX records: the domain itself, preference 0.
+async fn implicit_mx(
+    resolver: &TokioResolver,
+    policy: &Policy,
+    domain: &str,
+    name: &Name,
+    expires: Instant,
+) -> Answer {
+    let host = host_addresses(resolver, policy, name).await;
+    let expires = expires.min(host.expires);
+    if !host.addrs.is_empty() {
+        let addrs = host
+            .addrs
+            .into_iter()
+            .take(policy.max_addresses)
+            .map(|ip| SocketAddr::new(ip, policy.smtp_port))
+            .collect();
+        return Answer {
+            resolution: Resolution::Hosts(Arc::from([MxHost {
+                name: host_name(name),
+                preference: 0,
+                addrs,
+            }])),
+            expires,
+        };
+    }
+    if let Some(why) = host.failure {
+        return Answer::temporary(format!(
+            "{domain}: no MX records, and its address lookup failed: {why}"
+        ));
+    }
+    let text = if host.no_such_name {
+        format!("{domain}: no such domain (NXDOMAIN)")
+    } else {
+        format!(
+            "{domain}: no MX records and no {} records",
+            policy.families()
+        )
+    };
+    Answer {
+        resolution: Resolution::NoSuchDomain(text),
+        expires,
+    }
+}
+
+/// A host's addresses in the enabled families, and what went wrong when there are none.
+#[derive(Debug)]
+struct HostAddresses {
+    /// IPv4 first: it is the family receiving MTAs are most reliably reachable over, and
+    /// IPv6 addresses still follow as fallbacks.
+    addrs: Vec<IpAddr>,
+    expires: Instant,
+    /// The first family lookup that failed temporarily, if any.
+    failure: Option<String>,
+    /// Every family queried answered NXDOMAIN.
+    no_such_name: bool,
+}
+
+/// Looks up A and AAAA (as enabled) at once; hickory follows CNAMEs to their target.
+async fn host_addresses(resolver: &TokioResolver, policy: &Policy, name: &Name) -> HostAddresses {
+    let family = |enabled: bool, record_type: RecordType| async move {
+        match enabled {
+            true => Some(resolver.lookup(name.clone(), record_type).await),
+            false => None,
+        }
+    };
+    let (v4, v6) = tokio::join!(
+        family(policy.ipv4, RecordType::A),
+        family(policy.ipv6, RecordType::AAAA)
+    );
+    let mut host = HostAddresses {
+        addrs: Vec::new(),
+        expires: Instant::now() + MAX_POSITIVE_TTL,
+        failure: None,
+        no_such_name: true,
+    };
+    for result in [v4, v6].into_iter().flatten() {
+        match classify(result) {
+            Query::Records(lookup) => {
+                host.no_such_name = false;
+                host.expires = host.expires.min(lookup.valid_until());
+                host.addrs.extend(lookup.answers().iter().filter_map(
+                    |record| match &record.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                        _ => None,
+                    },
+                ));
+            }
+            Query::NoSuchName(until) => host.expires = host.expires.min(until),
+            Query::NoRecords(until) => {
+                host.no_such_name = false;
+                host.expires = host.expires.min(until);
+            }
+            Query::Failed(why) => {
+                host.no_such_name = false;
+                host.failure.get_or_insert(why);
+                host.expires = host.expires.min(Instant::now() + TEMPORARY_FAILURE_TTL);
+            }
+        }
+    }
+    host
+}
+
+/// What the answer to one query amounts to.
+enum Query {
+    /// An answer with records (of the type asked, or only CNAMEs leading nowhere).
+    Records(Lookup),
+    /// NXDOMAIN: the name does not exist, as may be remembered until then.
+    NoSuchName(Instant),
+    /// NODATA: the name exists without records of this type, as may be remembered until then.
+    NoRecords(Instant),
+    /// No usable answer (timeout, SERVFAIL, REFUSED, a malformed reply): the text says which.
+    Failed(String),
+}
+
+fn classify(result: Result<Lookup, NetError>) -> Query {
+    let error = match result {
+        Ok(lookup) => return Query::Records(lookup),
+        Err(error) => error,
+    };
+    match &error {
+        NetError::Dns(DnsError::NoRecordsFound(no_records)) => {
+            let ttl = match no_records.negative_ttl {
+                Some(secs) => Duration::from_secs(secs.into()).min(MAX_NEGATIVE_TTL),
+                None => UNSOURCED_NEGATIVE_TTL,
+            };
+            let until = Instant::now() + ttl;
+            match no_records.response_code {
+                ResponseCode::NXDomain => Query::NoSuchName(until),
+                ResponseCode::NoError => Query::NoRecords(until),
+                code => Query::Failed(format!("the nameserver answered {code}")),
+            }
+        }
+        NetError::Dns(DnsError::ResponseCode(code)) => {
+            Query::Failed(format!("the nameserver answered {code}"))
+        }
+        _ => Query::Failed(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy {
+        smtp_port: 2525,
+        ipv4: true,
+        ipv6: true,
+        max_hosts: 5,
+        max_addresses: 10,
+    };
+
+    #[test]
+    fn address_literals_skip_dns() {
+        let hosts = |r: Option<Resolution>| match r {
+            Some(Resolution::Hosts(hosts)) => hosts.to_vec(),
+            other => panic!("expected hosts, got {other:?}"),
+        };
+        let v4 = hosts(address_literal("[127.0.0.1]", &POLICY));
+        assert_eq!(v4.len(), 1);
+        assert_eq!(v4[0].name, "127.0.0.1");
+        assert_eq!(v4[0].addrs, vec!["127.0.0.1:2525".parse().unwrap()]);
+        let v6 = hosts(address_literal("[ipv6:::1]", &POLICY));
+        assert_eq!(v6[0].addrs, vec!["[::1]:2525".parse().unwrap()]);
+        assert_eq!(address_literal("example.org", &POLICY), None);
+    }
+
+    #[test]
+    fn bad_or_disabled_address_literals_bounce() {
+        for literal in [
+            "[300.0.0.1]",
+            "[::1]",
+            "[ipv6:1.2.3.4]",
+            "[tag:whatever]",
+            "[]",
+        ] {
+            match address_literal(literal, &POLICY) {
+                Some(Resolution::NoSuchDomain(text)) => assert!(text.contains("not a valid")),
+                other => panic!("{literal}: {other:?}"),
+            }
+        }
+        let v4_only = Policy {
+            ipv6: false,
+            ..POLICY
+        };
+        assert_eq!(
+            address_literal("[ipv6:::1]", &v4_only),
+            Some(Resolution::NoSuchDomain(
+                "[ipv6:::1] is an IPv6 address, and IPv6 is disabled".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn shuffle_ties_keeps_preference_order() {
+        let mut saw_swap = false;
+        for _ in 0..200 {
+            let mut items = [
+                (10, 'a'),
+                (10, 'b'),
+                (20, 'c'),
+                (30, 'd'),
+                (30, 'e'),
+                (30, 'f'),
+            ];
+            shuffle_ties(&mut items, |(preference, _)| *preference);
+            let preferences: Vec<u16> = items.iter().map(|(p, _)| *p).collect();
+            assert_eq!(preferences, [10, 10, 20, 30, 30, 30]);
+            let mut last: Vec<char> = items[3..].iter().map(|(_, c)| *c).collect();
+            last.sort_unstable();
+            assert_eq!(last, ['d', 'e', 'f']);
+            saw_swap |= items[0].1 == 'b';
+        }
+        assert!(saw_swap, "equal preferences were never reordered");
+    }
+
+    #[test]
+    fn idn_domains_become_a_labels() {
+        let name = dns_name("bücher.example").expect("valid IDN");
+        assert_eq!(host_name(&name), "xn--bcher-kva.example");
+        assert!(name.is_fqdn());
+        assert_eq!(dns_name(""), None);
+        assert_eq!(
+            host_name(&dns_name("_dmarc.example").unwrap()),
+            "_dmarc.example"
+        );
+    }
+}

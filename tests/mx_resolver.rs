@@ -1,0 +1,490 @@
+//! The MX resolver against a real DNS server: `dnsmasq` on loopback serving names under `.test`
+//! (tests/util/dns.rs), plus a nameserver that never answers. Answers are read the way the
+//! event loop reads them: only after the resolver has woken a real `mio::Poll`.
+//!
+//! Run with `cargo test --test mx_resolver` (needs `/usr/sbin/dnsmasq`: tests/run.sh installs it).
+
+mod util;
+
+use crossbeam_channel::Receiver;
+use mio::{Events, Poll, Token, Waker};
+use mxpipe::route::mx::{MxConfig, MxHost, MxResolver, Resolution};
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use util::dns::{Dnsmasq, SilentNameserver};
+
+/// The port the resolver puts on every address it returns.
+const SMTP_PORT: u16 = 2525;
+/// How long to wait for an answer before the test fails; far beyond any lookup here.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+const WAKER: Token = Token(7);
+
+/// A resolver and its answers, as the event loop would hold them.
+struct Client {
+    resolver: MxResolver,
+    answers: Receiver<(String, Resolution)>,
+    poll: Poll,
+    events: Events,
+    /// Answers taken from the channel after a wake and not yet returned.
+    woken: VecDeque<(String, Resolution)>,
+}
+
+impl Client {
+    fn start(config: MxConfig) -> Client {
+        let poll = Poll::new().expect("create a mio Poll");
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).expect("create a mio Waker"));
+        let (resolver, answers) = MxResolver::start(config, waker).expect("start the resolver");
+        Client {
+            resolver,
+            answers,
+            poll,
+            events: Events::with_capacity(16),
+            woken: VecDeque::new(),
+        }
+    }
+
+    /// The test settings, asking `nameserver`.
+    fn config(nameserver: SocketAddr) -> MxConfig {
+        MxConfig {
+            nameservers: Some(vec![nameserver]),
+            smtp_port: SMTP_PORT,
+            timeout: Duration::from_secs(2),
+            ..MxConfig::default()
+        }
+    }
+
+    fn of(dns: &Dnsmasq) -> Client {
+        Client::start(Client::config(dns.addr()))
+    }
+
+    /// The next answer. The channel is read only after the waker has fired, so an answer sent
+    /// without a wake makes this fail.
+    fn next(&mut self) -> (String, Resolution) {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            if let Some(answer) = self.woken.pop_front() {
+                return answer;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no wake with an answer within {ANSWER_TIMEOUT:?}"
+            );
+            self.poll
+                .poll(&mut self.events, Some(left))
+                .expect("poll for the waker");
+            if self.events.iter().any(|event| event.token() == WAKER) {
+                self.woken.extend(self.answers.try_iter());
+            }
+        }
+    }
+
+    /// Asks for one domain and returns its answer, checking that it is keyed as expected.
+    fn resolve(&mut self, domain: &str) -> Resolution {
+        self.resolver.resolve(domain);
+        let (key, resolution) = self.next();
+        assert_eq!(
+            key,
+            MxResolver::domain_key(domain),
+            "answer for another domain"
+        );
+        resolution
+    }
+
+    /// Fails if any answer arrives within `quiet`.
+    fn assert_no_answer_within(&mut self, quiet: Duration) {
+        assert!(
+            self.woken.is_empty(),
+            "unexpected answers: {:?}",
+            self.woken
+        );
+        let _ = self.poll.poll(&mut self.events, Some(quiet));
+        let late: Vec<_> = self.answers.try_iter().collect();
+        assert!(late.is_empty(), "unexpected answers: {late:?}");
+    }
+}
+
+fn hosts(resolution: Resolution) -> Vec<MxHost> {
+    match resolution {
+        Resolution::Hosts(hosts) => {
+            assert!(!hosts.is_empty(), "Hosts is never empty");
+            hosts.to_vec()
+        }
+        other => panic!("expected hosts, got {other:?}"),
+    }
+}
+
+fn names(hosts: &[MxHost]) -> Vec<&str> {
+    hosts.iter().map(|h| h.name.as_str()).collect()
+}
+
+fn addr(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("an IP"), SMTP_PORT)
+}
+
+fn host(name: &str, preference: u16, ips: &[&str]) -> MxHost {
+    MxHost {
+        name: name.to_string(),
+        preference,
+        addrs: ips.iter().map(|ip| addr(ip)).collect(),
+    }
+}
+
+#[test]
+fn hosts_come_in_preference_order() {
+    let dns = Dnsmasq::builder()
+        .mx("a.test", "mx3.a.test", 30)
+        .mx("a.test", "mx1.a.test", 10)
+        .mx("a.test", "mx2.a.test", 20)
+        .host("mx1.a.test", "127.0.0.2")
+        .host("mx2.a.test", "127.0.0.3")
+        .host("mx3.a.test", "127.0.0.4")
+        .start();
+    let mut client = Client::of(&dns);
+    assert_eq!(
+        hosts(client.resolve("a.test")),
+        [
+            host("mx1.a.test", 10, &["127.0.0.2"]),
+            host("mx2.a.test", 20, &["127.0.0.3"]),
+            host("mx3.a.test", 30, &["127.0.0.4"]),
+        ]
+    );
+    // Case and the root dot do not matter; the answer is keyed by the normalised name.
+    assert_eq!(hosts(client.resolve("A.Test.")).len(), 3);
+}
+
+#[test]
+fn equal_preferences_are_shuffled() {
+    let dns = Dnsmasq::builder()
+        .mx("b.test", "mx1.b.test", 10)
+        .mx("b.test", "mx2.b.test", 10)
+        .mx("b.test", "backup.b.test", 20)
+        .host("mx1.b.test", "127.0.0.2")
+        .host("mx2.b.test", "127.0.0.3")
+        .host("backup.b.test", "127.0.0.4")
+        .start();
+    // Without a cache every answer is a fresh lookup.
+    let mut client = Client::start(MxConfig {
+        cache_capacity: 0,
+        ..Client::config(dns.addr())
+    });
+    let mut orders = HashSet::new();
+    for _ in 0..40 {
+        let hosts = hosts(client.resolve("b.test"));
+        assert_eq!(hosts[2].name, "backup.b.test");
+        orders.insert([hosts[0].name.clone(), hosts[1].name.clone()]);
+    }
+    assert_eq!(
+        orders.len(),
+        2,
+        "both orders of the preference-10 hosts: {orders:?}"
+    );
+}
+
+#[test]
+fn a_domain_without_mx_is_its_own_mail_exchanger() {
+    let dns = Dnsmasq::builder()
+        .host("c.test", "127.0.0.5")
+        .host("c.test", "::5")
+        .start();
+    let mut client = Client::of(&dns);
+    // IPv4 first, then IPv6.
+    assert_eq!(
+        hosts(client.resolve("c.test")),
+        [host("c.test", 0, &["127.0.0.5", "::5"])]
+    );
+}
+
+#[test]
+fn null_mx_is_its_own_answer() {
+    let dns = Dnsmasq::builder()
+        .null_mx("null.test")
+        .host("null.test", "127.0.0.6")
+        .start();
+    let mut client = Client::of(&dns);
+    // The A record is no implicit MX: RFC 7505 says the domain takes no mail at all.
+    assert_eq!(client.resolve("null.test"), Resolution::NullMx);
+}
+
+#[test]
+fn nonexistent_domains_bounce_and_say_why() {
+    let dns = Dnsmasq::builder().host("v6only.test", "::6").start();
+    let mut client = Client::of(&dns);
+    match client.resolve("nx.test") {
+        Resolution::NoSuchDomain(text) => {
+            assert_eq!(text, "nx.test: no such domain (NXDOMAIN)")
+        }
+        other => panic!("expected NoSuchDomain, got {other:?}"),
+    }
+
+    // A domain that exists but has neither MX nor a usable address.
+    let mut v4_only = Client::start(MxConfig {
+        ipv6: false,
+        ..Client::config(dns.addr())
+    });
+    match v4_only.resolve("v6only.test") {
+        Resolution::NoSuchDomain(text) => {
+            assert_eq!(text, "v6only.test: no MX records and no A records")
+        }
+        other => panic!("expected NoSuchDomain, got {other:?}"),
+    }
+    assert_eq!(
+        hosts(client.resolve("v6only.test")),
+        [host("v6only.test", 0, &["::6"])]
+    );
+}
+
+#[test]
+fn mx_hosts_without_addresses_defer() {
+    let dns = Dnsmasq::builder()
+        .mx("ghost.test", "nowhere.ghost.test", 10)
+        .start();
+    let mut client = Client::of(&dns);
+    match client.resolve("ghost.test") {
+        Resolution::TempFail(text) => assert_eq!(
+            text,
+            "ghost.test: its MX hosts have no A or AAAA records (nowhere.ghost.test)"
+        ),
+        other => panic!("expected TempFail, got {other:?}"),
+    }
+}
+
+#[test]
+fn cnames_are_followed() {
+    let dns = Dnsmasq::builder()
+        .mx("d.test", "alias.d.test", 10)
+        .cname("alias.d.test", "real.d.test")
+        .host("real.d.test", "127.0.0.7")
+        .host("e.test", "127.0.0.8")
+        .cname("www.e.test", "e.test")
+        .start();
+    let mut client = Client::of(&dns);
+    // An MX target that is a CNAME: the host keeps the MX's name, with the target's addresses.
+    assert_eq!(
+        hosts(client.resolve("d.test")),
+        [host("alias.d.test", 10, &["127.0.0.7"])]
+    );
+    // A domain that is a CNAME to one without MX: its implicit MX has the target's address.
+    assert_eq!(
+        hosts(client.resolve("www.e.test")),
+        [host("www.e.test", 0, &["127.0.0.8"])]
+    );
+}
+
+#[test]
+fn hosts_and_addresses_are_capped() {
+    let mut builder = Dnsmasq::builder();
+    for (i, preference) in [(1, 10), (2, 20), (3, 30), (4, 40)] {
+        let name = format!("m{i}.many.test");
+        builder = builder
+            .mx("many.test", &name, preference)
+            .host(&name, &format!("127.0.{i}.1"))
+            .host(&name, &format!("127.0.{i}.2"));
+    }
+    let dns = builder.start();
+    let mut client = Client::start(MxConfig {
+        max_hosts: 3,
+        max_addresses: 5,
+        ..Client::config(dns.addr())
+    });
+    let found = hosts(client.resolve("many.test"));
+    assert_eq!(
+        names(&found),
+        ["m1.many.test", "m2.many.test", "m3.many.test"]
+    );
+    let counts: Vec<usize> = found.iter().map(|h| h.addrs.len()).collect();
+    assert_eq!(counts, [2, 2, 1]);
+    // The host past the cap is not even looked up.
+    assert!(
+        !dns.queries().iter().any(|(_, name)| name == "m4.many.test"),
+        "{:?}",
+        dns.queries()
+    );
+}
+
+#[test]
+fn answers_are_cached_for_their_ttl() {
+    let mut dns = Dnsmasq::builder()
+        .ttl(300)
+        .mx("f.test", "mx1.f.test", 10)
+        .mx("f.test", "mx2.f.test", 10)
+        .host("mx1.f.test", "127.0.0.2")
+        .host("mx2.f.test", "127.0.0.3")
+        .start();
+    let mut cached = Client::of(&dns);
+    let mut uncached = Client::start(MxConfig {
+        cache_capacity: 0,
+        // Only its failure after `stop` waits for timeouts.
+        timeout: Duration::from_millis(300),
+        ..Client::config(dns.addr())
+    });
+    let mx_queries = |dns: &Dnsmasq| {
+        let queries = dns.queries();
+        queries
+            .iter()
+            .filter(|q| q.0 == "MX" && q.1 == "f.test")
+            .count()
+    };
+
+    let first = hosts(cached.resolve("f.test"));
+    assert_eq!(mx_queries(&dns), 1);
+    let mut sorted = first.clone();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut orders = HashSet::new();
+    for _ in 0..40 {
+        let again = hosts(cached.resolve("f.test"));
+        orders.insert(again[0].name.clone());
+        let mut again_sorted = again;
+        again_sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(again_sorted, sorted);
+    }
+    assert_eq!(mx_queries(&dns), 1, "answered from the cache");
+    assert_eq!(
+        orders.len(),
+        2,
+        "cached answers are shuffled anew: {orders:?}"
+    );
+
+    assert_eq!(hosts(uncached.resolve("f.test")).len(), 2);
+    assert_eq!(mx_queries(&dns), 2, "no cache: a second query");
+
+    // With the server gone, only the cache can answer.
+    dns.stop();
+    assert_eq!(hosts(cached.resolve("f.test")).len(), 2);
+    assert!(matches!(
+        uncached.resolve("f.test"),
+        Resolution::TempFail(_)
+    ));
+}
+
+#[test]
+fn ipv4_only_drops_aaaa_and_ipv6_only_drops_a() {
+    let dns = Dnsmasq::builder()
+        .mx("dual.test", "mx.dual.test", 10)
+        .host("mx.dual.test", "127.0.0.9")
+        .host("mx.dual.test", "::9")
+        .start();
+    let mut both = Client::of(&dns);
+    assert_eq!(
+        hosts(both.resolve("dual.test")),
+        [host("mx.dual.test", 10, &["127.0.0.9", "::9"])]
+    );
+
+    let dns = Dnsmasq::builder()
+        .mx("dual.test", "mx.dual.test", 10)
+        .host("mx.dual.test", "127.0.0.9")
+        .host("mx.dual.test", "::9")
+        .start();
+    let mut v4 = Client::start(MxConfig {
+        ipv6: false,
+        ..Client::config(dns.addr())
+    });
+    assert_eq!(
+        hosts(v4.resolve("dual.test")),
+        [host("mx.dual.test", 10, &["127.0.0.9"])]
+    );
+    assert!(
+        !dns.queries().iter().any(|(kind, _)| kind == "AAAA"),
+        "no AAAA query when IPv6 is off: {:?}",
+        dns.queries()
+    );
+    let mut v6 = Client::start(MxConfig {
+        ipv4: false,
+        ..Client::config(dns.addr())
+    });
+    assert_eq!(
+        hosts(v6.resolve("dual.test")),
+        [host("mx.dual.test", 10, &["::9"])]
+    );
+}
+
+#[test]
+fn a_silent_nameserver_defers_and_requests_for_a_domain_share_one_answer() {
+    let silent = SilentNameserver::start();
+    let mut client = Client::start(MxConfig {
+        timeout: Duration::from_millis(300),
+        ..Client::config(silent.addr())
+    });
+    // The lookup takes two timeouts: all ten requests arrive while it runs.
+    for _ in 0..10 {
+        client.resolver.resolve("slow.test");
+    }
+    let (domain, resolution) = client.next();
+    assert_eq!(domain, "slow.test");
+    match resolution {
+        Resolution::TempFail(text) => {
+            assert!(text.starts_with("slow.test: MX lookup failed: "), "{text}")
+        }
+        other => panic!("expected TempFail, got {other:?}"),
+    }
+    client.assert_no_answer_within(Duration::from_millis(300));
+    // The failure is remembered briefly: the next request is answered at once, from the cache.
+    assert!(matches!(
+        client.resolve("slow.test"),
+        Resolution::TempFail(_)
+    ));
+}
+
+#[test]
+fn many_domains_at_once_each_get_one_answer() {
+    let mut builder = Dnsmasq::builder();
+    for i in 0..300 {
+        builder = builder.mx(&format!("d{i}.bulk.test"), "mx.hosting.test", 10);
+    }
+    let dns = builder.host("mx.hosting.test", "127.0.0.10").start();
+    let mut client = Client::of(&dns);
+    // More than the lookups allowed at once (256): the rest wait their turn.
+    for i in 0..300 {
+        client.resolver.resolve(&format!("d{i}.bulk.test"));
+    }
+    let mut answered = HashSet::new();
+    for _ in 0..300 {
+        let (domain, resolution) = client.next();
+        assert_eq!(
+            hosts(resolution),
+            [host("mx.hosting.test", 10, &["127.0.0.10"])]
+        );
+        assert!(answered.insert(domain.clone()), "{domain} answered twice");
+    }
+    client.assert_no_answer_within(Duration::from_millis(200));
+}
+
+#[test]
+fn address_literals_and_idns() {
+    let dns = Dnsmasq::builder()
+        .mx("xn--bcher-kva.test", "mx.xn--bcher-kva.test", 10)
+        .host("mx.xn--bcher-kva.test", "127.0.0.11")
+        .start();
+    let mut client = Client::of(&dns);
+    assert_eq!(
+        hosts(client.resolve("[127.0.0.12]")),
+        [host("127.0.0.12", 0, &["127.0.0.12"])]
+    );
+    assert_eq!(
+        hosts(client.resolve("[IPv6:::1]")),
+        [host("::1", 0, &["::1"])]
+    );
+    assert!(
+        dns.queries().is_empty(),
+        "literals need no DNS: {:?}",
+        dns.queries()
+    );
+    // A U-label domain is looked up by its A-label form; the answer keeps the caller's key.
+    assert_eq!(
+        hosts(client.resolve("Bücher.test")),
+        [host("mx.xn--bcher-kva.test", 10, &["127.0.0.11"])]
+    );
+}
+
+#[test]
+fn after_shutdown_requests_are_ignored() {
+    let dns = Dnsmasq::builder().host("g.test", "127.0.0.13").start();
+    let mut client = Client::of(&dns);
+    assert_eq!(hosts(client.resolve("g.test")).len(), 1);
+    let clone = client.resolver.clone();
+    clone.shutdown();
+    client.resolver.resolve("g.test");
+    client.assert_no_answer_within(Duration::from_millis(200));
+}
