@@ -210,6 +210,9 @@ pub struct Config {
     pub limit_overrides: Vec<shaping::LimitOverride>,
     /// Slow start, backoff and dead-destination settings.
     pub adaptive: shaping::Adaptive,
+    /// Deliver straight to each domain's mail exchangers (RFC 5321 5.1) when no relay or
+    /// route applies.
+    pub mx: Option<crate::route::mx::MxConfig>,
 }
 
 impl Config {
@@ -247,6 +250,7 @@ impl Default for Config {
             connections_per_minute: None,
             limit_overrides: Vec::new(),
             adaptive: shaping::Adaptive::default(),
+            mx: None,
         }
     }
 }
@@ -361,6 +365,13 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Deliver directly to each recipient domain's MX hosts (for domains without a route, and
+    /// instead of a relay). Lookups run on a resolver thread per loop.
+    pub fn direct_mx(mut self, mx: crate::route::mx::MxConfig) -> Self {
+        self.config.mx = Some(mx);
+        self
+    }
+
     /// At most this many transactions per second to each destination.
     pub fn messages_per_second(mut self, rate: f64) -> Self {
         self.config.messages_per_second = Some(rate);
@@ -426,9 +437,9 @@ fn validate(c: &Config) -> Result<()> {
         }
     };
     check(
-        !c.routes.is_empty(),
+        !c.routes.is_empty() || c.mx.is_some(),
         "relay",
-        "no relay or route is configured",
+        "no relay, route or direct MX delivery is configured",
     )?;
     let name = &c.session.ehlo_name;
     check(
@@ -714,7 +725,7 @@ mod tests {
         let e = Dispatcher::builder().start().unwrap_err();
         assert_eq!(
             e.to_string(),
-            "config relay: no relay or route is configured"
+            "config relay: no relay, route or direct MX delivery is configured"
         );
         let e = Dispatcher::builder()
             .relay("127.0.0.1:2525")

@@ -8,14 +8,17 @@
 //! ingress bound limits what is in flight).
 
 use super::classify::Category;
+mod mx;
+
 use super::conn::{Conn, ReadOutcome};
 use super::pool::{ConnRef, Destination};
-use super::shaping::Shaper;
 use super::tls::{server_name, TlsConfigs};
 use super::{Config, Event, EventKind, Shared};
 use crate::error::Result;
 use crate::message::Address;
-use crate::queue::{Envelope, Ingress, Job, RetrySchedule, Submission};
+use crate::queue::{Envelope, Ingress, Job, MxJob, RetrySchedule, Submission};
+use crate::route::mx::MxResolver;
+use crate::route::Target;
 use crate::smtp::{
     EnhancedCode, RcptResult, Reply, Session, SessionConfig, SessionEvent, StartTls, Transaction,
 };
@@ -43,9 +46,24 @@ pub(super) fn spawn(
 ) -> Result<(Arc<Ingress>, JoinHandle<()>)> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let (ingress, receiver) = Ingress::new(config.queue_capacity, waker);
+    let (ingress, receiver) = Ingress::new(config.queue_capacity, Arc::clone(&waker));
     let ingress = Arc::new(ingress);
+    let resolver = match &config.mx {
+        Some(mx) => Some(MxResolver::start(mx.clone(), Arc::clone(&waker))?),
+        None => None,
+    };
     let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared, tls);
+    if let Some((resolver, answers)) = resolver {
+        // DNS failures are accounted to a destination that is never connected to.
+        let d = reactor.add_destination(Target {
+            name: "(dns)".into(),
+            host: String::new(),
+            addrs: Vec::new(),
+            implicit_tls: false,
+        });
+        let capacity = reactor.config.mx.as_ref().map_or(0, |m| m.cache_capacity);
+        reactor.mx = Some(mx::MxState::new(resolver, answers, d, capacity));
+    }
     let thread = std::thread::Builder::new()
         .name(format!("mxpipe-loop-{index}"))
         .spawn(move || reactor.run())?;
@@ -77,6 +95,7 @@ struct Reactor {
     changed: bool,
     stop_by: Option<Instant>,
     tls: TlsConfigs,
+    mx: Option<mx::MxState>,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -95,42 +114,34 @@ impl Reactor {
         shared: Arc<Shared>,
         tls: TlsConfigs,
     ) -> Self {
-        let destinations: Vec<Destination> = config
-            .routes
-            .targets()
-            .iter()
-            .cloned()
-            .map(|target| {
-                let limits = config.limits_for(&target.host);
-                let metrics = shared
-                    .registry
-                    .destination(&Arc::from(target.name.as_str()));
-                Destination::new(target, Shaper::new(limits, &config.adaptive), metrics)
-            })
-            .collect();
-        let n = destinations.len();
-        Reactor {
+        let targets: Vec<Target> = config.routes.targets().to_vec();
+        let mut reactor = Reactor {
             poll,
             receiver,
             ingress,
             session_config: Arc::new(config.session.clone()),
             config,
             shared,
-            destinations,
+            destinations: Vec::new(),
             conns: Slab::with_capacity(1024),
             timers: BinaryHeap::new(),
             wakes: BinaryHeap::new(),
             retries: RetrySchedule::default(),
             read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
-            dirty: Vec::with_capacity(n),
-            is_dirty: vec![false; n],
+            dirty: Vec::new(),
+            is_dirty: Vec::new(),
             held: 0,
             next_tag: 1,
             next_generation: 1,
             changed: false,
             stop_by: None,
             tls,
+            mx: None,
+        };
+        for target in targets {
+            reactor.add_destination(target);
         }
+        reactor
     }
 
     fn run(&mut self) {
@@ -157,6 +168,7 @@ impl Reactor {
                 self.on_socket(event.token().0, readiness, now);
             }
             self.take_submissions(now);
+            self.take_resolutions(now);
             self.on_timers(now);
             self.on_wakes(now);
             self.on_retries(now);
@@ -236,37 +248,69 @@ impl Reactor {
         let config = Arc::clone(&self.config);
         let routes = &config.routes;
         if routes.is_single_target() {
-            let destination = routes.lookup("").expect("a relay is configured");
-            self.enqueue_split(&envelope, message.recipients, destination, now);
-            return;
+            if let Some(destination) = routes.lookup("") {
+                self.enqueue_split(&envelope, message.recipients, destination, 0, None, now);
+                return;
+            }
         }
-        let mut groups: Vec<(usize, Vec<Address>)> = Vec::new();
+        // Static routes first; then MX; recipients sharing a destination (and, for MX, the
+        // same list of exchangers) share a transaction.
+        let mut groups: Vec<(usize, Option<MxJob>, Vec<Address>)> = Vec::new();
+        let mut by_domain: Vec<(String, Vec<Address>)> = Vec::new();
         for recipient in message.recipients {
-            match routes.lookup(recipient.domain()) {
-                Some(d) => match groups.iter_mut().find(|(g, _)| *g == d) {
+            if let Some(d) = routes.lookup(recipient.domain()) {
+                match groups.iter_mut().find(|(g, mx, _)| *g == d && mx.is_none()) {
+                    Some((_, _, list)) => list.push(recipient),
+                    None => groups.push((d, None, vec![recipient])),
+                }
+                continue;
+            }
+            if self.mx.is_some() {
+                let domain = recipient.domain().to_ascii_lowercase();
+                match by_domain.iter_mut().find(|(d, _)| *d == domain) {
                     Some((_, list)) => list.push(recipient),
-                    None => groups.push((d, vec![recipient])),
-                },
-                None => {
-                    let reply = Reply::new(
-                        0,
-                        Some(EnhancedCode::new(5, 4, 4)),
-                        format!("no route to domain {}", recipient.domain()),
-                    );
-                    self.finish_recipient(
-                        EventKind::Bounced,
-                        &envelope,
-                        recipient,
-                        reply,
-                        None,
-                        0,
-                        now,
-                    );
+                    None => by_domain.push((domain, vec![recipient])),
+                }
+                continue;
+            }
+            let reply = Reply::new(
+                0,
+                Some(EnhancedCode::new(5, 4, 4)),
+                format!("no route to domain {}", recipient.domain()),
+            );
+            self.finish_recipient(
+                EventKind::Bounced,
+                &envelope,
+                recipient,
+                reply,
+                None,
+                0,
+                now,
+            );
+        }
+        for (domain, list) in by_domain {
+            let (choice, list) = self.route_mx(&envelope, &domain, list, 0, now);
+            if let mx::MxChoice::Ready(route) = choice {
+                let same = groups.iter_mut().find(|(_, mx, _)| {
+                    mx.as_ref()
+                        .and_then(|m| m.route.as_ref())
+                        .is_some_and(|r| r.candidates == route.candidates)
+                });
+                match same {
+                    Some((_, _, existing)) => existing.extend(list),
+                    None => {
+                        let mx_job = MxJob {
+                            domain: Arc::from(domain.as_str()),
+                            route: Some(Arc::clone(&route)),
+                            candidate: 0,
+                        };
+                        groups.push((route.candidates[0], Some(mx_job), list));
+                    }
                 }
             }
         }
-        for (destination, list) in groups {
-            self.enqueue_split(&envelope, list, destination, now);
+        for (destination, mx_job, list) in groups {
+            self.enqueue_split(&envelope, list, destination, 0, mx_job, now);
         }
     }
 
@@ -275,6 +319,8 @@ impl Reactor {
         envelope: &Arc<Envelope>,
         mut recipients: Vec<Address>,
         destination: usize,
+        attempts: u32,
+        mx_job: Option<MxJob>,
         now: Instant,
     ) {
         let max = self.destinations[destination]
@@ -288,7 +334,8 @@ impl Reactor {
                     envelope: Arc::clone(envelope),
                     recipients,
                     destination,
-                    attempts: 0,
+                    attempts,
+                    mx: mx_job.clone(),
                 },
                 now,
             );
@@ -299,7 +346,8 @@ impl Reactor {
                 envelope: Arc::clone(envelope),
                 recipients,
                 destination,
-                attempts: 0,
+                attempts,
+                mx: mx_job,
             },
             now,
         );
@@ -310,6 +358,10 @@ impl Reactor {
     fn enqueue(&mut self, job: Job, now: Instant) {
         let d = job.destination;
         if let Some(until) = self.destinations[d].shaper.dead_until.filter(|&t| t > now) {
+            // Another exchanger of the domain may be alive.
+            let Err(job) = self.next_exchanger(job, now) else {
+                return;
+            };
             let reply = Reply::new(
                 0,
                 Some(EnhancedCode::new(4, 4, 1)),
@@ -325,7 +377,7 @@ impl Reactor {
                 .map(|r| (r, reply.clone()))
                 .collect();
             let due = until + self.config.retry.delay(1).mul_f64(0.1);
-            self.defer_until(&job.envelope, failures, d, job.attempts, due, now);
+            self.defer_until(&job.envelope, failures, d, job.attempts, job.mx, due, now);
             return;
         }
         self.destinations[d].push_back(job);
@@ -813,7 +865,9 @@ impl Reactor {
                 .stats
                 .active
                 .fetch_add(job.recipients.len() as u64, Ordering::AcqRel);
-            self.enqueue(job, now);
+            if let Some(job) = self.retry_mx(job, now) {
+                self.enqueue(job, now);
+            }
         }
     }
 
@@ -886,10 +940,18 @@ impl Reactor {
                 recipients: again,
                 destination: job.destination,
                 attempts: job.attempts,
+                mx: job.mx.clone(),
             });
         }
         if !transient.is_empty() {
-            self.defer(&job.envelope, transient, job.destination, attempts, now);
+            self.defer(
+                &job.envelope,
+                transient,
+                job.destination,
+                attempts,
+                job.mx,
+                now,
+            );
         }
     }
 
@@ -915,41 +977,62 @@ impl Reactor {
         self.mark_dirty(d);
     }
 
-    /// Every job queued for a destination that cannot be reached is deferred with `reply`.
+    /// Every job queued for a destination that cannot be reached moves to its domain's next
+    /// exchanger (MX), or is deferred with `reply`.
     fn destination_failed(&mut self, d: usize, reply: Reply, now: Instant) {
         let jobs: Vec<Job> = self.destinations[d].drain();
         for job in jobs {
+            let Err(job) = self.next_exchanger(job, now) else {
+                continue;
+            };
             let attempts = job.attempts + 1;
             let failures = job
                 .recipients
                 .into_iter()
                 .map(|r| (r, reply.clone()))
                 .collect();
-            self.defer(&job.envelope, failures, d, attempts, now);
+            self.defer(&job.envelope, failures, d, attempts, job.mx, now);
         }
+    }
+
+    /// Deferral of recipients routed by MX (used for DNS failures).
+    fn defer_mx(
+        &mut self,
+        envelope: &Arc<Envelope>,
+        failures: Vec<(Address, Reply)>,
+        destination: usize,
+        attempts: u32,
+        mx_job: MxJob,
+        now: Instant,
+    ) {
+        self.defer(envelope, failures, destination, attempts, Some(mx_job), now);
     }
 
     /// Temporary failures: Deferred with a retry time from the schedule, or Expired past the
     /// maximum age.
+    #[allow(clippy::too_many_arguments)]
     fn defer(
         &mut self,
         envelope: &Arc<Envelope>,
         failures: Vec<(Address, Reply)>,
         destination: usize,
         attempts: u32,
+        mx: Option<MxJob>,
         now: Instant,
     ) {
         let due = now + self.config.retry.delay(attempts);
-        self.defer_until(envelope, failures, destination, attempts, due, now);
+        self.defer_until(envelope, failures, destination, attempts, mx, due, now);
     }
 
     /// Temporary failures retried at `due`, or Expired when that is past the maximum age.
+    #[allow(clippy::too_many_arguments)]
     fn defer_until(
         &mut self,
         envelope: &Arc<Envelope>,
         failures: Vec<(Address, Reply)>,
         destination: usize,
         attempts: u32,
+        mx: Option<MxJob>,
         due: Instant,
         now: Instant,
     ) {
@@ -1002,6 +1085,7 @@ impl Reactor {
                 recipients,
                 destination,
                 attempts,
+                mx,
             },
         );
     }

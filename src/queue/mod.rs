@@ -32,4 +32,23 @@ pub struct Job {
     pub destination: usize,
     /// Delivery attempts already made for these recipients.
     pub attempts: u32,
+    /// For direct-to-MX delivery: the domain and its mail exchangers.
+    pub mx: Option<MxJob>,
+}
+
+/// Where an MX-routed job may go: the candidates (destination indices: one per MX host and
+/// address, most preferred first), shared by every job of the domain.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MxRoute {
+    pub candidates: Vec<usize>,
+}
+
+/// The MX part of a job: its domain, the route once resolved, and which candidate it is at.
+#[derive(Debug, Clone)]
+pub struct MxJob {
+    /// The recipient domain, as the resolver keys it.
+    pub domain: Arc<str>,
+    /// `None` until resolved (or after a DNS failure: resolved again on retry).
+    pub route: Option<Arc<MxRoute>>,
+    pub candidate: usize,
 }

@@ -172,7 +172,17 @@ impl SmtpSink {
         SmtpSink::spawn(ip, args, 1024, true)
     }
 
+    /// Like [`SmtpSink::start_on`] on a given port (MX tests need every exchanger on the
+    /// port the resolver is told to use).
+    pub fn start_on_port(ip: &str, port: u16, args: &[&str]) -> SmtpSink {
+        SmtpSink::spawn_on(ip, Some(port), args, 1024, false)
+    }
+
     fn spawn(ip: &str, args: &[&str], backlog: u32, dump: bool) -> SmtpSink {
+        SmtpSink::spawn_on(ip, None, args, backlog, dump)
+    }
+
+    fn spawn_on(ip: &str, port: Option<u16>, args: &[&str], backlog: u32, dump: bool) -> SmtpSink {
         require_tool(SMTP_SINK);
         let ip_addr: IpAddr = ip.parse().unwrap_or_else(|e| panic!("bad IP {ip:?}: {e}"));
         let dir = fresh_temp_dir("smtp-sink");
@@ -188,7 +198,7 @@ impl SmtpSink {
         let mut last_log = String::new();
         // A free port can be taken between free_port() and smtp-sink's bind: retry a few times.
         for _attempt in 0..5 {
-            let addr = SocketAddr::new(ip_addr, free_port(ip));
+            let addr = SocketAddr::new(ip_addr, port.unwrap_or_else(|| free_port(ip)));
             let listen = match ip_addr {
                 IpAddr::V4(_) => format!("{ip_addr}:{}", addr.port()),
                 IpAddr::V6(_) => format!("[{ip_addr}]:{}", addr.port()),

@@ -1,0 +1,338 @@
+//! Direct-to-MX routing inside the loop (RFC 5321 5.1): recipients of unresolved domains wait
+//! while the resolver thread looks them up; answers become routes over one destination per MX
+//! host and address, so that every domain hosted on the same exchanger shares its pool and
+//! limits. Jobs move to the next exchanger when one cannot be reached. No lookup ever runs on
+//! the loop thread: answers arrive on a channel, with the loop's waker.
+
+use super::Reactor;
+use crate::engine::pool::Destination;
+use crate::engine::shaping::Shaper;
+use crate::engine::EventKind;
+use crate::message::Address;
+use crate::queue::{Envelope, Job, MxJob, MxRoute};
+use crate::route::mx::{MxResolver, Resolution};
+use crate::route::Target;
+use crate::smtp::{EnhancedCode, Reply};
+use crossbeam_channel::Receiver;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the loop keeps a resolved route before asking the resolver again (which answers
+/// from its own TTL-bound cache when it can).
+const ROUTE_LIFETIME: Duration = Duration::from_secs(60);
+
+/// What the loop knows about a domain.
+enum DomainRoute {
+    /// Being resolved: the recipients waiting for the answer, per message.
+    Pending(Vec<(Arc<Envelope>, Vec<Address>, u32)>),
+    Ready {
+        route: Arc<MxRoute>,
+        until: Instant,
+    },
+}
+
+pub(super) struct MxState {
+    resolver: MxResolver,
+    answers: Receiver<(String, Resolution)>,
+    domains: HashMap<Arc<str>, DomainRoute>,
+    /// Destinations by (MX host, address).
+    by_host: HashMap<(String, SocketAddr), usize>,
+    /// The pseudo-destination that DNS failures are accounted to.
+    pub(super) resolver_destination: usize,
+    capacity: usize,
+}
+
+impl MxState {
+    pub(super) fn new(
+        resolver: MxResolver,
+        answers: Receiver<(String, Resolution)>,
+        resolver_destination: usize,
+        capacity: usize,
+    ) -> Self {
+        MxState {
+            resolver,
+            answers,
+            domains: HashMap::new(),
+            by_host: HashMap::new(),
+            resolver_destination,
+            capacity: capacity.max(1024),
+        }
+    }
+}
+
+impl Drop for MxState {
+    fn drop(&mut self) {
+        self.resolver.shutdown();
+    }
+}
+
+/// Where a domain's recipients go right now.
+pub(super) enum MxChoice {
+    /// The candidate to use first (the job starts there).
+    Ready(Arc<MxRoute>),
+    /// Waiting for the resolver; the recipients were parked.
+    Parked,
+}
+
+impl Reactor {
+    /// Routes one message's recipients of `domain` by MX; returns the route when known, or
+    /// parks them until the resolver answers.
+    pub(super) fn route_mx(
+        &mut self,
+        envelope: &Arc<Envelope>,
+        domain: &str,
+        recipients: Vec<Address>,
+        attempts: u32,
+        now: Instant,
+    ) -> (MxChoice, Vec<Address>) {
+        let mx = self.mx.as_mut().expect("MX routing is on");
+        let key: Arc<str> = Arc::from(MxResolver::domain_key(domain));
+        match mx.domains.get_mut(&key) {
+            Some(DomainRoute::Ready { route, until }) if *until > now => {
+                return (MxChoice::Ready(Arc::clone(route)), recipients);
+            }
+            Some(DomainRoute::Pending(waiting)) => {
+                match waiting
+                    .iter_mut()
+                    .find(|(e, _, a)| Arc::ptr_eq(e, envelope) && *a == attempts)
+                {
+                    Some((_, list, _)) => list.extend(recipients),
+                    None => waiting.push((Arc::clone(envelope), recipients, attempts)),
+                }
+                return (MxChoice::Parked, Vec::new());
+            }
+            _ => {}
+        }
+        if mx.domains.len() >= mx.capacity {
+            // Bounded: forget resolved routes (they are cheap to ask for again), never the
+            // recipients waiting for an answer.
+            mx.domains
+                .retain(|_, r| matches!(r, DomainRoute::Pending(_)));
+        }
+        mx.domains.insert(
+            Arc::clone(&key),
+            DomainRoute::Pending(vec![(Arc::clone(envelope), recipients, attempts)]),
+        );
+        mx.resolver.resolve(&key);
+        (MxChoice::Parked, Vec::new())
+    }
+
+    /// Takes the resolver's answers and releases the recipients that waited for them.
+    pub(super) fn take_resolutions(&mut self, now: Instant) {
+        let Some(mx) = self.mx.as_ref() else {
+            return;
+        };
+        let answers: Vec<(String, Resolution)> = mx.answers.try_iter().collect();
+        for (domain, resolution) in answers {
+            self.resolved(domain, resolution, now);
+        }
+    }
+
+    fn resolved(&mut self, domain: String, resolution: Resolution, now: Instant) {
+        let key: Arc<str> = Arc::from(domain.as_str());
+        let mx = self.mx.as_mut().expect("MX routing is on");
+        let waiting = match mx.domains.remove(&key) {
+            Some(DomainRoute::Pending(waiting)) => waiting,
+            Some(ready) => {
+                // An answer nobody waits for (already resolved): keep what we had.
+                mx.domains.insert(key, ready);
+                return;
+            }
+            None => Vec::new(),
+        };
+        match resolution {
+            Resolution::Hosts(hosts) => {
+                let mut candidates = Vec::new();
+                for host in hosts.iter() {
+                    for &addr in &host.addrs {
+                        candidates.push(self.mx_destination(&host.name, addr));
+                    }
+                }
+                let route = Arc::new(MxRoute { candidates });
+                let mx = self.mx.as_mut().expect("MX routing is on");
+                mx.domains.insert(
+                    Arc::clone(&key),
+                    DomainRoute::Ready {
+                        route: Arc::clone(&route),
+                        until: now + ROUTE_LIFETIME,
+                    },
+                );
+                for (envelope, recipients, attempts) in waiting {
+                    let mx_job = MxJob {
+                        domain: Arc::clone(&key),
+                        route: Some(Arc::clone(&route)),
+                        candidate: 0,
+                    };
+                    self.enqueue_split(
+                        &envelope,
+                        recipients,
+                        route.candidates[0],
+                        attempts,
+                        Some(mx_job),
+                        now,
+                    );
+                }
+            }
+            Resolution::NullMx => {
+                let reply = Reply::new(
+                    0,
+                    Some(EnhancedCode::new(5, 1, 10)),
+                    format!("{domain} does not accept mail (null MX, RFC 7505)"),
+                );
+                self.bounce_waiting(waiting, &reply, now);
+            }
+            Resolution::NoSuchDomain(text) => {
+                let reply = Reply::new(0, Some(EnhancedCode::new(5, 1, 2)), text);
+                self.bounce_waiting(waiting, &reply, now);
+            }
+            Resolution::TempFail(text) => {
+                let reply = Reply::new(
+                    0,
+                    Some(EnhancedCode::new(4, 4, 3)),
+                    format!("DNS lookup for {domain} failed: {text}"),
+                );
+                let d = self
+                    .mx
+                    .as_ref()
+                    .expect("MX routing is on")
+                    .resolver_destination;
+                for (envelope, recipients, attempts) in waiting {
+                    let failures = recipients.into_iter().map(|r| (r, reply.clone())).collect();
+                    let job_mx = MxJob {
+                        domain: Arc::clone(&key),
+                        route: None,
+                        candidate: 0,
+                    };
+                    self.defer_mx(&envelope, failures, d, attempts + 1, job_mx, now);
+                }
+            }
+        }
+    }
+
+    fn bounce_waiting(
+        &mut self,
+        waiting: Vec<(Arc<Envelope>, Vec<Address>, u32)>,
+        reply: &Reply,
+        now: Instant,
+    ) {
+        for (envelope, recipients, attempts) in waiting {
+            for r in recipients {
+                self.finish_recipient(
+                    EventKind::Bounced,
+                    &envelope,
+                    r,
+                    reply.clone(),
+                    None,
+                    attempts,
+                    now,
+                );
+            }
+        }
+    }
+
+    /// The destination of one MX host and address, created on first use.
+    fn mx_destination(&mut self, host: &str, addr: SocketAddr) -> usize {
+        let mx = self.mx.as_mut().expect("MX routing is on");
+        if let Some(&d) = mx.by_host.get(&(host.to_string(), addr)) {
+            return d;
+        }
+        let target = Target {
+            name: format!("{host}[{}]:{}", addr.ip(), addr.port()),
+            host: host.to_string(),
+            addrs: vec![addr],
+            implicit_tls: false,
+        };
+        let d = self.add_destination(target);
+        self.mx
+            .as_mut()
+            .expect("MX routing is on")
+            .by_host
+            .insert((host.to_string(), addr), d);
+        d
+    }
+
+    /// Adds a destination to the table (static targets at start, MX hosts as they appear).
+    pub(super) fn add_destination(&mut self, target: Target) -> usize {
+        let limits = self.config.limits_for(&target.host);
+        let metrics = self
+            .shared
+            .registry
+            .destination(&Arc::from(target.name.as_str()));
+        let dest = Destination::new(target, Shaper::new(limits, &self.config.adaptive), metrics);
+        self.destinations.push(dest);
+        self.is_dirty.push(false);
+        self.destinations.len() - 1
+    }
+
+    /// The first candidate at or after `from` that is not marked dead.
+    pub(super) fn live_candidate(
+        &self,
+        route: &MxRoute,
+        from: usize,
+        now: Instant,
+    ) -> Option<usize> {
+        (from..route.candidates.len())
+            .find(|&i| !self.destinations[route.candidates[i]].shaper.is_dead(now))
+    }
+
+    /// Moves an MX job to its next live exchanger; gives it back when there is none.
+    pub(super) fn next_exchanger(&mut self, mut job: Job, now: Instant) -> Result<(), Job> {
+        let Some(mx) = job.mx.as_mut() else {
+            return Err(job);
+        };
+        let Some(route) = mx.route.clone() else {
+            return Err(job);
+        };
+        match self.live_candidate(&route, mx.candidate + 1, now) {
+            Some(i) => {
+                mx.candidate = i;
+                job.destination = route.candidates[i];
+                let d = job.destination;
+                self.destinations[d].push_back(job);
+                self.mark_dirty(d);
+                Ok(())
+            }
+            None => Err(job),
+        }
+    }
+
+    /// A job due for retry: MX jobs start again from the most preferred live exchanger, or
+    /// are resolved again when their last attempt failed in DNS.
+    pub(super) fn retry_mx(&mut self, mut job: Job, now: Instant) -> Option<Job> {
+        let Some(mx) = job.mx.as_mut() else {
+            return Some(job);
+        };
+        match mx.route.clone() {
+            Some(route) => {
+                let i = self.live_candidate(&route, 0, now).unwrap_or(0);
+                mx.candidate = i;
+                job.destination = route.candidates[i];
+                Some(job)
+            }
+            None => {
+                let domain = Arc::clone(&mx.domain);
+                let envelope = Arc::clone(&job.envelope);
+                let (choice, recipients) =
+                    self.route_mx(&envelope, &domain, job.recipients, job.attempts, now);
+                if let MxChoice::Ready(route) = choice {
+                    let mx_job = MxJob {
+                        domain,
+                        route: Some(Arc::clone(&route)),
+                        candidate: 0,
+                    };
+                    self.enqueue_split(
+                        &envelope,
+                        recipients,
+                        route.candidates[0],
+                        job.attempts,
+                        Some(mx_job),
+                        now,
+                    );
+                }
+                None
+            }
+        }
+    }
+}
