@@ -487,3 +487,22 @@ fn several_loops_deliver_everything() {
     assert!(f.values().all(|e| e.kind == EventKind::Delivered));
     assert!(d.stats().connections_opened <= 8);
 }
+
+#[test]
+fn connections_come_from_the_configured_source_addresses() {
+    let sink = SmtpSink::start_dumping("127.0.0.1", &[]);
+    let d = Dispatcher::builder()
+        .relay(&sink.addr().to_string())
+        .source_address("127.0.0.42".parse().unwrap())
+        .max_connections_per_destination(1)
+        .retry(quick_retry(5_000))
+        .start()
+        .unwrap();
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test"], b"Subject: src\r\n\r\nx\r\n").unwrap())
+        .unwrap();
+    let f = finals(&finish(&d));
+    assert_eq!(f["a@r.test"].kind, EventKind::Delivered);
+    let dumps = sink.dumps();
+    assert_eq!(dumps.len(), 1);
+    assert_eq!(dumps[0].client_addr, "127.0.0.42");
+}

@@ -213,6 +213,9 @@ pub struct Config {
     /// Deliver straight to each domain's mail exchangers (RFC 5321 5.1) when no relay or
     /// route applies.
     pub mx: Option<crate::route::mx::MxConfig>,
+    /// Local addresses to send from (egress IPs), used in turn for new connections of the
+    /// same address family; empty: the system chooses.
+    pub source_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Config {
@@ -251,6 +254,7 @@ impl Default for Config {
             limit_overrides: Vec::new(),
             adaptive: shaping::Adaptive::default(),
             mx: None,
+            source_addresses: Vec::new(),
         }
     }
 }
@@ -369,6 +373,12 @@ impl DispatcherBuilder {
     /// instead of a relay). Lookups run on a resolver thread per loop.
     pub fn direct_mx(mut self, mx: crate::route::mx::MxConfig) -> Self {
         self.config.mx = Some(mx);
+        self
+    }
+
+    /// Sends from this local address (call again to add more: they are used in turn).
+    pub fn source_address(mut self, ip: std::net::IpAddr) -> Self {
+        self.config.source_addresses.push(ip);
         self
     }
 

@@ -27,6 +27,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -96,6 +97,8 @@ struct Reactor {
     stop_by: Option<Instant>,
     tls: TlsConfigs,
     mx: Option<mx::MxState>,
+    /// Round-robin position in the source addresses.
+    next_source: usize,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -137,6 +140,7 @@ impl Reactor {
             stop_by: None,
             tls,
             mx: None,
+            next_source: 0,
         };
         for target in targets {
             reactor.add_destination(target);
@@ -452,7 +456,7 @@ impl Reactor {
 
     fn open(&mut self, d: usize, now: Instant) {
         let addr = self.destinations[d].address();
-        let stream = match mio::net::TcpStream::connect(addr) {
+        let stream = match self.connect(addr) {
             Ok(s) => s,
             Err(e) => {
                 self.destinations[d].rotate_address();
@@ -734,6 +738,36 @@ impl Reactor {
             }
         }
         self.schedule(token);
+    }
+
+    /// Starts a non-blocking connect, from the next configured source address of the same
+    /// family when there are any.
+    fn connect(&mut self, addr: SocketAddr) -> std::io::Result<mio::net::TcpStream> {
+        let sources: Vec<std::net::IpAddr> = self
+            .config
+            .source_addresses
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
+            .collect();
+        if sources.is_empty() {
+            return mio::net::TcpStream::connect(addr);
+        }
+        let source = sources[self.next_source % sources.len()];
+        self.next_source = self.next_source.wrapping_add(1);
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(mio::net::TcpStream::from_std(socket.into()))
     }
 
     /// A TLS client for a new handshake with destination `d`.
