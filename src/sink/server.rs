@@ -1,0 +1,406 @@
+//! The sink's event loop: one `mio::Poll` thread that accepts connections and moves octets
+//! between sockets and [`Session`]s.
+//!
+//! Per readable socket it does one read into a large buffer, lets the session answer every
+//! complete command, and writes all the replies with one call, so a pipelining client costs
+//! about two syscalls per round trip however many commands it batches; over TLS (see
+//! [`TlsLayer`]) it is the same two. The reply delay fault is a deadline in a timer heap that
+//! bounds the poll timeout. This must never block or sleep: one slow client would stall every
+//! other connection.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::ServerConfig;
+use slab::Slab;
+
+use super::session::{Context, End, Session, MAX_LINE};
+use super::tls::{self, TlsLayer};
+use super::{Counters, SinkConfig};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Connection tokens are slab keys offset past the two fixed tokens.
+const FIRST_CONNECTION: usize = 2;
+
+/// Octets read per connection at once. Large, so one read takes in everything a pipelining
+/// client has sent; it must exceed [`MAX_LINE`], because a partial command line stays in the
+/// buffer while more is read behind it.
+const INPUT_CAPACITY: usize = 64 * 1024;
+const _: () = assert!(INPUT_CAPACITY > 2 * MAX_LINE);
+
+struct Connection {
+    stream: TcpStream,
+    /// Every octet goes through it from the 220 to STARTTLS on (implicit TLS: from accept).
+    tls: Option<TlsLayer>,
+    session: Session,
+    /// `input[..filled]` has arrived (decrypted, with TLS) and is not consumed yet.
+    input: Box<[u8]>,
+    filled: usize,
+    /// `output[written..]` is still to be sent.
+    output: Vec<u8>,
+    written: usize,
+    /// Replies are held back until then (`Faults::reply_delay`).
+    held_until: Option<Instant>,
+    /// Tells this connection's timers from those of an earlier one with the same slab key.
+    generation: u64,
+}
+
+/// The listening socket, the connections and the loop that drives them.
+pub(super) struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    waker: Arc<Waker>,
+    connections: Slab<Connection>,
+    context: Context,
+    /// Present when the sink speaks TLS.
+    tls_config: Option<Arc<ServerConfig>>,
+    implicit_tls: bool,
+    /// Held replies, earliest first: (release time, slab key, generation).
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    generations: u64,
+}
+
+impl Server {
+    /// Binds the listening socket, so that an address in use is reported to the caller.
+    pub(super) fn bind(config: SinkConfig, counters: Arc<Counters>) -> io::Result<Server> {
+        let tls_config = config.tls.as_ref().map(tls::server_config).transpose()?;
+        let implicit_tls = config.tls.as_ref().is_some_and(|tls| tls.implicit);
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(config.listen)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(Server {
+            context: Context::new(config, counters)?,
+            tls_config,
+            implicit_tls,
+            poll,
+            listener,
+            waker,
+            connections: Slab::new(),
+            timers: BinaryHeap::new(),
+            generations: 0,
+        })
+    }
+
+    pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub(super) fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    /// Serves until `stop` is set and the waker is woken. Connections still open are closed.
+    pub(super) fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self
+                .timers
+                .peek()
+                .map(|Reverse((due, _, _))| due.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            }
+            for event in &events {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {
+                        if stop.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                    }
+                    Token(token) => self.drive(token - FIRST_CONNECTION),
+                }
+            }
+            if !self.timers.is_empty() {
+                self.release_held_replies();
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let mut stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                // Out of descriptors or memory: the pending connections wait in the backlog
+                // until the next one arrives and wakes the listener again.
+                Err(_) => return,
+            };
+            // Replies are small and written once per batch: Nagle would only add latency.
+            if stream.set_nodelay(true).is_err() {
+                continue;
+            }
+            let tls = match &self.tls_config {
+                Some(config) if self.implicit_tls => match TlsLayer::new(config) {
+                    Ok(layer) => Some(layer),
+                    Err(_) => continue,
+                },
+                _ => None,
+            };
+            let over_limit = self
+                .context
+                .max_connections()
+                .is_some_and(|max| self.connections.len() >= max);
+            let entry = self.connections.vacant_entry();
+            let key = entry.key();
+            // Writable interest from the start costs nothing with edge triggering and saves a
+            // reregistration each time a client stops reading.
+            if self
+                .poll
+                .registry()
+                .register(
+                    &mut stream,
+                    Token(key + FIRST_CONNECTION),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            let mut output = Vec::with_capacity(4096);
+            let counters = self.context.counters();
+            let session = if over_limit {
+                counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+                Session::refuse(&self.context, &mut output)
+            } else {
+                Session::start(&self.context, &mut output)
+            };
+            counters.connections.fetch_add(1, Ordering::Relaxed);
+            self.generations += 1;
+            entry.insert(Connection {
+                stream,
+                tls,
+                session,
+                input: vec![0; INPUT_CAPACITY].into_boxed_slice(),
+                filled: 0,
+                output,
+                written: 0,
+                held_until: None,
+                generation: self.generations,
+            });
+            self.drive(key);
+        }
+    }
+
+    /// Does all that can be done on a connection now, and closes it when it is finished.
+    fn drive(&mut self, key: usize) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            // An event for a connection closed earlier in the same batch.
+            return;
+        };
+        match Self::advance(connection, &mut self.context, self.tls_config.as_ref()) {
+            Progress::Wait => {}
+            Progress::Hold(until) => {
+                connection.held_until = Some(until);
+                self.timers
+                    .push(Reverse((until, key, connection.generation)));
+            }
+            Progress::Close => {
+                let mut connection = self.connections.remove(key);
+                let _ = self.poll.registry().deregister(&mut connection.stream);
+                if connection.session.end() == End::Close {
+                    if let Some(tls) = &mut connection.tls {
+                        tls.close(&mut connection.stream);
+                    }
+                    // Send FIN after the last reply, and take in what the client already sent
+                    // so that closing does not turn into a reset that could discard that reply.
+                    let _ = connection.stream.shutdown(Shutdown::Write);
+                    while matches!(connection.stream.read(&mut connection.input), Ok(n) if n > 0) {}
+                }
+            }
+        }
+    }
+
+    fn advance(
+        connection: &mut Connection,
+        context: &mut Context,
+        tls_config: Option<&Arc<ServerConfig>>,
+    ) -> Progress {
+        if connection.held_until.is_some() {
+            return Progress::Wait;
+        }
+        // Whether reading could still find data: see the short-read note in `receive`.
+        let mut may_read = true;
+        loop {
+            match connection.send() {
+                Sent::All => {}
+                Sent::Blocked => return Progress::Wait,
+                Sent::Failed => return Progress::Close,
+            }
+            // Replies given to rustls during the handshake are not sent yet (an implicit TLS
+            // greeting, or its 421): an ending session waits for them.
+            let handshaking = connection
+                .tls
+                .as_ref()
+                .is_some_and(TlsLayer::is_handshaking);
+            if !handshaking {
+                match connection.session.end() {
+                    End::Open => {}
+                    End::StartTls => {
+                        let Some(layer) = tls_config.and_then(|config| TlsLayer::new(config).ok())
+                        else {
+                            // STARTTLS is only accepted when TLS is configured, and rustls
+                            // refuses a new connection only for a configuration that
+                            // `tls::server_config` would not have built.
+                            return Progress::Close;
+                        };
+                        // RFC 3207 4.2: what the client pipelined behind STARTTLS arrived in
+                        // plaintext and must not be taken as if it came over TLS (the command
+                        // injection of CVE-2011-0411). What arrives from now on is TLS.
+                        connection.filled = 0;
+                        connection.tls = Some(layer);
+                        connection.session.tls_started();
+                    }
+                    End::Close | End::Abort => return Progress::Close,
+                }
+            }
+
+            if connection.session.end() == End::Open {
+                let consumed = connection.session.process(
+                    context,
+                    &connection.input[..connection.filled],
+                    &mut connection.output,
+                );
+                connection.input.copy_within(consumed..connection.filled, 0);
+                connection.filled -= consumed;
+                if !connection.output.is_empty() {
+                    if let Some(delay) = context.reply_delay() {
+                        return Progress::Hold(Instant::now() + delay);
+                    }
+                    continue;
+                }
+                if connection.session.end() != End::Open {
+                    continue;
+                }
+            }
+
+            match connection.receive(&mut may_read, context.counters()) {
+                Received::Input(_) => {}
+                Received::Wait => return Progress::Wait,
+                Received::End => return Progress::Close,
+            }
+        }
+    }
+
+    /// Releases the replies whose delay is over and carries on with those connections.
+    fn release_held_replies(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, key, generation))) = self.timers.peek() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(connection) = self.connections.get_mut(key) {
+                if connection.generation == generation {
+                    connection.held_until = None;
+                    self.drive(key);
+                }
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// Writes the pending replies until they are all out or the socket is full.
+    fn send(&mut self) -> Sent {
+        if let Some(tls) = &mut self.tls {
+            return tls.send(&mut self.output, &mut self.stream);
+        }
+        while self.written < self.output.len() {
+            match self.stream.write(&self.output[self.written..]) {
+                Ok(0) => return Sent::Failed,
+                Ok(n) => self.written += n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Sent::Blocked,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Sent::Failed,
+            }
+        }
+        self.output.clear();
+        self.written = 0;
+        Sent::All
+    }
+
+    /// Takes in more input behind `input[..filled]`; reads the socket only when `may_read`.
+    fn receive(&mut self, may_read: &mut bool, counters: &Counters) -> Received {
+        // The session consumes everything but a partial line shorter than MAX_LINE, so there
+        // is always room here (an empty read buffer would look like end of stream).
+        let room = &mut self.input[self.filled..];
+        debug_assert!(!room.is_empty());
+        let received = match &mut self.tls {
+            Some(tls) => tls.receive(&mut self.stream, room, may_read, counters),
+            None if !*may_read => Received::Wait,
+            None => loop {
+                match self.stream.read(room) {
+                    Ok(0) => break Received::End,
+                    Ok(n) => {
+                        // epoll reports every arrival of new data to an edge-triggered socket,
+                        // so a read that did not fill the buffer has drained it: skip the read
+                        // that would only return WouldBlock.
+                        *may_read = n == room.len();
+                        break Received::Input(n);
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        break Received::Wait
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break Received::End,
+                }
+            },
+        };
+        if let Received::Input(n) = received {
+            self.filled += n;
+        }
+        received
+    }
+}
+
+/// How far [`Connection::send`] got.
+pub(super) enum Sent {
+    /// Every reply is on the wire (with TLS: or waits inside rustls for the handshake).
+    All,
+    /// The socket is full: wait until it is writable.
+    Blocked,
+    /// The connection is broken.
+    Failed,
+}
+
+/// What [`Connection::receive`] found.
+pub(super) enum Received {
+    /// This many new octets of input, possibly none when TLS has handshake records to send
+    /// first.
+    Input(usize),
+    /// Nothing until the socket is readable again.
+    Wait,
+    /// The client closed the connection, or it is broken.
+    End,
+}
+
+/// What a connection waits for after [`Server::advance`].
+enum Progress {
+    /// Readiness of its socket.
+    Wait,
+    /// The end of a reply delay.
+    Hold(Instant),
+    /// Nothing: it is finished.
+    Close,
+}
