@@ -506,3 +506,32 @@ fn connections_come_from_the_configured_source_addresses() {
     assert_eq!(dumps.len(), 1);
     assert_eq!(dumps[0].client_addr, "127.0.0.42");
 }
+
+#[test]
+fn shutdown_returns_when_the_loop_is_full_of_deferred_work() {
+    // A relay that refuses connections, room for one recipient in the loop, two messages:
+    // the second must still be taken (and deferred) so that flush and shutdown return.
+    let port = util::free_port("127.0.0.1");
+    let d = Dispatcher::builder()
+        .relay(&format!("127.0.0.1:{port}"))
+        .queue_capacity(1)
+        .max_queued_recipients(1)
+        .retry(RetryPolicy {
+            initial: Duration::from_secs(3600),
+            ..RetryPolicy::default()
+        })
+        .start()
+        .unwrap();
+    for i in 0..2 {
+        d.submit_timeout(
+            Message::new("s@mxpipe.test", [format!("r{i}@x.test").as_str()], b"x\r\n").unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+    d.flush();
+    let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| e.kind == EventKind::Deferred));
+    d.shutdown();
+}

@@ -243,8 +243,8 @@ fn ten_thousand_recipients_over_a_thousand_domains() {
     let s = d.stats();
     assert_eq!((s.delivered, s.bounced, s.expired), (10_000, 0, 0));
     let per = d.destination_stats();
-    for i in 0..ips.len() {
-        let name = format!("mx{i}.bulk.test[{}]:{port}", ips[i]);
+    for (i, ip) in ips.iter().enumerate() {
+        let name = format!("mx{i}.bulk.test[{ip}]:{port}");
         let host = per
             .iter()
             .find(|p| p.name == name)

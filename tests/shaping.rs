@@ -250,3 +250,30 @@ fn overrides_apply_by_host() {
         "{text}"
     );
 }
+
+#[test]
+fn a_full_connection_table_serves_destinations_in_turn() {
+    let sinks: Vec<SmtpSink> = (0..3).map(|_| SmtpSink::start(&[], 64)).collect();
+    let mut builder = Dispatcher::builder()
+        .relay(&sinks[0].addr().to_string())
+        .max_connections(1)
+        // Without reclaiming idle connections this would wait a minute per destination.
+        .idle_timeout(Duration::from_secs(60));
+    for (i, sink) in sinks.iter().enumerate().skip(1) {
+        builder = builder.route(&format!("d{i}.test"), &sink.addr().to_string());
+    }
+    let d = builder.start().unwrap();
+    for round in 0..3 {
+        for i in 0..3 {
+            let rcpt = format!("r{round}@d{i}.test");
+            d.submit(Message::new("s@mxpipe.test", [rcpt.as_str()], b"x\r\n").unwrap())
+                .unwrap();
+        }
+    }
+    assert!(d.wait_final(Duration::from_secs(30)), "{:?}", d.stats());
+    let s = d.stats();
+    assert_eq!(s.delivered, 9);
+    assert!(s.connections_open <= 1);
+    let per = d.destination_stats();
+    assert!(per.iter().all(|p| p.delivered == 3), "{per:?}");
+}

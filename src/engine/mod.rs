@@ -89,6 +89,9 @@ pub struct Stats {
     pub connections_opened: AtomicU64,
     pub connections_open: AtomicU64,
     pub transactions: AtomicU64,
+    /// The longest time one loop turn took (microseconds): how long any socket may have
+    /// waited for the loop.
+    pub longest_turn_us: AtomicU64,
     /// Recipients being worked on now: not final and not waiting for a retry.
     pub(crate) active: AtomicU64,
     /// Recipients without a final outcome yet.
@@ -109,6 +112,8 @@ pub struct StatsSnapshot {
     pub connections_opened: u64,
     pub connections_open: u64,
     pub transactions: u64,
+    /// The longest loop turn so far, in microseconds.
+    pub longest_turn_us: u64,
 }
 
 impl Stats {
@@ -125,6 +130,7 @@ impl Stats {
             connections_opened: get(&self.connections_opened),
             connections_open: get(&self.connections_open),
             transactions: get(&self.transactions),
+            longest_turn_us: get(&self.longest_turn_us),
         }
     }
 }
@@ -178,6 +184,10 @@ pub struct Config {
     pub session: SessionConfig,
     /// Connections open at once to one destination.
     pub max_connections_per_destination: usize,
+    /// Connections open at once in one loop, over all destinations (file descriptors are
+    /// finite). When reached, destinations wait in turn and idle connections are closed
+    /// early to make room.
+    pub max_connections: usize,
     /// Transactions on one connection before it is closed and replaced.
     pub max_messages_per_connection: u32,
     /// Recipients in one transaction (RFC 5321 4.5.3.1.8: servers must take at least 100).
@@ -238,6 +248,7 @@ impl Default for Config {
             routes: Routes::default(),
             session: SessionConfig::default(),
             max_connections_per_destination: 20,
+            max_connections: 8192,
             max_messages_per_connection: 10_000,
             max_recipients_per_transaction: 100,
             idle_timeout: Duration::from_secs(5),
@@ -300,6 +311,12 @@ impl DispatcherBuilder {
 
     pub fn max_connections_per_destination(mut self, n: usize) -> Self {
         self.config.max_connections_per_destination = n;
+        self
+    }
+
+    /// Connections open at once per loop, over all destinations.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
         self
     }
 
@@ -464,6 +481,11 @@ fn validate(c: &Config) -> Result<()> {
     check(
         c.max_connections_per_destination > 0,
         "max_connections_per_destination",
+        "must be at least 1",
+    )?;
+    check(
+        c.max_connections > 0,
+        "max_connections",
         "must be at least 1",
     )?;
     check(

@@ -99,6 +99,12 @@ struct Reactor {
     mx: Option<mx::MxState>,
     /// Round-robin position in the source addresses.
     next_source: usize,
+    /// Destinations waiting for a connection slot (the loop is at `max_connections`), in
+    /// the order they asked: first come, first served, so none starves.
+    slot_waiters: std::collections::VecDeque<usize>,
+    waiting_slot: Vec<bool>,
+    /// Connections that went idle, oldest first: reclaimed for waiting destinations.
+    idle: std::collections::VecDeque<ConnRef>,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -141,6 +147,9 @@ impl Reactor {
             tls,
             mx: None,
             next_source: 0,
+            slot_waiters: std::collections::VecDeque::new(),
+            waiting_slot: Vec::new(),
+            idle: std::collections::VecDeque::new(),
         };
         for target in targets {
             reactor.add_destination(target);
@@ -177,6 +186,11 @@ impl Reactor {
             self.on_wakes(now);
             self.on_retries(now);
             self.dispatch(now);
+            let turn = now.elapsed().as_micros() as u64;
+            self.shared
+                .stats
+                .longest_turn_us
+                .fetch_max(turn, Ordering::Relaxed);
             if self.changed {
                 self.changed = false;
                 // Waiters only care about reaching zero; waking them on every turn would cost
@@ -232,7 +246,14 @@ impl Reactor {
 
     fn take_submissions(&mut self, now: Instant) {
         self.ingress.clear_wake();
-        while self.held < self.config.max_queued_recipients {
+        loop {
+            // At the bound, one more message is still taken when everything held is only
+            // waiting for a retry: otherwise the queue behind could wait days (and flush()
+            // with it) for work that is not in progress.
+            let working = self.held - self.retries.recipients();
+            if self.held >= self.config.max_queued_recipients && working > 0 {
+                break;
+            }
             match self.receiver.try_recv() {
                 Ok(submission) => self.accept(submission, now),
                 Err(_) => break,
@@ -445,11 +466,34 @@ impl Reactor {
             }
             let wanted = self.destinations[d].connections_wanted();
             for _ in 0..wanted {
+                if self.conns.len() >= self.config.max_connections {
+                    self.wait_for_slot(d, now);
+                    break;
+                }
                 if let Some(at) = self.destinations[d].shaper.take_connection(now) {
                     self.hold(d, at);
                     break;
                 }
                 self.open(d, now);
+            }
+        }
+    }
+
+    /// Queues `d` for the next free connection slot, and frees one by retiring the
+    /// longest-idle connection, if any.
+    fn wait_for_slot(&mut self, d: usize, now: Instant) {
+        if !self.waiting_slot[d] {
+            self.waiting_slot[d] = true;
+            self.slot_waiters.push_back(d);
+        }
+        while let Some(conn) = self.idle.pop_front() {
+            let reclaimable = self.conns.get_mut(conn.token).is_some_and(|c| {
+                c.this == conn && !c.retiring && c.session.as_ref().is_some_and(Session::is_idle)
+            });
+            if reclaimable {
+                self.conns[conn.token].retiring = true;
+                self.drive(conn.token, now);
+                return;
             }
         }
     }
@@ -712,7 +756,12 @@ impl Reactor {
                     continue;
                 }
             }
-            if session.is_idle() && (conn.retiring || stopping) {
+            // Other destinations wait for a connection slot: an idle connection with nothing
+            // queued for it gives its slot up at once.
+            let slot_wanted =
+                !self.slot_waiters.is_empty() && self.destinations[d].queue.is_empty();
+            if session.is_idle() && (conn.retiring || stopping || slot_wanted) {
+                conn.retiring = true;
                 session.quit(now);
             }
             if let Err(e) = conn.flush() {
@@ -725,8 +774,11 @@ impl Reactor {
         }
         let conn = self.conns.get_mut(token).expect("connection exists");
         let session = conn.session.as_ref().expect("session exists");
-        if session.is_idle() {
-            conn.idle_since.get_or_insert(now);
+        if session.is_idle() && conn.idle_since.is_none() {
+            conn.idle_since = Some(now);
+            if !conn.retiring {
+                self.idle.push_back(conn.this);
+            }
         }
         if session.can_accept() && !conn.retiring && !conn.listed {
             conn.listed = true;
@@ -738,6 +790,16 @@ impl Reactor {
             }
         }
         self.schedule(token);
+        // Stale idle entries (connections busy again or gone) are dropped now and then, so
+        // the list stays proportional to the connections.
+        if self.idle.len() > 2 * self.conns.len() + 64 {
+            let conns = &self.conns;
+            self.idle.retain(|c| {
+                conns.get(c.token).is_some_and(|x| {
+                    x.this == *c && x.session.as_ref().is_some_and(Session::is_idle)
+                })
+            });
+        }
     }
 
     /// Starts a non-blocking connect, from the next configured source address of the same
@@ -803,6 +865,14 @@ impl Reactor {
             .stats
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
+        // The freed slot goes to the first waiting destination that still has work.
+        while let Some(waiter) = self.slot_waiters.pop_front() {
+            self.waiting_slot[waiter] = false;
+            if !self.destinations[waiter].queue.is_empty() {
+                self.mark_dirty(waiter);
+                break;
+            }
+        }
         conn
     }
 

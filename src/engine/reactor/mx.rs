@@ -263,6 +263,7 @@ impl Reactor {
         let dest = Destination::new(target, Shaper::new(limits, &self.config.adaptive), metrics);
         self.destinations.push(dest);
         self.is_dirty.push(false);
+        self.waiting_slot.push(false);
         self.destinations.len() - 1
     }
 
