@@ -48,8 +48,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod campaign;
 pub mod engine;
 pub mod error;
+pub mod ffi;
 pub mod message;
 pub mod queue;
 pub mod route;
