@@ -16,8 +16,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV="$ROOT/tests/.venv"
 PY="$VENV/bin/python"
-PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography)
-PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography"
+PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl)
+PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl"
 
 export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 export MXPIPE_TEST_PYTHON="$PY"

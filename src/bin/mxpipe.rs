@@ -5,10 +5,13 @@
 //! mxpipe demo                                   # a bulk send to the built-in sink, no setup
 //! mxpipe sink --listen 127.0.0.1:2525           # a fast SMTP sink
 //! mxpipe send --relay 127.0.0.1:2525 --from news@example.org --to-file list.txt msg.eml
+//! mxpipe send campaign.toml --report report.csv --journal campaign.journal
+//! mxpipe send campaign.toml --dry-run rendered/
 //! mxpipe bench --messages 200000 --size 2048 --connections 20
 //! ```
 
 use clap::{Parser, Subcommand};
+use mxpipe::campaign::{Campaign, SendOptions};
 use mxpipe::engine::{Dispatcher, Event, EventKind, StatsSnapshot};
 use mxpipe::message::{Address, Body, Message};
 use mxpipe::queue::RetryPolicy;
@@ -52,35 +55,53 @@ enum Command {
         #[arg(long)]
         no_pipelining: bool,
     },
-    /// Send one message to many recipients through a relay.
+    /// Send a campaign (CAMPAIGN.toml: templates, recipients CSV, DKIM, ...; see the
+    /// `mxpipe::campaign` docs), or one ready message to many recipients (--relay, --from,
+    /// --to-file and MESSAGE.eml).
     Send {
-        /// The smarthost, host:port.
+        /// Message mode: the smarthost, host:port.
         #[arg(long)]
-        relay: String,
-        /// Envelope sender (MAIL FROM); "" for the null sender.
+        relay: Option<String>,
+        /// Message mode: envelope sender (MAIL FROM); "" for the null sender.
         #[arg(long)]
-        from: String,
-        /// Recipients, one per line ('#' starts a comment).
+        from: Option<String>,
+        /// Message mode: recipients, one per line ('#' starts a comment).
         #[arg(long)]
-        to_file: PathBuf,
-        /// The message (RFC 5322 headers and body).
+        to_file: Option<PathBuf>,
+        /// The campaign file, or in message mode the message (RFC 5322 headers and body).
+        #[arg(value_name = "CAMPAIGN.toml|MESSAGE.eml")]
         message: PathBuf,
-        /// Connections to the relay at most.
+        /// Campaign: write the rendered messages to this directory as .eml files; send nothing.
+        #[arg(long, value_name = "DIR")]
+        dry_run: Option<PathBuf>,
+        /// Campaign: resume from this journal of final outcomes, and append to it.
+        #[arg(long, value_name = "FILE")]
+        journal: Option<PathBuf>,
+        /// Campaign: no progress bar, no warnings about skipped rows, no summary table.
+        #[arg(long)]
+        quiet: bool,
+        /// Campaign: print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Message mode: connections to the relay at most (a campaign sets limits.connections).
         #[arg(long, default_value_t = 20)]
         connections: usize,
-        /// The name sent in EHLO.
+        /// Message mode: the name sent in EHLO (a campaign sets delivery.ehlo_name).
         #[arg(long, default_value = "localhost")]
         ehlo_name: String,
-        /// Write one JSON line per recipient outcome here.
+        /// Write one line per recipient outcome here (campaign: CSV for a .csv name, JSON Lines
+        /// otherwise; message mode: JSON Lines).
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Keep retrying deferred recipients until they are final (up to --max-age).
+        /// Message mode: keep retrying deferred recipients until they are final (up to
+        /// --max-age); a campaign always waits for every recipient to be final.
         #[arg(long)]
         wait_final: bool,
-        /// Give up on a recipient after this many seconds of temporary failures.
+        /// Message mode: give up on a recipient after this many seconds of temporary failures
+        /// (a campaign sets limits.max_age_secs).
         #[arg(long, default_value_t = 3 * 24 * 3600)]
         max_age: u64,
-        /// First retry after this many seconds (doubling, with jitter).
+        /// Message mode: first retry after this many seconds (doubling, with jitter).
         #[arg(long, default_value_t = 300)]
         retry_after: u64,
     },
@@ -123,10 +144,33 @@ fn main() -> ExitCode {
             no_pipelining,
         } => run_sink(listen, capture, !no_chunking, !no_pipelining),
         Command::Send {
-            relay,
-            from,
-            to_file,
+            relay: None,
+            from: None,
+            to_file: None,
             message,
+            dry_run,
+            journal,
+            quiet,
+            json,
+            report,
+            ..
+        } => run_campaign(CampaignArgs {
+            campaign: message,
+            dry_run,
+            report,
+            journal,
+            quiet,
+            json,
+        }),
+        Command::Send {
+            relay: Some(relay),
+            from: Some(from),
+            to_file: Some(to_file),
+            message,
+            dry_run: None,
+            journal: None,
+            quiet: false,
+            json: false,
             connections,
             ehlo_name,
             report,
@@ -145,6 +189,21 @@ fn main() -> ExitCode {
             max_age: Duration::from_secs(max_age),
             retry_after: Duration::from_secs(retry_after),
         }),
+        Command::Send {
+            relay: Some(_),
+            from: Some(_),
+            to_file: Some(_),
+            ..
+        } => Err(
+            "send: --dry-run, --journal, --quiet and --json are for campaign files; a message \
+             sent with --relay/--from/--to-file takes none of them"
+                .into(),
+        ),
+        Command::Send { .. } => Err(
+            "send: give a campaign file alone, or a message with all of --relay, --from and \
+             --to-file"
+                .into(),
+        ),
         Command::Bench {
             messages,
             size,
@@ -197,6 +256,72 @@ fn run_bench_sink() -> CliResult {
     let _ = std::io::stdin().read_line(&mut line);
     sink.stop();
     Ok(ExitCode::SUCCESS)
+}
+
+struct CampaignArgs {
+    campaign: PathBuf,
+    dry_run: Option<PathBuf>,
+    report: Option<PathBuf>,
+    journal: Option<PathBuf>,
+    quiet: bool,
+    json: bool,
+}
+
+/// `mxpipe send campaign.toml`: load and check everything, then send (or render, with
+/// --dry-run); exit 0 when every recipient was delivered, 1 when some were not.
+fn run_campaign(args: CampaignArgs) -> CliResult {
+    let campaign = Campaign::load(&args.campaign).map_err(|e| e.to_string())?;
+    if !args.quiet {
+        for s in campaign.skipped() {
+            eprintln!(
+                "{}:{}: skipped ({}) {:?}: {}",
+                campaign.recipients_path().display(),
+                s.line,
+                s.kind.as_str(),
+                s.recipient,
+                s.reason
+            );
+        }
+    }
+    let summary = match &args.dry_run {
+        Some(dir) => {
+            if args.report.is_some() || args.journal.is_some() {
+                return Err(
+                    "send: --report and --journal record deliveries; a --dry-run makes none".into(),
+                );
+            }
+            let summary = campaign.dry_run(dir).map_err(|e| e.to_string())?;
+            if let (Some((name, record)), false) = (campaign.dkim_record(), args.quiet) {
+                eprintln!("DKIM: publish TXT {name} \"{record}\"");
+            }
+            summary
+        }
+        None => campaign
+            .send(&SendOptions {
+                report: args.report,
+                journal: args.journal,
+                progress: !args.quiet && !args.json,
+            })
+            .map_err(|e| e.to_string())?,
+    };
+    if !args.quiet {
+        for failure in &summary.failures {
+            eprintln!("mxpipe: failed: {failure}");
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&summary).map_err(|e| e.to_string())?
+        );
+    } else if !args.quiet {
+        print!("{}", summary.table());
+    }
+    Ok(if summary.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 struct SendArgs {

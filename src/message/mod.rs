@@ -5,6 +5,9 @@
 //! prepared once and shared (`Arc`) by every recipient and every message that uses it.
 
 pub mod address;
+pub mod dkim;
+pub mod mime;
+pub mod template;
 
 pub use address::Address;
 

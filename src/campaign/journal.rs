@@ -1,0 +1,94 @@
+//! The resume journal: every final outcome appended (one JSON line) as soon as it is known, so
+//! that a send killed at any point can be started again and skip the recipients already final.
+//!
+//! Lines are written and handed to the operating system after each batch of outcomes, and
+//! `fsync`ed at most once a second: a killed process loses nothing written, a machine crash at
+//! most the last second. What can be sent twice after a restart is what was in flight: a
+//! message the server accepted whose outcome had not reached the journal yet. A torn last line
+//! (the process died inside a write) is cut off when the journal is opened again. This module
+//! must not decide what is sent; it only remembers.
+
+use super::report::Outcome;
+use super::CampaignError;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) struct Journal {
+    path: PathBuf,
+    out: BufWriter<File>,
+    last_sync: Instant,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path`, calls `seen` with each outcome already in it,
+    /// and positions it for appending.
+    pub fn open(
+        path: &Path,
+        mut seen: impl FnMut(Outcome) -> Result<(), CampaignError>,
+    ) -> Result<Journal, CampaignError> {
+        let fail = |line: Option<u64>, e: String| CampaignError::input(path, line, e);
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| fail(None, format!("cannot open: {e}")))?;
+        let mut reader = BufReader::new(&file);
+        let mut line = Vec::new();
+        let mut complete = 0u64;
+        let mut number = 0u64;
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| fail(Some(number + 1), format!("cannot read: {e}")))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            number += 1;
+            let outcome: Outcome = serde_json::from_slice(&line).map_err(|e| {
+                fail(
+                    Some(number),
+                    format!("not a journal line ({e}); is this the journal of a campaign?"),
+                )
+            })?;
+            seen(outcome)?;
+            complete += n as u64;
+        }
+        drop(reader);
+        // Cut a line the previous run did not finish writing; its recipient was not recorded as
+        // final and is sent again.
+        file.set_len(complete)
+            .map_err(|e| fail(None, format!("cannot truncate a torn last line: {e}")))?;
+        Ok(Journal {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+            last_sync: Instant::now(),
+        })
+    }
+
+    pub fn append(&mut self, outcome: &Outcome) -> Result<(), CampaignError> {
+        serde_json::to_writer(&mut self.out, outcome)
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"))
+            .map_err(|e| CampaignError::input(&self.path, None, format!("cannot write: {e}")))
+    }
+
+    /// Hands what was appended to the operating system (it survives the process being
+    /// killed), and syncs it to disk when the last sync is a second old.
+    pub fn flush(&mut self) -> Result<(), CampaignError> {
+        let fail = |e: std::io::Error| {
+            CampaignError::input(&self.path, None, format!("cannot write: {e}"))
+        };
+        self.out.flush().map_err(fail)?;
+        if self.last_sync.elapsed() >= SYNC_EVERY {
+            self.out.get_ref().sync_data().map_err(fail)?;
+            self.last_sync = Instant::now();
+        }
+        Ok(())
+    }
+}
