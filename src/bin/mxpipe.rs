@@ -8,17 +8,20 @@
 //! mxpipe send campaign.toml --report report.csv --journal campaign.journal
 //! mxpipe send campaign.toml --dry-run rendered/
 //! mxpipe bench --messages 200000 --size 2048 --connections 20
+//! mxpipe send --direct-mx --from news@example.org --to-file list.txt msg.eml --metrics 127.0.0.1:9464
 //! ```
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use mxpipe::campaign::{Campaign, SendOptions};
-use mxpipe::engine::{Dispatcher, Event, EventKind, StatsSnapshot};
+use mxpipe::engine::{Dispatcher, DispatcherBuilder, Event, EventKind, StatsSnapshot};
 use mxpipe::message::{Address, Body, Message};
 use mxpipe::queue::RetryPolicy;
-use mxpipe::sink::{Sink, SinkConfig};
+use mxpipe::route::mx::MxConfig;
+use mxpipe::sink::{Sink, SinkConfig, SinkTls};
+use mxpipe::smtp::{Credentials, StartTls};
 use mxpipe::Error;
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -36,6 +39,138 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How deliveries are made: TLS, AUTH, routing, shaping, metrics. Shared by `send` (message
+/// mode) and `bench`.
+#[derive(Args, Clone, Debug)]
+struct DeliveryArgs {
+    /// STARTTLS policy: none, opportunistic (use it when offered) or required (never send in
+    /// plaintext). Write the relay as smtps://host:port for implicit TLS.
+    #[arg(long, default_value = "opportunistic", value_parser = ["none", "opportunistic", "required"])]
+    starttls: String,
+    /// Verify certificates (default: under required TLS and implicit TLS only).
+    #[arg(long, value_name = "BOOL")]
+    tls_verify: Option<bool>,
+    /// Trust the CA certificates in this PEM file as well as the Mozilla roots.
+    #[arg(long, value_name = "PEM")]
+    tls_ca_file: Option<PathBuf>,
+    /// Log in (RFC 4954) as this user; the secret comes from --auth-password-env or
+    /// --auth-token-env, never from the command line, where other users could read it.
+    #[arg(long)]
+    auth_user: Option<String>,
+    /// The environment variable that holds the password (AUTH PLAIN or LOGIN).
+    #[arg(long, value_name = "VAR")]
+    auth_password_env: Option<String>,
+    /// The environment variable that holds an OAuth 2.0 bearer token (AUTH XOAUTH2).
+    #[arg(long, value_name = "VAR")]
+    auth_token_env: Option<String>,
+    /// Allow AUTH without TLS (off by default).
+    #[arg(long)]
+    allow_plaintext_auth: bool,
+    /// Deliver straight to each recipient domain's MX hosts instead of a relay.
+    #[arg(long)]
+    direct_mx: bool,
+    /// With --direct-mx: ask these DNS servers (default: the system's).
+    #[arg(long, value_name = "ADDR")]
+    nameserver: Vec<SocketAddr>,
+    /// With --direct-mx: the SMTP port of MX hosts.
+    #[arg(long, default_value_t = 25)]
+    mx_port: u16,
+    /// At most this many messages per second to each destination.
+    #[arg(long)]
+    messages_per_second: Option<f64>,
+    /// Send from this local address (repeat for several, used in turn).
+    #[arg(long, value_name = "IP")]
+    source_address: Vec<IpAddr>,
+    /// Serve Prometheus metrics over HTTP on this address while running.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+impl DeliveryArgs {
+    /// Applies these settings to a builder.
+    fn apply(&self, mut b: DispatcherBuilder) -> Result<DispatcherBuilder, String> {
+        b = b.starttls(match self.starttls.as_str() {
+            "none" => StartTls::Disabled,
+            "required" => StartTls::Required,
+            _ => StartTls::Opportunistic,
+        });
+        if let Some(v) = self.tls_verify {
+            b = b.tls_verify(v);
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            b = b.tls_ca_file(ca);
+        }
+        let secret = |var: &str| {
+            std::env::var(var)
+                .map_err(|_| format!("--auth-*-env: environment variable {var} is not set"))
+        };
+        match (
+            &self.auth_user,
+            &self.auth_password_env,
+            &self.auth_token_env,
+        ) {
+            (None, None, None) => {}
+            (Some(user), Some(var), None) => {
+                let c = Credentials::password(user, &secret(var)?)
+                    .ok_or("--auth-user: the user or password contains NUL, CR or LF")?;
+                b = b.credentials(c);
+            }
+            (Some(user), None, Some(var)) => {
+                let c = Credentials::oauth2(user, &secret(var)?)
+                    .ok_or("--auth-user: the user or token contains NUL, CR or LF")?;
+                b = b.credentials(c);
+            }
+            _ => {
+                return Err(
+                    "--auth-user needs exactly one of --auth-password-env and --auth-token-env"
+                        .into(),
+                )
+            }
+        }
+        b = b.allow_plaintext_auth(self.allow_plaintext_auth);
+        if self.direct_mx {
+            b = b.direct_mx(MxConfig {
+                nameservers: (!self.nameserver.is_empty()).then(|| self.nameserver.clone()),
+                smtp_port: self.mx_port,
+                ..MxConfig::default()
+            });
+        }
+        if let Some(rate) = self.messages_per_second {
+            b = b.messages_per_second(rate);
+        }
+        for ip in &self.source_address {
+            b = b.source_address(*ip);
+        }
+        Ok(b)
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) as Prometheus text until the process ends.
+fn serve_metrics(addr: SocketAddr, dispatcher: &Arc<Dispatcher>) -> Result<(), String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
+    let weak = Arc::downgrade(dispatcher);
+    std::thread::Builder::new()
+        .name("mxpipe-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = [0u8; 1024];
+                let _ = std::io::Read::read(&mut stream, &mut request);
+                let Some(d) = weak.upgrade() else { break };
+                let body = d.prometheus();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })
+        .map_err(|e| format!("--metrics: {e}"))?;
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -104,6 +239,8 @@ enum Command {
         /// Message mode: first retry after this many seconds (doubling, with jitter).
         #[arg(long, default_value_t = 300)]
         retry_after: u64,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
     },
     /// Measure end-to-end throughput to a sink (the built-in one, in a child process, by default).
     Bench {
@@ -123,6 +260,19 @@ enum Command {
         /// Event-loop threads.
         #[arg(long, default_value_t = 1)]
         loops: usize,
+        /// Transactions per connection before it is replaced (1: a new connection, and with
+        /// --tls a new handshake, for every message).
+        #[arg(long)]
+        messages_per_connection: Option<u32>,
+        /// The built-in sink offers STARTTLS (its benchmark certificate); combine with
+        /// --starttls required.
+        #[arg(long)]
+        tls: bool,
+        /// With --direct-mx: spread the recipients over this many domains, d0.bench.test ...
+        #[arg(long, default_value_t = 1)]
+        domains: usize,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
     },
     /// A real bulk send of a generated newsletter to the built-in sink, with no setup.
     Demo {
@@ -131,7 +281,10 @@ enum Command {
     },
     /// Internal: a built-in sink for `bench`, printing its address on the first line.
     #[command(hide = true)]
-    BenchSink,
+    BenchSink {
+        #[arg(long)]
+        tls: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -163,7 +316,7 @@ fn main() -> ExitCode {
             json,
         }),
         Command::Send {
-            relay: Some(relay),
+            relay,
             from: Some(from),
             to_file: Some(to_file),
             message,
@@ -177,7 +330,8 @@ fn main() -> ExitCode {
             wait_final,
             max_age,
             retry_after,
-        } => run_send(SendArgs {
+            delivery,
+        } if relay.is_some() || delivery.direct_mx => run_send(SendArgs {
             relay,
             from,
             to_file,
@@ -188,9 +342,18 @@ fn main() -> ExitCode {
             wait_final,
             max_age: Duration::from_secs(max_age),
             retry_after: Duration::from_secs(retry_after),
+            delivery,
         }),
         Command::Send {
-            relay: Some(_),
+            from: Some(_),
+            to_file: Some(_),
+            dry_run: None,
+            journal: None,
+            quiet: false,
+            json: false,
+            ..
+        } => Err("send: a message needs --relay HOST:PORT or --direct-mx".into()),
+        Command::Send {
             from: Some(_),
             to_file: Some(_),
             ..
@@ -200,8 +363,8 @@ fn main() -> ExitCode {
                 .into(),
         ),
         Command::Send { .. } => Err(
-            "send: give a campaign file alone, or a message with all of --relay, --from and \
-             --to-file"
+            "send: give a campaign file alone, or a message with --from, --to-file and --relay \
+             (or --direct-mx)"
                 .into(),
         ),
         Command::Bench {
@@ -211,9 +374,24 @@ fn main() -> ExitCode {
             to,
             recipients,
             loops,
-        } => run_bench(messages, size, connections, to, recipients, loops),
+            messages_per_connection,
+            tls,
+            domains,
+            delivery,
+        } => run_bench(BenchArgs {
+            messages,
+            size,
+            connections,
+            to,
+            recipients,
+            loops,
+            messages_per_connection,
+            tls,
+            domains,
+            delivery,
+        }),
         Command::Demo { recipients } => run_demo(recipients),
-        Command::BenchSink => run_bench_sink(),
+        Command::BenchSink { tls } => run_bench_sink(tls),
     };
     match result {
         Ok(code) => code,
@@ -247,8 +425,12 @@ fn run_sink(
     }
 }
 
-fn run_bench_sink() -> CliResult {
-    let sink = Sink::start(SinkConfig::default()).map_err(|e| format!("sink: {e}"))?;
+fn run_bench_sink(tls: bool) -> CliResult {
+    let sink = Sink::start(SinkConfig {
+        tls: tls.then(SinkTls::self_signed_for_benchmarks),
+        ..SinkConfig::default()
+    })
+    .map_err(|e| format!("sink: {e}"))?;
     println!("{}", sink.local_addr());
     let _ = std::io::stdout().flush();
     // Serve until the parent closes our stdin (or kills us).
@@ -325,7 +507,7 @@ fn run_campaign(args: CampaignArgs) -> CliResult {
 }
 
 struct SendArgs {
-    relay: String,
+    relay: Option<String>,
     from: String,
     to_file: PathBuf,
     message: PathBuf,
@@ -335,6 +517,7 @@ struct SendArgs {
     wait_final: bool,
     max_age: Duration,
     retry_after: Duration,
+    delivery: DeliveryArgs,
 }
 
 fn run_send(args: SendArgs) -> CliResult {
@@ -378,8 +561,13 @@ fn run_send(args: SendArgs) -> CliResult {
     if recipients.is_empty() {
         return Err(format!("{}: no valid recipients", args.to_file.display()));
     }
-    let dispatcher = Dispatcher::builder()
-        .relay(&args.relay)
+    let mut builder = Dispatcher::builder();
+    if let Some(relay) = &args.relay {
+        builder = builder.relay(relay);
+    }
+    let dispatcher = args
+        .delivery
+        .apply(builder)?
         .ehlo_name(&args.ehlo_name)
         .max_connections_per_destination(args.connections)
         .retry(RetryPolicy {
@@ -389,6 +577,10 @@ fn run_send(args: SendArgs) -> CliResult {
         })
         .start()
         .map_err(|e| e.to_string())?;
+    let dispatcher = Arc::new(dispatcher);
+    if let Some(addr) = args.delivery.metrics {
+        serve_metrics(addr, &dispatcher)?;
+    }
     let events = dispatcher.events().expect("events are on");
     let total = recipients.len();
     let message =
@@ -467,10 +659,14 @@ struct ChildSink {
 }
 
 impl ChildSink {
-    fn start() -> Result<Self, String> {
+    fn start(tls: bool) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut child = std::process::Command::new(exe)
-            .arg("bench-sink")
+        let mut command = std::process::Command::new(exe);
+        command.arg("bench-sink");
+        if tls {
+            command.arg("--tls");
+        }
+        let mut child = command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -520,48 +716,86 @@ fn rusage_self() -> (Duration, u64) {
     )
 }
 
-fn run_bench(
+struct BenchArgs {
     messages: u64,
     size: usize,
     connections: usize,
     to: Option<String>,
     recipients: usize,
     loops: usize,
-) -> CliResult {
-    if messages == 0 || recipients == 0 {
-        return Err("--messages and --recipients must be at least 1".into());
+    messages_per_connection: Option<u32>,
+    tls: bool,
+    domains: usize,
+    delivery: DeliveryArgs,
+}
+
+fn run_bench(args: BenchArgs) -> CliResult {
+    let BenchArgs {
+        messages,
+        size,
+        connections,
+        recipients,
+        loops,
+        ..
+    } = args;
+    if messages == 0 || recipients == 0 || args.domains == 0 {
+        return Err("--messages, --recipients and --domains must be at least 1".into());
     }
     raise_fd_limit();
-    let sink = match &to {
-        Some(_) => None,
-        None => Some(ChildSink::start()?),
+    let direct = args.delivery.direct_mx;
+    let sink = match (&args.to, direct) {
+        (None, false) => Some(ChildSink::start(args.tls)?),
+        _ => None,
     };
-    let target = to.unwrap_or_else(|| sink.as_ref().expect("started").addr.clone());
-    let dispatcher = Dispatcher::builder()
-        .relay(&target)
+    let mut builder = Dispatcher::builder();
+    if !direct {
+        let target = args
+            .to
+            .clone()
+            .unwrap_or_else(|| sink.as_ref().expect("started").addr.clone());
+        builder = builder.relay(&target);
+    }
+    let dispatcher = args
+        .delivery
+        .apply(builder)?
         .ehlo_name("bench.mxpipe.example")
         .max_connections_per_destination(connections)
-        .max_messages_per_connection(u32::MAX)
+        .max_messages_per_connection(args.messages_per_connection.unwrap_or(u32::MAX))
         .record_events(false)
         .loops(loops)
         .start()
         .map_err(|e| e.to_string())?;
+    let dispatcher = Arc::new(dispatcher);
+    if let Some(addr) = args.delivery.metrics {
+        serve_metrics(addr, &dispatcher)?;
+    }
     let body = Arc::new(Body::new(&bench_body(size)).map_err(|e| e.to_string())?);
     let sender =
         Address::parse("bench@mxpipe.example", mxpipe::error::Field::Sender).expect("valid");
-    let rcpts: Vec<Address> = (0..recipients)
-        .map(|i| {
-            Address::parse(
-                &format!("user{i}@sink.example"),
-                mxpipe::error::Field::Recipient(i),
-            )
-            .expect("valid")
+    // One recipient list per domain (a single one without --direct-mx).
+    let lists: Vec<Vec<Address>> = (0..args.domains)
+        .map(|d| {
+            (0..recipients)
+                .map(|i| {
+                    let domain = if direct {
+                        format!("d{d}.bench.test")
+                    } else {
+                        "sink.example".to_string()
+                    };
+                    Address::parse(
+                        &format!("user{i}@{domain}"),
+                        mxpipe::error::Field::Recipient(i),
+                    )
+                    .expect("valid")
+                })
+                .collect()
         })
         .collect();
     let (cpu0, _) = rusage_self();
     let start = Instant::now();
-    for _ in 0..messages {
-        let m = Message::from_parts(sender.clone(), rcpts.clone(), Arc::clone(&body))
+    for n in 0..messages {
+        let rcpts = lists[n as usize % lists.len()].clone();
+        let m = Message::from_parts(sender.clone(), rcpts, Arc::clone(&body))
             .map_err(|e| e.to_string())?;
         dispatcher
             .submit_timeout(m, Duration::from_secs(60))
@@ -579,6 +813,13 @@ fn run_bench(
     drop(dispatcher);
     drop(sink);
     let cpu = cpu1 - cpu0;
+    // Diagnostics on their own line; the result line keeps its fixed form for scripts.
+    println!(
+        "loop longest_turn_us={} transactions={} connections_per_s={:.0}",
+        s.longest_turn_us,
+        s.transactions,
+        s.connections_opened as f64 / elapsed.as_secs_f64()
+    );
     println!(
         "result messages={messages} delivered={} msgs_per_s={:.0} cpu_us_per_msg={:.2} peak_rss_kb={peak_rss_kb} connections={}",
         s.delivered / recipients as u64,
