@@ -755,9 +755,18 @@ fn run_bench(args: BenchArgs) -> CliResult {
             .unwrap_or_else(|| sink.as_ref().expect("started").addr.clone());
         builder = builder.relay(&target);
     }
-    let dispatcher = args
-        .delivery
-        .apply(builder)?
+    let mut builder = args.delivery.apply(builder)?;
+    if args.tls && args.delivery.tls_verify.is_none() {
+        // The built-in sink's benchmark certificate is self-signed: encrypt without verifying.
+        builder = builder.tls_verify(false);
+    }
+    let dispatcher = builder
+        // A benchmark reports failures; it does not wait days for retries.
+        .retry(RetryPolicy {
+            initial: Duration::from_secs(1),
+            max_age: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        })
         .ehlo_name("bench.mxpipe.example")
         .max_connections_per_destination(connections)
         .max_messages_per_connection(args.messages_per_connection.unwrap_or(u32::MAX))
