@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 
 const WAKER: Token = Token(usize::MAX);
 const READ_BUFFER: usize = 64 * 1024;
+/// Submissions taken from the ingress in one turn of the loop.
+const SUBMISSIONS_PER_TURN: usize = 256;
 /// How long a destination whose opportunistic TLS failed is sent to in plaintext.
 const PLAINTEXT_AFTER_TLS_FAILURE: Duration = Duration::from_secs(3600);
 
@@ -99,6 +101,8 @@ struct Reactor {
     mx: Option<mx::MxState>,
     /// Round-robin position in the source addresses.
     next_source: usize,
+    /// Submissions were left in the ingress for the next turn.
+    backlog: bool,
     /// Destinations waiting for a connection slot (the loop is at `max_connections`), in
     /// the order they asked: first come, first served, so none starves.
     slot_waiters: std::collections::VecDeque<usize>,
@@ -147,6 +151,7 @@ impl Reactor {
             tls,
             mx: None,
             next_source: 0,
+            backlog: false,
             slot_waiters: std::collections::VecDeque::new(),
             waiting_slot: Vec::new(),
             idle: std::collections::VecDeque::new(),
@@ -233,6 +238,9 @@ impl Reactor {
                 t.min(Duration::from_millis(20))
             }));
         }
+        if self.backlog {
+            return Some(Duration::ZERO);
+        }
         // Submissions held back by the recipient bound are retried on every turn.
         if self.held >= self.config.max_queued_recipients && !self.receiver.is_empty() {
             timeout = Some(timeout.map_or(Duration::from_millis(10), |t| {
@@ -246,7 +254,14 @@ impl Reactor {
 
     fn take_submissions(&mut self, now: Instant) {
         self.ingress.clear_wake();
-        loop {
+        self.backlog = false;
+        for taken in 0.. {
+            // A burst of submissions is taken in slices, so that sockets are served between
+            // them: no turn of the loop runs long.
+            if taken == SUBMISSIONS_PER_TURN {
+                self.backlog = !self.receiver.is_empty();
+                break;
+            }
             // At the bound, one more message is still taken when everything held is only
             // waiting for a retry: otherwise the queue behind could wait days (and flush()
             // with it) for work that is not in progress.
