@@ -60,7 +60,7 @@ done
 sleep 0.3
 
 echo "direct MX, $MESSAGES messages over $DOMAINS domains on 4 MX hosts:"
-"$BIN" bench --messages "$MESSAGES" --connections 20 --direct-mx \
+${PERF:-} "$BIN" bench --messages "$MESSAGES" --connections 20 --direct-mx \
     --nameserver "127.0.0.1:$DNS_PORT" --mx-port "$PORT" --domains "$DOMAINS"
 echo "one smarthost, $MESSAGES messages:"
 "$BIN" bench --messages "$MESSAGES" --connections 20 --to "127.0.0.2:$PORT"
