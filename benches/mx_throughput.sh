@@ -2,6 +2,8 @@
 # Direct-to-MX throughput against the same load through a single smarthost.
 #
 #   bash benches/mx_throughput.sh [MESSAGES] [DOMAINS]      (defaults: 100000 10000)
+#   UNIQUE_MX=1 bash benches/mx_throughput.sh 1000000 100000  (every domain its own MX host:
+#                                                             as many destinations as domains)
 #
 # Starts four built-in sinks on 127.0.0.2-5 (one port), a dnsmasq on 127.0.0.1 that gives each
 # of DOMAINS domains (d0.bench.test ...) an MX on one of those four hosts, then runs
@@ -40,7 +42,14 @@ done
 CONF="$WORK/dnsmasq.conf"
 {
     for k in 2 3 4 5; do echo "host-record=mx$k.bench.test,127.0.0.$k"; done
-    for ((n = 0; n < DOMAINS; n++)); do echo "mx-host=d$n.bench.test,mx$((2 + n % 4)).bench.test,10"; done
+    if [[ ${UNIQUE_MX:-0} == 1 ]]; then
+        for ((n = 0; n < DOMAINS; n++)); do
+            echo "mx-host=d$n.bench.test,mx-d$n.bench.test,10"
+            echo "host-record=mx-d$n.bench.test,127.0.0.$((2 + n % 4))"
+        done
+    else
+        for ((n = 0; n < DOMAINS; n++)); do echo "mx-host=d$n.bench.test,mx$((2 + n % 4)).bench.test,10"; done
+    fi
     echo "local-ttl=600"
 } >"$CONF"
 dnsmasq --keep-in-foreground --conf-file="$CONF" --no-resolv --no-hosts --bind-interfaces \
@@ -60,7 +69,7 @@ done
 sleep 0.3
 
 echo "direct MX, $MESSAGES messages over $DOMAINS domains on 4 MX hosts:"
-${PERF:-} "$BIN" bench --messages "$MESSAGES" --connections 20 --direct-mx \
+${PERF:-} "$BIN" bench --messages "$MESSAGES" --connections "${CONNECTIONS:-20}" --direct-mx \
     --nameserver "127.0.0.1:$DNS_PORT" --mx-port "$PORT" --domains "$DOMAINS"
 echo "one smarthost, $MESSAGES messages:"
 "$BIN" bench --messages "$MESSAGES" --connections 20 --to "127.0.0.2:$PORT"

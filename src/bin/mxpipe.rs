@@ -810,6 +810,7 @@ fn run_bench(args: BenchArgs) -> CliResult {
             .submit_timeout(m, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
     }
+    let submitted_in = start.elapsed();
     let limit = Duration::from_secs(600);
     if !dispatcher.wait_final(limit) {
         return Err(format!(
@@ -819,13 +820,15 @@ fn run_bench(args: BenchArgs) -> CliResult {
     let elapsed = start.elapsed();
     let (cpu1, peak_rss_kb) = rusage_self();
     let s = dispatcher.stats();
+    let destinations = dispatcher.destination_stats().len();
     drop(dispatcher);
     drop(sink);
     let cpu = cpu1 - cpu0;
     // Diagnostics on their own line; the result line keeps its fixed form for scripts.
     println!(
-        "loop longest_turn_us={} transactions={} connections_per_s={:.0}",
+        "loop longest_turn_us={} submitted_in_ms={} destinations={destinations} transactions={} connections_per_s={:.0}",
         s.longest_turn_us,
+        submitted_in.as_millis(),
         s.transactions,
         s.connections_opened as f64 / elapsed.as_secs_f64()
     );

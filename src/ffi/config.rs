@@ -67,6 +67,8 @@ const KEYS: &[&str] = &[
     "data_end_timeout",
     "chunking",
     "max_connections_per_destination",
+    "max_connections",
+    "tls_handshake_timeout",
     "max_messages_per_connection",
     "max_recipients_per_transaction",
     "idle_timeout",
@@ -405,6 +407,10 @@ impl Settings {
             "max_connections_per_destination" => {
                 c.max_connections_per_destination = count(1, 1 << 20)? as usize
             }
+            "max_connections" => c.max_connections = count(1, 1 << 20)? as usize,
+            "tls_handshake_timeout" => {
+                c.session.timeouts.tls_handshake = parse_duration(key, value, false)?
+            }
             "max_messages_per_connection" => {
                 c.max_messages_per_connection = count(1, u32::MAX.into())? as u32
             }
@@ -699,6 +705,8 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `connect_timeout`, `greeting_timeout`, `command_timeout`, `data_end_timeout` | durations above zero |
 /// | `chunking` | boolean: use BDAT when offered (default true) |
 /// | `max_connections_per_destination` | whole number >= 1 (default 20) |
+/// | `max_connections` | whole number >= 1: connections per loop over all destinations (default 8192) |
+/// | `tls_handshake_timeout` | duration above zero (default 30s) |
 /// | `max_messages_per_connection` | whole number >= 1 (default 10000) |
 /// | `max_recipients_per_transaction` | whole number >= 1 (default 100) |
 /// | `idle_timeout` | duration (default 5s) |
@@ -803,6 +811,8 @@ mod tests {
             ("data_end_timeout", "3m"),
             ("chunking", "off"),
             ("max_connections_per_destination", "4"),
+            ("max_connections", "512"),
+            ("tls_handshake_timeout", "10s"),
             ("max_messages_per_connection", "100"),
             ("max_recipients_per_transaction", "50"),
             ("idle_timeout", "0"),

@@ -191,7 +191,8 @@ class Dispatcher:
                 print(outcome.recipient, outcome.kind, outcome.code, outcome.text)
 
     Keys: relay, route(s), ehlo_name, connect_timeout, greeting_timeout, command_timeout,
-    data_end_timeout, chunking, max_connections_per_destination, max_messages_per_connection,
+    data_end_timeout, chunking, max_connections_per_destination, max_connections,
+    tls_handshake_timeout, max_messages_per_connection,
     max_recipients_per_transaction, idle_timeout, queue_capacity, max_queued_recipients,
     retry_initial, retry_max_interval, retry_multiplier, retry_jitter, retry_max_age, loops,
     record_events. Durations are seconds (int, float or timedelta) or text such as "250ms".
