@@ -243,6 +243,8 @@ enum mxp_result mxp_config_from_toml(const char *toml, struct mxp_config **out);
 // | `connect_timeout`, `greeting_timeout`, `command_timeout`, `data_end_timeout` | durations above zero |
 // | `chunking` | boolean: use BDAT when offered (default true) |
 // | `max_connections_per_destination` | whole number >= 1 (default 20) |
+// | `max_connections` | whole number >= 1: connections per loop over all destinations (default 8192) |
+// | `tls_handshake_timeout` | duration above zero (default 30s) |
 // | `max_messages_per_connection` | whole number >= 1 (default 10000) |
 // | `max_recipients_per_transaction` | whole number >= 1 (default 100) |
 // | `idle_timeout` | duration (default 5s) |
