@@ -783,8 +783,12 @@ fn bad_input_is_refused_before_anything_is_sent() {
         format!("{toml}:10: dkim: {dir}/bad.pem: not a PEM private key (no valid BEGIN/END block)"),
     );
     check(
-        &|| replace_in(&f, "campaign.toml", "[delivery]", "[delivery]\nmode = \"mx\""),
-        format!("{toml}:8: delivery.mode: \"mx\" is not supported yet; only \"relay\" (through a smarthost) is"),
+        &|| replace_in(&f, "campaign.toml", "[delivery]", "[delivery]\nmode = \"carrier-pigeon\""),
+        format!("{toml}:8: delivery.mode: \"carrier-pigeon\" is not a delivery mode; use \"relay\" or \"mx\""),
+    );
+    check(
+        &|| replace_in(&f, "campaign.toml", "[delivery]", "[delivery]\nstarttls = \"always\""),
+        format!("{toml}:8: delivery.starttls: \"always\" is not one of \"none\", \"opportunistic\", \"required\""),
     );
     check(
         &|| {
@@ -895,6 +899,6 @@ fn command_line_dry_run_and_json_summary() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "mxpipe: send: give a campaign file alone, or a message with all of --relay, --from and --to-file\n"
+        "mxpipe: send: give a campaign file alone, or a message with --from, --to-file and --relay (or --direct-mx)\n"
     );
 }

@@ -26,9 +26,12 @@
 //! mailto = "unsubscribe@example.org"
 //!
 //! [delivery]
-//! mode = "relay"
-//! relay = "smtp.example.org:25"
+//! mode = "relay"                    # or "mx": straight to each domain's MX hosts
+//! relay = "smtp.example.org:25"     # smtps://host:465 for implicit TLS
 //! ehlo_name = "mail.example.org"
+//! starttls = "required"             # none | opportunistic (default) | required
+//! auth_user = "news"                # optional; the password comes from the environment:
+//! auth_password_env = "SMTP_PASSWORD"
 //!
 //! [limits]
 //! connections = 20
@@ -95,6 +98,17 @@ pub(super) struct Delivery {
     pub mode: Spanned<String>,
     pub relay: Option<Spanned<String>>,
     pub ehlo_name: Option<String>,
+    /// mode = "mx": DNS servers to ask (`ip:port`); the system's when missing.
+    pub nameservers: Option<Vec<Spanned<String>>>,
+    /// mode = "mx": the SMTP port of MX hosts (25).
+    pub mx_port: Option<u16>,
+    /// "none", "opportunistic" (default) or "required".
+    pub starttls: Option<Spanned<String>>,
+    pub tls_verify: Option<bool>,
+    pub tls_ca_file: Option<String>,
+    /// AUTH user; the password is read from the environment variable `auth_password_env`.
+    pub auth_user: Option<String>,
+    pub auth_password_env: Option<Spanned<String>>,
 }
 
 fn relay_mode() -> Spanned<String> {

@@ -93,7 +93,13 @@ impl std::error::Error for CampaignError {}
 /// Where and how fast to send.
 #[derive(Debug, Clone)]
 struct Delivery {
-    relay: String,
+    /// `None`: direct to MX with `mx`.
+    relay: Option<String>,
+    mx: Option<crate::route::mx::MxConfig>,
+    starttls: crate::smtp::StartTls,
+    tls_verify: Option<bool>,
+    tls_ca_file: Option<PathBuf>,
+    credentials: Option<crate::smtp::Credentials>,
     ehlo_name: String,
     connections: usize,
     max_age: Duration,
@@ -579,23 +585,85 @@ impl Recipients {
 impl Loader<'_> {
     fn delivery(&self, file: &CampaignFile) -> Result<Delivery, CampaignError> {
         let d = file.delivery.get_ref();
-        if d.mode.get_ref() != "relay" {
-            return Err(self.error(
-                d.mode.span(),
-                "delivery.mode",
-                format!(
-                    "{:?} is not supported yet; only \"relay\" (through a smarthost) is",
-                    d.mode.get_ref()
-                ),
-            ));
-        }
-        let relay = d.relay.as_ref().ok_or_else(|| {
-            self.error(
-                file.delivery.span(),
-                "delivery.relay",
-                "missing: the smarthost's host:port",
-            )
-        })?;
+        let (relay, mx) = match d.mode.get_ref().as_str() {
+            "relay" => {
+                let relay = d.relay.as_ref().ok_or_else(|| {
+                    self.error(
+                        file.delivery.span(),
+                        "delivery.relay",
+                        "missing: the smarthost's host:port",
+                    )
+                })?;
+                (Some(relay.get_ref().clone()), None)
+            }
+            "mx" => {
+                let mut nameservers = Vec::new();
+                for ns in d.nameservers.iter().flatten() {
+                    let addr = ns.get_ref().parse().map_err(|_| {
+                        self.error(
+                            ns.span(),
+                            "delivery.nameservers",
+                            format!("{:?} is not an ip:port address", ns.get_ref()),
+                        )
+                    })?;
+                    nameservers.push(addr);
+                }
+                let mx = crate::route::mx::MxConfig {
+                    nameservers: (!nameservers.is_empty()).then_some(nameservers),
+                    smtp_port: d.mx_port.unwrap_or(25),
+                    ..crate::route::mx::MxConfig::default()
+                };
+                (None, Some(mx))
+            }
+            other => {
+                return Err(self.error(
+                    d.mode.span(),
+                    "delivery.mode",
+                    format!("{other:?} is not a delivery mode; use \"relay\" or \"mx\""),
+                ))
+            }
+        };
+        let starttls = match d.starttls.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("opportunistic") => crate::smtp::StartTls::Opportunistic,
+            Some("none") => crate::smtp::StartTls::Disabled,
+            Some("required") => crate::smtp::StartTls::Required,
+            Some(other) => {
+                let span = d.starttls.as_ref().expect("present").span();
+                return Err(self.error(
+                    span,
+                    "delivery.starttls",
+                    format!("{other:?} is not one of \"none\", \"opportunistic\", \"required\""),
+                ));
+            }
+        };
+        let credentials = match (&d.auth_user, &d.auth_password_env) {
+            (None, None) => None,
+            (Some(user), Some(var)) => {
+                let password = std::env::var(var.get_ref()).map_err(|_| {
+                    self.error(
+                        var.span(),
+                        "delivery.auth_password_env",
+                        format!("the environment variable {} is not set", var.get_ref()),
+                    )
+                })?;
+                Some(
+                    crate::smtp::Credentials::password(user, &password).ok_or_else(|| {
+                        self.error(
+                            file.delivery.span(),
+                            "delivery.auth_user",
+                            "the user or password contains NUL, CR or LF",
+                        )
+                    })?,
+                )
+            }
+            _ => {
+                return Err(self.error(
+                    file.delivery.span(),
+                    "delivery.auth_user",
+                    "auth_user and auth_password_env go together",
+                ))
+            }
+        };
         let l = &file.limits;
         let positive = |value: usize, key: &str| {
             if value == 0 {
@@ -610,7 +678,12 @@ impl Loader<'_> {
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Delivery {
-            relay: relay.get_ref().clone(),
+            relay,
+            mx,
+            starttls,
+            tls_verify: d.tls_verify,
+            tls_ca_file: d.tls_ca_file.as_deref().map(|f| self.resolve(f)),
+            credentials,
             ehlo_name: d.ehlo_name.clone().unwrap_or_else(|| "localhost".into()),
             connections: positive(l.connections, "connections")?,
             max_age: Duration::from_secs(l.max_age_secs),

@@ -337,8 +337,23 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
     } = prepare(campaign, options, &mut summary)?;
     let to_send = todo.iter().filter(|&&t| t).count() as u64;
     let d = &campaign.delivery;
-    let dispatcher = Dispatcher::builder()
-        .relay(&d.relay)
+    let mut builder = Dispatcher::builder().starttls(d.starttls);
+    if let Some(relay) = &d.relay {
+        builder = builder.relay(relay);
+    }
+    if let Some(mx) = &d.mx {
+        builder = builder.direct_mx(mx.clone());
+    }
+    if let Some(verify) = d.tls_verify {
+        builder = builder.tls_verify(verify);
+    }
+    if let Some(ca) = &d.tls_ca_file {
+        builder = builder.tls_ca_file(ca);
+    }
+    if let Some(credentials) = &d.credentials {
+        builder = builder.credentials(credentials.clone());
+    }
+    let dispatcher = builder
         .ehlo_name(&d.ehlo_name)
         .max_connections_per_destination(d.connections)
         // Both bound what is rendered but not yet delivered: the lookahead.
