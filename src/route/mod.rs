@@ -1,9 +1,10 @@
-//! Where a recipient's mail goes: a smarthost for everything, or static per-domain routes.
+//! Where a recipient's mail goes: a smarthost for everything, static per-domain routes, or the
+//! domain's own mail exchangers ([`mx`]).
 //!
 //! Routing maps a recipient domain to a [`Target`] (a host and port, resolved to addresses once,
 //! when the dispatcher starts). The engine keys its connection pools by target, so every domain
-//! routed to the same host shares that host's connections and limits. Direct-to-MX delivery plugs
-//! in here as another way to produce targets; nothing here performs I/O after start-up.
+//! routed to the same host shares that host's connections and limits. The static routes perform
+//! no I/O after start-up; MX lookups run on the resolver's own thread, never on the loop's.
 
 pub mod mx;
 
