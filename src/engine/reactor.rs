@@ -11,6 +11,7 @@ use super::classify::Category;
 mod mx;
 
 use super::conn::{Conn, ReadOutcome};
+use super::metrics::DestinationMetrics;
 use super::pool::{ConnRef, Destination};
 use super::tls::{server_name, TlsConfigs};
 use super::{Config, Event, EventKind, Shared};
@@ -1114,19 +1115,6 @@ impl Reactor {
         }
     }
 
-    /// Deferral of recipients routed by MX (used for DNS failures).
-    fn defer_mx(
-        &mut self,
-        envelope: &Arc<Envelope>,
-        failures: Vec<(Address, Reply)>,
-        destination: usize,
-        attempts: u32,
-        mx_job: MxJob,
-        now: Instant,
-    ) {
-        self.defer(envelope, failures, destination, attempts, Some(mx_job), now);
-    }
-
     /// Temporary failures: Deferred with a retry time from the schedule, or Expired past the
     /// maximum age.
     #[allow(clippy::too_many_arguments)]
@@ -1221,25 +1209,20 @@ impl Reactor {
         now: Instant,
     ) {
         let stats = &self.shared.stats;
-        let (counter, name) = match destination {
+        type Field = fn(&DestinationMetrics) -> &std::sync::atomic::AtomicU64;
+        let (counter, per_destination): (_, Field) = match kind {
+            EventKind::Delivered => (&stats.delivered, |m: &DestinationMetrics| &m.delivered),
+            EventKind::Bounced => (&stats.bounced, |m: &DestinationMetrics| &m.bounced),
+            EventKind::Expired => (&stats.expired, |m: &DestinationMetrics| &m.expired),
+            EventKind::Deferred => unreachable!("deferrals are not final"),
+        };
+        let name = match destination {
             Some(d) => {
                 let dest = &self.destinations[d];
-                let m = &dest.metrics;
-                let per_destination = match kind {
-                    EventKind::Delivered => &m.delivered,
-                    EventKind::Bounced => &m.bounced,
-                    _ => &m.expired,
-                };
-                per_destination.fetch_add(1, Ordering::Relaxed);
-                (kind, Arc::clone(&dest.name))
+                per_destination(&dest.metrics).fetch_add(1, Ordering::Relaxed);
+                Arc::clone(&dest.name)
             }
-            None => (kind, Arc::from("")),
-        };
-        let counter = match counter {
-            EventKind::Delivered => &stats.delivered,
-            EventKind::Bounced => &stats.bounced,
-            EventKind::Expired => &stats.expired,
-            EventKind::Deferred => unreachable!("deferrals are not final"),
+            None => Arc::from(""),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         stats.active.fetch_sub(1, Ordering::AcqRel);

@@ -205,7 +205,7 @@ impl Reactor {
                         route: None,
                         candidate: 0,
                     };
-                    self.defer_mx(&envelope, failures, d, attempts + 1, job_mx, now);
+                    self.defer(&envelope, failures, d, attempts + 1, Some(job_mx), now);
                 }
             }
         }
