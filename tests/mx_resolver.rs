@@ -488,3 +488,56 @@ fn after_shutdown_requests_are_ignored() {
     client.resolver.resolve("g.test");
     client.assert_no_answer_within(Duration::from_millis(200));
 }
+
+#[test]
+fn an_answer_too_big_for_a_datagram_is_asked_again_over_tcp() {
+    // 40 MX records with long names: about 3 KB, more than the 1,232 octets offered over UDP,
+    // so dnsmasq truncates the UDP answer and the whole set comes only over TCP.
+    let label = "a-long-label-that-fills-the-datagram-quickly";
+    let mut builder = Dnsmasq::builder();
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        let name = format!("mx{i:02}.{label}.big.test");
+        builder = builder
+            .mx("big.test", &name, 10 + i)
+            .host(&name, &format!("127.0.1.{}", i + 1));
+        expected.push(name);
+    }
+    let dns = builder.start();
+    let mut client = Client::start(MxConfig {
+        max_hosts: 40,
+        max_addresses: 40,
+        ..Client::config(dns.addr())
+    });
+    let found = hosts(client.resolve("big.test"));
+    assert_eq!(names(&found), expected);
+    assert_eq!(found[39].addrs, ["127.0.1.40:2525".parse().unwrap()]);
+}
+
+#[test]
+fn a_nameserver_port_with_nothing_listening_fails_fast() {
+    // A UDP port that was just free: the kernel answers our datagrams with ICMP port
+    // unreachable, which must fail the lookup at once rather than after the timeouts.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut client = Client::start(MxConfig {
+        timeout: Duration::from_secs(10),
+        ..Client::config(SocketAddr::from(([127, 0, 0, 1], port)))
+    });
+    let start = Instant::now();
+    match client.resolve("refused.test") {
+        Resolution::TempFail(text) => assert!(
+            text.starts_with("refused.test: MX lookup failed: ") && text.contains("refused"),
+            "{text}"
+        ),
+        other => panic!("expected TempFail, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}: the refusal was not noticed",
+        start.elapsed()
+    );
+}

@@ -177,9 +177,10 @@ fn serve_metrics(addr: SocketAddr, dispatcher: &Arc<Dispatcher>) -> Result<(), S
 enum Command {
     /// Run a fast SMTP sink (PIPELINING, CHUNKING, 8BITMIME, SIZE) until killed.
     Sink {
-        /// Address to listen on (port 0 picks one; the address is printed).
+        /// Address to listen on (port 0 picks one; the address is printed). Repeat it to serve
+        /// several addresses from one sink, as one host with several addresses would.
         #[arg(long, default_value = "127.0.0.1:2525")]
-        listen: SocketAddr,
+        listen: Vec<SocketAddr>,
         /// Write every received message to this directory (.eml + .json envelope).
         #[arg(long)]
         capture: Option<PathBuf>,
@@ -405,20 +406,29 @@ fn main() -> ExitCode {
 type CliResult = Result<ExitCode, String>;
 
 fn run_sink(
-    listen: SocketAddr,
+    listen: Vec<SocketAddr>,
     capture: Option<PathBuf>,
     chunking: bool,
     pipelining: bool,
 ) -> CliResult {
+    let (&first, also) = listen
+        .split_first()
+        .ok_or("sink: --listen needs an address")?;
     let sink = Sink::start(SinkConfig {
-        listen,
+        listen: first,
+        also_listen: also.to_vec(),
         capture_dir: capture,
         chunking,
         pipelining,
         ..SinkConfig::default()
     })
-    .map_err(|e| format!("sink: cannot listen on {listen}: {e}"))?;
-    println!("mxpipe sink listening on {}", sink.local_addr());
+    .map_err(|e| {
+        let addrs: Vec<String> = listen.iter().map(|a| a.to_string()).collect();
+        format!("sink: cannot listen on {}: {e}", addrs.join(", "))
+    })?;
+    let mut addrs = vec![sink.local_addr().to_string()];
+    addrs.extend(also.iter().map(|a| a.to_string()));
+    println!("mxpipe sink listening on {}", addrs.join(", "));
     let _ = std::io::stdout().flush();
     loop {
         std::thread::park();

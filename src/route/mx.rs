@@ -1,8 +1,9 @@
 //! Direct-to-MX routing: which hosts, in which order, receive a recipient domain's mail
 //! (RFC 5321 section 5.1, RFC 7505 null MX).
 //!
-//! [`MxResolver`] runs DNS lookups with hickory's async resolver on a thread of its own (a
-//! current-thread tokio runtime) and hands each answer back through a `crossbeam` channel,
+//! [`MxResolver`] runs DNS lookups on a thread of its own (a current-thread tokio runtime): over
+//! a few long-lived UDP sockets for the common case, with hickory's async resolver for the rest
+//! (TCP after a truncated answer, CNAME chains), and hands each answer back through a `crossbeam` channel,
 //! waking the event loop's `mio::Waker`. It must never block its caller: a request is a message
 //! to that thread, and the event loop never waits for DNS. It remembers answers for their TTL in
 //! a bounded cache, coalesces concurrent lookups of a domain, and bounds the lookups in flight.
@@ -10,13 +11,17 @@
 
 mod cache;
 mod lookup;
+mod stub;
 
 use cache::ResolutionCache;
 use crossbeam_channel::{Receiver, Sender};
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{
+    NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::system_conf::read_system_conf;
 use hickory_resolver::TokioResolver;
-use lookup::{Answer, Policy};
+use lookup::{Answer, Dns, Policy};
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
@@ -141,7 +146,7 @@ impl MxResolver {
         config: MxConfig,
         waker: Arc<mio::Waker>,
     ) -> io::Result<(MxResolver, Receiver<(String, Resolution)>)> {
-        let dns = Arc::new(dns_resolver(&config)?);
+        let dns = Arc::new(dns(&config)?);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -229,10 +234,8 @@ impl Drop for Shared {
     }
 }
 
-/// Hickory's resolver with the settings of `config`. Hickory keeps its own cache of single
-/// queries (sized like ours), which is what lets many domains hosted on the same MX hosts
-/// share one lookup of those hosts' addresses.
-fn dns_resolver(config: &MxConfig) -> io::Result<TokioResolver> {
+/// The lean transport and hickory's resolver, both asking the nameservers of `config`.
+fn dns(config: &MxConfig) -> io::Result<Dns> {
     let invalid = |problem: &str| {
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -248,14 +251,16 @@ fn dns_resolver(config: &MxConfig) -> io::Result<TokioResolver> {
     if config.timeout.is_zero() {
         return invalid("the DNS timeout must be more than zero");
     }
-    let provider = TokioRuntimeProvider::default();
-    let mut builder = match &config.nameservers {
-        None => TokioResolver::builder(provider).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("MX resolver: cannot read the system's resolver configuration: {e}"),
-            )
-        })?,
+    let (resolver_config, system_options) = match &config.nameservers {
+        None => {
+            let (resolver_config, options) = read_system_conf().map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("MX resolver: cannot read the system's resolver configuration: {e}"),
+                )
+            })?;
+            (resolver_config, Some(options))
+        }
         Some(servers) if servers.is_empty() => return invalid("the nameserver list is empty"),
         Some(servers) => {
             let servers = servers
@@ -268,10 +273,31 @@ fn dns_resolver(config: &MxConfig) -> io::Result<TokioResolver> {
                     ns
                 })
                 .collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+            (ResolverConfig::from_name_servers(servers), None)
         }
     };
+    // The lean transport asks the same servers over UDP, at their UDP port.
+    let servers: Vec<SocketAddr> = resolver_config
+        .name_servers()
+        .iter()
+        .map(|ns| {
+            let port = ns
+                .connections
+                .iter()
+                .find(|c| matches!(c.protocol, ProtocolConfig::Udp))
+                .map_or(53, |c| c.port);
+            SocketAddr::new(ns.ip, port)
+        })
+        .collect();
+    if servers.is_empty() {
+        return invalid("the system's resolver configuration names no nameserver");
+    }
+    let mut builder =
+        TokioResolver::builder_with_config(resolver_config, TokioRuntimeProvider::default());
     let options: &mut ResolverOpts = builder.options_mut();
+    if let Some(system) = system_options {
+        *options = system;
+    }
     options.timeout = config.timeout;
     // Hickory counts retries after the first try.
     options.attempts = QUERY_TRIES - 1;
@@ -279,9 +305,11 @@ fn dns_resolver(config: &MxConfig) -> io::Result<TokioResolver> {
     options.use_hosts_file = ResolveHosts::Never;
     options.cache_size = u64::try_from(config.cache_capacity).unwrap_or(u64::MAX);
     options.negative_max_ttl = Some(Duration::from_secs(3600));
-    builder
+    let hickory = builder
         .build()
-        .map_err(|e| io::Error::other(format!("MX resolver: {e}")))
+        .map_err(|e| io::Error::other(format!("MX resolver: {e}")))?;
+    let stub = stub::Stub::new(&servers, config.timeout, QUERY_TRIES);
+    Ok(Dns::new(stub, hickory, config.cache_capacity))
 }
 
 /// A lookup that has finished (or was cut short), on its way back to the worker.
@@ -317,7 +345,7 @@ impl Drop for Completion {
 
 /// The resolver thread's state; all of it lives on that thread.
 struct Worker {
-    dns: Arc<TokioResolver>,
+    dns: Arc<Dns>,
     policy: Policy,
     /// The most a domain's lookup may take in all.
     deadline: Duration,

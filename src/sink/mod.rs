@@ -47,6 +47,9 @@ use server::Server;
 pub struct SinkConfig {
     /// Where to listen; port 0 picks a free port (see [`SinkHandle::local_addr`]).
     pub listen: SocketAddr,
+    /// More addresses served by the same loop, as if by one host with several addresses
+    /// (a benchmark's MX hosts on 127.0.0.2, .3, ...). Their ports are used as given.
+    pub also_listen: Vec<SocketAddr>,
     /// The name in the greeting and in the EHLO/HELO reply.
     pub hostname: String,
     /// When set, every accepted message is written there as `<seq:08>.eml` (the content after
@@ -71,6 +74,7 @@ impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            also_listen: Vec::new(),
             hostname: "mxpipe-sink".to_owned(),
             capture_dir: None,
             max_size: 50 * 1024 * 1024,

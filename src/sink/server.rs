@@ -25,10 +25,13 @@ use super::session::{Context, End, Session, MAX_LINE};
 use super::tls::{self, TlsLayer};
 use super::{Counters, SinkConfig};
 
-const LISTENER: Token = Token(0);
-const WAKER: Token = Token(1);
-/// Connection tokens are slab keys offset past the two fixed tokens.
-const FIRST_CONNECTION: usize = 2;
+const WAKER: Token = Token(0);
+/// Listener `i` has token `FIRST_LISTENER + i`.
+const FIRST_LISTENER: usize = 1;
+/// Addresses one sink may listen on.
+const MAX_LISTENERS: usize = 64;
+/// Connection `key` has token `FIRST_CONNECTION + key`.
+const FIRST_CONNECTION: usize = FIRST_LISTENER + MAX_LISTENERS;
 
 /// Octets read per connection at once. Large, so one read takes in everything a pipelining
 /// client has sent; it must exceed [`MAX_LINE`], because a partial command line stays in the
@@ -56,7 +59,8 @@ struct Connection {
 /// The listening socket, the connections and the loop that drives them.
 pub(super) struct Server {
     poll: Poll,
-    listener: TcpListener,
+    /// `SinkConfig::listen` first, then `also_listen`.
+    listeners: Vec<TcpListener>,
     waker: Arc<Waker>,
     connections: Slab<Connection>,
     context: Context,
@@ -74,16 +78,32 @@ impl Server {
         let tls_config = config.tls.as_ref().map(tls::server_config).transpose()?;
         let implicit_tls = config.tls.as_ref().is_some_and(|tls| tls.implicit);
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(config.listen)?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if config.also_listen.len() >= MAX_LISTENERS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a sink listens on at most {MAX_LISTENERS} addresses"),
+            ));
+        }
+        let mut listeners = Vec::new();
+        for (index, addr) in std::iter::once(config.listen)
+            .chain(config.also_listen.iter().copied())
+            .enumerate()
+        {
+            let mut listener = TcpListener::bind(addr)?;
+            poll.registry().register(
+                &mut listener,
+                Token(FIRST_LISTENER + index),
+                Interest::READABLE,
+            )?;
+            listeners.push(listener);
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         Ok(Server {
             context: Context::new(config, counters)?,
             tls_config,
             implicit_tls,
             poll,
-            listener,
+            listeners,
             waker,
             connections: Slab::new(),
             timers: BinaryHeap::new(),
@@ -92,7 +112,7 @@ impl Server {
     }
 
     pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners[0].local_addr()
     }
 
     pub(super) fn waker(&self) -> Arc<Waker> {
@@ -114,13 +134,15 @@ impl Server {
             }
             for event in &events {
                 match event.token() {
-                    LISTENER => self.accept(),
                     WAKER => {
                         if stop.load(Ordering::Acquire) {
                             return Ok(());
                         }
                     }
-                    Token(token) => self.drive(token - FIRST_CONNECTION),
+                    Token(token) if token >= FIRST_CONNECTION => {
+                        self.drive(token - FIRST_CONNECTION)
+                    }
+                    Token(token) => self.accept(token - FIRST_LISTENER),
                 }
             }
             if !self.timers.is_empty() {
@@ -129,9 +151,12 @@ impl Server {
         }
     }
 
-    fn accept(&mut self) {
+    fn accept(&mut self, listener: usize) {
         loop {
-            let mut stream = match self.listener.accept() {
+            let Some(listener) = self.listeners.get(listener) else {
+                return;
+            };
+            let mut stream = match listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error)

@@ -1126,3 +1126,36 @@ fn process_cpu_time() -> Duration {
         |time: libc::timeval| Duration::new(time.tv_sec as u64, time.tv_usec as u32 * 1000);
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
+
+#[test]
+fn one_sink_serves_several_addresses() {
+    // A free port on 127.0.0.3, then the same port on 127.0.0.4 (free there too: the
+    // addresses are distinct).
+    let port = std::net::TcpListener::bind("127.0.0.3:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra: Vec<SocketAddr> = ["127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| SocketAddr::new(ip.parse().unwrap(), port))
+        .collect();
+    let sink = sink_with(|config| config.also_listen = extra.clone());
+    for addr in std::iter::once(sink.local_addr()).chain(extra) {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        assert_eq!(line, "220 mxpipe-sink ESMTP mxpipe-sink\r\n", "{addr}");
+    }
+    assert_eq!(sink.stats().connections, 3);
+
+    let too_many = SinkConfig {
+        also_listen: vec![SocketAddr::from(([127, 0, 0, 1], 0)); 64],
+        ..SinkConfig::default()
+    };
+    let error = Sink::start(too_many).map(|_| ()).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidInput);
+}

@@ -1,4 +1,5 @@
-//! The MX resolver's memory: each domain's last [`Resolution`], kept until its DNS TTL runs out.
+//! The MX resolver's memory: each domain's last [`Resolution`] (and each MX host's address
+//! answers), kept until its DNS TTL runs out.
 //!
 //! It lives on the resolver thread alone (no locks) and is bounded: at capacity, expired entries
 //! go first, then the entry closest to expiry. It must never hand out an entry past its expiry
@@ -10,25 +11,28 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::Instant;
 
 /// Domain → resolution, each until an expiry instant.
+pub(super) type ResolutionCache = ExpiringCache<Resolution>;
+
+/// Key → value, each until an expiry instant.
 #[derive(Debug)]
-pub(super) struct ResolutionCache {
+pub(super) struct ExpiringCache<V> {
     capacity: usize,
-    entries: HashMap<String, Entry>,
+    entries: HashMap<String, Entry<V>>,
     /// Every entry's expiry, soonest first. An element whose expiry no longer matches its
     /// domain's entry is stale (the entry was replaced or removed) and is skipped when popped.
     expiries: BinaryHeap<Reverse<(Instant, String)>>,
 }
 
 #[derive(Debug)]
-struct Entry {
-    resolution: Resolution,
+struct Entry<V> {
+    resolution: V,
     expires: Instant,
 }
 
-impl ResolutionCache {
+impl<V> ExpiringCache<V> {
     /// A cache holding at most `capacity` domains; 0 keeps nothing.
     pub(super) fn new(capacity: usize) -> Self {
-        ResolutionCache {
+        ExpiringCache {
             capacity,
             entries: HashMap::new(),
             expiries: BinaryHeap::new(),
@@ -36,7 +40,7 @@ impl ResolutionCache {
     }
 
     /// The resolution of `domain` when it has not expired at `now`.
-    pub(super) fn get(&self, domain: &str, now: Instant) -> Option<&Resolution> {
+    pub(super) fn get(&self, domain: &str, now: Instant) -> Option<&V> {
         self.entries
             .get(domain)
             .filter(|entry| entry.expires > now)
@@ -44,13 +48,7 @@ impl ResolutionCache {
     }
 
     /// Remembers `resolution` for `domain` until `expires`, making room when the cache is full.
-    pub(super) fn insert(
-        &mut self,
-        domain: String,
-        resolution: Resolution,
-        expires: Instant,
-        now: Instant,
-    ) {
+    pub(super) fn insert(&mut self, domain: String, resolution: V, expires: Instant, now: Instant) {
         self.remove_expired(now);
         if self.capacity == 0 || expires <= now {
             self.entries.remove(&domain);

@@ -1,24 +1,34 @@
 //! One domain's mail exchangers: from DNS answers to a [`Resolution`] and how long it may be
 //! reused (RFC 5321 section 5.1, RFC 7505 null MX, RFC 2308 negative caching).
 //!
-//! It asks hickory's resolver for MX, A and AAAA records and decides what they amount to. It must
-//! not cache results (the resolver thread's cache does), know about channels or threads, or block.
+//! [`Dns`] asks the nameservers: through the lean UDP transport of `stub` first, and through
+//! hickory's resolver when that is not enough (a truncated answer, which needs TCP, or a CNAME
+//! chain the answer does not complete). MX hosts' address answers are shared by every domain
+//! they serve: cached for their TTL, with one query in flight per host and family. Domain
+//! results are cached by the resolver thread, not here. Nothing here knows about channels or
+//! threads, or blocks.
 
+use super::cache::ExpiringCache;
+use super::stub::{Reply, Stub};
 use super::{MxHost, Resolution};
 use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::{DnsError, NetError};
-use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::proto::op::{Message, ResponseCode};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 /// How long a temporary failure (timeout, SERVFAIL, ...) is remembered: long enough that a burst
 /// of recipients at a broken domain costs one lookup, short enough to notice a quick repair.
 pub(super) const TEMPORARY_FAILURE_TTL: Duration = Duration::from_secs(30);
+/// An MX host's failed address lookup is shared by the domains asking meanwhile, and kept only
+/// this long: their own answers are cached for `TEMPORARY_FAILURE_TTL` anyway.
+const HOST_FAILURE_TTL: Duration = Duration::from_secs(5);
 /// Negative answers are kept for the SOA's negative TTL (RFC 2308 section 5), at most this long.
 const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 /// A negative answer without an SOA has no TTL; RFC 2308 section 5 says not to cache it, which
@@ -26,6 +36,152 @@ const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 const UNSOURCED_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 /// Hickory caps positive TTLs at a day; results are never kept longer either.
 const MAX_POSITIVE_TTL: Duration = Duration::from_secs(hickory_resolver::MAX_TTL as u64);
+/// CNAMEs followed within one answer before the chain is left to hickory.
+const MAX_CNAME_HOPS: usize = 8;
+
+/// The resolver thread's way of asking DNS questions.
+pub(super) struct Dns {
+    stub: Stub,
+    hickory: TokioResolver,
+    hosts: Mutex<HostQueries>,
+}
+
+/// Address answers of MX hosts, by "name type", and the questions under way.
+struct HostQueries {
+    cache: ExpiringCache<Query>,
+    running: HashMap<String, Vec<oneshot::Sender<Query>>>,
+}
+
+impl std::fmt::Debug for Dns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dns").field("stub", &self.stub).finish()
+    }
+}
+
+impl Dns {
+    /// `stub` and `hickory` ask the same nameservers; `cache_capacity` bounds the MX hosts'
+    /// address answers kept (0 keeps none).
+    pub(super) fn new(stub: Stub, hickory: TokioResolver, cache_capacity: usize) -> Dns {
+        Dns {
+            stub,
+            hickory,
+            hosts: Mutex::new(HostQueries {
+                cache: ExpiringCache::new(cache_capacity),
+                running: HashMap::new(),
+            }),
+        }
+    }
+
+    /// The `record_type` records of `name`, uncached.
+    pub(super) async fn query(&self, name: &Name, record_type: RecordType) -> Query {
+        match self.stub.query(name, record_type).await {
+            Reply::Answer(message) => match from_answer(&message, name, record_type) {
+                Some(query) => query,
+                None => self.ask_hickory(name, record_type).await,
+            },
+            Reply::Truncated => self.ask_hickory(name, record_type).await,
+            Reply::Failed(why) => Query::Failed(why),
+        }
+    }
+
+    async fn ask_hickory(&self, name: &Name, record_type: RecordType) -> Query {
+        classify(self.hickory.lookup(name.clone(), record_type).await)
+    }
+
+    fn hosts(&self) -> MutexGuard<'_, HostQueries> {
+        // Held only for map operations that cannot panic.
+        self.hosts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An MX host's cached answer for `record_type`, if there is one.
+    fn cached_address(&self, name: &Name, record_type: RecordType) -> Option<Query> {
+        self.hosts()
+            .cache
+            .get(&host_key(name, record_type), Instant::now())
+            .cloned()
+    }
+
+    /// An MX host's `record_type` (A or AAAA) records: from the cache, from the query already
+    /// under way, or asked now and then shared.
+    async fn address_query(&self, name: &Name, record_type: RecordType) -> Query {
+        let key = host_key(name, record_type);
+        let wait = {
+            let mut hosts = self.hosts();
+            if let Some(query) = hosts.cache.get(&key, Instant::now()) {
+                return query.clone();
+            }
+            match hosts.running.get_mut(&key) {
+                Some(waiters) => {
+                    let (sender, receiver) = oneshot::channel();
+                    waiters.push(sender);
+                    Some(receiver)
+                }
+                None => {
+                    hosts.running.insert(key.clone(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(receiver) = wait {
+            // The asker gave up (its domain's deadline) without an answer: so do we.
+            return receiver.await.unwrap_or_else(|_| {
+                Query::Failed(format!("the lookup of {name} was interrupted"))
+            });
+        }
+        // Should this future be dropped, the waiters' senders go with the entry.
+        let running = RunningQuery {
+            dns: self,
+            key,
+            finished: false,
+        };
+        let query = self.query(name, record_type).await;
+        running.finish(&query);
+        query
+    }
+}
+
+/// A host query under way; when dropped unfinished, its waiters are told it was interrupted.
+struct RunningQuery<'a> {
+    dns: &'a Dns,
+    key: String,
+    finished: bool,
+}
+
+impl RunningQuery<'_> {
+    fn finish(mut self, query: &Query) {
+        let now = Instant::now();
+        let expires = match query {
+            Query::Records { until, .. } => *until,
+            Query::NoSuchName(until) | Query::NoRecords(until) => *until,
+            Query::Failed(_) => now + HOST_FAILURE_TTL,
+        };
+        let waiters = {
+            let mut hosts = self.dns.hosts();
+            hosts
+                .cache
+                .insert(self.key.clone(), query.clone(), expires, now);
+            hosts.running.remove(&self.key)
+        };
+        self.finished = true;
+        for waiter in waiters.into_iter().flatten() {
+            let _ = waiter.send(query.clone());
+        }
+    }
+}
+
+impl Drop for RunningQuery<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.dns.hosts().running.remove(&self.key);
+        }
+    }
+}
+
+fn host_key(name: &Name, record_type: RecordType) -> String {
+    format!("{} {record_type}", name.to_ascii().to_ascii_lowercase())
+}
 
 /// The settings a lookup applies (from `MxConfig`).
 #[derive(Debug, Clone, Copy)]
@@ -111,11 +267,7 @@ pub(super) fn shuffle_ties<T>(items: &mut [T], preference: impl Fn(&T) -> u16) {
 }
 
 /// Resolves `domain` (lower-case, no trailing dot, not an address literal) to the hosts to try.
-pub(super) async fn resolve(
-    resolver: &Arc<TokioResolver>,
-    policy: &Policy,
-    domain: &str,
-) -> Answer {
+pub(super) async fn resolve(dns: &Arc<Dns>, policy: &Policy, domain: &str) -> Answer {
     let Some(name) = dns_name(domain) else {
         return Answer {
             resolution: Resolution::NoSuchDomain(format!("{domain:?} is not a valid domain name")),
@@ -123,22 +275,21 @@ pub(super) async fn resolve(
         };
     };
     let expires = Instant::now() + MAX_POSITIVE_TTL;
-    match classify(resolver.lookup(name.clone(), RecordType::MX).await) {
-        Query::Records(lookup) => {
-            let exchangers: Vec<(u16, Name)> = lookup
-                .answers()
+    match dns.query(&name, RecordType::MX).await {
+        Query::Records { records, until } => {
+            let exchangers: Vec<(u16, Name)> = records
                 .iter()
                 .filter_map(|record| match &record.data {
                     RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
                     _ => None,
                 })
                 .collect();
-            let expires = expires.min(lookup.valid_until());
+            let expires = expires.min(until);
             if exchangers.is_empty() {
                 // Only CNAMEs came back for the MX query, which is NODATA at the end of the chain.
-                implicit_mx(resolver, policy, domain, &name, expires).await
+                implicit_mx(dns, policy, domain, &name, expires).await
             } else {
-                exchangers_of(resolver, policy, domain, exchangers, expires).await
+                exchangers_of(dns, policy, domain, exchangers, expires).await
             }
         }
         Query::NoSuchName(until) => Answer {
@@ -147,7 +298,7 @@ pub(super) async fn resolve(
         },
         // RFC 5321 section 5.1: no MX records means an implicit MX, the domain itself.
         Query::NoRecords(until) => {
-            implicit_mx(resolver, policy, domain, &name, expires.min(until)).await
+            implicit_mx(dns, policy, domain, &name, expires.min(until)).await
         }
         Query::Failed(why) => Answer::temporary(format!("{domain}: MX lookup failed: {why}")),
     }
@@ -172,7 +323,7 @@ fn host_name(name: &Name) -> String {
 
 /// The MX records' hosts, in the order to try, with their addresses.
 async fn exchangers_of(
-    resolver: &Arc<TokioResolver>,
+    dns: &Arc<Dns>,
     policy: &Policy,
     domain: &str,
     mut exchangers: Vec<(u16, Name)>,
@@ -195,12 +346,18 @@ async fn exchangers_of(
     shuffle_ties(&mut exchangers, |(preference, _)| *preference);
     exchangers.truncate(policy.max_hosts);
 
+    // Hosts shared by many domains are usually cached: only the others are looked up, at once.
+    let mut found: Vec<Option<HostAddresses>> = exchangers
+        .iter()
+        .map(|(_, name)| cached_host_addresses(dns, policy, name))
+        .collect();
     let mut lookups = JoinSet::new();
     for (index, (_, name)) in exchangers.iter().enumerate() {
-        let (resolver, policy, name) = (resolver.clone(), *policy, name.clone());
-        lookups.spawn(async move { (index, host_addresses(&resolver, &policy, &name).await) });
+        if found[index].is_none() {
+            let (dns, policy, name) = (dns.clone(), *policy, name.clone());
+            lookups.spawn(async move { (index, host_addresses(&dns, &policy, &name).await) });
+        }
     }
-    let mut found: Vec<Option<HostAddresses>> = exchangers.iter().map(|_| None).collect();
     while let Some(joined) = lookups.join_next().await {
         // A lookup task that panicked leaves its host unresolved, reported below.
         if let Ok((index, host)) = joined {
@@ -263,13 +420,13 @@ async fn exchangers_of(
 
 /// The implicit MX of a domain without MX records: the domain itself, preference 0.
 async fn implicit_mx(
-    resolver: &TokioResolver,
+    dns: &Dns,
     policy: &Policy,
     domain: &str,
     name: &Name,
     expires: Instant,
 ) -> Answer {
-    let host = host_addresses(resolver, policy, name).await;
+    let host = host_addresses(dns, policy, name).await;
     let expires = expires.min(host.expires);
     if !host.addrs.is_empty() {
         let addrs = host
@@ -319,11 +476,11 @@ struct HostAddresses {
     no_such_name: bool,
 }
 
-/// Looks up A and AAAA (as enabled) at once; hickory follows CNAMEs to their target.
-async fn host_addresses(resolver: &TokioResolver, policy: &Policy, name: &Name) -> HostAddresses {
+/// Looks up A and AAAA (as enabled) at once; CNAMEs are followed to their target.
+async fn host_addresses(dns: &Dns, policy: &Policy, name: &Name) -> HostAddresses {
     let family = |enabled: bool, record_type: RecordType| async move {
         match enabled {
-            true => Some(resolver.lookup(name.clone(), record_type).await),
+            true => Some(dns.address_query(name, record_type).await),
             false => None,
         }
     };
@@ -331,24 +488,40 @@ async fn host_addresses(resolver: &TokioResolver, policy: &Policy, name: &Name) 
         family(policy.ipv4, RecordType::A),
         family(policy.ipv6, RecordType::AAAA)
     );
+    combine_families([v4, v6])
+}
+
+/// A host's addresses when every enabled family's answer is cached.
+fn cached_host_addresses(dns: &Dns, policy: &Policy, name: &Name) -> Option<HostAddresses> {
+    let family = |enabled: bool, record_type: RecordType| match enabled {
+        true => dns.cached_address(name, record_type).map(Some),
+        false => Some(None),
+    };
+    Some(combine_families([
+        family(policy.ipv4, RecordType::A)?,
+        family(policy.ipv6, RecordType::AAAA)?,
+    ]))
+}
+
+/// The A then AAAA answers (`None`: not asked) as one host's addresses.
+fn combine_families(answers: [Option<Query>; 2]) -> HostAddresses {
     let mut host = HostAddresses {
         addrs: Vec::new(),
         expires: Instant::now() + MAX_POSITIVE_TTL,
         failure: None,
         no_such_name: true,
     };
-    for result in [v4, v6].into_iter().flatten() {
-        match classify(result) {
-            Query::Records(lookup) => {
+    for answer in answers.into_iter().flatten() {
+        match answer {
+            Query::Records { records, until } => {
                 host.no_such_name = false;
-                host.expires = host.expires.min(lookup.valid_until());
-                host.addrs.extend(lookup.answers().iter().filter_map(
-                    |record| match &record.data {
+                host.expires = host.expires.min(until);
+                host.addrs
+                    .extend(records.iter().filter_map(|record| match &record.data {
                         RData::A(a) => Some(IpAddr::V4(a.0)),
                         RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
                         _ => None,
-                    },
-                ));
+                    }));
             }
             Query::NoSuchName(until) => host.expires = host.expires.min(until),
             Query::NoRecords(until) => {
@@ -366,9 +539,13 @@ async fn host_addresses(resolver: &TokioResolver, policy: &Policy, name: &Name) 
 }
 
 /// What the answer to one query amounts to.
-enum Query {
-    /// An answer with records (of the type asked, or only CNAMEs leading nowhere).
-    Records(Lookup),
+#[derive(Debug, Clone)]
+pub(super) enum Query {
+    /// Records of the type asked (found at the end of any CNAME chain), usable until `until`.
+    Records {
+        records: Arc<[Record]>,
+        until: Instant,
+    },
     /// NXDOMAIN: the name does not exist, as may be remembered until then.
     NoSuchName(Instant),
     /// NODATA: the name exists without records of this type, as may be remembered until then.
@@ -377,9 +554,71 @@ enum Query {
     Failed(String),
 }
 
+/// What a nameserver's answer to `name`/`record_type` amounts to; `None` when it ends in a CNAME
+/// whose target it does not resolve, which hickory then chases.
+fn from_answer(message: &Message, name: &Name, record_type: RecordType) -> Option<Query> {
+    let now = Instant::now();
+    match message.metadata.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => return Some(Query::NoSuchName(now + negative_ttl(message))),
+        code => return Some(Query::Failed(format!("the nameserver answered {code}"))),
+    }
+    // Follow the chain from the name asked: each step's records must be for the current name.
+    let mut current = name;
+    let mut ttl = MAX_POSITIVE_TTL.as_secs();
+    for _ in 0..=MAX_CNAME_HOPS {
+        let records: Vec<Record> = message
+            .answers
+            .iter()
+            .filter(|r| r.record_type() == record_type && r.name == *current)
+            .cloned()
+            .collect();
+        if !records.is_empty() {
+            let ttl = records.iter().fold(ttl, |t, r| t.min(r.ttl.into()));
+            return Some(Query::Records {
+                records: records.into(),
+                until: now + Duration::from_secs(ttl),
+            });
+        }
+        let cname = message.answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(target) if r.name == *current => Some((&target.0, r.ttl)),
+            _ => None,
+        });
+        match cname {
+            Some((target, cname_ttl)) => {
+                ttl = ttl.min(cname_ttl.into());
+                current = target;
+            }
+            // NODATA for the name asked; a chain that stops short is left to hickory.
+            None if current == name => {
+                return Some(Query::NoRecords(now + negative_ttl(message)));
+            }
+            None => return None,
+        }
+    }
+    None
+}
+
+/// RFC 2308 section 5: a negative answer is kept for the lesser of its SOA's TTL and MINIMUM.
+fn negative_ttl(message: &Message) -> Duration {
+    message
+        .authorities
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(Duration::from_secs(r.ttl.min(soa.minimum).into())),
+            _ => None,
+        })
+        .map_or(UNSOURCED_NEGATIVE_TTL, |ttl| ttl.min(MAX_NEGATIVE_TTL))
+}
+
 fn classify(result: Result<Lookup, NetError>) -> Query {
     let error = match result {
-        Ok(lookup) => return Query::Records(lookup),
+        Ok(lookup) => {
+            return Query::Records {
+                records: lookup.answers().into(),
+                until: lookup.valid_until(),
+            }
+        }
         Err(error) => error,
     };
     match &error {
