@@ -414,6 +414,8 @@ fn run_sink(
     let (&first, also) = listen
         .split_first()
         .ok_or("sink: --listen needs an address")?;
+    // Every client connection is a descriptor here too.
+    raise_fd_limit();
     let sink = Sink::start(SinkConfig {
         listen: first,
         also_listen: also.to_vec(),
@@ -822,10 +824,24 @@ fn run_bench(args: BenchArgs) -> CliResult {
     }
     let submitted_in = start.elapsed();
     let limit = Duration::from_secs(600);
-    if !dispatcher.wait_final(limit) {
-        return Err(format!(
-            "bench: not every message was final after {limit:?}"
-        ));
+    // Progress on stderr every 10 s, so that a long run shows where it stands.
+    let deadline = start + limit;
+    while !dispatcher.wait_final(Duration::from_secs(10)) {
+        let s = dispatcher.stats();
+        eprintln!(
+            "bench: {:.0} s: delivered={} deferred={} bounced={} unfinished={} connections_open={}",
+            start.elapsed().as_secs_f64(),
+            s.delivered,
+            s.deferred,
+            s.bounced,
+            s.in_flight,
+            s.connections_open
+        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "bench: not every message was final after {limit:?}"
+            ));
+        }
     }
     let elapsed = start.elapsed();
     let (cpu1, peak_rss_kb) = rusage_self();

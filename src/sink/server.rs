@@ -56,6 +56,27 @@ struct Connection {
     generation: u64,
 }
 
+/// Connections the kernel may complete before the sink accepts them (capped by
+/// `net.core.somaxconn`). The usual 128 overflows when a client opens thousands of connections
+/// within a second; the kernel then answers with SYN cookies and drops the handshake's last ACK,
+/// leaving the client with a connection that the sink never sees and that waits for a
+/// greeting until the client's greeting timeout.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listening socket on `addr` with a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// The listening socket, the connections and the loop that drives them.
 pub(super) struct Server {
     poll: Poll,
@@ -89,7 +110,7 @@ impl Server {
             .chain(config.also_listen.iter().copied())
             .enumerate()
         {
-            let mut listener = TcpListener::bind(addr)?;
+            let mut listener = listen(addr)?;
             poll.registry().register(
                 &mut listener,
                 Token(FIRST_LISTENER + index),

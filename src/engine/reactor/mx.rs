@@ -94,9 +94,12 @@ impl Reactor {
                 return (MxChoice::Ready(Arc::clone(route)), recipients);
             }
             Some(DomainRoute::Pending(waiting)) => {
+                // A message's recipients at one domain arrive together, so only the last
+                // entry can be the same message (a linear search was quadratic in the
+                // messages waiting for one domain).
                 match waiting
-                    .iter_mut()
-                    .find(|(e, _, a)| Arc::ptr_eq(e, envelope) && *a == attempts)
+                    .last_mut()
+                    .filter(|(e, _, a)| Arc::ptr_eq(e, envelope) && *a == attempts)
                 {
                     Some((_, list, _)) => list.extend(recipients),
                     None => waiting.push((Arc::clone(envelope), recipients, attempts)),
