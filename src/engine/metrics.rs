@@ -6,6 +6,7 @@
 //! destination is first seen and when a snapshot is read.
 
 use super::StatsSnapshot;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -72,24 +73,34 @@ impl DestinationMetrics {
 /// Every destination any loop has seen.
 #[derive(Debug, Default)]
 pub struct Registry {
-    destinations: RwLock<Vec<Arc<DestinationMetrics>>>,
+    destinations: RwLock<Destinations>,
+}
+
+/// In the order first seen, and by name (a destination is registered once per loop, and a
+/// direct-to-MX run may see 100,000 of them).
+#[derive(Debug, Default)]
+struct Destinations {
+    list: Vec<Arc<DestinationMetrics>>,
+    by_name: HashMap<Arc<str>, usize>,
 }
 
 impl Registry {
     /// The metrics of `name`, shared by every loop that sends there.
     pub fn destination(&self, name: &Arc<str>) -> Arc<DestinationMetrics> {
-        let mut list = self.destinations.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = list.iter().find(|m| m.name == *name) {
-            return Arc::clone(m);
+        let mut known = self.destinations.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&index) = known.by_name.get(name) {
+            return Arc::clone(&known.list[index]);
         }
         let m = Arc::new(DestinationMetrics::new(Arc::clone(name)));
-        list.push(Arc::clone(&m));
+        let index = known.list.len();
+        known.list.push(Arc::clone(&m));
+        known.by_name.insert(Arc::clone(name), index);
         m
     }
 
     pub fn snapshot(&self) -> Vec<DestinationStats> {
-        let list = self.destinations.read().unwrap_or_else(|e| e.into_inner());
-        list.iter().map(|m| m.snapshot()).collect()
+        let known = self.destinations.read().unwrap_or_else(|e| e.into_inner());
+        known.list.iter().map(|m| m.snapshot()).collect()
     }
 }
 

@@ -38,6 +38,12 @@ const WAKER: Token = Token(usize::MAX);
 const READ_BUFFER: usize = 64 * 1024;
 /// Submissions taken from the ingress in one turn of the loop.
 const SUBMISSIONS_PER_TURN: usize = 256;
+/// Connections opened per turn at most. A connect on loopback runs the whole handshake inside
+/// the syscall; thousands of new destinations at once would otherwise hold the loop for
+/// a tenth of a second. The rest are opened on the next turns, which come at once.
+const CONNECTS_PER_TURN: usize = 128;
+/// Resolver answers taken per turn at most (each may release many recipients).
+pub(super) const RESOLUTIONS_PER_TURN: usize = 256;
 /// How long a destination whose opportunistic TLS failed is sent to in plaintext.
 const PLAINTEXT_AFTER_TLS_FAILURE: Duration = Duration::from_secs(3600);
 
@@ -104,6 +110,9 @@ struct Reactor {
     next_source: usize,
     /// Submissions were left in the ingress for the next turn.
     backlog: bool,
+    /// A per-turn budget ran out with work left (connections to open, resolver answers): the
+    /// next turn comes without waiting.
+    pub(super) more_work: bool,
     /// Destinations waiting for a connection slot (the loop is at `max_connections`), in
     /// the order they asked: first come, first served, so none starves.
     slot_waiters: std::collections::VecDeque<usize>,
@@ -153,6 +162,7 @@ impl Reactor {
             mx: None,
             next_source: 0,
             backlog: false,
+            more_work: false,
             slot_waiters: std::collections::VecDeque::new(),
             waiting_slot: Vec::new(),
             idle: std::collections::VecDeque::new(),
@@ -186,6 +196,7 @@ impl Reactor {
                 };
                 self.on_socket(event.token().0, readiness, now);
             }
+            self.more_work = false;
             self.take_submissions(now);
             self.take_resolutions(now);
             self.on_timers(now);
@@ -239,7 +250,7 @@ impl Reactor {
                 t.min(Duration::from_millis(20))
             }));
         }
-        if self.backlog {
+        if self.backlog || self.more_work {
             return Some(Duration::ZERO);
         }
         // Submissions held back by the recipient bound are retried on every turn.
@@ -458,6 +469,7 @@ impl Reactor {
 
     /// Hands queued jobs to connections that can take them; opens connections for the rest.
     fn dispatch(&mut self, now: Instant) {
+        let mut connects = 0;
         while let Some(d) = self.dirty.pop() {
             self.is_dirty[d] = false;
             if self.stop_by.is_some() {
@@ -482,6 +494,11 @@ impl Reactor {
             }
             let wanted = self.destinations[d].connections_wanted();
             for _ in 0..wanted {
+                if connects == CONNECTS_PER_TURN {
+                    self.mark_dirty(d);
+                    self.more_work = true;
+                    return;
+                }
                 if self.conns.len() >= self.config.max_connections {
                     self.wait_for_slot(d, now);
                     break;
@@ -491,6 +508,7 @@ impl Reactor {
                     break;
                 }
                 self.open(d, now);
+                connects += 1;
             }
         }
     }

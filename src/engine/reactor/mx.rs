@@ -4,7 +4,7 @@
 //! limits. Jobs move to the next exchanger when one cannot be reached. No lookup ever runs on
 //! the loop thread: answers arrive on a channel, with the loop's waker.
 
-use super::Reactor;
+use super::{Reactor, RESOLUTIONS_PER_TURN};
 use crate::engine::pool::Destination;
 use crate::engine::shaping::Shaper;
 use crate::engine::EventKind;
@@ -127,7 +127,12 @@ impl Reactor {
         let Some(mx) = self.mx.as_ref() else {
             return;
         };
-        let answers: Vec<(String, Resolution)> = mx.answers.try_iter().collect();
+        let answers: Vec<(String, Resolution)> =
+            mx.answers.try_iter().take(RESOLUTIONS_PER_TURN).collect();
+        if answers.len() == RESOLUTIONS_PER_TURN {
+            // Perhaps more: taken on the next turn, after the sockets have been served.
+            self.more_work = true;
+        }
         for (domain, resolution) in answers {
             self.resolved(domain, resolution, now);
         }
