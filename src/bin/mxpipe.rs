@@ -17,7 +17,7 @@ use mxpipe::engine::{Dispatcher, DispatcherBuilder, Event, EventKind, StatsSnaps
 use mxpipe::message::{Address, Body, Message};
 use mxpipe::queue::RetryPolicy;
 use mxpipe::route::mx::MxConfig;
-use mxpipe::sink::{Sink, SinkConfig, SinkTls};
+use mxpipe::sink::{Faults, Sink, SinkConfig, SinkTls};
 use mxpipe::smtp::{Credentials, StartTls};
 use mxpipe::Error;
 use std::io::{BufRead, BufReader, Write};
@@ -189,6 +189,10 @@ enum Command {
         /// Do not advertise PIPELINING.
         #[arg(long)]
         no_pipelining: bool,
+        /// Hold every reply after the greeting this many milliseconds: a tarpit. Other
+        /// connections are served meanwhile.
+        #[arg(long, value_name = "MS")]
+        reply_delay_ms: Option<u64>,
     },
     /// Send a campaign (CAMPAIGN.toml: templates, recipients CSV, DKIM, ...; see the
     /// `mxpipe::campaign` docs), or one ready message to many recipients (--relay, --from,
@@ -295,7 +299,14 @@ fn main() -> ExitCode {
             capture,
             no_chunking,
             no_pipelining,
-        } => run_sink(listen, capture, !no_chunking, !no_pipelining),
+            reply_delay_ms,
+        } => run_sink(SinkArgs {
+            listen,
+            capture,
+            chunking: !no_chunking,
+            pipelining: !no_pipelining,
+            reply_delay: reply_delay_ms.map(Duration::from_millis),
+        }),
         Command::Send {
             relay: None,
             from: None,
@@ -404,17 +415,25 @@ fn main() -> ExitCode {
 
 type CliResult = Result<ExitCode, String>;
 
-fn run_sink(
+struct SinkArgs {
     listen: SocketAddr,
     capture: Option<PathBuf>,
     chunking: bool,
     pipelining: bool,
-) -> CliResult {
+    reply_delay: Option<Duration>,
+}
+
+fn run_sink(args: SinkArgs) -> CliResult {
+    let SinkArgs { listen, .. } = args;
     let sink = Sink::start(SinkConfig {
         listen,
-        capture_dir: capture,
-        chunking,
-        pipelining,
+        capture_dir: args.capture,
+        chunking: args.chunking,
+        pipelining: args.pipelining,
+        faults: Faults {
+            reply_delay: args.reply_delay,
+            ..Faults::default()
+        },
         ..SinkConfig::default()
     })
     .map_err(|e| format!("sink: cannot listen on {listen}: {e}"))?;
