@@ -277,3 +277,157 @@ fn a_full_connection_table_serves_destinations_in_turn() {
     let per = d.destination_stats();
     assert!(per.iter().all(|p| p.delivered == 3), "{per:?}");
 }
+
+/// One reading of the destination's adaptive window, and how many connections the sink had
+/// refused with 421 by then. The refusals are read after the window, so a sample that shows
+/// none was taken before any 421 could have shrunk the window.
+#[derive(Debug, Clone, Copy)]
+struct WindowSample {
+    at: Duration,
+    concurrency_limit: u64,
+    refused: u64,
+}
+
+/// The first 200 samples where something changed, one per line, for failure messages.
+fn window_trace(samples: &[WindowSample]) -> String {
+    let mut changes = Vec::new();
+    let mut last = None;
+    for s in samples {
+        if last != Some((s.concurrency_limit, s.refused)) {
+            changes.push(format!(
+                "{:>9.1?} limit={:<2} refused={}",
+                s.at, s.concurrency_limit, s.refused
+            ));
+            last = Some((s.concurrency_limit, s.refused));
+        }
+    }
+    let more = changes.len().saturating_sub(200);
+    changes.truncate(200);
+    if more > 0 {
+        changes.push(format!("... {more} more changes"));
+    }
+    changes.join("\n")
+}
+
+#[test]
+fn a_421_for_the_tenth_connection_shrinks_the_window_then_it_grows_back() {
+    const MESSAGES: usize = 4_000;
+    // Nine connections at once are served; a tenth is greeted with
+    // "421 4.7.0 Too many connections, try again later" and closed, every time.
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            max_connections: Some(9),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let name = sink.local_addr().to_string();
+    let d = Dispatcher::builder()
+        .relay(&name)
+        .max_connections_per_destination(20)
+        .adaptive(Adaptive {
+            initial_concurrency: 5.0,
+            // Should a burst of refusals mark the destination dead, it is left alone for a
+            // second, not the default five minutes; the retries then still deliver everything.
+            dead_for: Duration::from_secs(1),
+            ..Adaptive::default()
+        })
+        .retry(retry(60_000))
+        .start()
+        .unwrap();
+
+    let start = Instant::now();
+    let mut samples: Vec<WindowSample> = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in 0..MESSAGES {
+                let rcpt = format!("r{i}@x.test");
+                d.submit_timeout(
+                    Message::new("s@mxpipe.test", [rcpt.as_str()], b"x\r\n").unwrap(),
+                    Duration::from_secs(10),
+                )
+                .unwrap();
+            }
+        });
+        // The window as a user watching destination_stats() sees it, every millisecond until
+        // every recipient is final: at most 60 s and 60,000 samples.
+        let deadline = start + Duration::from_secs(60);
+        while samples.len() < 60_000 && Instant::now() < deadline {
+            let limit = d
+                .destination_stats()
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.concurrency_limit);
+            let refused = sink.stats().refused_connections;
+            if let Some(concurrency_limit) = limit {
+                samples.push(WindowSample {
+                    at: start.elapsed(),
+                    concurrency_limit,
+                    refused,
+                });
+            }
+            let s = d.stats();
+            if s.submitted_recipients == MESSAGES as u64 && s.in_flight == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    assert!(
+        d.wait_final(Duration::from_secs(30)),
+        "not all final: {:?}",
+        d.stats()
+    );
+
+    // Everything delivered: each recipient exactly once, nothing bounced or expired, and the
+    // sink took each message once.
+    let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+    let mut delivered: HashMap<&str, u32> = HashMap::new();
+    for e in &events {
+        match e.kind {
+            EventKind::Delivered => *delivered.entry(e.recipient.as_str()).or_default() += 1,
+            EventKind::Deferred => {}
+            EventKind::Bounced | EventKind::Expired => panic!("not delivered: {e:?}"),
+        }
+    }
+    for i in 0..MESSAGES {
+        let rcpt = format!("r{i}@x.test");
+        assert_eq!(delivered.get(rcpt.as_str()), Some(&1), "{rcpt} delivered");
+    }
+    assert_eq!(delivered.len(), MESSAGES);
+    let s = d.stats();
+    assert_eq!((s.delivered, s.in_flight), (MESSAGES as u64, 0), "{s:?}");
+    let sink_stats = sink.stop();
+    assert_eq!(
+        (sink_stats.messages, sink_stats.recipients),
+        (MESSAGES as u64, MESSAGES as u64),
+        "{sink_stats:?}"
+    );
+    // The fault fired: the dispatcher did try a tenth connection and was refused. A connection
+    // refused at its greeting carries no recipients, so its 421 reaches an event only when no
+    // other connection to the destination is working: here the sink's count is where it shows.
+    assert!(sink_stats.refused_connections >= 1, "{sink_stats:?}");
+
+    // The window went down only after a 421 ...
+    let trace = window_trace(&samples);
+    let mut peak = 0;
+    let drop_at = samples.iter().position(|s| {
+        let dropped = s.concurrency_limit < peak;
+        peak = peak.max(s.concurrency_limit);
+        dropped
+    });
+    let Some(drop_at) = drop_at else {
+        panic!("the window never went down:\n{trace}");
+    };
+    assert!(
+        samples[drop_at].refused >= 1,
+        "the window went down before any 421:\n{trace}"
+    );
+    // ... and grew back afterwards.
+    let low = samples[drop_at].concurrency_limit;
+    assert!(
+        samples[drop_at..].iter().any(|s| s.concurrency_limit > low),
+        "the window did not grow back from {low}:\n{trace}"
+    );
+}

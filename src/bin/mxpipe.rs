@@ -17,7 +17,7 @@ use mxpipe::engine::{Dispatcher, DispatcherBuilder, Event, EventKind, StatsSnaps
 use mxpipe::message::{Address, Body, Message};
 use mxpipe::queue::RetryPolicy;
 use mxpipe::route::mx::MxConfig;
-use mxpipe::sink::{Sink, SinkConfig, SinkTls};
+use mxpipe::sink::{Faults, Sink, SinkConfig, SinkTls};
 use mxpipe::smtp::{Credentials, StartTls};
 use mxpipe::Error;
 use std::io::{BufRead, BufReader, Write};
@@ -190,6 +190,10 @@ enum Command {
         /// Do not advertise PIPELINING.
         #[arg(long)]
         no_pipelining: bool,
+        /// Hold every reply after the greeting this many milliseconds: a tarpit. Other
+        /// connections are served meanwhile.
+        #[arg(long, value_name = "MS")]
+        reply_delay_ms: Option<u64>,
     },
     /// Send a campaign (CAMPAIGN.toml: templates, recipients CSV, DKIM, ...; see the
     /// `mxpipe::campaign` docs), or one ready message to many recipients (--relay, --from,
@@ -272,6 +276,15 @@ enum Command {
         /// With --direct-mx: spread the recipients over this many domains, d0.bench.test ...
         #[arg(long, default_value_t = 1)]
         domains: usize,
+        /// A slow server to send to at the same time (e.g. `mxpipe sink --reply-delay-ms`):
+        /// --tarpit-messages more messages, to tarpit.bench.test, go there. msgs_per_s then
+        /// counts only the --messages, timed until they are all final; the bench ends then,
+        /// abandoning what the tarpit has not taken yet.
+        #[arg(long, value_name = "HOST:PORT")]
+        tarpit: Option<String>,
+        /// With --tarpit: how many messages go to the tarpit, spread over the submissions.
+        #[arg(long, default_value_t = 100)]
+        tarpit_messages: u64,
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
@@ -296,7 +309,14 @@ fn main() -> ExitCode {
             capture,
             no_chunking,
             no_pipelining,
-        } => run_sink(listen, capture, !no_chunking, !no_pipelining),
+            reply_delay_ms,
+        } => run_sink(SinkArgs {
+            listen,
+            capture,
+            chunking: !no_chunking,
+            pipelining: !no_pipelining,
+            reply_delay: reply_delay_ms.map(Duration::from_millis),
+        }),
         Command::Send {
             relay: None,
             from: None,
@@ -378,6 +398,8 @@ fn main() -> ExitCode {
             messages_per_connection,
             tls,
             domains,
+            tarpit,
+            tarpit_messages,
             delivery,
         } => run_bench(BenchArgs {
             messages,
@@ -389,6 +411,7 @@ fn main() -> ExitCode {
             messages_per_connection,
             tls,
             domains,
+            tarpit: tarpit.map(|target| (target, tarpit_messages)),
             delivery,
         }),
         Command::Demo { recipients } => run_demo(recipients),
@@ -405,12 +428,16 @@ fn main() -> ExitCode {
 
 type CliResult = Result<ExitCode, String>;
 
-fn run_sink(
+struct SinkArgs {
     listen: Vec<SocketAddr>,
     capture: Option<PathBuf>,
     chunking: bool,
     pipelining: bool,
-) -> CliResult {
+    reply_delay: Option<Duration>,
+}
+
+fn run_sink(args: SinkArgs) -> CliResult {
+    let listen = &args.listen;
     let (&first, also) = listen
         .split_first()
         .ok_or("sink: --listen needs an address")?;
@@ -419,9 +446,13 @@ fn run_sink(
     let sink = Sink::start(SinkConfig {
         listen: first,
         also_listen: also.to_vec(),
-        capture_dir: capture,
-        chunking,
-        pipelining,
+        capture_dir: args.capture.clone(),
+        chunking: args.chunking,
+        pipelining: args.pipelining,
+        faults: Faults {
+            reply_delay: args.reply_delay,
+            ..Faults::default()
+        },
         ..SinkConfig::default()
     })
     .map_err(|e| {
@@ -738,7 +769,51 @@ struct BenchArgs {
     messages_per_connection: Option<u32>,
     tls: bool,
     domains: usize,
+    /// A slow destination and how many messages go there beside the measured ones.
+    tarpit: Option<(String, u64)>,
     delivery: DeliveryArgs,
+}
+
+/// The domain whose recipients `bench --tarpit` routes to the tarpit.
+const TARPIT_DOMAIN: &str = "tarpit.bench.test";
+
+/// A destination's name in the metrics: its target without the scheme (see `route::Target`).
+fn destination_name(target: &str) -> &str {
+    ["smtps://", "smtp://"]
+        .iter()
+        .find_map(|scheme| target.strip_prefix(scheme))
+        .unwrap_or(target)
+}
+
+/// Recipients with a final outcome, and recipients delivered.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    finals: u64,
+    delivered: u64,
+}
+
+/// The outcomes so far at the measured destinations, and at the tarpit (none without one).
+fn tally(dispatcher: &Dispatcher, tarpit: Option<&str>) -> (Tally, Tally) {
+    // The loop counts an outcome for its destination before the global one, so the global
+    // counters are read first: an outcome caught in between undercounts the measured side
+    // rather than stopping the clock early.
+    let s = dispatcher.stats();
+    let at_tarpit = tarpit
+        .and_then(|name| {
+            dispatcher
+                .destination_stats()
+                .into_iter()
+                .find(|d| d.name == name)
+        })
+        .map_or(Tally::default(), |d| Tally {
+            finals: d.delivered + d.bounced + d.expired,
+            delivered: d.delivered,
+        });
+    let measured = Tally {
+        finals: (s.delivered + s.bounced + s.expired).saturating_sub(at_tarpit.finals),
+        delivered: s.delivered.saturating_sub(at_tarpit.delivered),
+    };
+    (measured, at_tarpit)
 }
 
 fn run_bench(args: BenchArgs) -> CliResult {
@@ -760,12 +835,24 @@ fn run_bench(args: BenchArgs) -> CliResult {
         _ => None,
     };
     let mut builder = Dispatcher::builder();
+    let mut relay = None;
     if !direct {
         let target = args
             .to
             .clone()
             .unwrap_or_else(|| sink.as_ref().expect("started").addr.clone());
         builder = builder.relay(&target);
+        relay = Some(target);
+    }
+    let tarpit = args
+        .tarpit
+        .as_ref()
+        .map(|(target, _)| destination_name(target));
+    if let Some((target, _)) = &args.tarpit {
+        if tarpit == relay.as_deref().map(destination_name) {
+            return Err("--tarpit must be another server than the one measured".into());
+        }
+        builder = builder.route(TARPIT_DOMAIN, target);
     }
     let mut builder = args.delivery.apply(builder)?;
     if args.tls && args.delivery.tls_verify.is_none() {
@@ -812,9 +899,28 @@ fn run_bench(args: BenchArgs) -> CliResult {
                 .collect()
         })
         .collect();
+    let tarpit_rcpt = Address::parse(
+        &format!("user@{TARPIT_DOMAIN}"),
+        mxpipe::error::Field::Recipient(0),
+    )
+    .expect("valid");
+    let tarpit_messages = args.tarpit.as_ref().map_or(0, |&(_, n)| n);
+    let mut tarpit_submitted = 0u64;
     let (cpu0, _) = rusage_self();
     let start = Instant::now();
     for n in 0..messages {
+        // The tarpit's messages are spread evenly over the measured ones.
+        while tarpit_submitted < tarpit_messages
+            && tarpit_submitted * messages <= n * tarpit_messages
+        {
+            let m =
+                Message::from_parts(sender.clone(), vec![tarpit_rcpt.clone()], Arc::clone(&body))
+                    .map_err(|e| e.to_string())?;
+            dispatcher
+                .submit_timeout(m, Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
+            tarpit_submitted += 1;
+        }
         let rcpts = lists[n as usize % lists.len()].clone();
         let m = Message::from_parts(sender.clone(), rcpts, Arc::clone(&body))
             .map_err(|e| e.to_string())?;
@@ -824,30 +930,52 @@ fn run_bench(args: BenchArgs) -> CliResult {
     }
     let submitted_in = start.elapsed();
     let limit = Duration::from_secs(600);
-    // Progress on stderr every 10 s, so that a long run shows where it stands.
-    let deadline = start + limit;
-    while !dispatcher.wait_final(Duration::from_secs(10)) {
-        let s = dispatcher.stats();
-        eprintln!(
-            "bench: {:.0} s: delivered={} deferred={} bounced={} unfinished={} connections_open={}",
-            start.elapsed().as_secs_f64(),
-            s.delivered,
-            s.deferred,
-            s.bounced,
-            s.in_flight,
-            s.connections_open
-        );
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "bench: not every message was final after {limit:?}"
-            ));
+    let not_final = || format!("bench: not every message was final after {limit:?}");
+    let wanted = messages * recipients as u64;
+    // With a tarpit the clock stops when the other destinations' recipients are final: they
+    // must not wait for it.
+    if tarpit.is_some() {
+        while tally(&dispatcher, tarpit).0.finals < wanted {
+            if start.elapsed() > limit {
+                return Err(not_final());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    } else {
+        // Progress on stderr every 10 s, so that a long run shows where it stands.
+        while !dispatcher.wait_final(Duration::from_secs(10)) {
+            let s = dispatcher.stats();
+            eprintln!(
+                "bench: {:.0} s: delivered={} deferred={} bounced={} unfinished={} connections_open={}",
+                start.elapsed().as_secs_f64(),
+                s.delivered,
+                s.deferred,
+                s.bounced,
+                s.in_flight,
+                s.connections_open
+            );
+            if start.elapsed() > limit {
+                return Err(not_final());
+            }
         }
     }
     let elapsed = start.elapsed();
     let (cpu1, peak_rss_kb) = rusage_self();
+    let (measured, at_tarpit) = tally(&dispatcher, tarpit);
     let s = dispatcher.stats();
     let destinations = dispatcher.destination_stats().len();
-    drop(dispatcher);
+    if tarpit.is_some() {
+        println!(
+            "tarpit messages={tarpit_messages} final={} abandoned={}",
+            at_tarpit.finals,
+            tarpit_messages - at_tarpit.finals
+        );
+        // Dropping the dispatcher would wait for the tarpit (shutdown flushes first). A
+        // benchmark does not: its messages are abandoned, and the loops end with the process.
+        std::mem::forget(dispatcher);
+    } else {
+        drop(dispatcher);
+    }
     drop(sink);
     let cpu = cpu1 - cpu0;
     // Diagnostics on their own line; the result line keeps its fixed form for scripts.
@@ -860,12 +988,12 @@ fn run_bench(args: BenchArgs) -> CliResult {
     );
     println!(
         "result messages={messages} delivered={} msgs_per_s={:.0} cpu_us_per_msg={:.2} peak_rss_kb={peak_rss_kb} connections={}",
-        s.delivered / recipients as u64,
+        measured.delivered / recipients as u64,
         messages as f64 / elapsed.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / messages as f64,
         s.connections_opened,
     );
-    Ok(if s.delivered == messages * recipients as u64 {
+    Ok(if measured.delivered == wanted {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
