@@ -430,4 +430,15 @@ fn a_421_for_the_tenth_connection_shrinks_the_window_then_it_grows_back() {
         samples[drop_at..].iter().any(|s| s.concurrency_limit > low),
         "the window did not grow back from {low}:\n{trace}"
     );
+    // It grows back only to what the server accepted (nine), for a while: the tenth
+    // connection is not tried again and again.
+    assert!(
+        samples[drop_at..].iter().all(|s| s.concurrency_limit <= 9),
+        "the window grew past nine again:\n{trace}"
+    );
+    assert!(
+        sink_stats.refused_connections <= 5,
+        "{} connections refused: the 421 was not remembered",
+        sink_stats.refused_connections
+    );
 }

@@ -732,9 +732,12 @@ impl Reactor {
                 let conn = self.remove(token);
                 let d = conn.destination;
                 if !closure.graceful && self.is_throttle(&closure.reply) {
+                    // The connection that got the throttle is gone already: the others
+                    // are what the server accepts.
+                    let open = self.destinations[d].open;
                     self.destinations[d]
                         .shaper
-                        .on_throttle(now, &self.config.adaptive);
+                        .on_throttle(now, open, &self.config.adaptive);
                     self.hold_if_paused(d, now);
                 }
                 if !closure.established {
@@ -1027,16 +1030,19 @@ impl Reactor {
             _ => false,
         });
         if throttled {
+            // A transaction was refused, not a connection: one connection fewer is the
+            // ceiling.
+            let open = self.destinations[d].open.saturating_sub(1);
             self.destinations[d]
                 .shaper
-                .on_throttle(now, &self.config.adaptive);
+                .on_throttle(now, open, &self.config.adaptive);
             self.hold_if_paused(d, now);
         } else if results
             .iter()
             .any(|r| matches!(r, RcptResult::Delivered(_)))
         {
             let dest = &mut self.destinations[d];
-            dest.shaper.on_success();
+            dest.shaper.on_success(now);
             // The window may now allow another connection for the queued work.
             if dest.connections_wanted() > 0 {
                 self.mark_dirty(d);

@@ -127,6 +127,10 @@ pub struct Adaptive {
     pub dead_after: u32,
     /// How long a dead destination is left alone; its queued recipients are deferred.
     pub dead_for: Duration,
+    /// After a throttle, the window grows back only up to one connection fewer than were open
+    /// when it came, for this long: a server that refuses its 10th connection is not sent a
+    /// 10th again every few milliseconds. Past it, growth probes higher again.
+    pub throttle_memory: Duration,
 }
 
 impl Default for Adaptive {
@@ -137,6 +141,7 @@ impl Default for Adaptive {
             max_pause: Duration::from_secs(300),
             dead_after: 3,
             dead_for: Duration::from_secs(300),
+            throttle_memory: Duration::from_secs(300),
         }
     }
 }
@@ -155,6 +160,8 @@ pub struct Shaper {
     pauses_in_row: u32,
     pub failures_in_row: u32,
     pub dead_until: Option<Instant>,
+    /// The window's ceiling after a throttle, and until when it holds.
+    ceiling: Option<(f64, Instant)>,
 }
 
 impl Shaper {
@@ -174,6 +181,7 @@ impl Shaper {
             pauses_in_row: 0,
             failures_in_row: 0,
             dead_until: None,
+            ceiling: None,
         }
     }
 
@@ -221,10 +229,18 @@ impl Shaper {
     }
 
     /// A transaction was accepted: grow the window by one connection per window's worth of
-    /// successes (additive increase), and the rate back toward the configured one.
-    pub fn on_success(&mut self) {
-        let max = self.limits.max_connections.max(1) as f64;
-        self.window = (self.window + 1.0 / self.window).min(max);
+    /// successes (additive increase), up to the ceiling of a recent throttle, and the rate back
+    /// toward the configured one.
+    pub fn on_success(&mut self, now: Instant) {
+        let mut max = self.limits.max_connections.max(1) as f64;
+        match self.ceiling {
+            Some((ceiling, until)) if until > now => max = max.min(ceiling),
+            Some(_) => self.ceiling = None,
+            None => {}
+        }
+        if self.window < max {
+            self.window = (self.window + 1.0 / self.window).min(max);
+        }
         self.failures_in_row = 0;
         self.pauses_in_row = 0;
         if self.rate_factor < 1.0 {
@@ -233,9 +249,13 @@ impl Shaper {
         }
     }
 
-    /// The destination said "slow down": halve the window and the rate; when the window is
-    /// already one connection, pause (doubling each time, up to the maximum).
-    pub fn on_throttle(&mut self, now: Instant, adaptive: &Adaptive) {
+    /// The destination said "slow down" while `open` connections (not counting one it
+    /// refused) were open: halve the window and the rate, and keep the window below `open + 1`
+    /// for `Adaptive::throttle_memory`; when the window is already one connection, pause
+    /// (doubling each time, up to the maximum).
+    pub fn on_throttle(&mut self, now: Instant, open: usize, adaptive: &Adaptive) {
+        let ceiling = (open.max(1) as f64).min(self.window.max(1.0));
+        self.ceiling = Some((ceiling, now + adaptive.throttle_memory));
         if self.window <= 1.0 {
             let pause = adaptive
                 .pause
@@ -344,28 +364,57 @@ mod tests {
         let mut s = Shaper::new(limits(), &adaptive);
         assert_eq!(s.concurrency(), 5);
         for _ in 0..100 {
-            s.on_success();
+            s.on_success(now);
         }
         assert_eq!(s.concurrency(), 8, "grows to the limit");
-        s.on_throttle(now, &adaptive);
+        s.on_throttle(now, 8, &adaptive);
         assert_eq!(s.concurrency(), 4);
-        s.on_throttle(now, &adaptive);
-        s.on_throttle(now, &adaptive);
+        s.on_throttle(now, 4, &adaptive);
+        s.on_throttle(now, 2, &adaptive);
         assert_eq!(s.concurrency(), 1);
         assert_eq!(s.paused_until, None);
-        s.on_throttle(now, &adaptive);
+        s.on_throttle(now, 1, &adaptive);
         assert_eq!(s.paused_until, Some(now + Duration::from_secs(1)));
         assert_eq!(s.take_message(now), Some(now + Duration::from_secs(1)));
-        s.on_throttle(now, &adaptive);
+        s.on_throttle(now, 1, &adaptive);
         assert_eq!(
             s.paused_until,
             Some(now + Duration::from_secs(2)),
             "pauses double"
         );
+        // Past the throttle memory, the window grows back gradually.
+        let later = now + adaptive.throttle_memory;
         for _ in 0..20 {
-            s.on_success();
+            s.on_success(later);
         }
         assert!(s.concurrency() > 1, "recovers gradually");
+    }
+
+    #[test]
+    fn after_a_throttle_the_window_stays_below_the_connections_refused() {
+        let adaptive = Adaptive::default();
+        let now = Instant::now();
+        let mut s = Shaper::new(limits(), &adaptive);
+        for _ in 0..100 {
+            s.on_success(now);
+        }
+        assert_eq!(s.concurrency(), 8);
+        // The 7th connection was refused while 6 were open.
+        s.on_throttle(now, 6, &adaptive);
+        assert_eq!(s.concurrency(), 4);
+        for _ in 0..1000 {
+            s.on_success(now + Duration::from_secs(1));
+        }
+        assert_eq!(s.concurrency(), 6, "grows back to what the server accepted");
+        let later = now + adaptive.throttle_memory + Duration::from_secs(1);
+        for _ in 0..100 {
+            s.on_success(later);
+        }
+        assert_eq!(
+            s.concurrency(),
+            8,
+            "probes higher once the memory has passed"
+        );
     }
 
     #[test]
@@ -387,10 +436,11 @@ mod tests {
         let mut l = limits();
         l.messages_per_second = Some(100.0);
         let mut s = Shaper::new(l, &adaptive);
-        s.on_throttle(Instant::now(), &adaptive);
+        let now = Instant::now();
+        s.on_throttle(now, 8, &adaptive);
         assert_eq!(s.message_rate(), Some(50.0));
         for _ in 0..200 {
-            s.on_success();
+            s.on_success(now);
         }
         assert_eq!(s.message_rate(), Some(100.0));
     }

@@ -97,6 +97,7 @@ const KEYS: &[&str] = &[
     "adaptive_max_pause",
     "adaptive_dead_after",
     "adaptive_dead_for",
+    "adaptive_throttle_memory",
     "classify_rule",
     "direct_mx",
     "mx_nameservers",
@@ -487,6 +488,9 @@ impl Settings {
             "adaptive_max_pause" => c.adaptive.max_pause = parse_duration(key, value, false)?,
             "adaptive_dead_after" => c.adaptive.dead_after = count(1, u32::MAX.into())? as u32,
             "adaptive_dead_for" => c.adaptive.dead_for = parse_duration(key, value, true)?,
+            "adaptive_throttle_memory" => {
+                c.adaptive.throttle_memory = parse_duration(key, value, true)?
+            }
             "classify_rule" => self.classify_rules.push(parse_classify_rule(key, value)?),
             "direct_mx" => c.mx = parse_bool(key, value)?.then(|| c.mx.clone().unwrap_or_default()),
             "mx_nameservers" | "mx_smtp_port" | "mx_ipv4" | "mx_ipv6" | "mx_max_hosts"
@@ -724,7 +728,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `source_address` | a local IP address to send from; each call adds one (used in turn) |
 /// | `messages_per_second`, `connections_per_minute` | numbers above zero, per destination (default unlimited) |
 /// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, connections_per_minute=X` (any of them); each call adds one |
-/// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for` | slow start, backoff and dead-destination settings |
+/// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
 /// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity` | direct MX settings; setting any turns direct MX on |
@@ -844,6 +848,7 @@ mod tests {
             ("adaptive_max_pause", "10m"),
             ("adaptive_dead_after", "5"),
             ("adaptive_dead_for", "1m"),
+            ("adaptive_throttle_memory", "10m"),
             (
                 "classify_rule",
                 "policy_block: class=5, enhanced=7.1, text=Listed At",
