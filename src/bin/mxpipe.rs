@@ -759,6 +759,44 @@ fn rusage_self() -> (Duration, u64) {
     )
 }
 
+/// When each destination had its first delivery, sampled every 200 ms by a thread of its own.
+struct FirstDeliveries {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Duration>>,
+}
+
+impl FirstDeliveries {
+    fn start(dispatcher: Arc<Dispatcher>, start: Instant) -> FirstDeliveries {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut first: std::collections::HashMap<String, Duration> = Default::default();
+                loop {
+                    let last = stop.load(std::sync::atomic::Ordering::Acquire);
+                    let now = start.elapsed();
+                    for d in dispatcher.destination_stats() {
+                        if d.delivered > 0 && !first.contains_key(&d.name) {
+                            first.insert(d.name, now);
+                        }
+                    }
+                    if last {
+                        return first.into_values().collect();
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+        FirstDeliveries { stop, thread }
+    }
+
+    /// Every destination served so far: the time of its first delivery (to within 200 ms).
+    fn finish(self) -> Vec<Duration> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 struct BenchArgs {
     messages: u64,
     size: usize,
@@ -908,6 +946,8 @@ fn run_bench(args: BenchArgs) -> CliResult {
     let mut tarpit_submitted = 0u64;
     let (cpu0, _) = rusage_self();
     let start = Instant::now();
+    let first_deliveries =
+        (args.domains > 1).then(|| FirstDeliveries::start(Arc::clone(&dispatcher), start));
     for n in 0..messages {
         // The tarpit's messages are spread evenly over the measured ones.
         while tarpit_submitted < tarpit_messages
@@ -964,6 +1004,22 @@ fn run_bench(args: BenchArgs) -> CliResult {
     let (measured, at_tarpit) = tally(&dispatcher, tarpit);
     let s = dispatcher.stats();
     let destinations = dispatcher.destination_stats().len();
+    if let Some(first) = first_deliveries {
+        // Starvation shows as destinations whose first delivery comes late.
+        let mut times = first.finish();
+        times.sort_unstable();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64();
+        if !times.is_empty() {
+            println!(
+                "fairness destinations_served={} first_delivery_s p50={:.1} p99={:.1} max={:.1} of total_s={:.1}",
+                times.len(),
+                at(0.5),
+                at(0.99),
+                at(1.0),
+                elapsed.as_secs_f64()
+            );
+        }
+    }
     if tarpit.is_some() {
         println!(
             "tarpit messages={tarpit_messages} final={} abandoned={}",

@@ -36,8 +36,11 @@ use std::time::{Duration, Instant};
 
 const WAKER: Token = Token(usize::MAX);
 const READ_BUFFER: usize = 64 * 1024;
-/// Submissions taken from the ingress in one turn of the loop.
-const SUBMISSIONS_PER_TURN: usize = 256;
+/// Submissions taken from the ingress in one turn of the loop at most, and for at most
+/// `SUBMISSION_TIME_PER_TURN` (checked every 64): a turn with few sockets to serve takes
+/// a big slice, a busy one a small slice.
+const SUBMISSIONS_PER_TURN: usize = 4096;
+const SUBMISSION_TIME_PER_TURN: Duration = Duration::from_millis(2);
 /// Connections opened per turn at most. A connect on loopback runs the whole handshake inside
 /// the syscall; thousands of new destinations at once would otherwise hold the loop for
 /// a tenth of a second. The rest are opened on the next turns, which come at once.
@@ -267,10 +270,13 @@ impl Reactor {
     fn take_submissions(&mut self, now: Instant) {
         self.ingress.clear_wake();
         self.backlog = false;
+        let started = Instant::now();
         for taken in 0.. {
             // A burst of submissions is taken in slices, so that sockets are served between
             // them: no turn of the loop runs long.
-            if taken == SUBMISSIONS_PER_TURN {
+            let out_of_time =
+                taken % 64 == 63 && started.elapsed() >= SUBMISSION_TIME_PER_TURN;
+            if taken == SUBMISSIONS_PER_TURN || out_of_time {
                 self.backlog = !self.receiver.is_empty();
                 break;
             }
