@@ -311,12 +311,14 @@ fn window_trace(samples: &[WindowSample]) -> String {
 
 #[test]
 fn a_421_for_the_tenth_connection_shrinks_the_window_then_it_grows_back() {
-    const MESSAGES: usize = 4_000;
+    const MESSAGES: usize = 1_000;
     // Nine connections at once are served; a tenth is greeted with
-    // "421 4.7.0 Too many connections, try again later" and closed, every time.
+    // "421 4.7.0 Too many connections, try again later" and closed, every time. Each reply
+    // takes 10 ms, so that the window's changes last long enough to be seen from outside.
     let sink = Sink::start(SinkConfig {
         faults: Faults {
             max_connections: Some(9),
+            reply_delay: Some(Duration::from_millis(10)),
             ..Faults::default()
         },
         ..SinkConfig::default()
@@ -435,6 +437,16 @@ fn a_421_for_the_tenth_connection_shrinks_the_window_then_it_grows_back() {
     assert!(
         samples[drop_at..].iter().all(|s| s.concurrency_limit <= 9),
         "the window grew past nine again:\n{trace}"
+    );
+    let throttled = d
+        .destination_stats()
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.throttled);
+    assert_eq!(
+        throttled,
+        Some(sink_stats.refused_connections),
+        "every 421 counted as a throttle"
     );
     assert!(
         sink_stats.refused_connections <= 5,

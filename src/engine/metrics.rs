@@ -21,6 +21,8 @@ pub struct DestinationMetrics {
     pub deferred: AtomicU64,
     pub bounced: AtomicU64,
     pub expired: AtomicU64,
+    /// "Slow down" replies (421, or a 4xx classified as throttling) that shrank the window.
+    pub throttled: AtomicU64,
     pub connections_open: AtomicU64,
     /// The adaptive concurrency window now.
     pub concurrency_limit: AtomicU64,
@@ -38,6 +40,8 @@ pub struct DestinationStats {
     pub deferred: u64,
     pub bounced: u64,
     pub expired: u64,
+    /// "Slow down" replies (421, or a 4xx classified as throttling) that shrank the window.
+    pub throttled: u64,
     pub connections_open: u64,
     pub concurrency_limit: u64,
     /// Messages per second, when limited.
@@ -63,6 +67,7 @@ impl DestinationMetrics {
             deferred: get(&self.deferred),
             bounced: get(&self.bounced),
             expired: get(&self.expired),
+            throttled: get(&self.throttled),
             connections_open: get(&self.connections_open),
             concurrency_limit: get(&self.concurrency_limit),
             rate_limit: (rate > 0).then(|| rate as f64 / 1000.0),
@@ -160,7 +165,7 @@ pub fn prometheus(global: &StatsSnapshot, destinations: &[DestinationStats]) -> 
         let _ = writeln!(out, "mxpipe_{name} {value}");
     }
     type Field = fn(&DestinationStats) -> f64;
-    let per_destination: [(&str, &str, &str, Field); 9] = [
+    let per_destination: [(&str, &str, &str, Field); 10] = [
         (
             "destination_queued",
             "gauge",
@@ -193,6 +198,12 @@ pub fn prometheus(global: &StatsSnapshot, destinations: &[DestinationStats]) -> 
             "counter",
             "Recipients expired.",
             |d| d.expired as f64,
+        ),
+        (
+            "destination_throttled_total",
+            "counter",
+            "Slow-down replies that shrank the connection window.",
+            |d| d.throttled as f64,
         ),
         (
             "destination_connections_open",

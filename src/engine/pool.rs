@@ -6,12 +6,13 @@
 //! sockets: connections live in the reactor's table and are named here by token.
 
 use super::metrics::DestinationMetrics;
-use super::shaping::Shaper;
+use super::shaping::{Adaptive, Shaper};
 use crate::queue::Job;
 use crate::route::Target;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A connection's slot in the reactor's table: the token and the generation that guards against
 /// a slot reused by a later connection.
@@ -96,6 +97,14 @@ impl Destination {
         self.metrics
             .queued
             .store(self.queued_recipients as u64, Ordering::Relaxed);
+    }
+
+    /// The destination said "slow down" while `open` other connections were working: the
+    /// shaper shrinks, and the metrics count it.
+    pub fn throttled(&mut self, now: Instant, open: usize, adaptive: &Adaptive) {
+        self.shaper.on_throttle(now, open, adaptive);
+        self.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+        self.publish_shaping();
     }
 
     /// Publishes the adaptive window and rate after they change.

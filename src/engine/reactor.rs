@@ -274,8 +274,7 @@ impl Reactor {
         for taken in 0.. {
             // A burst of submissions is taken in slices, so that sockets are served between
             // them: no turn of the loop runs long.
-            let out_of_time =
-                taken % 64 == 63 && started.elapsed() >= SUBMISSION_TIME_PER_TURN;
+            let out_of_time = taken % 64 == 63 && started.elapsed() >= SUBMISSION_TIME_PER_TURN;
             if taken == SUBMISSIONS_PER_TURN || out_of_time {
                 self.backlog = !self.receiver.is_empty();
                 break;
@@ -741,9 +740,7 @@ impl Reactor {
                     // The connection that got the throttle is gone already: the others
                     // are what the server accepts.
                     let open = self.destinations[d].open;
-                    self.destinations[d]
-                        .shaper
-                        .on_throttle(now, open, &self.config.adaptive);
+                    self.destinations[d].throttled(now, open, &self.config.adaptive);
                     self.hold_if_paused(d, now);
                 }
                 if !closure.established {
@@ -1039,9 +1036,7 @@ impl Reactor {
             // A transaction was refused, not a connection: one connection fewer is the
             // ceiling.
             let open = self.destinations[d].open.saturating_sub(1);
-            self.destinations[d]
-                .shaper
-                .on_throttle(now, open, &self.config.adaptive);
+            self.destinations[d].throttled(now, open, &self.config.adaptive);
             self.hold_if_paused(d, now);
         } else if results
             .iter()
