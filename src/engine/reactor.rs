@@ -206,6 +206,7 @@ impl Reactor {
             self.on_wakes(now);
             self.on_retries(now);
             self.dispatch(now);
+            self.send_resolutions();
             let turn = now.elapsed().as_micros() as u64;
             self.shared
                 .stats

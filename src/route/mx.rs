@@ -129,7 +129,7 @@ struct Shared {
 
 #[derive(Debug)]
 enum Request {
-    Resolve(String),
+    Resolve(Vec<String>),
     Shutdown,
 }
 
@@ -196,7 +196,16 @@ impl MxResolver {
         let _ = self
             .shared
             .requests
-            .send(Request::Resolve(MxResolver::domain_key(domain)));
+            .send(Request::Resolve(vec![MxResolver::domain_key(domain)]));
+    }
+
+    /// [`MxResolver::resolve`] for many domains at once, each already spelled as
+    /// [`MxResolver::domain_key`] spells it: one message to the resolver thread, so one wake of
+    /// it, however many domains (the event loop sends each turn's new domains together).
+    pub fn resolve_keys(&self, domains: Vec<String>) {
+        if !domains.is_empty() {
+            let _ = self.shared.requests.send(Request::Resolve(domains));
+        }
     }
 
     /// The key answers carry for `domain`: lower case, without the trailing dot.
@@ -372,7 +381,7 @@ impl Worker {
                 // The worker holds a sender of `finished`, so this never yields `None`.
                 Some(done) = finished.recv() => self.finish(done),
                 request = requests.recv() => match request {
-                    Some(Request::Resolve(domain)) => self.request(domain),
+                    Some(Request::Resolve(domains)) => domains.into_iter().for_each(|d| self.request(d)),
                     Some(Request::Shutdown) | None => return,
                 },
             }
@@ -382,7 +391,9 @@ impl Worker {
                     continue;
                 }
                 match requests.try_recv() {
-                    Ok(Request::Resolve(domain)) => self.request(domain),
+                    Ok(Request::Resolve(domains)) => {
+                        domains.into_iter().for_each(|d| self.request(d))
+                    }
                     Ok(Request::Shutdown) | Err(TryRecvError::Disconnected) => return,
                     Err(TryRecvError::Empty) => break,
                 }

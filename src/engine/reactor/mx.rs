@@ -42,6 +42,8 @@ pub(super) struct MxState {
     /// The pseudo-destination that DNS failures are accounted to.
     pub(super) resolver_destination: usize,
     capacity: usize,
+    /// Domains to ask the resolver for at the end of this turn.
+    to_resolve: Vec<String>,
 }
 
 impl MxState {
@@ -58,6 +60,7 @@ impl MxState {
             by_host: HashMap::new(),
             resolver_destination,
             capacity: capacity.max(1024),
+            to_resolve: Vec::new(),
         }
     }
 }
@@ -88,8 +91,18 @@ impl Reactor {
         now: Instant,
     ) -> (MxChoice, Vec<Address>) {
         let mx = self.mx.as_mut().expect("MX routing is on");
-        let key: Arc<str> = Arc::from(MxResolver::domain_key(domain));
-        match mx.domains.get_mut(&key) {
+        // Domains are nearly always spelled as their key already: no allocation to look up.
+        let spelled_as_key = !domain.ends_with('.')
+            && domain.is_ascii()
+            && !domain.bytes().any(|b| b.is_ascii_uppercase());
+        let owned;
+        let key: &str = if spelled_as_key {
+            domain
+        } else {
+            owned = MxResolver::domain_key(domain);
+            &owned
+        };
+        match mx.domains.get_mut(key) {
             Some(DomainRoute::Ready { route, until }) if *until > now => {
                 return (MxChoice::Ready(Arc::clone(route)), recipients);
             }
@@ -115,11 +128,21 @@ impl Reactor {
                 .retain(|_, r| matches!(r, DomainRoute::Pending(_)));
         }
         mx.domains.insert(
-            Arc::clone(&key),
+            Arc::from(key),
             DomainRoute::Pending(vec![(Arc::clone(envelope), recipients, attempts)]),
         );
-        mx.resolver.resolve(&key);
+        // Sent with the rest of this turn's new domains (`send_resolutions`).
+        mx.to_resolve.push(key.to_string());
         (MxChoice::Parked, Vec::new())
+    }
+
+    /// Asks the resolver for this turn's new domains, in one message.
+    pub(super) fn send_resolutions(&mut self) {
+        if let Some(mx) = self.mx.as_mut() {
+            if !mx.to_resolve.is_empty() {
+                mx.resolver.resolve_keys(std::mem::take(&mut mx.to_resolve));
+            }
+        }
     }
 
     /// Takes the resolver's answers and releases the recipients that waited for them.
