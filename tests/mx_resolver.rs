@@ -7,13 +7,16 @@
 mod util;
 
 use crossbeam_channel::Receiver;
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_resolver::proto::rr::rdata::A;
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use mio::{Events, Poll, Token, Waker};
 use mxpipe::route::mx::{MxConfig, MxHost, MxResolver, Resolution};
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use util::dns::{Dnsmasq, SilentNameserver};
+use util::dns::{Dnsmasq, ScriptedNameserver, SilentNameserver};
 
 /// The port the resolver puts on every address it returns.
 const SMTP_PORT: u16 = 2525;
@@ -538,6 +541,144 @@ fn a_nameserver_port_with_nothing_listening_fails_fast() {
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "took {:?}: the refusal was not noticed",
+        start.elapsed()
+    );
+}
+
+/// An answer to `query` with `code`, its question echoed, from a recursive server.
+fn reply_to(query: &Message, code: ResponseCode) -> Message {
+    let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+    reply.metadata.recursion_desired = true;
+    reply.metadata.recursion_available = true;
+    reply.metadata.response_code = code;
+    for question in &query.queries {
+        reply.add_query(question.clone());
+    }
+    reply
+}
+
+/// The answer to `query` of a server where every name has one A record and nothing else.
+fn a_record_for_every_name(query: &Message) -> Message {
+    let mut reply = reply_to(query, ResponseCode::NoError);
+    if let Some(q) = query.queries.first() {
+        if q.query_type == RecordType::A {
+            let a = RData::A(A::new(127, 0, 0, 9));
+            reply.add_answer(Record::from_rdata(q.name.clone(), 300, a));
+        }
+    }
+    reply
+}
+
+#[test]
+fn a_dead_first_nameserver_costs_healthy_domains_nothing_more_than_a_timeout() {
+    let silent = SilentNameserver::start();
+    let mut builder = Dnsmasq::builder();
+    for i in 0..300 {
+        builder = builder.host(&format!("d{i}.dead-first.test"), "127.0.0.9");
+    }
+    let dns = builder.start();
+    let mut client = Client::start(MxConfig {
+        nameservers: Some(vec![silent.addr(), dns.addr()]),
+        timeout: Duration::from_millis(500),
+        ..Client::config(dns.addr())
+    });
+    for i in 0..300 {
+        client.resolver.resolve(&format!("d{i}.dead-first.test"));
+    }
+    let start = Instant::now();
+    let mut failed = Vec::new();
+    for _ in 0..300 {
+        let (domain, resolution) = client.next();
+        if !matches!(resolution, Resolution::Hosts(_)) {
+            failed.push((domain, resolution));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed[0]
+    );
+    // The first queries wait out one timeout at the silent server; then it is avoided.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_stray_datagram_with_the_right_id_does_not_cost_the_answer() {
+    // Every query first gets a datagram with its ID but another question, then the answer.
+    let server = ScriptedNameserver::start("127.0.0.1:0", |query| {
+        let mut stray = reply_to(query, ResponseCode::NoError);
+        stray.queries.clear();
+        stray.add_query(Query::query(
+            Name::from_ascii("other.test.").unwrap(),
+            RecordType::A,
+        ));
+        let real = reply_to(query, ResponseCode::NXDomain);
+        vec![stray.to_vec().unwrap(), real.to_vec().unwrap()]
+    })
+    .unwrap();
+    let mut client = Client::start(Client::config(server.addr()));
+    match client.resolve("gone.test") {
+        Resolution::NoSuchDomain(text) => assert_eq!(text, "gone.test: no such domain (NXDOMAIN)"),
+        other => panic!("expected NoSuchDomain, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_ipv6_nameserver_is_asked_over_ipv6() {
+    let server = match ScriptedNameserver::start("[::1]:0", |query| {
+        vec![a_record_for_every_name(query).to_vec().unwrap()]
+    }) {
+        Ok(server) => server,
+        // A machine without IPv6 loopback has nothing to test here.
+        Err(error) => return eprintln!("skipped: no ::1 ({error})"),
+    };
+    let mut client = Client::start(Client::config(server.addr()));
+    let found = hosts(client.resolve("v6.test"));
+    assert_eq!(found[0].addrs, ["127.0.0.9:2525".parse().unwrap()]);
+}
+
+#[test]
+fn domains_whose_nameservers_never_answer_do_not_hold_up_the_others() {
+    // A recursive server still waiting on unreachable authoritative servers stays silent.
+    let server = ScriptedNameserver::start("127.0.0.1:0", |query| {
+        let dead = query
+            .queries
+            .first()
+            .is_some_and(|q| q.name.to_ascii().starts_with("dead"));
+        match dead {
+            true => Vec::new(),
+            false => vec![a_record_for_every_name(query).to_vec().unwrap()],
+        }
+    })
+    .unwrap();
+    let mut client = Client::start(MxConfig {
+        timeout: Duration::from_secs(1),
+        ..Client::config(server.addr())
+    });
+    // More silent domains than queries allowed in flight at once.
+    for i in 0..240 {
+        client.resolver.resolve(&format!("dead{i}.test"));
+    }
+    let start = Instant::now();
+    for i in 0..10 {
+        client.resolver.resolve(&format!("live{i}.test"));
+    }
+    let mut live = 0;
+    while live < 10 {
+        let (domain, resolution) = client.next();
+        if domain.starts_with("live") {
+            assert!(matches!(resolution, Resolution::Hosts(_)), "{resolution:?}");
+            live += 1;
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "the live domains waited {:?} behind the silent ones",
         start.elapsed()
     );
 }

@@ -285,19 +285,12 @@ fn dns(config: &MxConfig) -> io::Result<Dns> {
             (ResolverConfig::from_name_servers(servers), None)
         }
     };
-    // The lean transport asks the same servers over UDP, at their UDP port.
-    let servers: Vec<SocketAddr> = resolver_config
-        .name_servers()
-        .iter()
-        .map(|ns| {
-            let port = ns
-                .connections
-                .iter()
-                .find(|c| matches!(c.protocol, ProtocolConfig::Udp))
-                .map_or(53, |c| c.port);
-            SocketAddr::new(ns.ip, port)
-        })
-        .collect();
+    // The lean transport asks the same servers over UDP, at their UDP port; configured ones
+    // as given (an IPv6 link-local server keeps its scope).
+    let servers: Vec<SocketAddr> = match &config.nameservers {
+        Some(servers) => servers.clone(),
+        None => system_servers(&resolver_config),
+    };
     if servers.is_empty() {
         return invalid("the system's resolver configuration names no nameserver");
     }
@@ -319,6 +312,22 @@ fn dns(config: &MxConfig) -> io::Result<Dns> {
         .map_err(|e| io::Error::other(format!("MX resolver: {e}")))?;
     let stub = stub::Stub::new(&servers, config.timeout, QUERY_TRIES);
     Ok(Dns::new(stub, hickory, config.cache_capacity))
+}
+
+/// The UDP address of each nameserver of a system configuration.
+fn system_servers(config: &ResolverConfig) -> Vec<SocketAddr> {
+    config
+        .name_servers()
+        .iter()
+        .map(|ns| {
+            let port = ns
+                .connections
+                .iter()
+                .find(|c| matches!(c.protocol, ProtocolConfig::Udp))
+                .map_or(53, |c| c.port);
+            SocketAddr::new(ns.ip, port)
+        })
+        .collect()
 }
 
 /// A lookup that has finished (or was cut short), on its way back to the worker.

@@ -200,3 +200,61 @@ impl SilentNameserver {
             .expect("local_addr of a bound socket")
     }
 }
+
+/// A nameserver on 127.0.0.1 (or `::1`) that answers each query with the datagrams `script`
+/// returns for it (none: silence), for tests of what the resolver does with unusual answers.
+/// Stops when dropped.
+pub struct ScriptedNameserver {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ScriptedNameserver {
+    pub fn start(
+        bind: &str,
+        script: impl Fn(&hickory_resolver::proto::op::Message) -> Vec<Vec<u8>> + Send + 'static,
+    ) -> std::io::Result<ScriptedNameserver> {
+        use std::sync::atomic::Ordering;
+        let socket = UdpSocket::bind(bind)?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let addr = socket.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = std::sync::Arc::clone(&stop);
+            move || {
+                let mut buffer = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, peer)) = socket.recv_from(&mut buffer) else {
+                        continue;
+                    };
+                    let Ok(query) = hickory_resolver::proto::op::Message::from_vec(&buffer[..len])
+                    else {
+                        continue;
+                    };
+                    for datagram in script(&query) {
+                        let _ = socket.send_to(&datagram, peer);
+                    }
+                }
+            }
+        });
+        Ok(ScriptedNameserver {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ScriptedNameserver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

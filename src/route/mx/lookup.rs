@@ -75,6 +75,16 @@ impl Dns {
     /// The `record_type` records of `name`, uncached.
     pub(super) async fn query(&self, name: &Name, record_type: RecordType) -> Query {
         match self.stub.query(name, record_type).await {
+            // A server that does not take EDNS queries (RFC 6891 section 7) gets hickory's,
+            // which follow resolv.conf's `options edns0`.
+            Reply::Answer(message)
+                if matches!(
+                    message.metadata.response_code,
+                    ResponseCode::FormErr | ResponseCode::NotImp
+                ) =>
+            {
+                self.ask_hickory(name, record_type).await
+            }
             Reply::Answer(message) => match from_answer(&message, name, record_type) {
                 Some(query) => query,
                 None => self.ask_hickory(name, record_type).await,
@@ -107,38 +117,54 @@ impl Dns {
     /// under way, or asked now and then shared.
     async fn address_query(&self, name: &Name, record_type: RecordType) -> Query {
         let key = host_key(name, record_type);
+        // A query shared with another domain's lookup that gave up (its own deadline) is
+        // started anew rather than failing this domain too; bounded, as every round waits for
+        // a query that ran.
+        for _ in 0..3 {
+            match self.shared_address_query(&key, name, record_type).await {
+                Some(query) => return query,
+                None => continue,
+            }
+        }
+        Query::Failed(format!("the lookup of {name} was interrupted"))
+    }
+
+    /// One round of `address_query`: `None` when the query waited for was dropped unfinished.
+    async fn shared_address_query(
+        &self,
+        key: &str,
+        name: &Name,
+        record_type: RecordType,
+    ) -> Option<Query> {
         let wait = {
             let mut hosts = self.hosts();
-            if let Some(query) = hosts.cache.get(&key, Instant::now()) {
-                return query.clone();
+            if let Some(query) = hosts.cache.get(key, Instant::now()) {
+                return Some(query.clone());
             }
-            match hosts.running.get_mut(&key) {
+            match hosts.running.get_mut(key) {
                 Some(waiters) => {
                     let (sender, receiver) = oneshot::channel();
                     waiters.push(sender);
                     Some(receiver)
                 }
                 None => {
-                    hosts.running.insert(key.clone(), Vec::new());
+                    hosts.running.insert(key.to_string(), Vec::new());
                     None
                 }
             }
         };
         if let Some(receiver) = wait {
-            // The asker gave up (its domain's deadline) without an answer: so do we.
-            return receiver.await.unwrap_or_else(|_| {
-                Query::Failed(format!("the lookup of {name} was interrupted"))
-            });
+            return receiver.await.ok();
         }
         // Should this future be dropped, the waiters' senders go with the entry.
         let running = RunningQuery {
             dns: self,
-            key,
+            key: key.to_string(),
             finished: false,
         };
         let query = self.query(name, record_type).await;
         running.finish(&query);
-        query
+        Some(query)
     }
 }
 
@@ -554,8 +580,9 @@ pub(super) enum Query {
     Failed(String),
 }
 
-/// What a nameserver's answer to `name`/`record_type` amounts to; `None` when it ends in a CNAME
-/// whose target it does not resolve, which hickory then chases.
+/// What a nameserver's answer to `name`/`record_type` amounts to; `None` when its CNAME chain
+/// is longer than `MAX_CNAME_HOPS` (or loops), or stops short at a server that does not
+/// recurse: hickory then chases it.
 fn from_answer(message: &Message, name: &Name, record_type: RecordType) -> Option<Query> {
     let now = Instant::now();
     match message.metadata.response_code {
@@ -589,11 +616,15 @@ fn from_answer(message: &Message, name: &Name, record_type: RecordType) -> Optio
                 ttl = ttl.min(cname_ttl.into());
                 current = target;
             }
-            // NODATA for the name asked; a chain that stops short is left to hickory.
-            None if current == name => {
-                return Some(Query::NoRecords(now + negative_ttl(message)));
+            // A chain that stops short at a server that does not recurse (an authoritative
+            // one, say) is not NODATA: hickory follows it.
+            None if current != name && !message.metadata.recursion_available => return None,
+            // NODATA, for the name asked or at the end of the chain the recursive server
+            // followed: the chain's records count toward how long it may be remembered.
+            None => {
+                let ttl = negative_ttl(message).min(Duration::from_secs(ttl));
+                return Some(Query::NoRecords(now + ttl));
             }
-            None => return None,
         }
     }
     None
