@@ -45,6 +45,7 @@ const SUBMISSION_TIME_PER_TURN: Duration = Duration::from_millis(2);
 /// the syscall; thousands of new destinations at once would otherwise hold the loop for
 /// a tenth of a second. The rest are opened on the next turns, which come at once.
 const CONNECTS_PER_TURN: usize = 128;
+const EVENTS_PER_TURN: usize = 256;
 /// Resolver answers taken per turn at most (each may release many recipients).
 pub(super) const RESOLUTIONS_PER_TURN: usize = 256;
 /// How long a destination whose opportunistic TLS failed is sent to in plaintext.
@@ -177,7 +178,9 @@ impl Reactor {
     }
 
     fn run(&mut self) {
-        let mut events = Events::with_capacity(1024);
+        // Events handled per turn at most: the rest stay ready for the next turn, so that one
+        // turn (each event may mean a read, a parse and a write) stays short.
+        let mut events = Events::with_capacity(EVENTS_PER_TURN);
         loop {
             let timeout = self.next_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
