@@ -25,16 +25,8 @@ MESSAGES=${1:-100000}
 DOMAINS=${2:-10000}
 export PATH="/usr/sbin:$PATH"
 command -v nsd >/dev/null || { echo "nsd missing (apt-get install nsd)" >&2; exit 1; }
-cargo build --release --quiet --bin mxpipe
-BIN=target/release/mxpipe
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 free_port() {
     python3 -c 'import socket

@@ -19,16 +19,8 @@ TARPIT_MESSAGES=${2:-50000}
 ROUNDS=${3:-3}
 TARPIT_DELAY_MS=${TARPIT_DELAY_MS:-2000}
 CONNECTIONS=${CONNECTIONS:-20}
-cargo build --release --quiet --bin mxpipe
-BIN=target/release/mxpipe
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 # Port 0: each sink picks a free port and prints "mxpipe sink listening on ADDR".
 "$BIN" sink --listen 127.0.0.2:0 >"$WORK/fast.log" 2>&1 &
