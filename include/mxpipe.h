@@ -260,8 +260,8 @@ enum mxp_result mxp_config_from_toml(const char *toml, struct mxp_config **out);
 // | `tls_ca_file` | a PEM file of extra trust anchors |
 // | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, over TLS only unless `allow_plaintext_auth` is true |
 // | `source_address` | a local IP address to send from; each call adds one (used in turn) |
-// | `messages_per_second`, `connections_per_minute` | numbers above zero, per destination (default unlimited) |
-// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, connections_per_minute=X` (any of them); each call adds one |
+// | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
+// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X` (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits; each call adds one |
 // | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 // | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 // | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |

@@ -902,3 +902,87 @@ fn command_line_dry_run_and_json_summary() {
         "mxpipe: send: give a campaign file alone, or a message with --from, --to-file and --relay (or --direct-mx)\n"
     );
 }
+
+#[test]
+fn an_engine_settings_file_shapes_a_campaign() {
+    let f = Fixture::new("campaign-engine");
+    let sink = Sink::start(SinkConfig::default()).expect("sink starts");
+    let relay = sink.local_addr().to_string();
+    // 70 recipients over d0..d6.example: d1.example's ten get 5 messages a second of their own.
+    bulk_fixture(&f, 70, &relay, "engine = \"engine.toml\"");
+    f.write(
+        "engine.toml",
+        "messages_per_hour = 1000000\n\
+         limit_override = [\"@d1.example: max_connections=1, messages_per_second=5\"]\n",
+    );
+    let start = Instant::now();
+    let summary = f
+        .load()
+        .send(&SendOptions {
+            report: None,
+            journal: None,
+            progress: false,
+        })
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    assert_eq!(summary.delivered, 70, "{summary:?}");
+    assert_eq!(sink.stop().messages, 70);
+    // Ten messages at 5 a second, after a burst of one, cannot take less than 1.8 s.
+    assert!(
+        start.elapsed() >= Duration::from_millis(1800),
+        "the limit did not hold: {:?}",
+        start.elapsed()
+    );
+
+    // A bad setting in the file stops the campaign before anything is sent, naming it.
+    f.write("engine.toml", "messages_per_hour = -3\n");
+    let error = f.load_error();
+    let engine = f.path("engine.toml").display().to_string();
+    let toml = f.path("campaign.toml").display().to_string();
+    assert_eq!(
+        error,
+        format!(
+            "{toml}: limits.engine: {engine}: config messages_per_hour: \"-3\" is not a number \
+             above zero"
+        )
+    );
+}
+
+#[test]
+fn command_line_config_file_is_checked_before_sending() {
+    let f = Fixture::new("cli-config");
+    let sink = Sink::start(SinkConfig::default()).expect("sink starts");
+    f.write("list.txt", "a@example.net\nb@example.net\n");
+    f.write("message.eml", "Subject: hi\r\n\r\nhello\r\n");
+    let send = |config: &str| {
+        f.write("engine.toml", config);
+        Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .args(["send", "--relay", &sink.local_addr().to_string()])
+            .args(["--from", "news@example.org", "--config"])
+            .arg(f.path("engine.toml"))
+            .arg("--to-file")
+            .arg(f.path("list.txt"))
+            .arg(f.path("message.eml"))
+            .output()
+            .unwrap()
+    };
+    let out = send("limit_overide = [\"@example.net: max_connections=1\"]\n");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "mxpipe: {}: unknown configuration key \"limit_overide\"",
+            f.path("engine.toml").display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(sink.stats().connections, 0, "nothing sent");
+
+    let out = send("limit_override = [\"@example.net: max_connections=1\"]\n");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sink.stop().messages, 1, "one message, both recipients");
+}

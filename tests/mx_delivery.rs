@@ -5,6 +5,7 @@
 mod util;
 
 use mxpipe::engine::classify::Category;
+use mxpipe::engine::shaping::LimitOverride;
 use mxpipe::engine::{Dispatcher, Event, EventKind};
 use mxpipe::message::{Body, Message};
 use mxpipe::queue::RetryPolicy;
@@ -199,6 +200,46 @@ fn domains_sharing_an_mx_host_share_its_pool_and_transactions() {
     assert_eq!(hosted.len(), 1, "{per:?}");
     assert_eq!(hosted[0].delivered, 4);
     assert!(d.stats().connections_opened <= 2);
+    drop(sink);
+}
+
+#[test]
+fn a_recipient_domain_override_separates_its_domain_on_a_shared_mx_host() {
+    let port = common_port(&["127.0.0.5"]);
+    let sink = SmtpSink::start_on_port("127.0.0.5", port, &[]);
+    let dns = Dnsmasq::builder()
+        .mx("one.test", "mx.hosted.test", 10)
+        .mx("two.test", "mx.hosted.test", 10)
+        .host("mx.hosted.test", "127.0.0.5")
+        .start();
+    let d = Dispatcher::builder()
+        .direct_mx(mx_config(dns.addr(), port))
+        .limit_override(LimitOverride {
+            pattern: "two.test".into(),
+            recipient_domain: true,
+            max_connections: Some(1),
+            messages_per_minute: Some(6000.0),
+            ..LimitOverride::default()
+        })
+        .retry(retry(5_000))
+        .start()
+        .unwrap();
+    send(&d, &["a@one.test", "b@two.test"]);
+    let f = run(&d);
+    assert!(f.values().all(|e| e.kind == EventKind::Delivered), "{f:?}");
+    assert_eq!(d.stats().transactions, 2, "one transaction per limit group");
+    let per = d.destination_stats();
+    let hosted = |suffix: &str| {
+        per.iter()
+            .find(|s| s.name.starts_with("mx.hosted.test") && s.name.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no destination ending {suffix:?}: {per:?}"))
+    };
+    let shared = hosted(&format!(":{port}"));
+    let own = hosted(" for @two.test");
+    assert_eq!((shared.delivered, own.delivered), (1, 1));
+    assert_eq!(own.concurrency_limit, 1);
+    assert_eq!(own.rate_limit, Some(100.0), "6000 a minute is 100 a second");
+    assert_eq!(shared.rate_limit, None);
     drop(sink);
 }
 

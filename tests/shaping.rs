@@ -454,3 +454,74 @@ fn a_421_for_the_tenth_connection_shrinks_the_window_then_it_grows_back() {
         sink_stats.refused_connections
     );
 }
+
+#[test]
+fn a_recipient_domain_override_gets_its_own_connections_and_limits() {
+    // One smarthost (Postfix's smtp-sink) for everything; recipients at slow.test get at most
+    // one connection and 50 messages a second of their own, the others the defaults.
+    let sink = SmtpSink::start(&[], 1024);
+    let relay = format!("127.0.0.1:{}", sink.addr().port());
+    let d = Dispatcher::builder()
+        .relay(&relay)
+        .max_connections_per_destination(10)
+        .limit_override(LimitOverride {
+            pattern: "slow.test".into(),
+            recipient_domain: true,
+            max_connections: Some(1),
+            messages_per_second: Some(50.0),
+            ..LimitOverride::default()
+        })
+        .start()
+        .unwrap();
+    for i in 0..500 {
+        let domain = if i % 5 == 0 { "slow.test" } else { "fast.test" };
+        let rcpt = format!("r{i}@{domain}");
+        d.submit_timeout(
+            Message::new("s@mxpipe.test", [rcpt.as_str()], b"x\r\n").unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+    assert!(d.wait_final(Duration::from_secs(30)), "{:?}", d.stats());
+    let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+    let outcomes = finals(&events);
+    assert_eq!(outcomes.len(), 500);
+    assert!(outcomes.values().all(|e| e.kind == EventKind::Delivered));
+
+    // The slow domain's rate, from each outcome's time since submission (all were submitted
+    // within moments of each other): within any one second at most the limit plus its burst
+    // (a tenth), and a little for the spread of submissions.
+    let mut slow: Vec<Duration> = outcomes
+        .values()
+        .filter(|e| e.recipient.domain() == "slow.test")
+        .map(|e| e.elapsed)
+        .collect();
+    slow.sort_unstable();
+    assert_eq!(slow.len(), 100);
+    for (i, &t) in slow.iter().enumerate() {
+        let in_window = slow[i..]
+            .iter()
+            .take_while(|&&u| u < t + Duration::from_secs(1))
+            .count();
+        assert!(
+            in_window <= 58,
+            "{in_window} slow.test messages within one second"
+        );
+    }
+    // 100 messages at 50 a second, after a burst of 5, take at least 1.9 s.
+    assert!(slow[99] >= Duration::from_millis(1800), "{:?}", slow[99]);
+
+    let per = d.destination_stats();
+    let grouped = format!("{relay} for @slow.test");
+    let find = |name: &str| {
+        per.iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no destination {name}: {per:?}"))
+    };
+    assert_eq!(per.len(), 2, "{per:?}");
+    assert_eq!(find(&relay).delivered, 400);
+    assert_eq!(find(&grouped).delivered, 100);
+    assert_eq!(find(&grouped).concurrency_limit, 1);
+    assert_eq!(find(&grouped).rate_limit, Some(50.0));
+    assert_eq!(find(&relay).rate_limit, None);
+}

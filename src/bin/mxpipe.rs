@@ -45,10 +45,10 @@ struct Cli {
 /// mode) and `bench`.
 #[derive(Args, Clone, Debug)]
 struct DeliveryArgs {
-    /// STARTTLS policy: none, opportunistic (use it when offered) or required (never send in
-    /// plaintext). Write the relay as smtps://host:port for implicit TLS.
-    #[arg(long, default_value = "opportunistic", value_parser = ["none", "opportunistic", "required"])]
-    starttls: String,
+    /// STARTTLS policy: none, opportunistic (use it when offered; the default) or required
+    /// (never send in plaintext). Write the relay as smtps://host:port for implicit TLS.
+    #[arg(long, value_parser = ["none", "opportunistic", "required"])]
+    starttls: Option<String>,
     /// Verify certificates (default: under required TLS and implicit TLS only).
     #[arg(long, value_name = "BOOL")]
     tls_verify: Option<bool>,
@@ -77,9 +77,20 @@ struct DeliveryArgs {
     /// With --direct-mx: the SMTP port of MX hosts.
     #[arg(long, default_value_t = 25)]
     mx_port: u16,
+    /// Engine settings from a TOML file with the keys of the C ABI's `mxp_config_set` (limits
+    /// and overrides by host or @recipient-domain, adaptive backoff, retries, DNS, ...); the
+    /// other options here apply on top.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// At most this many messages per second to each destination.
     #[arg(long)]
     messages_per_second: Option<f64>,
+    /// At most this many messages per minute to each destination.
+    #[arg(long)]
+    messages_per_minute: Option<f64>,
+    /// At most this many messages per hour to each destination.
+    #[arg(long)]
+    messages_per_hour: Option<f64>,
     /// Send from this local address (repeat for several, used in turn).
     #[arg(long, value_name = "IP")]
     source_address: Vec<IpAddr>,
@@ -89,13 +100,26 @@ struct DeliveryArgs {
 }
 
 impl DeliveryArgs {
+    /// A builder with the `--config` file's settings, or the defaults.
+    fn base_builder(&self) -> Result<DispatcherBuilder, String> {
+        let Some(path) = &self.config else {
+            return Ok(Dispatcher::builder());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config {}: {e}", path.display()))?;
+        mxpipe::ffi::builder_from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// Applies these settings to a builder.
     fn apply(&self, mut b: DispatcherBuilder) -> Result<DispatcherBuilder, String> {
-        b = b.starttls(match self.starttls.as_str() {
-            "none" => StartTls::Disabled,
-            "required" => StartTls::Required,
-            _ => StartTls::Opportunistic,
-        });
+        // Only what was given on the command line replaces the --config file's settings.
+        if let Some(policy) = &self.starttls {
+            b = b.starttls(match policy.as_str() {
+                "none" => StartTls::Disabled,
+                "required" => StartTls::Required,
+                _ => StartTls::Opportunistic,
+            });
+        }
         if let Some(v) = self.tls_verify {
             b = b.tls_verify(v);
         }
@@ -129,7 +153,9 @@ impl DeliveryArgs {
                 )
             }
         }
-        b = b.allow_plaintext_auth(self.allow_plaintext_auth);
+        if self.allow_plaintext_auth {
+            b = b.allow_plaintext_auth(true);
+        }
         if self.direct_mx {
             b = b.direct_mx(MxConfig {
                 nameservers: (!self.nameserver.is_empty()).then(|| self.nameserver.clone()),
@@ -139,6 +165,12 @@ impl DeliveryArgs {
         }
         if let Some(rate) = self.messages_per_second {
             b = b.messages_per_second(rate);
+        }
+        if let Some(rate) = self.messages_per_minute {
+            b = b.messages_per_minute(rate);
+        }
+        if let Some(rate) = self.messages_per_hour {
+            b = b.messages_per_hour(rate);
         }
         for ip in &self.source_address {
             b = b.source_address(*ip);
@@ -604,7 +636,7 @@ fn run_send(args: SendArgs) -> CliResult {
     if recipients.is_empty() {
         return Err(format!("{}: no valid recipients", args.to_file.display()));
     }
-    let mut builder = Dispatcher::builder();
+    let mut builder = args.delivery.base_builder()?;
     if let Some(relay) = &args.relay {
         builder = builder.relay(relay);
     }
@@ -872,7 +904,7 @@ fn run_bench(args: BenchArgs) -> CliResult {
         (None, false) => Some(ChildSink::start(args.tls)?),
         _ => None,
     };
-    let mut builder = Dispatcher::builder();
+    let mut builder = args.delivery.base_builder()?;
     let mut relay = None;
     if !direct {
         let target = args

@@ -129,6 +129,10 @@ pub(super) struct Limits {
     pub lookahead: usize,
     /// Threads rendering and signing; the number of cores when missing.
     pub render_threads: Option<usize>,
+    /// A TOML file of engine settings, with the keys of the C ABI's `mxp_config_set`
+    /// (rates per destination, overrides by host or `@recipient-domain`, adaptive backoff);
+    /// the campaign's own settings apply on top. Relative to the campaign file.
+    pub engine: Option<String>,
 }
 
 impl Default for Limits {
@@ -139,6 +143,7 @@ impl Default for Limits {
             retry_after_secs: 60,
             lookahead: 1000,
             render_threads: None,
+            engine: None,
         }
     }
 }

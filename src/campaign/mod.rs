@@ -60,6 +60,8 @@ pub enum CampaignError {
     },
     /// The dispatcher refused to start (a relay that does not resolve, bad limits).
     Dispatcher(Error),
+    /// The `limits.engine` settings could not be applied.
+    Engine(String),
 }
 
 impl CampaignError {
@@ -84,6 +86,7 @@ impl fmt::Display for CampaignError {
                 write!(f, "{}: {message}", file.display())
             }
             CampaignError::Dispatcher(e) => write!(f, "dispatcher: {e}"),
+            CampaignError::Engine(e) => write!(f, "limits.engine: {e}"),
         }
     }
 }
@@ -106,6 +109,8 @@ struct Delivery {
     retry_after: Duration,
     lookahead: usize,
     render_threads: usize,
+    /// The `limits.engine` file's text, already checked.
+    engine: Option<String>,
 }
 
 /// A loaded, checked campaign, ready to send or to render.
@@ -677,6 +682,28 @@ impl Loader<'_> {
             }
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let engine = match &l.engine {
+            None => None,
+            Some(file) => {
+                let path = self.resolve(file);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    CampaignError::input(
+                        self.path,
+                        None,
+                        format!("limits.engine: {}: {e}", path.display()),
+                    )
+                })?;
+                // Checked now, so that a bad setting stops the campaign before anything is sent.
+                crate::ffi::builder_from_toml(&text).map_err(|e| {
+                    CampaignError::input(
+                        self.path,
+                        None,
+                        format!("limits.engine: {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text)
+            }
+        };
         Ok(Delivery {
             relay,
             mx,
@@ -690,6 +717,7 @@ impl Loader<'_> {
             retry_after: Duration::from_secs(l.retry_after_secs.max(1)),
             lookahead: positive(l.lookahead, "lookahead")?,
             render_threads: positive(l.render_threads.unwrap_or(threads), "render_threads")?,
+            engine,
         })
     }
 }

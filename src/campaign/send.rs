@@ -337,7 +337,11 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
     } = prepare(campaign, options, &mut summary)?;
     let to_send = todo.iter().filter(|&&t| t).count() as u64;
     let d = &campaign.delivery;
-    let mut builder = Dispatcher::builder().starttls(d.starttls);
+    let base = match &d.engine {
+        Some(text) => crate::ffi::builder_from_toml(text).map_err(CampaignError::Engine)?,
+        None => Dispatcher::builder(),
+    };
+    let mut builder = base.starttls(d.starttls);
     if let Some(relay) = &d.relay {
         builder = builder.relay(relay);
     }

@@ -214,9 +214,14 @@ pub struct Config {
     pub classifier: classify::Classifier,
     /// Transactions per second per destination; `None`: unlimited.
     pub messages_per_second: Option<f64>,
+    /// Transactions per minute per destination; `None`: unlimited.
+    pub messages_per_minute: Option<f64>,
+    /// Transactions per hour per destination; `None`: unlimited.
+    pub messages_per_hour: Option<f64>,
     /// New connections per minute per destination; `None`: unlimited.
     pub connections_per_minute: Option<f64>,
-    /// Per-destination (host name or `.suffix`) replacements of the limits above.
+    /// Replacements of the limits above, for destination hosts (host name or `.suffix`) or for
+    /// recipient domains (`LimitOverride::recipient_domain`).
     pub limit_overrides: Vec<shaping::LimitOverride>,
     /// Slow start, backoff and dead-destination settings.
     pub adaptive: shaping::Adaptive,
@@ -229,16 +234,36 @@ pub struct Config {
 }
 
 impl Config {
-    /// The limits that apply to a destination host.
-    pub fn limits_for(&self, host: &str) -> shaping::Limits {
+    /// The limits that apply to a destination host: the defaults with the host overrides that
+    /// match it, and then, for the recipients of a domain override's group, that override.
+    pub fn limits_for(&self, host: &str, group: Option<usize>) -> shaping::Limits {
         let defaults = shaping::Limits {
             max_connections: self.max_connections_per_destination,
             max_messages_per_connection: self.max_messages_per_connection,
             max_recipients_per_transaction: self.max_recipients_per_transaction,
             messages_per_second: self.messages_per_second,
+            messages_per_minute: self.messages_per_minute,
+            messages_per_hour: self.messages_per_hour,
             connections_per_minute: self.connections_per_minute,
         };
-        shaping::limits_for(host, defaults, &self.limit_overrides)
+        let mut limits = shaping::limits_for(host, defaults, &self.limit_overrides);
+        if let Some(o) = group.and_then(|g| self.limit_overrides.get(g)) {
+            o.apply(&mut limits);
+        }
+        limits
+    }
+
+    /// The recipient-domain override whose limits `domain`'s recipients get (the last one that
+    /// matches), as its index: they travel in their own destinations, with its limits.
+    pub fn domain_group(&self, domain: &str) -> Option<usize> {
+        self.limit_overrides
+            .iter()
+            .rposition(|o| o.recipient_domain && o.matches(domain))
+    }
+
+    /// Whether any override is for recipient domains.
+    pub fn has_domain_overrides(&self) -> bool {
+        self.limit_overrides.iter().any(|o| o.recipient_domain)
     }
 }
 
@@ -261,6 +286,8 @@ impl Default for Config {
             tls_ca_file: None,
             classifier: classify::Classifier::default(),
             messages_per_second: None,
+            messages_per_minute: None,
+            messages_per_hour: None,
             connections_per_minute: None,
             limit_overrides: Vec::new(),
             adaptive: shaping::Adaptive::default(),
@@ -405,13 +432,26 @@ impl DispatcherBuilder {
         self
     }
 
+    /// At most this many transactions per minute to each destination.
+    pub fn messages_per_minute(mut self, rate: f64) -> Self {
+        self.config.messages_per_minute = Some(rate);
+        self
+    }
+
+    /// At most this many transactions per hour to each destination.
+    pub fn messages_per_hour(mut self, rate: f64) -> Self {
+        self.config.messages_per_hour = Some(rate);
+        self
+    }
+
     /// At most this many new connections per minute to each destination.
     pub fn connections_per_minute(mut self, rate: f64) -> Self {
         self.config.connections_per_minute = Some(rate);
         self
     }
 
-    /// Different limits for destinations matching `o.pattern` (later overrides win).
+    /// Different limits for destinations whose host matches `o.pattern`, or, with
+    /// `o.recipient_domain`, for recipients whose domain does (later overrides win).
     pub fn limit_override(mut self, o: shaping::LimitOverride) -> Self {
         self.config.limit_overrides.push(o);
         self

@@ -27,7 +27,7 @@ use crossbeam_channel::Receiver;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,12 +69,15 @@ pub(super) fn spawn(
     let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared, tls);
     if let Some((resolver, answers)) = resolver {
         // DNS failures are accounted to a destination that is never connected to.
-        let d = reactor.add_destination(Target {
-            name: "(dns)".into(),
-            host: String::new(),
-            addrs: Vec::new(),
-            implicit_tls: false,
-        });
+        let d = reactor.add_destination(
+            Target {
+                name: "(dns)".into(),
+                host: String::new(),
+                addrs: Vec::new(),
+                implicit_tls: false,
+            },
+            None,
+        );
         let capacity = reactor.config.mx.as_ref().map_or(0, |m| m.cache_capacity);
         reactor.mx = Some(mx::MxState::new(resolver, answers, d, capacity));
     }
@@ -123,6 +126,9 @@ struct Reactor {
     waiting_slot: Vec<bool>,
     /// Connections that went idle, oldest first: reclaimed for waiting destinations.
     idle: std::collections::VecDeque<ConnRef>,
+    /// A static destination's copy for the recipients of a domain override's group, by
+    /// (destination, override index).
+    grouped: HashMap<(usize, usize), usize>,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -170,9 +176,10 @@ impl Reactor {
             slot_waiters: std::collections::VecDeque::new(),
             waiting_slot: Vec::new(),
             idle: std::collections::VecDeque::new(),
+            grouped: HashMap::new(),
         };
         for target in targets {
-            reactor.add_destination(target);
+            reactor.add_destination(target, None);
         }
         reactor
     }
@@ -308,7 +315,7 @@ impl Reactor {
         self.held += message.recipients.len();
         let config = Arc::clone(&self.config);
         let routes = &config.routes;
-        if routes.is_single_target() {
+        if routes.is_single_target() && !config.has_domain_overrides() {
             if let Some(destination) = routes.lookup("") {
                 self.enqueue_split(&envelope, message.recipients, destination, 0, None, now);
                 return;
@@ -320,6 +327,10 @@ impl Reactor {
         let mut by_domain: Vec<(String, Vec<Address>)> = Vec::new();
         for recipient in message.recipients {
             if let Some(d) = routes.lookup(recipient.domain()) {
+                let d = match config.domain_group(recipient.domain()) {
+                    Some(group) => self.grouped_destination(d, group),
+                    None => d,
+                };
                 match groups.iter_mut().find(|(g, mx, _)| *g == d && mx.is_none()) {
                     Some((_, _, list)) => list.push(recipient),
                     None => groups.push((d, None, vec![recipient])),
@@ -373,6 +384,20 @@ impl Reactor {
         for (destination, mx_job, list) in groups {
             self.enqueue_split(&envelope, list, destination, 0, mx_job, now);
         }
+    }
+
+    /// Static destination `d` for the recipients of domain override `group`: a destination
+    /// of its own (same host, own connections and limits), made on first use.
+    fn grouped_destination(&mut self, d: usize, group: usize) -> usize {
+        if let Some(&g) = self.grouped.get(&(d, group)) {
+            return g;
+        }
+        let mut target = self.destinations[d].target.clone();
+        let pattern = &self.config.limit_overrides[group].pattern;
+        target.name = format!("{} for @{pattern}", target.name);
+        let g = self.add_destination(target, Some(group));
+        self.grouped.insert((d, group), g);
+        g
     }
 
     fn enqueue_split(

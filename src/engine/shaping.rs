@@ -14,22 +14,51 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_messages_per_connection: u32,
     pub max_recipients_per_transaction: usize,
-    /// Transactions (messages) per second at most, over any window; `None`: no limit.
+    /// Transactions (messages) per second at most; `None`: no limit. Each message limit allows
+    /// a burst of a tenth of its window's budget: over any second, minute or hour at most 1.1
+    /// times the limit goes out, and the rest of the time the pace is even.
     pub messages_per_second: Option<f64>,
+    /// Transactions per minute at most; `None`: no limit.
+    pub messages_per_minute: Option<f64>,
+    /// Transactions per hour at most (a provider's hourly cap); `None`: no limit.
+    pub messages_per_hour: Option<f64>,
     /// New connections per minute at most; `None`: no limit.
     pub connections_per_minute: Option<f64>,
 }
 
+impl Limits {
+    /// Each configured message limit as (cells per second, burst).
+    fn message_rates(&self) -> Vec<(f64, u32)> {
+        [
+            (self.messages_per_second, 1.0),
+            (self.messages_per_minute, 60.0),
+            (self.messages_per_hour, 3600.0),
+        ]
+        .into_iter()
+        .filter_map(|(limit, window)| limit.map(|n| (n / window, burst_for(n))))
+        .collect()
+    }
+}
+
 /// A per-destination override: every `Some` field replaces the default. `pattern` matches the
-/// destination's host name exactly, or as a suffix when it starts with a dot
-/// (`.outlook.com` matches `mx1.outlook.com`), case-insensitively.
+/// destination's host name (a smarthost's, or an MX host's, so that every domain a provider
+/// hosts shares its limits) exactly, or as a suffix when it starts with a dot (`.outlook.com`
+/// matches `mx1.outlook.com`), case-insensitively.
+///
+/// With `recipient_domain`, `pattern` matches recipient domains instead (`yahoo.com`,
+/// `.yahoo.co.jp`): their recipients travel in connections of their own to whatever host
+/// serves them, under these limits (applied after the host's), like a PowerMTA domain
+/// directive. Where several match a domain, the last one applies.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LimitOverride {
     pub pattern: String,
+    pub recipient_domain: bool,
     pub max_connections: Option<usize>,
     pub max_messages_per_connection: Option<u32>,
     pub max_recipients_per_transaction: Option<usize>,
     pub messages_per_second: Option<f64>,
+    pub messages_per_minute: Option<f64>,
+    pub messages_per_hour: Option<f64>,
     pub connections_per_minute: Option<f64>,
 }
 
@@ -46,7 +75,7 @@ impl LimitOverride {
         }
     }
 
-    fn apply(&self, limits: &mut Limits) {
+    pub fn apply(&self, limits: &mut Limits) {
         if let Some(v) = self.max_connections {
             limits.max_connections = v;
         }
@@ -59,16 +88,25 @@ impl LimitOverride {
         if self.messages_per_second.is_some() {
             limits.messages_per_second = self.messages_per_second;
         }
+        if self.messages_per_minute.is_some() {
+            limits.messages_per_minute = self.messages_per_minute;
+        }
+        if self.messages_per_hour.is_some() {
+            limits.messages_per_hour = self.messages_per_hour;
+        }
         if self.connections_per_minute.is_some() {
             limits.connections_per_minute = self.connections_per_minute;
         }
     }
 }
 
-/// The limits for `host`: the defaults with every matching override applied in order.
+/// The limits for `host`: the defaults with every matching host override applied in order.
 pub fn limits_for(host: &str, defaults: Limits, overrides: &[LimitOverride]) -> Limits {
     let mut limits = defaults;
-    for o in overrides.iter().filter(|o| o.matches(host)) {
+    for o in overrides
+        .iter()
+        .filter(|o| !o.recipient_domain && o.matches(host))
+    {
         o.apply(&mut limits);
     }
     limits
@@ -97,13 +135,26 @@ impl Gcra {
 
     /// Takes a cell now, or says when one will be available.
     pub fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
+        match self.next_allowed(now) {
+            Some(at) => Err(at),
+            None => {
+                self.take(now);
+                Ok(())
+            }
+        }
+    }
+
+    /// When a cell will be available, or `None` if one is now (nothing is taken).
+    pub fn next_allowed(&self, now: Instant) -> Option<Instant> {
         let tat = self.tat.unwrap_or(now).max(now);
         let allowed_at = tat.checked_sub(self.tolerance).unwrap_or(now);
-        if now < allowed_at {
-            return Err(allowed_at);
-        }
+        (now < allowed_at).then_some(allowed_at)
+    }
+
+    /// Takes a cell, allowed or not (after `next_allowed` said it is).
+    pub fn take(&mut self, now: Instant) {
+        let tat = self.tat.unwrap_or(now).max(now);
         self.tat = Some(tat + self.interval);
-        Ok(())
     }
 
     /// Changes the rate (adaptive backoff), keeping the schedule already promised.
@@ -154,7 +205,8 @@ pub struct Shaper {
     pub window: f64,
     /// Multiplies the configured message rate (1 = as configured).
     rate_factor: f64,
-    messages: Option<Gcra>,
+    /// One limiter per configured message limit (per second, minute, hour), with its rate.
+    messages: Vec<(Gcra, f64)>,
     connections: Option<Gcra>,
     pub paused_until: Option<Instant>,
     pauses_in_row: u32,
@@ -171,8 +223,10 @@ impl Shaper {
             window: adaptive.initial_concurrency.clamp(1.0, max),
             rate_factor: 1.0,
             messages: limits
-                .messages_per_second
-                .map(|r| Gcra::new(r, burst_for(r))),
+                .message_rates()
+                .into_iter()
+                .map(|(rate, burst)| (Gcra::new(rate, burst), rate))
+                .collect(),
             connections: limits
                 .connections_per_minute
                 .map(|r| Gcra::new(r / 60.0, burst_for(r / 60.0))),
@@ -190,11 +244,13 @@ impl Shaper {
         (self.window.floor() as usize).clamp(1, self.limits.max_connections.max(1))
     }
 
-    /// The current message rate limit, if any.
+    /// The current message rate limit in messages per second (the tightest of the configured
+    /// limits, as adapted), if any.
     pub fn message_rate(&self) -> Option<f64> {
-        self.limits
-            .messages_per_second
-            .map(|r| r * self.rate_factor)
+        self.messages
+            .iter()
+            .map(|(_, rate)| rate * self.rate_factor)
+            .reduce(f64::min)
     }
 
     /// When this destination may next start a transaction, or `None` if it may now (and a
@@ -203,7 +259,18 @@ impl Shaper {
         if let Some(until) = self.blocked_until(now) {
             return Some(until);
         }
-        self.messages.as_mut().and_then(|g| g.try_take(now).err())
+        // A message goes only when every limit allows it, and then counts against each.
+        let wait = self
+            .messages
+            .iter()
+            .filter_map(|(g, _)| g.next_allowed(now))
+            .max();
+        if wait.is_none() {
+            for (g, _) in &mut self.messages {
+                g.take(now);
+            }
+        }
+        wait
     }
 
     /// When this destination may next open a connection, or `None` if it may now.
@@ -265,7 +332,7 @@ impl Shaper {
             self.paused_until = Some(now + pause);
         }
         self.window = (self.window / 2.0).max(1.0);
-        if self.limits.messages_per_second.is_some() {
+        if !self.messages.is_empty() {
             self.rate_factor = (self.rate_factor / 2.0).max(0.01);
             self.apply_rate();
         }
@@ -285,15 +352,15 @@ impl Shaper {
     }
 
     fn apply_rate(&mut self) {
-        if let (Some(g), Some(rate)) = (self.messages.as_mut(), self.limits.messages_per_second) {
-            g.set_rate(rate * self.rate_factor);
+        for (g, rate) in &mut self.messages {
+            g.set_rate(*rate * self.rate_factor);
         }
     }
 }
 
-/// A short burst (a tenth of a second's worth, at least one) keeps rates smooth.
-fn burst_for(per_second: f64) -> u32 {
-    ((per_second / 10.0).ceil() as u32).max(1)
+/// A short burst (a tenth of the window's budget, at least one) keeps rates smooth.
+fn burst_for(per_window: f64) -> u32 {
+    ((per_window / 10.0).ceil() as u32).max(1)
 }
 
 #[cfg(test)]
@@ -306,6 +373,8 @@ mod tests {
             max_messages_per_connection: 100,
             max_recipients_per_transaction: 50,
             messages_per_second: None,
+            messages_per_minute: None,
+            messages_per_hour: None,
             connections_per_minute: None,
         }
     }
@@ -415,6 +484,31 @@ mod tests {
             8,
             "probes higher once the memory has passed"
         );
+    }
+
+    #[test]
+    fn every_message_limit_holds_and_the_tightest_sets_the_pace() {
+        let adaptive = Adaptive::default();
+        let mut l = limits();
+        l.messages_per_second = Some(100.0);
+        l.messages_per_hour = Some(360.0);
+        let mut s = Shaper::new(l, &adaptive);
+        assert_eq!(s.message_rate(), Some(0.1), "360 an hour is one every 10 s");
+        let start = Instant::now();
+        // The hourly budget's burst (a tenth: 36) goes at once, then one every 10 s.
+        let mut now = start;
+        let mut sent = 0;
+        while now < start + Duration::from_secs(3600) {
+            match s.take_message(now) {
+                None => sent += 1,
+                Some(at) => now = at,
+            }
+        }
+        assert!((360..=360 + 36).contains(&sent), "{sent} in the first hour");
+        // Within the first second, the per-second burst (10) is the tighter limit.
+        let mut s = Shaper::new(l, &adaptive);
+        let burst = (0..100).filter(|_| s.take_message(start).is_none()).count();
+        assert_eq!(burst, 10);
     }
 
     #[test]

@@ -90,6 +90,8 @@ const KEYS: &[&str] = &[
     "allow_plaintext_auth",
     "source_address",
     "messages_per_second",
+    "messages_per_minute",
+    "messages_per_hour",
     "connections_per_minute",
     "limit_override",
     "adaptive_initial_concurrency",
@@ -274,23 +276,24 @@ fn parse_spec<'a>(key: &str, value: &'a str) -> Result<Spec<'a>, FfiError> {
 }
 
 /// `pattern: max_connections=2, messages_per_second=5, ...` where the pattern is a host name
-/// or `.suffix`.
+/// or `.suffix`, or, after an `@`, a recipient domain or `.suffix` (`@yahoo.com`).
 fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiError> {
     let (pattern, items) = parse_spec(key, value)?;
+    let (recipient_domain, pattern) = match pattern.strip_prefix('@') {
+        Some(domain) => (true, domain),
+        None => (false, pattern),
+    };
     if pattern.is_empty() || pattern.bytes().any(|b| b.is_ascii_whitespace()) {
         return Err(bad_value(
             key,
             value,
-            "does not start with a host name or .suffix",
+            "does not start with a host name or .suffix, or @ and a recipient domain or .suffix",
         ));
     }
     let mut o = LimitOverride {
         pattern: pattern.to_string(),
-        max_connections: None,
-        max_messages_per_connection: None,
-        max_recipients_per_transaction: None,
-        messages_per_second: None,
-        connections_per_minute: None,
+        recipient_domain,
+        ..LimitOverride::default()
     };
     for (name, v) in items {
         let whole = || parse_count(key, v, 1, u32::MAX.into());
@@ -301,6 +304,8 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
                 o.max_recipients_per_transaction = Some(whole()? as usize)
             }
             "messages_per_second" => o.messages_per_second = Some(parse_rate(key, v)?),
+            "messages_per_minute" => o.messages_per_minute = Some(parse_rate(key, v)?),
+            "messages_per_hour" => o.messages_per_hour = Some(parse_rate(key, v)?),
             "connections_per_minute" => o.connections_per_minute = Some(parse_rate(key, v)?),
             _ => {
                 return Err(bad_value(
@@ -309,7 +314,8 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
                     &format!(
                         "has the unknown limit {name:?} (max_connections, \
                          max_messages_per_connection, max_recipients_per_transaction, \
-                         messages_per_second, connections_per_minute)"
+                         messages_per_second, messages_per_minute, messages_per_hour, \
+                         connections_per_minute)"
                     ),
                 ))
             }
@@ -359,6 +365,17 @@ fn parse_classify_rule(key: &str, value: &str) -> Result<Rule, FfiError> {
         }
     }
     Ok(rule)
+}
+
+/// A dispatcher builder from a TOML document with the keys of `mxp_config_set`: the file C and
+/// Python programs load with `mxp_config_from_toml`, for the command line's `--config`. The
+/// error names the key (and, for a bad value, the value).
+pub fn builder_from_toml(text: &str) -> Result<DispatcherBuilder, String> {
+    let mut settings = Settings::default();
+    settings
+        .apply_toml(text)
+        .and_then(|()| settings.builder())
+        .map_err(|e| e.message.into_owned())
 }
 
 impl Settings {
@@ -478,6 +495,8 @@ impl Settings {
             "allow_plaintext_auth" => c.session.allow_plaintext_auth = parse_bool(key, value)?,
             "source_address" => c.source_addresses.push(parse_ip(key, value)?),
             "messages_per_second" => c.messages_per_second = Some(parse_rate(key, value)?),
+            "messages_per_minute" => c.messages_per_minute = Some(parse_rate(key, value)?),
+            "messages_per_hour" => c.messages_per_hour = Some(parse_rate(key, value)?),
             "connections_per_minute" => c.connections_per_minute = Some(parse_rate(key, value)?),
             "limit_override" => c.limit_overrides.push(parse_limit_override(key, value)?),
             "adaptive_initial_concurrency" => {
@@ -523,8 +542,8 @@ impl Settings {
         Ok(())
     }
 
-    /// Applies a TOML document: top-level keys are the keys of `mxp_config_set`; a `[routes]`
-    /// table maps domains to `host:port`.
+    /// Applies a TOML document: top-level keys are the keys of `mxp_config_set` (a list for
+    /// the keys that add one each time); a `[routes]` table maps domains to `host:port`.
     pub(crate) fn apply_toml(&mut self, text: &str) -> Result<(), FfiError> {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             FfiError::new(
@@ -543,6 +562,13 @@ impl Settings {
                 ("route", toml::Value::Array(items)) => {
                     for item in items {
                         self.set("route", &scalar("route", item)?)?;
+                    }
+                }
+                // A key that adds one each time (route, limit_override, classify_rule,
+                // source_address) takes a list.
+                (key, toml::Value::Array(items)) if KEYS.contains(&key) => {
+                    for item in items {
+                        self.set(key, &scalar(key, item)?)?;
                     }
                 }
                 (key, value) if KEYS.contains(&key) => self.set(key, &scalar(key, value)?)?,
@@ -726,8 +752,8 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `tls_ca_file` | a PEM file of extra trust anchors |
 /// | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, over TLS only unless `allow_plaintext_auth` is true |
 /// | `source_address` | a local IP address to send from; each call adds one (used in turn) |
-/// | `messages_per_second`, `connections_per_minute` | numbers above zero, per destination (default unlimited) |
-/// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, connections_per_minute=X` (any of them); each call adds one |
+/// | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
+/// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X` (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits; each call adds one |
 /// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
@@ -838,6 +864,8 @@ mod tests {
             ("allow_plaintext_auth", "yes"),
             ("source_address", "127.0.0.2"),
             ("messages_per_second", "20"),
+            ("messages_per_minute", "600"),
+            ("messages_per_hour", "10000"),
             ("connections_per_minute", "60"),
             (
                 "limit_override",

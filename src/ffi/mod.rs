@@ -26,6 +26,7 @@ mod handle;
 mod panic;
 mod result;
 
+pub use config::builder_from_toml;
 pub use config::{
     mxp_config, mxp_config_free, mxp_config_from_toml, mxp_config_new, mxp_config_set,
 };

@@ -37,8 +37,8 @@ pub(super) struct MxState {
     resolver: MxResolver,
     answers: Receiver<(String, Resolution)>,
     domains: HashMap<Arc<str>, DomainRoute>,
-    /// Destinations by (MX host, address).
-    by_host: HashMap<(String, SocketAddr), usize>,
+    /// Destinations by (recipient-domain override group, MX host, address).
+    by_host: HashMap<(Option<usize>, String, SocketAddr), usize>,
     /// The pseudo-destination that DNS failures are accounted to.
     pub(super) resolver_destination: usize,
     capacity: usize,
@@ -175,10 +175,11 @@ impl Reactor {
         };
         match resolution {
             Resolution::Hosts(hosts) => {
+                let group = self.config.domain_group(&key);
                 let mut candidates = Vec::new();
                 for host in hosts.iter() {
                     for &addr in &host.addrs {
-                        candidates.push(self.mx_destination(&host.name, addr));
+                        candidates.push(self.mx_destination(group, &host.name, addr));
                     }
                 }
                 let route = Arc::new(MxRoute { candidates });
@@ -264,29 +265,35 @@ impl Reactor {
     }
 
     /// The destination of one MX host and address, created on first use.
-    fn mx_destination(&mut self, host: &str, addr: SocketAddr) -> usize {
+    fn mx_destination(&mut self, group: Option<usize>, host: &str, addr: SocketAddr) -> usize {
         let mx = self.mx.as_mut().expect("MX routing is on");
-        if let Some(&d) = mx.by_host.get(&(host.to_string(), addr)) {
+        let key = (group, host.to_string(), addr);
+        if let Some(&d) = mx.by_host.get(&key) {
             return d;
         }
+        let mut name = format!("{host}[{}]:{}", addr.ip(), addr.port());
+        if let Some(o) = group.and_then(|g| self.config.limit_overrides.get(g)) {
+            name = format!("{name} for @{}", o.pattern);
+        }
         let target = Target {
-            name: format!("{host}[{}]:{}", addr.ip(), addr.port()),
+            name,
             host: host.to_string(),
             addrs: vec![addr],
             implicit_tls: false,
         };
-        let d = self.add_destination(target);
+        let d = self.add_destination(target, group);
         self.mx
             .as_mut()
             .expect("MX routing is on")
             .by_host
-            .insert((host.to_string(), addr), d);
+            .insert(key, d);
         d
     }
 
-    /// Adds a destination to the table (static targets at start, MX hosts as they appear).
-    pub(super) fn add_destination(&mut self, target: Target) -> usize {
-        let limits = self.config.limits_for(&target.host);
+    /// Adds a destination to the table (static targets at start, MX hosts as they appear), with
+    /// the limits of its host and of its recipient-domain override group, if any.
+    pub(super) fn add_destination(&mut self, target: Target, group: Option<usize>) -> usize {
+        let limits = self.config.limits_for(&target.host, group);
         let metrics = self
             .shared
             .registry
