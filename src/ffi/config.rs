@@ -367,6 +367,9 @@ fn parse_classify_rule(key: &str, value: &str) -> Result<Rule, FfiError> {
     Ok(rule)
 }
 
+/// The keys that add one each time they are set, which TOML gives as a list.
+const REPEATABLE: [&str; 4] = ["route", "limit_override", "classify_rule", "source_address"];
+
 /// A dispatcher builder from a TOML document with the keys of `mxp_config_set`: the file C and
 /// Python programs load with `mxp_config_from_toml`, for the command line's `--config`. The
 /// error names the key (and, for a bad value, the value).
@@ -566,7 +569,7 @@ impl Settings {
                 }
                 // A key that adds one each time (route, limit_override, classify_rule,
                 // source_address) takes a list.
-                (key, toml::Value::Array(items)) if KEYS.contains(&key) => {
+                (key, toml::Value::Array(items)) if REPEATABLE.contains(&key) => {
                     for item in items {
                         self.set(key, &scalar(key, item)?)?;
                     }
@@ -990,6 +993,12 @@ mod tests {
         let e = Settings::default().apply_toml("nope = 1").unwrap_err();
         assert_eq!(e.code, mxp_result::MXP_ERR_UNKNOWN_KEY);
         assert!(e.message.starts_with("unknown configuration key \"nope\""));
+        let mut s = Settings::default();
+        s.apply_toml("limit_override = [\"@a.example: max_connections=1\", \".b.example: messages_per_hour=60\"]")
+            .unwrap();
+        assert_eq!(s.config.limit_overrides.len(), 2);
+        assert!(s.config.limit_overrides[0].recipient_domain);
+        assert_eq!(s.config.limit_overrides[1].messages_per_hour, Some(60.0));
         let e = Settings::default().apply_toml("relay = [1]").unwrap_err();
         assert_eq!(
             e.message,
