@@ -165,8 +165,8 @@ fn a_nameserver_that_does_not_answer_defers() {
     assert_eq!(d.stats().connections_opened, 0);
 }
 
-#[test]
-fn domains_sharing_an_mx_host_share_its_pool_and_transactions() {
+/// one.test and two.test, both with the MX host mx.hosted.test: an smtp-sink on 127.0.0.5.
+fn two_domains_on_one_mx_host() -> (u16, SmtpSink, Dnsmasq) {
     let port = common_port(&["127.0.0.5"]);
     let sink = SmtpSink::start_on_port("127.0.0.5", port, &[]);
     let dns = Dnsmasq::builder()
@@ -174,6 +174,12 @@ fn domains_sharing_an_mx_host_share_its_pool_and_transactions() {
         .mx("two.test", "mx.hosted.test", 10)
         .host("mx.hosted.test", "127.0.0.5")
         .start();
+    (port, sink, dns)
+}
+
+#[test]
+fn domains_sharing_an_mx_host_share_its_pool_and_transactions() {
+    let (port, sink, dns) = two_domains_on_one_mx_host();
     let d = Dispatcher::builder()
         .direct_mx(mx_config(dns.addr(), port))
         .max_connections_per_destination(2)
@@ -205,13 +211,7 @@ fn domains_sharing_an_mx_host_share_its_pool_and_transactions() {
 
 #[test]
 fn a_recipient_domain_override_separates_its_domain_on_a_shared_mx_host() {
-    let port = common_port(&["127.0.0.5"]);
-    let sink = SmtpSink::start_on_port("127.0.0.5", port, &[]);
-    let dns = Dnsmasq::builder()
-        .mx("one.test", "mx.hosted.test", 10)
-        .mx("two.test", "mx.hosted.test", 10)
-        .host("mx.hosted.test", "127.0.0.5")
-        .start();
+    let (port, sink, dns) = two_domains_on_one_mx_host();
     let d = Dispatcher::builder()
         .direct_mx(mx_config(dns.addr(), port))
         .limit_override(LimitOverride {
