@@ -44,6 +44,8 @@ fn message_rate_limit_is_respected() {
     let d = Dispatcher::builder()
         .relay(&sink.addr().to_string())
         .messages_per_second(100.0)
+        // Connections that wait long for the limiter close, and come back only if needed.
+        .idle_timeout(Duration::from_millis(200))
         .start()
         .unwrap();
     let start = Instant::now();
@@ -62,6 +64,13 @@ fn message_rate_limit_is_respected() {
     assert!(
         elapsed >= Duration::from_millis(1850),
         "too fast: {elapsed:?}"
+    );
+    // Connections waiting for the limiter are enough: none beyond the window (20) is opened
+    // to wait beside them.
+    assert!(
+        d.stats().connections_opened <= 20,
+        "{} connections for a rate-limited destination",
+        d.stats().connections_opened
     );
     // No one-second window holds more than the rate plus the burst.
     let mut times: Vec<Duration> = events.iter().map(|e| e.elapsed).collect();

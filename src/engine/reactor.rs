@@ -526,6 +526,11 @@ impl Reactor {
                     self.drive(conn.token, now);
                 }
             }
+            // Held by a rate limit (or a pause): the connections it has are waiting for the
+            // limiter, and more would only wait beside them.
+            if self.destinations[d].wake_at.is_some() {
+                continue;
+            }
             let wanted = self.destinations[d].connections_wanted();
             for _ in 0..wanted {
                 if connects == CONNECTS_PER_TURN {
@@ -1009,6 +1014,16 @@ impl Reactor {
                     if session.deadline().is_some() {
                         session.handle_timeout(now);
                     } else {
+                        let dest = &self.destinations[conn.destination];
+                        // Idle only because a rate limit holds work back a moment: the
+                        // connection is still wanted, and closing it would mean opening another.
+                        let rate_held =
+                            !dest.queue.is_empty() && dest.wake_at.is_some_and(|w| w <= now + idle);
+                        if rate_held {
+                            conn.idle_since = Some(now);
+                            self.schedule(token);
+                            continue;
+                        }
                         // Idle for too long: retire politely.
                         conn.retiring = true;
                     }
