@@ -36,11 +36,12 @@ const MAX_CONCURRENT_LOOKUPS: usize = 256;
 /// Requests and finished lookups handled before the waker is woken for the answers so far:
 /// one wake covers a batch, and a flood of requests cannot delay answers for long.
 const BATCH: usize = 1024;
-/// A DNS query is sent at most this many times (once, then one retry after a timeout).
+/// A DNS query is sent at least this many times (once, then one retry after a timeout), and at
+/// least once to each nameserver.
 const QUERY_TRIES: usize = 2;
 /// A domain's lookup is an MX query, then its hosts' A and AAAA queries in parallel, then maybe
-/// a CNAME hop: at most this many query rounds, each within `QUERY_TRIES` × `timeout`. Past
-/// that, the domain gets a TempFail whatever hickory is still doing.
+/// a CNAME hop: at most this many query rounds, each within the tries × `timeout`. Past that,
+/// the domain gets a TempFail whatever hickory is still doing.
 const QUERY_ROUNDS_PER_LOOKUP: u32 = 3;
 
 /// Settings of an [`MxResolver`].
@@ -147,6 +148,8 @@ impl MxResolver {
         waker: Arc<mio::Waker>,
     ) -> io::Result<(MxResolver, Receiver<(String, Resolution)>)> {
         let dns = Arc::new(dns(&config)?);
+        // Every nameserver gets a try, so more servers may take longer.
+        let deadline = config.timeout * dns.tries() as u32 * QUERY_ROUNDS_PER_LOOKUP;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -162,7 +165,7 @@ impl MxResolver {
                 max_hosts: config.max_hosts,
                 max_addresses: config.max_addresses,
             },
-            deadline: config.timeout * (QUERY_TRIES as u32) * QUERY_ROUNDS_PER_LOOKUP,
+            deadline,
             cache: ResolutionCache::new(config.cache_capacity),
             pending: HashSet::new(),
             queued: VecDeque::new(),

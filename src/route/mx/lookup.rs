@@ -72,6 +72,11 @@ impl Dns {
         }
     }
 
+    /// How many times one query may be sent (each within the timeout).
+    pub(super) fn tries(&self) -> usize {
+        self.stub.tries()
+    }
+
     /// The `record_type` records of `name`, uncached.
     pub(super) async fn query(&self, name: &Name, record_type: RecordType) -> Query {
         match self.stub.query(name, record_type).await {

@@ -139,6 +139,11 @@ impl Stub {
         }
     }
 
+    /// How many times one query may be sent.
+    pub(super) fn tries(&self) -> usize {
+        self.tries
+    }
+
     /// Asks for the `record_type` records of `name` (fully qualified), recursion desired. Must
     /// run inside the resolver thread's tokio runtime.
     pub(super) async fn query(&self, name: &Name, record_type: RecordType) -> Reply {
