@@ -986,3 +986,52 @@ fn command_line_config_file_is_checked_before_sending() {
     );
     assert_eq!(sink.stop().messages, 1, "one message, both recipients");
 }
+
+#[test]
+fn an_engine_file_requiring_tls_is_not_downgraded_by_the_campaign() {
+    let f = Fixture::new("campaign-engine-tls");
+    // Plain SMTP only: STARTTLS is answered 502.
+    let sink = Sink::start(SinkConfig::default()).expect("sink starts");
+    let relay = sink.local_addr().to_string();
+    bulk_fixture(
+        &f,
+        7,
+        &relay,
+        "engine = \"engine.toml\"\nmax_age_secs = 2\nretry_after_secs = 1",
+    );
+    f.write("engine.toml", "starttls = \"required\"\n");
+    let _ = f.load().send(&SendOptions {
+        report: None,
+        journal: None,
+        progress: false,
+    });
+    assert_eq!(
+        sink.stop().messages,
+        0,
+        "the engine file requires TLS, yet mail went in plaintext"
+    );
+}
+
+/// `record_events = false` in a --config file: `send` reads every outcome anyway.
+#[test]
+fn command_line_send_keeps_events_on_whatever_the_config_says() {
+    let f = Fixture::new("cli-config-events");
+    let sink = Sink::start(SinkConfig::default()).unwrap();
+    f.write("list.txt", "a@example.net\n");
+    f.write("message.eml", "Subject: hi\r\n\r\nhello\r\n");
+    f.write("engine.toml", "record_events = false\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(["send", "--relay", &sink.local_addr().to_string()])
+        .args(["--from", "news@example.org", "--config"])
+        .arg(f.path("engine.toml"))
+        .arg("--to-file")
+        .arg(f.path("list.txt"))
+        .arg(f.path("message.eml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("delivered=1"), "{stdout}");
+    assert_eq!(sink.stop().messages, 1);
+}

@@ -534,3 +534,67 @@ fn a_recipient_domain_override_gets_its_own_connections_and_limits() {
     assert_eq!(find(&grouped).rate_limit, Some(50.0));
     assert_eq!(find(&relay).rate_limit, None);
 }
+
+/// An idle timeout of zero (which the builder and `mxp_config_set` accept) with a rate limit
+/// and replies that take 3 ms, so that transactions end in the turns where the limiter's wake
+/// is due: an idle connection kept for the limiter must not be rescheduled for the same
+/// instant again and again.
+#[test]
+fn an_idle_timeout_of_zero_with_a_rate_limit_does_not_hang_the_loop() {
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            reply_delay: Some(Duration::from_millis(3)),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let d = Dispatcher::builder()
+        .relay(&sink.local_addr().to_string())
+        .messages_per_second(1000.0)
+        .idle_timeout(Duration::ZERO)
+        .record_events(false)
+        .start()
+        .unwrap();
+    for i in 0..3000 {
+        d.submit_timeout(
+            Message::new("s@mxpipe.test", [format!("r{i}@x.test").as_str()], b"x\r\n").unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+    let ok = d.wait_final(Duration::from_secs(30));
+    let stats = d.stats();
+    if !ok {
+        std::mem::forget(d);
+    }
+    assert!(ok, "not final after 30 s: {stats:?}");
+}
+
+/// A slow limit (one message every 500 ms, longer than the idle timeout): each wake of the
+/// limiter must not open a window's worth of connections for the one message it lets go.
+#[test]
+fn a_slow_rate_limit_opens_a_connection_per_message_at_most() {
+    let sink = Sink::start(SinkConfig::default()).unwrap();
+    let d = Dispatcher::builder()
+        .relay(&sink.local_addr().to_string())
+        .messages_per_second(2.0)
+        .idle_timeout(Duration::from_millis(200))
+        .record_events(false)
+        .start()
+        .unwrap();
+    for i in 0..8 {
+        d.submit(
+            Message::new("s@mxpipe.test", [format!("r{i}@x.test").as_str()], b"x\r\n").unwrap(),
+        )
+        .unwrap();
+    }
+    assert!(d.wait_final(Duration::from_secs(30)));
+    let s = d.stats();
+    assert!(
+        s.connections_opened <= 8,
+        "{} connections for {} messages",
+        s.connections_opened,
+        s.transactions
+    );
+}

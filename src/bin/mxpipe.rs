@@ -74,9 +74,9 @@ struct DeliveryArgs {
     /// With --direct-mx: ask these DNS servers (default: the system's).
     #[arg(long, value_name = "ADDR")]
     nameserver: Vec<SocketAddr>,
-    /// With --direct-mx: the SMTP port of MX hosts.
-    #[arg(long, default_value_t = 25)]
-    mx_port: u16,
+    /// With --direct-mx: the SMTP port of MX hosts (default 25).
+    #[arg(long)]
+    mx_port: Option<u16>,
     /// Engine settings from a TOML file with the keys of the C ABI's `mxp_config_set` (limits
     /// and overrides by host or @recipient-domain, adaptive backoff, retries, DNS, ...); the
     /// other options here apply on top.
@@ -157,11 +157,15 @@ impl DeliveryArgs {
             b = b.allow_plaintext_auth(true);
         }
         if self.direct_mx {
-            b = b.direct_mx(MxConfig {
-                nameservers: (!self.nameserver.is_empty()).then(|| self.nameserver.clone()),
-                smtp_port: self.mx_port,
-                ..MxConfig::default()
-            });
+            // On top of the --config file's MX settings, if it has any.
+            let mut mx: MxConfig = b.config_mut().mx.clone().unwrap_or_default();
+            if !self.nameserver.is_empty() {
+                mx.nameservers = Some(self.nameserver.clone());
+            }
+            if let Some(port) = self.mx_port {
+                mx.smtp_port = port;
+            }
+            b = b.direct_mx(mx);
         }
         if let Some(rate) = self.messages_per_second {
             b = b.messages_per_second(rate);
@@ -255,12 +259,14 @@ enum Command {
         /// Campaign: print the summary as one JSON object.
         #[arg(long)]
         json: bool,
-        /// Message mode: connections to the relay at most (a campaign sets limits.connections).
-        #[arg(long, default_value_t = 20)]
-        connections: usize,
-        /// Message mode: the name sent in EHLO (a campaign sets delivery.ehlo_name).
-        #[arg(long, default_value = "localhost")]
-        ehlo_name: String,
+        /// Message mode: connections per destination at most (default 20; a campaign sets
+        /// limits.connections).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Message mode: the name sent in EHLO (default localhost; a campaign sets
+        /// delivery.ehlo_name).
+        #[arg(long)]
+        ehlo_name: Option<String>,
         /// Write one line per recipient outcome here (campaign: CSV for a .csv name, JSON Lines
         /// otherwise; message mode: JSON Lines).
         #[arg(long)]
@@ -270,12 +276,13 @@ enum Command {
         #[arg(long)]
         wait_final: bool,
         /// Message mode: give up on a recipient after this many seconds of temporary failures
-        /// (a campaign sets limits.max_age_secs).
-        #[arg(long, default_value_t = 3 * 24 * 3600)]
-        max_age: u64,
-        /// Message mode: first retry after this many seconds (doubling, with jitter).
-        #[arg(long, default_value_t = 300)]
-        retry_after: u64,
+        /// (default 3 days; a campaign sets limits.max_age_secs).
+        #[arg(long)]
+        max_age: Option<u64>,
+        /// Message mode: first retry after this many seconds (default 300; doubling, with
+        /// jitter).
+        #[arg(long)]
+        retry_after: Option<u64>,
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
@@ -384,19 +391,21 @@ fn main() -> ExitCode {
             max_age,
             retry_after,
             delivery,
-        } if relay.is_some() || delivery.direct_mx => run_send(SendArgs {
-            relay,
-            from,
-            to_file,
-            message,
-            connections,
-            ehlo_name,
-            report,
-            wait_final,
-            max_age: Duration::from_secs(max_age),
-            retry_after: Duration::from_secs(retry_after),
-            delivery,
-        }),
+        } if relay.is_some() || delivery.direct_mx || delivery.config.is_some() => {
+            run_send(SendArgs {
+                relay,
+                from,
+                to_file,
+                message,
+                connections,
+                ehlo_name,
+                report,
+                wait_final,
+                max_age: max_age.map(Duration::from_secs),
+                retry_after: retry_after.map(Duration::from_secs),
+                delivery,
+            })
+        }
         Command::Send {
             from: Some(_),
             to_file: Some(_),
@@ -586,12 +595,12 @@ struct SendArgs {
     from: String,
     to_file: PathBuf,
     message: PathBuf,
-    connections: usize,
-    ehlo_name: String,
+    connections: Option<usize>,
+    ehlo_name: Option<String>,
     report: Option<PathBuf>,
     wait_final: bool,
-    max_age: Duration,
-    retry_after: Duration,
+    max_age: Option<Duration>,
+    retry_after: Option<Duration>,
     delivery: DeliveryArgs,
 }
 
@@ -640,16 +649,25 @@ fn run_send(args: SendArgs) -> CliResult {
     if let Some(relay) = &args.relay {
         builder = builder.relay(relay);
     }
-    let dispatcher = args
-        .delivery
-        .apply(builder)?
-        .ehlo_name(&args.ehlo_name)
-        .max_connections_per_destination(args.connections)
-        .retry(RetryPolicy {
-            initial: args.retry_after,
-            max_age: args.max_age,
-            ..RetryPolicy::default()
-        })
+    // What the command line gives replaces the --config file's settings; the rest stays.
+    let mut builder = args.delivery.apply(builder)?;
+    if let Some(name) = &args.ehlo_name {
+        builder = builder.ehlo_name(name);
+    }
+    if let Some(n) = args.connections {
+        builder = builder.max_connections_per_destination(n);
+    }
+    let retry = &mut builder.config_mut().retry;
+    if let Some(after) = args.retry_after {
+        retry.initial = after;
+    }
+    if let Some(age) = args.max_age {
+        retry.max_age = age;
+    }
+    let max_age = retry.max_age;
+    // This command reads every outcome: a --config file cannot turn them off.
+    let dispatcher = builder
+        .record_events(true)
         .start()
         .map_err(|e| e.to_string())?;
     let dispatcher = Arc::new(dispatcher);
@@ -670,7 +688,7 @@ fn run_send(args: SendArgs) -> CliResult {
         None => None,
     };
     if args.wait_final {
-        dispatcher.wait_final(args.max_age + Duration::from_secs(60));
+        dispatcher.wait_final(max_age + Duration::from_secs(60));
     } else {
         dispatcher.flush();
     }

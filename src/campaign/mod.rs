@@ -99,7 +99,8 @@ struct Delivery {
     /// `None`: direct to MX with `mx`.
     relay: Option<String>,
     mx: Option<crate::route::mx::MxConfig>,
-    starttls: crate::smtp::StartTls,
+    /// `None`: as the `limits.engine` file says, else opportunistic.
+    starttls: Option<crate::smtp::StartTls>,
     tls_verify: Option<bool>,
     tls_ca_file: Option<PathBuf>,
     credentials: Option<crate::smtp::Credentials>,
@@ -629,9 +630,10 @@ impl Loader<'_> {
             }
         };
         let starttls = match d.starttls.as_ref().map(|s| s.get_ref().as_str()) {
-            None | Some("opportunistic") => crate::smtp::StartTls::Opportunistic,
-            Some("none") => crate::smtp::StartTls::Disabled,
-            Some("required") => crate::smtp::StartTls::Required,
+            None => None,
+            Some("opportunistic") => Some(crate::smtp::StartTls::Opportunistic),
+            Some("none") => Some(crate::smtp::StartTls::Disabled),
+            Some("required") => Some(crate::smtp::StartTls::Required),
             Some(other) => {
                 let span = d.starttls.as_ref().expect("present").span();
                 return Err(self.error(

@@ -341,7 +341,11 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
         Some(text) => crate::ffi::builder_from_toml(text).map_err(CampaignError::Engine)?,
         None => Dispatcher::builder(),
     };
-    let mut builder = base.starttls(d.starttls);
+    // The events are how a campaign learns its outcomes: an engine file cannot turn them off.
+    let mut builder = base.record_events(true);
+    if let Some(policy) = d.starttls {
+        builder = builder.starttls(policy);
+    }
     if let Some(relay) = &d.relay {
         builder = builder.relay(relay);
     }

@@ -102,7 +102,8 @@ struct Reactor {
     retries: RetrySchedule,
     read_buf: Box<[u8]>,
     /// Destinations with queued work to hand out this turn.
-    dirty: Vec<usize>,
+    /// First in, first out: when a turn's budget runs out, the rest wait their turn.
+    dirty: std::collections::VecDeque<usize>,
     is_dirty: Vec<bool>,
     /// Recipients this loop holds (queued, in flight, waiting to retry).
     held: usize,
@@ -161,7 +162,7 @@ impl Reactor {
             wakes: BinaryHeap::new(),
             retries: RetrySchedule::default(),
             read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
-            dirty: Vec::new(),
+            dirty: std::collections::VecDeque::new(),
             is_dirty: Vec::new(),
             held: 0,
             next_tag: 1,
@@ -495,7 +496,7 @@ impl Reactor {
     fn mark_dirty(&mut self, d: usize) {
         if !self.is_dirty[d] {
             self.is_dirty[d] = true;
-            self.dirty.push(d);
+            self.dirty.push_back(d);
         }
     }
 
@@ -504,7 +505,7 @@ impl Reactor {
     /// Hands queued jobs to connections that can take them; opens connections for the rest.
     fn dispatch(&mut self, now: Instant) {
         let mut connects = 0;
-        while let Some(d) = self.dirty.pop() {
+        while let Some(d) = self.dirty.pop_front() {
             self.is_dirty[d] = false;
             if self.stop_by.is_some() {
                 continue;
@@ -531,8 +532,18 @@ impl Reactor {
             if self.destinations[d].wake_at.is_some() {
                 continue;
             }
+            // No more connections than the rate limits would let messages go now: under a
+            // slow limit, a connection per message allowed, not a window's worth waiting.
+            let allowed = self.destinations[d].shaper.messages_available(now);
             let wanted = self.destinations[d].connections_wanted();
-            for _ in 0..wanted {
+            if wanted > 0 && allowed == 0 && self.destinations[d].open == 0 {
+                // Nothing left to wake it when the limiter allows the next message: a hold.
+                if let Some(at) = self.destinations[d].shaper.next_message_at(now) {
+                    self.hold(d, at);
+                }
+                continue;
+            }
+            for _ in 0..wanted.min(allowed) {
                 if connects == CONNECTS_PER_TURN {
                     self.mark_dirty(d);
                     self.more_work = true;
@@ -1017,8 +1028,9 @@ impl Reactor {
                         let dest = &self.destinations[conn.destination];
                         // Idle only because a rate limit holds work back a moment: the
                         // connection is still wanted, and closing it would mean opening another.
-                        let rate_held =
-                            !dest.queue.is_empty() && dest.wake_at.is_some_and(|w| w <= now + idle);
+                        let rate_held = !idle.is_zero()
+                            && !dest.queue.is_empty()
+                            && dest.wake_at.is_some_and(|w| w <= now + idle);
                         if rate_held {
                             conn.idle_since = Some(now);
                             self.schedule(token);

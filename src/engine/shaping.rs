@@ -157,12 +157,27 @@ impl Gcra {
         self.tat = Some(tat + self.interval);
     }
 
+    /// How many cells could be taken now, one after another.
+    pub fn available(&self, now: Instant) -> usize {
+        let tat = self.tat.unwrap_or(now).max(now);
+        let room = (now + self.tolerance).saturating_duration_since(tat);
+        if now + self.tolerance < tat {
+            return 0;
+        }
+        (room.as_secs_f64() / self.interval.as_secs_f64()) as usize + 1
+    }
+
     /// Changes the rate (adaptive backoff), keeping the schedule already promised.
-    pub fn set_rate(&mut self, per_second: f64) {
+    pub fn set_rate(&mut self, per_second: f64, now: Instant) {
         let burst = (self.tolerance.as_secs_f64() / self.interval.as_secs_f64()).round() as u32 + 1;
+        let old_interval = self.interval;
         let tat = self.tat;
         *self = Gcra::new(per_second, burst);
-        self.tat = tat;
+        // The cells already used stay used: their debt is rescaled to the new interval.
+        self.tat = tat.map(|t| {
+            let owed = t.max(now) - now;
+            now + owed.mul_f64(self.interval.as_secs_f64() / old_interval.as_secs_f64())
+        });
     }
 }
 
@@ -253,6 +268,24 @@ impl Shaper {
             .reduce(f64::min)
     }
 
+    /// How many transactions every message limit would let start now (`usize::MAX` without
+    /// limits).
+    pub fn messages_available(&self, now: Instant) -> usize {
+        self.messages
+            .iter()
+            .map(|(g, _)| g.available(now))
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
+    /// When every message limit will allow the next transaction (`None`: now).
+    pub fn next_message_at(&self, now: Instant) -> Option<Instant> {
+        self.messages
+            .iter()
+            .filter_map(|(g, _)| g.next_allowed(now))
+            .max()
+    }
+
     /// When this destination may next start a transaction, or `None` if it may now (and a
     /// cell was taken).
     pub fn take_message(&mut self, now: Instant) -> Option<Instant> {
@@ -312,7 +345,7 @@ impl Shaper {
         self.pauses_in_row = 0;
         if self.rate_factor < 1.0 {
             self.rate_factor = (self.rate_factor * 1.05).min(1.0);
-            self.apply_rate();
+            self.apply_rate(now);
         }
     }
 
@@ -321,7 +354,7 @@ impl Shaper {
     /// for `Adaptive::throttle_memory`; when the window is already one connection, pause
     /// (doubling each time, up to the maximum).
     pub fn on_throttle(&mut self, now: Instant, open: usize, adaptive: &Adaptive) {
-        let ceiling = (open.max(1) as f64).min(self.window.max(1.0));
+        let ceiling = open.max(1) as f64;
         self.ceiling = Some((ceiling, now + adaptive.throttle_memory));
         if self.window <= 1.0 {
             let pause = adaptive
@@ -334,7 +367,7 @@ impl Shaper {
         self.window = (self.window / 2.0).max(1.0);
         if !self.messages.is_empty() {
             self.rate_factor = (self.rate_factor / 2.0).max(0.01);
-            self.apply_rate();
+            self.apply_rate(now);
         }
     }
 
@@ -351,9 +384,9 @@ impl Shaper {
         false
     }
 
-    fn apply_rate(&mut self) {
+    fn apply_rate(&mut self, now: Instant) {
         for (g, rate) in &mut self.messages {
-            g.set_rate(*rate * self.rate_factor);
+            g.set_rate(*rate * self.rate_factor, now);
         }
     }
 }
@@ -537,5 +570,40 @@ mod tests {
             s.on_success(now);
         }
         assert_eq!(s.message_rate(), Some(100.0));
+    }
+
+    #[test]
+    fn a_burst_of_refusals_keeps_the_ceiling_at_what_was_accepted() {
+        let adaptive = Adaptive::default();
+        let now = Instant::now();
+        let mut l = limits();
+        l.max_connections = 16;
+        let mut s = Shaper::new(l, &adaptive);
+        for _ in 0..1000 {
+            s.on_success(now);
+        }
+        assert_eq!(s.concurrency(), 16);
+        // 12 connections opened at once; the server takes 9 and refuses the other three.
+        for open in [11, 10, 9] {
+            s.on_throttle(now, open, &adaptive);
+        }
+        for _ in 0..10_000 {
+            s.on_success(now + Duration::from_secs(1));
+        }
+        assert_eq!(s.concurrency(), 9, "the server accepted 9 connections");
+    }
+
+    #[test]
+    fn a_throttle_does_not_release_an_hourly_burst() {
+        let adaptive = Adaptive::default();
+        let now = Instant::now();
+        let mut l = limits();
+        l.messages_per_hour = Some(10_000.0);
+        let mut s = Shaper::new(l, &adaptive);
+        let burst = (0..5000).filter(|_| s.take_message(now).is_none()).count();
+        assert_eq!(burst, 1000);
+        s.on_throttle(now, 4, &adaptive);
+        let after = (0..5000).filter(|_| s.take_message(now).is_none()).count();
+        assert_eq!(after, 0, "\"slow down\" released {after} messages at once");
     }
 }
