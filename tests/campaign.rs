@@ -947,24 +947,32 @@ fn an_engine_settings_file_shapes_a_campaign() {
     );
 }
 
+/// `mxpipe send` of a small message to the recipients in `list.txt` through `sink`, with
+/// `config` as its --config file.
+fn send_with_config(
+    f: &Fixture,
+    sink: &mxpipe::sink::SinkHandle,
+    config: &str,
+) -> std::process::Output {
+    f.write("message.eml", "Subject: hi\r\n\r\nhello\r\n");
+    f.write("engine.toml", config);
+    Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(["send", "--relay", &sink.local_addr().to_string()])
+        .args(["--from", "news@example.org", "--config"])
+        .arg(f.path("engine.toml"))
+        .arg("--to-file")
+        .arg(f.path("list.txt"))
+        .arg(f.path("message.eml"))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn command_line_config_file_is_checked_before_sending() {
     let f = Fixture::new("cli-config");
     let sink = Sink::start(SinkConfig::default()).expect("sink starts");
     f.write("list.txt", "a@example.net\nb@example.net\n");
-    f.write("message.eml", "Subject: hi\r\n\r\nhello\r\n");
-    let send = |config: &str| {
-        f.write("engine.toml", config);
-        Command::new(env!("CARGO_BIN_EXE_mxpipe"))
-            .args(["send", "--relay", &sink.local_addr().to_string()])
-            .args(["--from", "news@example.org", "--config"])
-            .arg(f.path("engine.toml"))
-            .arg("--to-file")
-            .arg(f.path("list.txt"))
-            .arg(f.path("message.eml"))
-            .output()
-            .unwrap()
-    };
+    let send = |config: &str| send_with_config(&f, &sink, config);
     let out = send("limit_overide = [\"@example.net: max_connections=1\"]\n");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1018,17 +1026,7 @@ fn command_line_send_keeps_events_on_whatever_the_config_says() {
     let f = Fixture::new("cli-config-events");
     let sink = Sink::start(SinkConfig::default()).unwrap();
     f.write("list.txt", "a@example.net\n");
-    f.write("message.eml", "Subject: hi\r\n\r\nhello\r\n");
-    f.write("engine.toml", "record_events = false\n");
-    let out = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
-        .args(["send", "--relay", &sink.local_addr().to_string()])
-        .args(["--from", "news@example.org", "--config"])
-        .arg(f.path("engine.toml"))
-        .arg("--to-file")
-        .arg(f.path("list.txt"))
-        .arg(f.path("message.eml"))
-        .output()
-        .unwrap();
+    let out = send_with_config(&f, &sink, "record_events = false\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
