@@ -598,3 +598,28 @@ fn a_slow_rate_limit_opens_a_connection_per_message_at_most() {
         s.transactions
     );
 }
+
+#[test]
+fn rates_that_are_not_numbers_above_zero_are_refused_at_start() {
+    use mxpipe::error::Error;
+    let refused = |builder: mxpipe::engine::DispatcherBuilder| match builder.start() {
+        Err(Error::InvalidConfig { key, problem }) => (key, problem),
+        Err(other) => panic!("another error: {other}"),
+        Ok(_) => panic!("started"),
+    };
+    let base = || Dispatcher::builder().relay("127.0.0.1:2525");
+    let (key, problem) = refused(base().messages_per_hour(0.0));
+    assert_eq!(key, "rates");
+    assert_eq!(
+        problem,
+        "messages per second, minute or hour and connections per minute must be numbers above zero"
+    );
+    let (key, _) = refused(base().limit_override(LimitOverride {
+        pattern: "x.test".into(),
+        recipient_domain: true,
+        messages_per_minute: Some(f64::NAN),
+        ..LimitOverride::default()
+    }));
+    assert_eq!(key, "rates");
+    assert!(base().messages_per_minute(0.5).start().is_ok());
+}

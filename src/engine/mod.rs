@@ -563,6 +563,26 @@ fn validate(c: &Config) -> Result<()> {
         .all(|d| !d.is_zero()),
         "timeouts",
         "every timeout must be above zero",
+    )?;
+    // Rates: the defaults, then every override's.
+    let rate_ok = |rate: Option<f64>| rate.is_none_or(|r| r.is_finite() && r > 0.0);
+    let rates = |l: [Option<f64>; 4]| l.into_iter().all(rate_ok);
+    check(
+        rates([
+            c.messages_per_second,
+            c.messages_per_minute,
+            c.messages_per_hour,
+            c.connections_per_minute,
+        ]) && c.limit_overrides.iter().all(|o| {
+            rates([
+                o.messages_per_second,
+                o.messages_per_minute,
+                o.messages_per_hour,
+                o.connections_per_minute,
+            ])
+        }),
+        "rates",
+        "messages per second, minute or hour and connections per minute must be numbers above zero",
     )
 }
 
