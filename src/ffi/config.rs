@@ -567,6 +567,14 @@ impl Settings {
                         self.set("route", &scalar("route", item)?)?;
                     }
                 }
+                // The nameservers are one setting, written as a list or comma-separated.
+                ("mx_nameservers", toml::Value::Array(items)) => {
+                    let servers = items
+                        .iter()
+                        .map(|item| scalar("mx_nameservers", item))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.set("mx_nameservers", &servers.join(","))?;
+                }
                 // A key that adds one each time (route, limit_override, classify_rule,
                 // source_address) takes a list.
                 (key, toml::Value::Array(items)) if REPEATABLE.contains(&key) => {
@@ -999,6 +1007,17 @@ mod tests {
         assert_eq!(s.config.limit_overrides.len(), 2);
         assert!(s.config.limit_overrides[0].recipient_domain);
         assert_eq!(s.config.limit_overrides[1].messages_per_hour, Some(60.0));
+        let mut s = Settings::default();
+        s.apply_toml("mx_nameservers = [\"127.0.0.1:5353\", \"::1\"]")
+            .unwrap();
+        let servers = s.config.mx.as_ref().and_then(|m| m.nameservers.clone());
+        assert_eq!(
+            servers,
+            Some(vec![
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ])
+        );
         let e = Settings::default().apply_toml("relay = [1]").unwrap_err();
         assert_eq!(
             e.message,
