@@ -564,23 +564,18 @@ fn validate(c: &Config) -> Result<()> {
         "timeouts",
         "every timeout must be above zero",
     )?;
-    // Rates: the defaults, then every override's.
-    let rate_ok = |rate: Option<f64>| rate.is_none_or(|r| r.is_finite() && r > 0.0);
-    let rates = |l: [Option<f64>; 4]| l.into_iter().all(rate_ok);
+    // Rates: the defaults, and each override applied to them.
+    let defaults = c.limits_for("", None);
+    let with_override = |o: &shaping::LimitOverride| {
+        let mut limits = defaults;
+        o.apply(&mut limits);
+        limits
+    };
     check(
-        rates([
-            c.messages_per_second,
-            c.messages_per_minute,
-            c.messages_per_hour,
-            c.connections_per_minute,
-        ]) && c.limit_overrides.iter().all(|o| {
-            rates([
-                o.messages_per_second,
-                o.messages_per_minute,
-                o.messages_per_hour,
-                o.connections_per_minute,
-            ])
-        }),
+        defaults.rates_valid()
+            && c.limit_overrides
+                .iter()
+                .all(|o| with_override(o).rates_valid()),
         "rates",
         "messages per second, minute or hour and connections per minute must be numbers above zero",
     )

@@ -130,6 +130,8 @@ struct Reactor {
     /// A static destination's copy for the recipients of a domain override's group, by
     /// (destination, override index).
     grouped: HashMap<(usize, usize), usize>,
+    /// Some override is for recipient domains (`Config::has_domain_overrides`, read once).
+    domain_overrides: bool,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -149,6 +151,7 @@ impl Reactor {
         tls: TlsConfigs,
     ) -> Self {
         let targets: Vec<Target> = config.routes.targets().to_vec();
+        let domain_overrides = config.has_domain_overrides();
         let mut reactor = Reactor {
             poll,
             receiver,
@@ -178,6 +181,7 @@ impl Reactor {
             waiting_slot: Vec::new(),
             idle: std::collections::VecDeque::new(),
             grouped: HashMap::new(),
+            domain_overrides,
         };
         for target in targets {
             reactor.add_destination(target, None);
@@ -316,7 +320,7 @@ impl Reactor {
         self.held += message.recipients.len();
         let config = Arc::clone(&self.config);
         let routes = &config.routes;
-        if routes.is_single_target() && !config.has_domain_overrides() {
+        if routes.is_single_target() && !self.domain_overrides {
             if let Some(destination) = routes.lookup("") {
                 self.enqueue_split(&envelope, message.recipients, destination, 0, None, now);
                 return;
@@ -328,7 +332,12 @@ impl Reactor {
         let mut by_domain: Vec<(String, Vec<Address>)> = Vec::new();
         for recipient in message.recipients {
             if let Some(d) = routes.lookup(recipient.domain()) {
-                let d = match config.domain_group(recipient.domain()) {
+                let group = if self.domain_overrides {
+                    config.domain_group(recipient.domain())
+                } else {
+                    None
+                };
+                let d = match group {
                     Some(group) => self.grouped_destination(d, group),
                     None => d,
                 };

@@ -27,6 +27,19 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Every rate set is a finite number above zero.
+    pub fn rates_valid(&self) -> bool {
+        [
+            self.messages_per_second,
+            self.messages_per_minute,
+            self.messages_per_hour,
+            self.connections_per_minute,
+        ]
+        .into_iter()
+        .flatten()
+        .all(|rate| rate.is_finite() && rate > 0.0)
+    }
+
     /// Each configured message limit as (cells per second, burst).
     fn message_rates(&self) -> Vec<(f64, u32)> {
         [

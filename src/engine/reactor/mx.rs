@@ -192,19 +192,7 @@ impl Reactor {
                     },
                 );
                 for (envelope, recipients, attempts) in waiting {
-                    let mx_job = MxJob {
-                        domain: Arc::clone(&key),
-                        route: Some(Arc::clone(&route)),
-                        candidate: 0,
-                    };
-                    self.enqueue_split(
-                        &envelope,
-                        recipients,
-                        route.candidates[0],
-                        attempts,
-                        Some(mx_job),
-                        now,
-                    );
+                    self.enqueue_on_route(&envelope, &key, &route, recipients, attempts, now);
                 }
             }
             Resolution::NullMx => {
@@ -337,6 +325,31 @@ impl Reactor {
         }
     }
 
+    /// Queues `recipients` of `domain` at the first exchanger of `route`.
+    fn enqueue_on_route(
+        &mut self,
+        envelope: &Arc<Envelope>,
+        domain: &Arc<str>,
+        route: &Arc<MxRoute>,
+        recipients: Vec<Address>,
+        attempts: u32,
+        now: Instant,
+    ) {
+        let mx_job = MxJob {
+            domain: Arc::clone(domain),
+            route: Some(Arc::clone(route)),
+            candidate: 0,
+        };
+        self.enqueue_split(
+            envelope,
+            recipients,
+            route.candidates[0],
+            attempts,
+            Some(mx_job),
+            now,
+        );
+    }
+
     /// A job due for retry: MX jobs start again from the most preferred live exchanger, or
     /// are resolved again when their last attempt failed in DNS.
     pub(super) fn retry_mx(&mut self, mut job: Job, now: Instant) -> Option<Job> {
@@ -356,17 +369,12 @@ impl Reactor {
                 let (choice, recipients) =
                     self.route_mx(&envelope, &domain, job.recipients, job.attempts, now);
                 if let MxChoice::Ready(route) = choice {
-                    let mx_job = MxJob {
-                        domain,
-                        route: Some(Arc::clone(&route)),
-                        candidate: 0,
-                    };
-                    self.enqueue_split(
+                    self.enqueue_on_route(
                         &envelope,
+                        &domain,
+                        &route,
                         recipients,
-                        route.candidates[0],
                         job.attempts,
-                        Some(mx_job),
                         now,
                     );
                 }
