@@ -569,6 +569,8 @@ fn an_idle_timeout_of_zero_with_a_rate_limit_does_not_hang_the_loop() {
         std::mem::forget(d);
     }
     assert!(ok, "not final after 30 s: {stats:?}");
+    assert_eq!(stats.delivered, 3000, "{stats:?}");
+    assert_eq!(sink.stats().messages, 3000);
 }
 
 /// A slow limit (one message every 500 ms, longer than the idle timeout): each wake of the
@@ -591,6 +593,8 @@ fn a_slow_rate_limit_opens_a_connection_per_message_at_most() {
     }
     assert!(d.wait_final(Duration::from_secs(30)));
     let s = d.stats();
+    assert_eq!(s.delivered, 8, "{s:?}");
+    assert_eq!(sink.stats().messages, 8);
     assert!(
         s.connections_opened <= 8,
         "{} connections for {} messages",
