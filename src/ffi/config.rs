@@ -548,10 +548,18 @@ impl Settings {
     /// Applies a TOML document: top-level keys are the keys of `mxp_config_set` (a list for
     /// the keys that add one each time); a `[routes]` table maps domains to `host:port`.
     pub(crate) fn apply_toml(&mut self, text: &str) -> Result<(), FfiError> {
+        // The error's own Display quotes the offending line, which may hold a secret
+        // (auth_password, auth_oauth2_token): only its message and position are shown.
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let at = e.span().map_or(String::new(), |span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {column}")
+            });
             FfiError::new(
                 mxp_result::MXP_ERR_INVALID_CONFIG,
-                format!("config: not valid TOML: {}", e.to_string().trim_end()),
+                format!("config: not valid TOML{at}: {}", e.message().trim_end()),
             )
         })?;
         for (key, value) in &table {
@@ -1027,6 +1035,30 @@ mod tests {
         assert_eq!(e.code, mxp_result::MXP_ERR_INVALID_CONFIG);
         assert!(
             e.message.starts_with("config: not valid TOML"),
+            "{}",
+            e.message
+        );
+    }
+
+    /// Issue 12, defect 3: a TOML error names the line, never shows its text, which may hold
+    /// a secret (syntax errors, duplicate keys, values of the wrong type).
+    #[test]
+    fn toml_errors_never_show_the_configuration_text() {
+        let documents = [
+            "relay = \"127.0.0.1:25\"\nauth_password = \"Secr3tPw\nauth_user = \"u\"\n",
+            "auth_password = \"Secr3tPw\"\nauth_password = \"Secr3tPw2\"\n",
+            "auth_oauth2_token = Secr3tPw\n",
+            "auth_password = [\"Secr3tPw\"]\n",
+            "auth_password = { inner = \"Secr3tPw\" }\n",
+        ];
+        for doc in documents {
+            let e = Settings::default().apply_toml(doc).unwrap_err();
+            assert!(!e.message.contains("Secr3t"), "{doc:?} gave {}", e.message);
+            assert!(e.message.starts_with("config"), "{}", e.message);
+        }
+        let e = Settings::default().apply_toml(documents[1]).unwrap_err();
+        assert!(
+            e.message.contains("line 2") && e.message.contains("duplicate key"),
             "{}",
             e.message
         );
