@@ -267,7 +267,7 @@ fn unknown_ca() {
         &["localhost"],
         false,
         false,
-        "UnknownIssuer",
+        "the certificate was issued by an unknown certificate authority",
     );
 }
 
@@ -395,4 +395,264 @@ fn scripted_starttls_server(listener: TcpListener, cert: &Path, key: &Path) -> V
     tls.write_all(b"250 2.0.0 Ok: queued\r\n").unwrap();
     let _ = tls.flush();
     transcript
+}
+
+// ----- issue 12: security defects -------------------------------------------------------------
+
+const SECRET: &str = "Secr3t-horse-battery";
+
+/// Every event's text, for grepping for the secret.
+fn assert_no_secret(events: &[Event], server: &CaptureServer) {
+    for e in events {
+        assert!(
+            !format!("{e:?}").contains(SECRET),
+            "secret in an event: {e:?}"
+        );
+    }
+    assert!(!server.log().contains(SECRET), "secret in the server log");
+}
+
+/// Defect 1: with AUTH configured and the default (opportunistic) policy, a server whose
+/// certificate does not verify never gets the password: the recipient is deferred, and
+/// nothing is sent in plaintext instead.
+#[test]
+fn credentials_are_never_sent_over_unverified_tls_by_default() {
+    let pki = Pki::new("tls-auth-selfsigned", &["localhost"], false);
+    let server = CaptureServer::builder()
+        .tls(&pki.cert(), &pki.key())
+        .auth("alice", SECRET)
+        .start();
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .credentials(Credentials::password("alice", SECRET).unwrap())
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "bob@r.test");
+    assert_eq!(events[0].kind, EventKind::Deferred, "{:?}", events[0]);
+    let text = &events[0].reply.text;
+    assert!(
+        text.contains("certificate was issued by an unknown certificate authority"),
+        "{text}"
+    );
+    assert_eq!(events.last().unwrap().kind, EventKind::Expired);
+    assert!(server.messages().is_empty(), "nothing delivered");
+    assert_no_secret(&events, &server);
+
+    // Verification turned off explicitly: the session is encrypted, but AUTH is still not
+    // sent over it.
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .tls_verify(false)
+        .credentials(Credentials::password("alice", SECRET).unwrap())
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "carol@r.test");
+    assert_eq!(events[0].kind, EventKind::Deferred, "{:?}", events[0]);
+    assert!(
+        events[0]
+            .reply
+            .text
+            .contains("certificate was not verified; credentials are sent only over verified TLS"),
+        "{}",
+        events[0].reply.text
+    );
+    assert!(server.messages().is_empty(), "nothing delivered");
+    assert_no_secret(&events, &server);
+}
+
+/// Defect 2: opportunistic TLS with verification on: a certificate that fails the check
+/// defers the mail; the next attempts do not go in plaintext.
+#[test]
+fn a_certificate_failure_under_opportunistic_tls_never_falls_back_to_plaintext() {
+    let pki = Pki::new("tls-opp-verify", &["localhost"], false);
+    let server = CaptureServer::builder()
+        .tls(&pki.cert(), &pki.key())
+        .start();
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .starttls(StartTls::Opportunistic)
+        .tls_verify(true)
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "v@r.test");
+    assert!(events.len() >= 2, "retried, each time over TLS: {events:?}");
+    for e in &events[..events.len() - 1] {
+        assert_eq!(e.kind, EventKind::Deferred, "{e:?}");
+        assert!(
+            e.reply.text.contains("not sent in plaintext"),
+            "{}",
+            e.reply.text
+        );
+    }
+    assert_eq!(events.last().unwrap().kind, EventKind::Expired);
+    assert!(server.messages().is_empty(), "nothing sent in plaintext");
+    assert!(!server.log().contains("MAIL FROM"), "{}", server.log());
+}
+
+/// Defect 4: a route with implicit TLS and a plaintext route to the same host and port are
+/// two destinations: the implicit-TLS domain's mail is never sent in plaintext, and the
+/// plaintext domain's mail is delivered, whichever route comes first.
+#[test]
+fn implicit_tls_and_plaintext_routes_to_one_port_do_not_share_connections() {
+    for tls_first in [false, true] {
+        let server = CaptureServer::start();
+        let port = server.addr().port();
+        let plain = format!("127.0.0.1:{port}");
+        let tls = format!("smtps://127.0.0.1:{port}");
+        let mut builder = Dispatcher::builder();
+        if tls_first {
+            builder = builder.route("tls.test", &tls).route("plain.test", &plain);
+        } else {
+            builder = builder.route("plain.test", &plain).route("tls.test", &tls);
+        }
+        let d = builder.retry(quick_retry()).start().unwrap();
+        d.submit(
+            Message::new(
+                "s@mxpipe.test",
+                ["a@plain.test", "b@tls.test"],
+                b"Subject: routes\r\n\r\nbody\r\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(d.wait_final(Duration::from_secs(60)));
+        let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+        let last = |rcpt: &str| {
+            events
+                .iter()
+                .rev()
+                .find(|e| e.recipient.as_str() == rcpt)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            last("a@plain.test").kind,
+            EventKind::Delivered,
+            "{events:?}"
+        );
+        let tls_outcome = last("b@tls.test");
+        assert_eq!(tls_outcome.kind, EventKind::Expired, "{events:?}");
+        assert!(
+            tls_outcome.reply.text.contains("TLS handshake failed"),
+            "{}",
+            tls_outcome.reply.text
+        );
+        let got = server.wait_for_messages(1, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(200));
+        let got_all = server.messages();
+        assert_eq!(got_all.len(), 1, "{got:?}");
+        assert_eq!(got_all[0].rcpt_tos, ["a@plain.test"]);
+    }
+}
+
+/// Defect 5: an implicit-TLS server that accepts and never answers the handshake is given up
+/// after the TLS handshake timeout, and the outcome says so.
+#[test]
+fn implicit_tls_handshake_timeout_applies() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = std::thread::spawn(move || {
+        // Hold the connections open, answer nothing.
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until && held.len() < 4 {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        held
+    });
+    let d = Dispatcher::builder()
+        .relay(&format!("smtps://127.0.0.1:{port}"))
+        .timeouts(mxpipe::smtp::Timeouts {
+            greeting: Duration::from_secs(50),
+            tls_handshake: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .retry(RetryPolicy {
+            max_age: Duration::from_millis(100),
+            ..quick_retry()
+        })
+        .start()
+        .unwrap();
+    let events = send_one(&d, "t@r.test");
+    assert_eq!(
+        events[0].reply.text,
+        "127.0.0.1:".to_string()
+            + &port.to_string()
+            + ": TLS handshake failed: timed out after 300ms",
+        "{:?}",
+        events[0]
+    );
+    drop(d);
+    drop(silent);
+}
+
+/// Defect 6: no usable AUTH mechanism is not "4.7.12 a password transition is needed".
+#[test]
+fn no_usable_auth_mechanism_has_its_own_status() {
+    let pki = Pki::new("tls-nomech", &["localhost"], false);
+    let server = CaptureServer::builder()
+        .tls(&pki.cert(), &pki.key())
+        .auth("alice", SECRET)
+        .auth_exclude("PLAIN")
+        .auth_exclude("LOGIN")
+        .start();
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .tls_ca_file(pki.ca())
+        .credentials(Credentials::password("alice", SECRET).unwrap())
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "m@r.test");
+    assert_eq!(events[0].kind, EventKind::Deferred, "{:?}", events[0]);
+    let code = events[0].reply.enhanced.map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("4.7.0"), "{:?}", events[0]);
+    assert!(
+        events[0]
+            .reply
+            .text
+            .contains("the server offers no AUTH mechanism these credentials can use"),
+        "{}",
+        events[0].reply.text
+    );
+    assert!(server.messages().is_empty());
+    assert_no_secret(&events, &server);
+}
+
+/// Defect 6: a certificate error is said in words, not as Rust debug text.
+#[test]
+fn a_ca_certificate_used_as_the_servers_is_said_in_words() {
+    let dir = util::fresh_temp_dir("tls-ca-as-ee");
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let server = CaptureServer::builder()
+        .tls(&dir.join("cert.pem"), &dir.join("key.pem"))
+        .start();
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .starttls(StartTls::Required)
+        .tls_ca_file(dir.join("cert.pem"))
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "c@r.test");
+    let text = &events[0].reply.text;
+    assert!(
+        text.contains("the server's certificate is a CA certificate, not a server certificate"),
+        "{text}"
+    );
+    assert!(!text.contains("Other("), "{text}");
+    assert!(server.messages().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
 }

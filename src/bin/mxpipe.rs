@@ -65,7 +65,7 @@ struct DeliveryArgs {
     /// The environment variable that holds an OAuth 2.0 bearer token (AUTH XOAUTH2).
     #[arg(long, value_name = "VAR")]
     auth_token_env: Option<String>,
-    /// Allow AUTH without TLS (off by default).
+    /// Allow AUTH without TLS, or over TLS whose certificate was not verified (off by default).
     #[arg(long)]
     allow_plaintext_auth: bool,
     /// Deliver straight to each recipient domain's MX hosts instead of a relay.

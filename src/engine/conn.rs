@@ -47,8 +47,12 @@ pub enum ReadOutcome {
     /// The peer closed its side.
     Closed,
     Failed(io::Error),
-    /// The TLS layer failed (handshake, certificate, or a corrupt record).
-    TlsFailed(String),
+    /// The TLS layer failed (handshake, certificate, or a corrupt record), said in words;
+    /// `certificate`: it was the server's certificate that failed the check.
+    TlsFailed {
+        why: String,
+        certificate: bool,
+    },
 }
 
 impl Conn {
@@ -96,7 +100,8 @@ impl Conn {
             if let Err(e) = tls.process_new_packets() {
                 // Send the alert that says why, if the socket takes it.
                 let _ = tls.write_tls(&mut self.stream);
-                return ReadOutcome::TlsFailed(e.to_string());
+                let (why, certificate) = super::tls::describe_failure(&e);
+                return ReadOutcome::TlsFailed { why, certificate };
             }
             if !self.tls_ready && !tls.is_handshaking() {
                 self.tls_ready = true;

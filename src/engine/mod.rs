@@ -205,8 +205,11 @@ pub struct Config {
     /// Send events on the channel of [`Dispatcher::events`]. Events wait there until read.
     pub record_events: bool,
     /// Verify the server's certificate chain and name. `None` (the default) verifies under
-    /// `StartTls::Required` and implicit TLS, and not under opportunistic STARTTLS, where, as
-    /// with Postfix's "may" level, an unverified encrypted session beats plaintext.
+    /// `StartTls::Required`, implicit TLS, and whenever credentials are set (AUTH goes only
+    /// over verified TLS), and not otherwise under opportunistic STARTTLS, where, as with
+    /// Postfix's "may" level, an unverified encrypted session beats plaintext. A certificate
+    /// that fails a check that was asked for defers the mail; only a failed handshake lets
+    /// opportunistic STARTTLS fall back to plaintext.
     pub tls_verify: Option<bool>,
     /// Extra trust anchors (PEM) beside the Mozilla roots.
     pub tls_ca_file: Option<PathBuf>,
@@ -406,7 +409,8 @@ impl DispatcherBuilder {
         self
     }
 
-    /// Log in with these credentials (RFC 4954) after EHLO, over TLS only unless
+    /// Log in with these credentials (RFC 4954) after EHLO, only over TLS whose certificate
+    /// was verified (which credentials turn on by default, see [`Config::tls_verify`]) unless
     /// [`DispatcherBuilder::allow_plaintext_auth`] is set.
     pub fn credentials(mut self, credentials: Credentials) -> Self {
         self.config.session.credentials = Some(credentials);
@@ -468,6 +472,8 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Send credentials over a connection that is not encrypted, or encrypted with a
+    /// certificate that was not verified: anyone in the middle can read them.
     pub fn allow_plaintext_auth(mut self, allow: bool) -> Self {
         self.config.session.allow_plaintext_auth = allow;
         self

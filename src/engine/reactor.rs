@@ -48,7 +48,8 @@ const CONNECTS_PER_TURN: usize = 128;
 const EVENTS_PER_TURN: usize = 256;
 /// Resolver answers taken per turn at most (each may release many recipients).
 pub(super) const RESOLUTIONS_PER_TURN: usize = 256;
-/// How long a destination whose opportunistic TLS failed is sent to in plaintext.
+/// How long a destination whose opportunistic TLS handshake failed (not its certificate
+/// check) is sent to in plaintext.
 const PLAINTEXT_AFTER_TLS_FAILURE: Duration = Duration::from_secs(3600);
 
 /// Starts loop number `index`; returns its ingress and thread.
@@ -675,7 +676,10 @@ impl Reactor {
             let dest = &mut self.destinations[d];
             dest.connecting -= 1;
             if dest.target.implicit_tls {
-                session.set_implicit_tls();
+                session.set_implicit_tls(now);
+                if self.verifies(d) {
+                    session.set_certificate_verified();
+                }
                 match self.tls_client(d) {
                     Ok(tls) => self.conns[token].tls = Some(tls),
                     Err(why) => session.tls_failed(&why),
@@ -696,14 +700,25 @@ impl Reactor {
                 ReadOutcome::Drained => {}
                 ReadOutcome::Closed => session.handle_close("connection closed by the server"),
                 ReadOutcome::Failed(e) => session.handle_close(&e.to_string()),
-                ReadOutcome::TlsFailed(why) => {
-                    session.tls_failed(&why);
+                ReadOutcome::TlsFailed { why, certificate } => {
                     let dest = &mut self.destinations[d];
-                    if !dest.target.implicit_tls
-                        && self.config.session.starttls == StartTls::Opportunistic
-                    {
-                        // Opportunistic TLS that fails is not retried at once: the next
+                    let opportunistic = !dest.target.implicit_tls
+                        && self.config.session.starttls == StartTls::Opportunistic;
+                    if !opportunistic {
+                        session.tls_failed(&why);
+                    } else if certificate {
+                        // RFC 7435: the certificate check was asked for and failed; plaintext
+                        // would be weaker still, so the mail waits.
+                        session.tls_failed(&format!(
+                            "{why} (opportunistic TLS with verification: deferred, not sent in plaintext)"
+                        ));
+                    } else {
+                        // A handshake that cannot complete is not retried at once: the next
                         // connections to this destination go in plaintext for a while.
+                        session.tls_failed(&format!(
+                            "{why} (opportunistic TLS: the next connections go in plaintext for {}s)",
+                            PLAINTEXT_AFTER_TLS_FAILURE.as_secs()
+                        ));
                         dest.plaintext_until = Some(now + PLAINTEXT_AFTER_TLS_FAILURE);
                     }
                 }
@@ -770,9 +785,15 @@ impl Reactor {
             if start_tls {
                 let d = self.conns[token].destination;
                 let tls = self.tls_client(d);
+                let verifies = self.verifies(d);
                 let conn = &mut self.conns[token];
                 match tls {
-                    Ok(tls) => conn.tls = Some(tls),
+                    Ok(tls) => {
+                        conn.tls = Some(tls);
+                        if let Some(session) = conn.session.as_mut().filter(|_| verifies) {
+                            session.set_certificate_verified();
+                        }
+                    }
                     Err(why) => {
                         if let Some(session) = conn.session.as_mut() {
                             session.tls_failed(&why);
@@ -926,14 +947,21 @@ impl Reactor {
         Ok(mio::net::TcpStream::from_std(socket.into()))
     }
 
+    /// Whether TLS to destination `d` verifies the certificate: as configured, else under
+    /// required and implicit TLS, and whenever AUTH is configured (credentials go only over
+    /// verified TLS).
+    fn verifies(&self, d: usize) -> bool {
+        self.config.tls_verify.unwrap_or(
+            self.destinations[d].target.implicit_tls
+                || self.config.session.starttls == StartTls::Required
+                || self.config.session.credentials.is_some(),
+        )
+    }
+
     /// A TLS client for a new handshake with destination `d`.
     fn tls_client(&self, d: usize) -> std::result::Result<rustls::ClientConnection, String> {
         let target = &self.destinations[d].target;
-        let verify = self
-            .config
-            .tls_verify
-            .unwrap_or(target.implicit_tls || self.config.session.starttls == StartTls::Required);
-        let config = if verify {
+        let config = if self.verifies(d) {
             &self.tls.verifying
         } else {
             &self.tls.encrypt_only

@@ -71,6 +71,63 @@ impl TlsConfigs {
     }
 }
 
+/// A failed TLS layer in words: what a person reading the outcome needs to know, and whether
+/// it was the server's certificate that failed the check (as opposed to the handshake itself,
+/// which RFC 7435 lets opportunistic TLS answer with plaintext).
+pub fn describe_failure(error: &rustls::Error) -> (String, bool) {
+    use rustls::CertificateError as C;
+    let certificate = |text: String| (text, true);
+    match error {
+        rustls::Error::InvalidCertificate(e) => certificate(match e {
+            C::UnknownIssuer => {
+                "the certificate was issued by an unknown certificate authority (not in the \
+                 Mozilla roots nor in tls_ca_file)"
+                    .into()
+            }
+            C::BadEncoding => "the certificate is malformed".into(),
+            C::BadSignature => "the certificate's signature does not verify".into(),
+            C::Expired | C::ExpiredContext { .. } => format!("certificate expired ({e})"),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                format!("certificate not valid yet ({e})")
+            }
+            C::Revoked => "the certificate was revoked".into(),
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                "the certificate is not for TLS servers".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => e.to_string(),
+            C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+                Some(webpki::Error::CaUsedAsEndEntity) => {
+                    "the server's certificate is a CA certificate, not a server certificate".into()
+                }
+                Some(webpki::Error::EndEntityUsedAsCa) => {
+                    "a server certificate was used to sign the chain".into()
+                }
+                Some(webpki::Error::UnsupportedSignatureAlgorithmContext(_))
+                | Some(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => {
+                    "the certificate is signed with an algorithm that is not supported".into()
+                }
+                Some(webpki::Error::PathLenConstraintViolated)
+                | Some(webpki::Error::MaximumPathDepthExceeded) => {
+                    "the certificate chain is too long for its constraints".into()
+                }
+                Some(webpki::Error::NameConstraintViolation) => {
+                    "the certificate violates its issuer's name constraints".into()
+                }
+                Some(webpki::Error::UnknownIssuer) => {
+                    "the certificate was issued by an unknown certificate authority".into()
+                }
+                Some(other) => format!("the certificate was refused ({other})"),
+                None => format!("the certificate was refused ({other})"),
+            },
+            other => format!("the certificate was refused ({other})"),
+        }),
+        rustls::Error::NoCertificatesPresented => {
+            certificate("the server presented no certificate".into())
+        }
+        other => (other.to_string(), false),
+    }
+}
+
 /// The name sent as SNI and checked against the certificate: a host name or an IP address.
 pub fn server_name(host: &str) -> Option<ServerName<'static>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');

@@ -769,7 +769,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `starttls` | `disabled`, `opportunistic` (default) or `required`; a relay or route written `smtps://host:port` uses implicit TLS |
 /// | `tls_verify` | boolean (default: verify under `required` and implicit TLS only) |
 /// | `tls_ca_file` | a PEM file of extra trust anchors |
-/// | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, over TLS only unless `allow_plaintext_auth` is true |
+/// | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, only over TLS whose certificate was verified (credentials turn verification on unless `tls_verify` is false) unless `allow_plaintext_auth` is true |
 /// | `source_address` | a local IP address to send from; each call adds one (used in turn) |
 /// | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
 /// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X` (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits; each call adds one |

@@ -88,8 +88,14 @@ impl Routes {
         self.default = Some(self.add_target(target));
     }
 
+    /// One target per distinct session: the same host and port with and without implicit TLS
+    /// are two (sharing connections would send one's mail over the other's session).
     fn add_target(&mut self, target: Target) -> usize {
-        if let Some(i) = self.targets.iter().position(|t| t.name == target.name) {
+        if let Some(i) = self
+            .targets
+            .iter()
+            .position(|t| t.name == target.name && t.implicit_tls == target.implicit_tls)
+        {
             return i;
         }
         self.targets.push(target);

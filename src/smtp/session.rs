@@ -80,7 +80,8 @@ pub struct SessionConfig {
     pub starttls: StartTls,
     /// Log in with these after EHLO (RFC 4954).
     pub credentials: Option<Credentials>,
-    /// Allow AUTH on a connection without TLS (off: credentials never cross in plaintext).
+    /// Allow AUTH on a connection without TLS or with TLS whose certificate was not verified
+    /// (off: credentials cross only over verified TLS).
     pub allow_plaintext_auth: bool,
 }
 
@@ -283,6 +284,11 @@ pub struct Session {
     transactions_started: u32,
     established: bool,
     tls_active: bool,
+    /// The TLS layer checks the server's certificate: the handshake completes only when it
+    /// is valid. AUTH needs it (or `allow_plaintext_auth`).
+    certificate_verified: bool,
+    /// Implicit TLS: the handshake runs before the greeting, under the handshake timeout.
+    implicit_handshake: bool,
     starttls_forbidden: bool,
     mechanism: Option<Mechanism>,
 }
@@ -320,14 +326,26 @@ impl Session {
             transactions_started: 0,
             established: false,
             tls_active: false,
+            certificate_verified: false,
+            implicit_handshake: false,
             starttls_forbidden: false,
             mechanism: None,
         }
     }
 
-    /// The connection is already encrypted (implicit TLS, RFC 8314): no STARTTLS.
-    pub fn set_implicit_tls(&mut self) {
+    /// The connection is already encrypted (implicit TLS, RFC 8314): no STARTTLS. The
+    /// handshake comes first, under the TLS handshake timeout; the greeting's starts when
+    /// [`Session::tls_established`] is called.
+    pub fn set_implicit_tls(&mut self, now: Instant) {
         self.tls_active = true;
+        self.implicit_handshake = true;
+        self.deadline = Some(now + self.config.timeouts.tls_handshake);
+    }
+
+    /// The engine's TLS layer for this connection verifies the server's certificate (the
+    /// handshake fails otherwise). Without this, AUTH is not sent over the TLS session.
+    pub fn set_certificate_verified(&mut self) {
+        self.certificate_verified = true;
     }
 
     /// The server accepted STARTTLS and the engine must run the handshake now.
@@ -350,6 +368,11 @@ impl Session {
     /// forgotten, anything the server sent before the handshake is discarded (the reply
     /// injection of CVE-2011-0411), and EHLO is sent again.
     pub fn tls_established(&mut self, now: Instant) {
+        if self.implicit_handshake {
+            self.implicit_handshake = false;
+            self.deadline = Some(now + self.config.timeouts.greeting);
+            return;
+        }
         if self.phase != Phase::TlsHandshake {
             return;
         }
@@ -577,7 +600,10 @@ impl Session {
     /// Time has passed; if the awaited reply is overdue, the session fails.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.deadline {
-            Some(deadline) if now >= deadline && self.phase == Phase::TlsHandshake => {
+            Some(deadline)
+                if now >= deadline
+                    && (self.phase == Phase::TlsHandshake || self.implicit_handshake) =>
+            {
                 let limit = self.config.timeouts.tls_handshake;
                 self.tls_failed(&format!("timed out after {limit:?}"));
             }
@@ -846,11 +872,20 @@ impl Session {
                 "AUTH is configured but the connection is not encrypted; credentials are never sent in plaintext",
             ));
         }
-        let Some(mechanism) = credentials.choose(self.caps.auth) else {
+        if self.tls_active && !self.certificate_verified && !self.config.allow_plaintext_auth {
             return self.fail(local_reply(
                 4,
                 7,
-                12,
+                10,
+                "AUTH is configured but the server's certificate was not verified; credentials are sent only over verified TLS (tls_verify, tls_ca_file)",
+            ));
+        }
+        let Some(mechanism) = credentials.choose(self.caps.auth) else {
+            // X.7.0, not X.7.12 (RFC 4954 6: "a password transition is needed").
+            return self.fail(local_reply(
+                4,
+                7,
+                0,
                 "the server offers no AUTH mechanism these credentials can use",
             ));
         };
@@ -1635,7 +1670,9 @@ mod tests {
     fn auth_plain_and_login() {
         let creds = Credentials::password("u", "p").unwrap();
         let mut s = tls_script(StartTls::Opportunistic, Some(creds.clone()));
-        s.session.set_implicit_tls();
+        s.session.set_implicit_tls(s.now);
+        s.session.set_certificate_verified();
+        s.session.tls_established(s.now);
         s.server("220 mx ESMTP\r\n");
         s.written();
         s.server("250-mx\r\n250 AUTH PLAIN LOGIN\r\n");
@@ -1645,7 +1682,9 @@ mod tests {
         assert!(s.session.is_established());
 
         let mut s = tls_script(StartTls::Opportunistic, Some(creds.clone()));
-        s.session.set_implicit_tls();
+        s.session.set_implicit_tls(s.now);
+        s.session.set_certificate_verified();
+        s.session.tls_established(s.now);
         s.server("220 mx ESMTP\r\n");
         s.written();
         s.server("250-mx\r\n250 AUTH=LOGIN\r\n");
@@ -1662,6 +1701,54 @@ mod tests {
             "authentication failed: 535 5.7.8 Authentication credentials invalid"
         );
         assert!(!closed.reply.text.contains("cA=="));
+    }
+
+    /// Issue 12, defect 1: encrypted but unverified is not enough for credentials.
+    #[test]
+    fn auth_is_never_sent_over_unverified_tls() {
+        let creds = Credentials::password("u", "p").unwrap();
+        let mut s = tls_script(StartTls::Opportunistic, Some(creds));
+        s.session.set_implicit_tls(s.now);
+        s.session.tls_established(s.now);
+        s.server("220 mx ESMTP\r\n");
+        s.written();
+        s.server("250-mx\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(s.written(), "");
+        let closed = s.closed.unwrap();
+        assert_eq!(closed.reply.enhanced, Some(EnhancedCode::new(4, 7, 10)));
+        assert!(
+            closed.reply.text.contains("certificate was not verified"),
+            "{}",
+            closed.reply.text
+        );
+    }
+
+    /// Issue 12, defect 5: implicit TLS's handshake has the handshake timeout, then the
+    /// greeting its own.
+    #[test]
+    fn implicit_tls_handshake_then_greeting_timeouts() {
+        let mut s = tls_script(StartTls::Opportunistic, None);
+        let start = s.now;
+        s.session.set_implicit_tls(start);
+        assert_eq!(
+            s.session.deadline(),
+            Some(start + Timeouts::default().tls_handshake)
+        );
+        s.session.tls_established(start + Duration::from_secs(1));
+        assert_eq!(
+            s.session.deadline(),
+            Some(start + Duration::from_secs(1) + Timeouts::default().greeting)
+        );
+
+        let mut s = tls_script(StartTls::Opportunistic, None);
+        s.session.set_implicit_tls(s.now);
+        s.now += Timeouts::default().tls_handshake;
+        s.session.handle_timeout(s.now);
+        s.drain();
+        assert_eq!(
+            s.closed.unwrap().reply.text,
+            "TLS handshake failed: timed out after 30s"
+        );
     }
 
     #[test]
