@@ -4,7 +4,7 @@
 
 mod util;
 
-use mxpipe::engine::{Dispatcher, Event, EventKind};
+use mxpipe::engine::{Dispatcher, Event, EventKind, TlsPolicy};
 use mxpipe::message::Message;
 use mxpipe::queue::RetryPolicy;
 use mxpipe::smtp::{Credentials, StartTls};
@@ -655,4 +655,159 @@ fn a_ca_certificate_used_as_the_servers_is_said_in_words() {
     assert!(!text.contains("Other("), "{text}");
     assert!(server.messages().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ----- issue 12: TLS policy per destination ---------------------------------------------------
+
+fn tls_override(
+    domain: &str,
+    policy: TlsPolicy,
+    ca: Option<&Path>,
+) -> mxpipe::engine::shaping::LimitOverride {
+    mxpipe::engine::shaping::LimitOverride {
+        pattern: domain.to_string(),
+        recipient_domain: true,
+        tls_policy: Some(policy),
+        tls_ca_file: ca.map(Path::to_path_buf),
+        ..Default::default()
+    }
+}
+
+/// One server that offers STARTTLS with a certificate for "localhost" and "secure.test" from
+/// the test CA; each recipient domain has its own policy. The outcome, the event's TLS fields,
+/// what arrived (and whether over TLS) and the per-destination metrics are checked.
+#[test]
+fn tls_policy_per_recipient_domain() {
+    let pki = Pki::new("tls-policy", &["localhost", "secure.test"], false);
+    let server = CaptureServer::builder()
+        .tls(&pki.cert(), &pki.key())
+        .start();
+    let ca = pki.ca();
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .limit_override(tls_override("plain.test", TlsPolicy::None, None))
+        .limit_override(tls_override("secure.test", TlsPolicy::Secure, Some(&ca)))
+        .limit_override(tls_override("wrong.test", TlsPolicy::Secure, Some(&ca)))
+        .limit_override(tls_override("verify.test", TlsPolicy::Verify, Some(&ca)))
+        .limit_override(tls_override("noca.test", TlsPolicy::Verify, None))
+        .limit_override(tls_override("required.test", TlsPolicy::Required, None))
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let recipients = [
+        "a@plain.test",
+        "b@secure.test",
+        "c@wrong.test",
+        "d@verify.test",
+        "e@noca.test",
+        "f@required.test",
+        "g@other.test",
+    ];
+    for rcpt in recipients {
+        d.submit(Message::new("s@mxpipe.test", [rcpt], b"Subject: p\r\n\r\nbody\r\n").unwrap())
+            .unwrap();
+    }
+    assert!(d.wait_final(Duration::from_secs(60)), "{:?}", d.stats());
+    let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+    let last = |rcpt: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e.recipient.as_str() == rcpt)
+            .unwrap()
+            .clone()
+    };
+    let delivered = |rcpt: &str, version: bool, verified: bool, policy: TlsPolicy| {
+        let e = last(rcpt);
+        assert_eq!(e.kind, EventKind::Delivered, "{e:?}");
+        let tls = e.tls.unwrap();
+        assert_eq!(tls.version.is_some(), version, "{rcpt}: {tls:?}");
+        if let Some(v) = tls.version {
+            assert!(v == "TLSv1.3" || v == "TLSv1.2", "{v}");
+        }
+        assert_eq!((tls.verified, tls.policy), (verified, policy), "{rcpt}");
+    };
+    delivered("a@plain.test", false, false, TlsPolicy::None);
+    delivered("b@secure.test", true, true, TlsPolicy::Secure);
+    delivered("d@verify.test", true, true, TlsPolicy::Verify);
+    delivered("f@required.test", true, false, TlsPolicy::Required);
+    delivered("g@other.test", true, false, TlsPolicy::Opportunistic);
+    let wrong = last("c@wrong.test");
+    assert_eq!(wrong.kind, EventKind::Expired);
+    assert!(
+        wrong
+            .reply
+            .text
+            .contains("certificate not valid for name \"wrong.test\""),
+        "{}",
+        wrong.reply.text
+    );
+    let noca = last("e@noca.test");
+    assert_eq!(noca.kind, EventKind::Expired);
+    assert!(
+        noca.reply.text.contains("unknown certificate authority"),
+        "{}",
+        noca.reply.text
+    );
+
+    let got = server.wait_for_messages(5, Duration::from_secs(10));
+    let mut seen: Vec<(String, bool)> = got.iter().map(|m| (m.rcpt_tos.join(","), m.tls)).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("a@plain.test".to_string(), false),
+            ("b@secure.test".to_string(), true),
+            ("d@verify.test".to_string(), true),
+            ("f@required.test".to_string(), true),
+            ("g@other.test".to_string(), true),
+        ]
+    );
+    let metrics = d.prometheus();
+    let plain_line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("mxpipe_destination_delivered_plaintext_total")
+                && l.contains("for @plain.test")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(plain_line.ends_with(" 1"), "{plain_line}");
+    let tls_line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("mxpipe_destination_delivered_tls_total")
+                && l.contains("for @secure.test")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(tls_line.ends_with(" 1"), "{tls_line}");
+}
+
+/// A required policy for a server that does not offer STARTTLS defers; `secure` is refused
+/// for a host override, where there is no recipient domain to check.
+#[test]
+fn tls_policy_required_without_starttls_and_secure_needs_a_domain() {
+    let server = CaptureServer::start();
+    let d = Dispatcher::builder()
+        .relay(&relay(&server))
+        .limit_override(tls_override("required.test", TlsPolicy::Required, None))
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "r@required.test");
+    assert_eq!(events.last().unwrap().kind, EventKind::Expired);
+    assert!(
+        events[0].reply.text.contains("does not offer STARTTLS"),
+        "{}",
+        events[0].reply.text
+    );
+    assert!(server.messages().is_empty());
+
+    let mut host = tls_override("localhost", TlsPolicy::Secure, None);
+    host.recipient_domain = false;
+    let e = Dispatcher::builder()
+        .relay(&relay(&server))
+        .limit_override(host)
+        .start()
+        .unwrap_err();
+    assert!(e.to_string().contains("tls_policy=secure"), "{e}");
 }

@@ -731,6 +731,9 @@ fn event_json(e: &Event) -> String {
         "destination": &*e.destination,
         "retry_after_s": e.retry_after.map(|d| d.as_secs_f64()),
         "elapsed_ms": e.elapsed.as_millis() as u64,
+        "tls": e.tls.map(|t| t.version.unwrap_or("plaintext")),
+        "tls_verified": e.tls.and_then(|t| t.version.map(|_| t.verified)),
+        "tls_policy": e.tls.map(|t| t.policy.as_str()),
     })
     .to_string()
 }

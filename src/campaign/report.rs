@@ -1,7 +1,8 @@
 //! Per-recipient outcomes and the report file they are written to.
 //!
 //! An [`Outcome`] is one line of the report and of the journal: recipient, status, the server's
-//! code, enhanced code and text, attempts, destination and time. The report is CSV when its
+//! code, enhanced code and text, attempts, destination, time, and how the session was protected
+//! (TLS version, certificate verified, TLS policy). The report is CSV when its
 //! name ends in `.csv` and JSON Lines otherwise. This module only writes what it is given; it
 //! must not decide outcomes.
 
@@ -31,6 +32,16 @@ pub struct Outcome {
     pub destination: String,
     /// When the outcome was known, RFC 3339 UTC.
     pub time: String,
+    /// For an outcome a server gave: `TLSv1.3`, `TLSv1.2` or `plaintext`; empty otherwise.
+    #[serde(default)]
+    pub tls: String,
+    /// For an outcome over TLS: `yes` when the certificate was verified, else `no`.
+    #[serde(default)]
+    pub tls_verified: String,
+    /// For an outcome a server gave: the destination's TLS policy (none, opportunistic,
+    /// required, verify, secure).
+    #[serde(default)]
+    pub tls_policy: String,
 }
 
 impl Outcome {
@@ -49,6 +60,16 @@ impl Outcome {
             attempts: event.attempts,
             destination: event.destination.to_string(),
             time: now_rfc3339(),
+            tls: event.tls.map_or(String::new(), |t| {
+                t.version.unwrap_or("plaintext").to_string()
+            }),
+            tls_verified: match event.tls {
+                Some(t) if t.version.is_some() => (if t.verified { "yes" } else { "no" }).into(),
+                _ => String::new(),
+            },
+            tls_policy: event
+                .tls
+                .map_or(String::new(), |t| t.policy.as_str().to_string()),
         }
     }
 
@@ -63,6 +84,9 @@ impl Outcome {
             attempts: 0,
             destination: String::new(),
             time: now_rfc3339(),
+            tls: String::new(),
+            tls_verified: String::new(),
+            tls_policy: String::new(),
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct DestinationMetrics {
     pub queued: AtomicU64,
     pub in_flight: AtomicU64,
     pub delivered: AtomicU64,
+    /// Of `delivered`: over TLS, and in plaintext.
+    pub delivered_tls: AtomicU64,
+    pub delivered_plaintext: AtomicU64,
     pub deferred: AtomicU64,
     pub bounced: AtomicU64,
     pub expired: AtomicU64,
@@ -37,6 +40,9 @@ pub struct DestinationStats {
     pub queued: u64,
     pub in_flight: u64,
     pub delivered: u64,
+    /// Of `delivered`: over TLS, and in plaintext.
+    pub delivered_tls: u64,
+    pub delivered_plaintext: u64,
     pub deferred: u64,
     pub bounced: u64,
     pub expired: u64,
@@ -64,6 +70,8 @@ impl DestinationMetrics {
             queued: get(&self.queued),
             in_flight: get(&self.in_flight),
             delivered: get(&self.delivered),
+            delivered_tls: get(&self.delivered_tls),
+            delivered_plaintext: get(&self.delivered_plaintext),
             deferred: get(&self.deferred),
             bounced: get(&self.bounced),
             expired: get(&self.expired),
@@ -165,7 +173,7 @@ pub fn prometheus(global: &StatsSnapshot, destinations: &[DestinationStats]) -> 
         let _ = writeln!(out, "mxpipe_{name} {value}");
     }
     type Field = fn(&DestinationStats) -> f64;
-    let per_destination: [(&str, &str, &str, Field); 10] = [
+    let per_destination: [(&str, &str, &str, Field); 12] = [
         (
             "destination_queued",
             "gauge",
@@ -183,6 +191,18 @@ pub fn prometheus(global: &StatsSnapshot, destinations: &[DestinationStats]) -> 
             "counter",
             "Recipients delivered.",
             |d| d.delivered as f64,
+        ),
+        (
+            "destination_delivered_tls_total",
+            "counter",
+            "Recipients delivered over TLS.",
+            |d| d.delivered_tls as f64,
+        ),
+        (
+            "destination_delivered_plaintext_total",
+            "counter",
+            "Recipients delivered in plaintext.",
+            |d| d.delivered_plaintext as f64,
         ),
         ("destination_deferred_total", "counter", "Deferrals.", |d| {
             d.deferred as f64
@@ -257,6 +277,8 @@ mod tests {
         let name: Arc<str> = Arc::from("mx.example:25");
         let m = reg.destination(&name);
         m.delivered.store(7, Ordering::Relaxed);
+        m.delivered_tls.store(5, Ordering::Relaxed);
+        m.delivered_plaintext.store(2, Ordering::Relaxed);
         m.concurrency_limit.store(5, Ordering::Relaxed);
         m.rate_limit_milli.store(2500, Ordering::Relaxed);
         assert!(
@@ -272,6 +294,11 @@ mod tests {
         assert!(
             text.contains("mxpipe_destination_delivered_total{destination=\"mx.example:25\"} 7\n")
         );
+        assert!(text
+            .contains("mxpipe_destination_delivered_tls_total{destination=\"mx.example:25\"} 5\n"));
+        assert!(text.contains(
+            "mxpipe_destination_delivered_plaintext_total{destination=\"mx.example:25\"} 2\n"
+        ));
         assert!(text
             .contains("mxpipe_destination_concurrency_limit{destination=\"mx.example:25\"} 5\n"));
         assert!(text.contains("mxpipe_destination_rate_limit{destination=\"mx.example:25\"} 2.5\n"));

@@ -12,6 +12,7 @@ mod pool;
 mod reactor;
 pub mod shaping;
 mod tls;
+pub use tls::TlsPolicy;
 
 use crate::error::{Error, Result};
 use crate::message::{Address, Message};
@@ -75,6 +76,20 @@ pub struct Event {
     pub category: Option<classify::Category>,
     /// Time since the message was submitted.
     pub elapsed: Duration,
+    /// For an outcome a server gave in a transaction (Delivered, Bounced): how that session
+    /// was protected. `None` when no transaction gave it.
+    pub tls: Option<TlsUse>,
+}
+
+/// How the session of a transaction was protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsUse {
+    /// "TLSv1.3" or "TLSv1.2"; `None`: plaintext.
+    pub version: Option<&'static str>,
+    /// The server's certificate was verified (chain and name, as `policy` says).
+    pub verified: bool,
+    /// The destination's TLS policy.
+    pub policy: TlsPolicy,
 }
 
 /// Counters, shared by the loops and readable from any thread.
@@ -502,6 +517,7 @@ impl DispatcherBuilder {
 }
 
 fn validate(c: &Config) -> Result<()> {
+    tls::check_overrides(&c.limit_overrides)?;
     let check = |ok: bool, key, problem| {
         if ok {
             Ok(())
@@ -649,7 +665,12 @@ impl Dispatcher {
             idle: Condvar::new(),
         });
         let by_domain = !config.routes.is_single_target();
-        let tls = tls::TlsConfigs::new(config.tls_ca_file.as_deref())?;
+        let override_ca_files: Vec<&std::path::Path> = config
+            .limit_overrides
+            .iter()
+            .filter_map(|o| o.tls_ca_file.as_deref())
+            .collect();
+        let tls = tls::TlsConfigs::new(config.tls_ca_file.as_deref(), &override_ca_files)?;
         let config = Arc::new(config);
         let mut loops = Vec::with_capacity(config.loops);
         for index in 0..config.loops {

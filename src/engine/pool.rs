@@ -45,10 +45,18 @@ pub struct Destination {
     pub shaper: Shaper,
     /// Held back (rate limit, pause, dead) until then: nothing is dispatched before.
     pub wake_at: Option<std::time::Instant>,
+    /// What its sessions do about TLS (part of what makes a destination: two routes that
+    /// differ here never share connections).
+    pub tls: super::tls::DestinationTls,
 }
 
 impl Destination {
-    pub fn new(target: Target, shaper: Shaper, metrics: Arc<DestinationMetrics>) -> Self {
+    pub fn new(
+        target: Target,
+        shaper: Shaper,
+        metrics: Arc<DestinationMetrics>,
+        tls: super::tls::DestinationTls,
+    ) -> Self {
         let d = Destination {
             name: Arc::from(target.name.as_str()),
             target,
@@ -63,6 +71,7 @@ impl Destination {
             metrics,
             shaper,
             wake_at: None,
+            tls,
         };
         d.publish_shaping();
         d

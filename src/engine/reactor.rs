@@ -14,7 +14,7 @@ use super::conn::{Conn, ReadOutcome};
 use super::metrics::DestinationMetrics;
 use super::pool::{ConnRef, Destination};
 use super::tls::{server_name, TlsConfigs};
-use super::{Config, Event, EventKind, Shared};
+use super::{Config, Event, EventKind, Shared, TlsUse};
 use crate::error::Result;
 use crate::message::Address;
 use crate::queue::{Envelope, Ingress, Job, MxJob, RetrySchedule, Submission};
@@ -671,9 +671,9 @@ impl Reactor {
             }
             // Commands are small and written in groups: Nagle would only add delay.
             let _ = conn.stream.set_nodelay(true);
-            let mut session = Session::new(Arc::clone(&self.session_config), now);
             let d = conn.destination;
             let dest = &mut self.destinations[d];
+            let mut session = Session::new(Arc::clone(&dest.tls.session), now);
             dest.connecting -= 1;
             if dest.target.implicit_tls {
                 session.set_implicit_tls(now);
@@ -703,7 +703,7 @@ impl Reactor {
                 ReadOutcome::TlsFailed { why, certificate } => {
                     let dest = &mut self.destinations[d];
                     let opportunistic = !dest.target.implicit_tls
-                        && self.config.session.starttls == StartTls::Opportunistic;
+                        && dest.tls.session.starttls == StartTls::Opportunistic;
                     if !opportunistic {
                         session.tls_failed(&why);
                     } else if certificate {
@@ -802,10 +802,11 @@ impl Reactor {
                     }
                 }
             }
+            let tls_use = (!done.is_empty()).then(|| self.tls_use(token));
             for (tag, results) in done {
                 let job = self.conns[token].take_job(tag);
                 if let Some(job) = job {
-                    self.on_transaction(job, results, now);
+                    self.on_transaction(job, results, tls_use, now);
                 }
             }
             if let Some(closure) = closed {
@@ -947,27 +948,21 @@ impl Reactor {
         Ok(mio::net::TcpStream::from_std(socket.into()))
     }
 
-    /// Whether TLS to destination `d` verifies the certificate: as configured, else under
-    /// required and implicit TLS, and whenever AUTH is configured (credentials go only over
-    /// verified TLS).
+    /// Whether TLS to destination `d` verifies the certificate (see `DestinationTls::decide`).
     fn verifies(&self, d: usize) -> bool {
-        self.config.tls_verify.unwrap_or(
-            self.destinations[d].target.implicit_tls
-                || self.config.session.starttls == StartTls::Required
-                || self.config.session.credentials.is_some(),
-        )
+        self.destinations[d].tls.verify
     }
 
     /// A TLS client for a new handshake with destination `d`.
     fn tls_client(&self, d: usize) -> std::result::Result<rustls::ClientConnection, String> {
-        let target = &self.destinations[d].target;
-        let config = if self.verifies(d) {
-            &self.tls.verifying
-        } else {
-            &self.tls.encrypt_only
+        let tls = &self.destinations[d].tls;
+        let config = match (tls.verify, tls.ca) {
+            (false, _) => &self.tls.encrypt_only,
+            (true, None) => &self.tls.verifying,
+            (true, Some(i)) => &self.tls.with_ca[i].1,
         };
-        let name = server_name(&target.host)
-            .ok_or_else(|| format!("{:?} is not a valid TLS server name", target.host))?;
+        let name = server_name(&tls.name)
+            .ok_or_else(|| format!("{:?} is not a valid TLS server name", tls.name))?;
         rustls::ClientConnection::new(Arc::clone(config), name).map_err(|e| e.to_string())
     }
 
@@ -1110,7 +1105,35 @@ impl Reactor {
 
     // ----- outcomes ----------------------------------------------------------------------
 
-    fn on_transaction(&mut self, job: Job, results: Vec<RcptResult>, now: Instant) {
+    /// How connection `token`'s session is protected now.
+    fn tls_use(&self, token: usize) -> TlsUse {
+        let conn = &self.conns[token];
+        let dest = &self.destinations[conn.destination].tls;
+        let version = conn
+            .tls
+            .as_ref()
+            .filter(|_| conn.tls_ready)
+            .and_then(|t| t.protocol_version())
+            .map(|v| match v {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+                _ => "TLS (other version)",
+            });
+        TlsUse {
+            version,
+            // The handshake completes only with a valid certificate when it verifies.
+            verified: version.is_some() && dest.verify,
+            policy: dest.policy,
+        }
+    }
+
+    fn on_transaction(
+        &mut self,
+        job: Job,
+        results: Vec<RcptResult>,
+        tls: Option<TlsUse>,
+        now: Instant,
+    ) {
         self.shared
             .stats
             .transactions
@@ -1147,25 +1170,27 @@ impl Reactor {
         let mut again: Vec<Address> = Vec::new();
         for (recipient, result) in job.recipients.into_iter().zip(results) {
             match result {
-                RcptResult::Delivered(reply) => self.finish_recipient(
+                RcptResult::Delivered(reply) => self.finish_recipient_over(
                     EventKind::Delivered,
                     &job.envelope,
                     recipient,
                     reply,
                     Some(d),
                     attempts,
+                    tls,
                     now,
                 ),
                 RcptResult::Failed {
                     reply,
                     permanent: true,
-                } => self.finish_recipient(
+                } => self.finish_recipient_over(
                     EventKind::Bounced,
                     &job.envelope,
                     recipient,
                     reply,
                     Some(d),
                     attempts,
+                    tls,
                     now,
                 ),
                 RcptResult::Failed { reply, .. } => transient.push((recipient, reply)),
@@ -1292,6 +1317,7 @@ impl Reactor {
                 retry_after: Some(delay),
                 category,
                 elapsed: now.saturating_duration_since(envelope.submitted),
+                tls: None,
             });
             recipients.push(recipient);
         }
@@ -1326,6 +1352,31 @@ impl Reactor {
         attempts: u32,
         now: Instant,
     ) {
+        self.finish_recipient_over(
+            kind,
+            envelope,
+            recipient,
+            reply,
+            destination,
+            attempts,
+            None,
+            now,
+        );
+    }
+
+    /// A final outcome; `tls`: the session's, when a transaction gave it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_recipient_over(
+        &mut self,
+        kind: EventKind,
+        envelope: &Arc<Envelope>,
+        recipient: Address,
+        reply: Reply,
+        destination: Option<usize>,
+        attempts: u32,
+        tls: Option<TlsUse>,
+        now: Instant,
+    ) {
         let stats = &self.shared.stats;
         type Field = fn(&DestinationMetrics) -> &std::sync::atomic::AtomicU64;
         let (counter, per_destination): (_, Field) = match kind {
@@ -1338,6 +1389,13 @@ impl Reactor {
             Some(d) => {
                 let dest = &self.destinations[d];
                 per_destination(&dest.metrics).fetch_add(1, Ordering::Relaxed);
+                if kind == EventKind::Delivered {
+                    let how = match tls.and_then(|t| t.version) {
+                        Some(_) => &dest.metrics.delivered_tls,
+                        None => &dest.metrics.delivered_plaintext,
+                    };
+                    how.fetch_add(1, Ordering::Relaxed);
+                }
                 Arc::clone(&dest.name)
             }
             None => Arc::from(""),
@@ -1359,6 +1417,7 @@ impl Reactor {
             retry_after: None,
             category,
             elapsed: now.saturating_duration_since(envelope.submitted),
+            tls,
         });
     }
 

@@ -73,6 +73,10 @@ pub struct LimitOverride {
     pub messages_per_minute: Option<f64>,
     pub messages_per_hour: Option<f64>,
     pub connections_per_minute: Option<f64>,
+    /// The TLS level for these destinations (see [`super::TlsPolicy`]).
+    pub tls_policy: Option<super::TlsPolicy>,
+    /// Trust anchors (PEM) for these destinations, beside the Mozilla roots and `tls_ca_file`.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl LimitOverride {

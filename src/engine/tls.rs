@@ -4,48 +4,207 @@
 //! chain and name against the Mozilla roots (`webpki-roots`) plus an optional CA file, and one
 //! that encrypts without verifying, for opportunistic TLS to MX hosts where, as in Postfix's
 //! "may" level, an unverifiable certificate is still better than plaintext. Which one a
-//! connection uses is the dispatcher's policy (see `Config::tls_verify`). No I/O happens here
-//! after start-up.
+//! connection uses is the dispatcher's policy (see `Config::tls_verify`), or, per destination,
+//! a [`TlsPolicy`] from an override: [`DestinationTls`] is what a destination's sessions do,
+//! decided once when the destination is made. No I/O happens here after start-up.
 
+use super::shaping::LimitOverride;
 use crate::error::{Error, Result};
+use crate::route::Target;
+use crate::smtp::{SessionConfig, StartTls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The two client configurations.
+/// A destination's TLS level, as Postfix's `smtp_tls_policy_maps` levels (what each checks is
+/// in the README's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsPolicy {
+    /// Plaintext: STARTTLS is not used even when offered.
+    None,
+    /// STARTTLS when offered, certificate not checked; plaintext when not offered or when the
+    /// handshake fails.
+    Opportunistic,
+    /// STARTTLS must succeed; the certificate is not checked (encryption only).
+    Required,
+    /// STARTTLS must succeed with a certificate that chains to a trusted CA and names the MX
+    /// host (or relay host) connected to.
+    Verify,
+    /// As `Verify`, but the certificate must name the recipient domain (RFC 7817-style
+    /// "secure" matching; only for an exact `@domain` override).
+    Secure,
+}
+
+impl TlsPolicy {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "none" => TlsPolicy::None,
+            "opportunistic" | "may" => TlsPolicy::Opportunistic,
+            "required" | "encrypt" => TlsPolicy::Required,
+            "verify" => TlsPolicy::Verify,
+            "secure" => TlsPolicy::Secure,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsPolicy::None => "none",
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Verify => "verify",
+            TlsPolicy::Secure => "secure",
+        }
+    }
+}
+
+/// What the sessions of one destination do about TLS.
+#[derive(Debug, Clone)]
+pub struct DestinationTls {
+    /// The session settings with this destination's STARTTLS policy.
+    pub session: Arc<SessionConfig>,
+    /// Whether the certificate is verified (chain and name).
+    pub verify: bool,
+    /// The name sent as SNI and checked against the certificate.
+    pub name: String,
+    /// Extra trust anchors of an override (index in `TlsConfigs::with_ca`).
+    pub ca: Option<usize>,
+    /// The level in force, named in events.
+    pub policy: TlsPolicy,
+}
+
+impl DestinationTls {
+    /// The TLS of destination `target` (for the recipients of domain override `group`):
+    /// the last host override with a `tls_policy` or `tls_ca_file`, then the group's, else
+    /// the dispatcher's settings. Credentials turn verification on unless `tls_verify` is
+    /// false: they go only over verified TLS.
+    pub fn decide(
+        config: &super::Config,
+        session: &Arc<SessionConfig>,
+        target: &Target,
+        group: Option<usize>,
+        configs: &TlsConfigs,
+    ) -> DestinationTls {
+        let overrides = &config.limit_overrides;
+        let mut policy = None;
+        let mut ca_file = None;
+        let mut secure_name = None;
+        let host_overrides = overrides
+            .iter()
+            .filter(|o| !o.recipient_domain && o.matches(&target.host));
+        for o in host_overrides.chain(group.and_then(|g| overrides.get(g))) {
+            if let Some(p) = o.tls_policy {
+                policy = Some(p);
+                if o.recipient_domain {
+                    secure_name = Some(o.pattern.clone());
+                }
+            }
+            if o.tls_ca_file.is_some() {
+                ca_file = o.tls_ca_file.as_deref();
+            }
+        }
+        let credentials = config.session.credentials.is_some();
+        let by_credentials = credentials && config.tls_verify != Some(false);
+        let (starttls, verify, policy) = match policy {
+            None => {
+                let starttls = config.session.starttls;
+                let verify = config.tls_verify.unwrap_or(
+                    target.implicit_tls || starttls == StartTls::Required || credentials,
+                );
+                let policy = match (starttls, verify) {
+                    (StartTls::Disabled, _) => TlsPolicy::None,
+                    (StartTls::Opportunistic, _) => TlsPolicy::Opportunistic,
+                    (StartTls::Required, false) => TlsPolicy::Required,
+                    (StartTls::Required, true) => TlsPolicy::Verify,
+                };
+                (starttls, verify, policy)
+            }
+            Some(p @ TlsPolicy::None) => {
+                (StartTls::Disabled, target.implicit_tls && by_credentials, p)
+            }
+            Some(p @ TlsPolicy::Opportunistic) => (StartTls::Opportunistic, by_credentials, p),
+            Some(p @ TlsPolicy::Required) => (StartTls::Required, by_credentials, p),
+            Some(p @ (TlsPolicy::Verify | TlsPolicy::Secure)) => (StartTls::Required, true, p),
+        };
+        let name = match (policy, secure_name) {
+            (TlsPolicy::Secure, Some(domain)) => domain,
+            _ => target.host.clone(),
+        };
+        let session = if starttls == session.starttls {
+            Arc::clone(session)
+        } else {
+            Arc::new(SessionConfig {
+                starttls,
+                ..(**session).clone()
+            })
+        };
+        DestinationTls {
+            session,
+            verify,
+            name,
+            ca: ca_file.and_then(|f| configs.with_ca.iter().position(|(p, _)| p == f)),
+            policy,
+        }
+    }
+}
+
+/// Checks the TLS keys of the overrides: `secure` needs an exact recipient domain to check
+/// the certificate against.
+pub fn check_overrides(overrides: &[LimitOverride]) -> Result<()> {
+    for o in overrides {
+        if o.tls_policy == Some(TlsPolicy::Secure)
+            && (!o.recipient_domain || o.pattern.starts_with('.'))
+        {
+            return Err(Error::InvalidConfig {
+                key: "limit_override",
+                problem: "tls_policy=secure checks the certificate against the recipient domain: \
+                          it needs an exact @domain override",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The client configurations.
 #[derive(Debug, Clone)]
 pub struct TlsConfigs {
     pub verifying: Arc<ClientConfig>,
     pub encrypt_only: Arc<ClientConfig>,
+    /// Verifying, with an override's CA file as well, by file.
+    pub with_ca: Vec<(PathBuf, Arc<ClientConfig>)>,
+}
+
+/// Reads the CA certificates of a PEM file into `roots`; `key` names the setting.
+fn add_ca_file(roots: &mut RootCertStore, path: &Path, key: &'static str) -> Result<()> {
+    let invalid = |problem| Error::InvalidConfig { key, problem };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|_| invalid("cannot read the file as PEM"))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| invalid("the file holds an invalid PEM certificate"))?;
+    if certs.is_empty() {
+        return Err(invalid("the file holds no certificate"));
+    }
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|_| invalid("a certificate in the file is not a valid CA"))?;
+    }
+    Ok(())
 }
 
 impl TlsConfigs {
-    /// Builds both; `ca_file` (PEM) adds trust anchors to the Mozilla roots.
-    pub fn new(ca_file: Option<&Path>) -> Result<Self> {
+    /// Builds them; `ca_file` (PEM) adds trust anchors to the Mozilla roots, and each of
+    /// `override_ca_files` to those for the destinations of its override.
+    pub fn new(ca_file: Option<&Path>, override_ca_files: &[&Path]) -> Result<Self> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = ca_file {
-            let invalid = |problem| Error::InvalidConfig {
-                key: "tls_ca_file",
-                problem,
-            };
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|_| invalid("cannot read the file as PEM"))?
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| invalid("the file holds an invalid PEM certificate"))?;
-            if certs.is_empty() {
-                return Err(invalid("the file holds no certificate"));
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|_| invalid("a certificate in the file is not a valid CA"))?;
-            }
+            add_ca_file(&mut roots, path, "tls_ca_file")?;
         }
         let builder = || {
             ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -55,6 +214,18 @@ impl TlsConfigs {
                     problem: "the crypto provider supports no TLS version",
                 })
         };
+        let mut with_ca = Vec::new();
+        for &path in override_ca_files {
+            if with_ca.iter().any(|(p, _)| p == path) {
+                continue;
+            }
+            let mut roots = roots.clone();
+            add_ca_file(&mut roots, path, "limit_override tls_ca_file")?;
+            let config = builder()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            with_ca.push((path.to_path_buf(), Arc::new(config)));
+        }
         let verifying = builder()?
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -67,6 +238,7 @@ impl TlsConfigs {
         Ok(TlsConfigs {
             verifying: Arc::new(verifying),
             encrypt_only: Arc::new(encrypt_only),
+            with_ca,
         })
     }
 }

@@ -12,7 +12,7 @@ use super::result::{excerpt, mxp_result, FfiError};
 use super::{c_str, out_ptr};
 use crate::engine::classify::{Category, Rule};
 use crate::engine::shaping::LimitOverride;
-use crate::engine::{Config, Dispatcher, DispatcherBuilder};
+use crate::engine::{Config, Dispatcher, DispatcherBuilder, TlsPolicy};
 use crate::smtp::session::StartTls;
 use crate::smtp::Credentials;
 use std::ffi::{c_char, CStr};
@@ -307,6 +307,14 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
             "messages_per_minute" => o.messages_per_minute = Some(parse_rate(key, v)?),
             "messages_per_hour" => o.messages_per_hour = Some(parse_rate(key, v)?),
             "connections_per_minute" => o.connections_per_minute = Some(parse_rate(key, v)?),
+            "tls_policy" => o.tls_policy = Some(TlsPolicy::from_name(v).ok_or_else(|| {
+                bad_value(
+                    key,
+                    value,
+                    "has a tls_policy that is not none, opportunistic, required, verify or secure",
+                )
+            })?),
+            "tls_ca_file" if !v.is_empty() => o.tls_ca_file = Some(v.into()),
             _ => {
                 return Err(bad_value(
                     key,
@@ -315,7 +323,7 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
                         "has the unknown limit {name:?} (max_connections, \
                          max_messages_per_connection, max_recipients_per_transaction, \
                          messages_per_second, messages_per_minute, messages_per_hour, \
-                         connections_per_minute)"
+                         connections_per_minute, tls_policy, tls_ca_file)"
                     ),
                 ))
             }
@@ -772,7 +780,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, only over TLS whose certificate was verified (credentials turn verification on unless `tls_verify` is false) unless `allow_plaintext_auth` is true |
 /// | `source_address` | a local IP address to send from; each call adds one (used in turn) |
 /// | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
-/// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X` (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits; each call adds one |
+/// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X, tls_policy=none, opportunistic, required, verify or secure; tls_ca_file=PEM` (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits and TLS policy (`secure`, which checks the certificate against the recipient domain, only for an exact `@domain`); each call adds one |
 /// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
@@ -1061,6 +1069,28 @@ mod tests {
             e.message.contains("line 2") && e.message.contains("duplicate key"),
             "{}",
             e.message
+        );
+    }
+
+    #[test]
+    fn limit_overrides_carry_a_tls_policy() {
+        let o = parse_limit_override(
+            "limit_override",
+            "@bank.example: tls_policy=secure, tls_ca_file=/etc/bank-ca.pem, max_connections=2",
+        )
+        .unwrap();
+        assert_eq!(o.tls_policy, Some(TlsPolicy::Secure));
+        assert_eq!(
+            o.tls_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/bank-ca.pem"))
+        );
+        assert_eq!(o.max_connections, Some(2));
+        let e =
+            parse_limit_override("limit_override", ".example.net: tls_policy=strict").unwrap_err();
+        assert_eq!(
+            e.message,
+            "config limit_override: \".example.net: tls_policy=strict\" has a tls_policy that \
+             is not none, opportunistic, required, verify or secure"
         );
     }
 }

@@ -368,6 +368,7 @@ mod tests {
             retry_after: Some(Duration::from_millis(1500)),
             category: Some(Category::Throttled),
             elapsed: Duration::from_millis(20),
+            tls: None,
         };
         let c = mxp_event::from_event(&event);
         assert_eq!(c.kind, mxp_event_kind::Deferred);

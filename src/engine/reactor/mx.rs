@@ -286,7 +286,19 @@ impl Reactor {
             .shared
             .registry
             .destination(&Arc::from(target.name.as_str()));
-        let dest = Destination::new(target, Shaper::new(limits, &self.config.adaptive), metrics);
+        let tls = crate::engine::tls::DestinationTls::decide(
+            &self.config,
+            &self.session_config,
+            &target,
+            group,
+            &self.tls,
+        );
+        let dest = Destination::new(
+            target,
+            Shaper::new(limits, &self.config.adaptive),
+            metrics,
+            tls,
+        );
         self.destinations.push(dest);
         self.is_dirty.push(false);
         self.waiting_slot.push(false);
