@@ -811,3 +811,48 @@ fn tls_policy_required_without_starttls_and_secure_needs_a_domain() {
         .unwrap_err();
     assert!(e.to_string().contains("tls_policy=secure"), "{e}");
 }
+
+/// Credentials per route: the recipients of "@auth.test" log in as alice over verified TLS;
+/// the others do not log in at all. The secret appears in no event and no server output.
+#[test]
+fn credentials_per_recipient_domain() {
+    let pki = Pki::new("tls-route-auth", &["localhost"], false);
+    let server = CaptureServer::builder()
+        .tls(&pki.cert(), &pki.key())
+        .auth("alice", SECRET)
+        .start();
+    let other = CaptureServer::builder()
+        .tls(&pki.cert(), &pki.key())
+        .start();
+    let mut with_auth = tls_override("auth.test", TlsPolicy::Verify, Some(&pki.ca()));
+    with_auth.credentials = Some(Credentials::password("alice", SECRET).unwrap());
+    let d = Dispatcher::builder()
+        .route("auth.test", &relay(&server))
+        .route("other.test", &relay(&other))
+        .limit_override(with_auth)
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    d.submit(
+        Message::new(
+            "s@mxpipe.test",
+            ["a@auth.test", "b@other.test"],
+            b"Subject: r\r\n\r\nbody\r\n",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(d.wait_final(Duration::from_secs(60)));
+    let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+    assert!(
+        events.iter().all(|e| e.kind == EventKind::Delivered),
+        "{events:?}"
+    );
+    let got = server.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(got[0].auth_login.as_deref(), Some("alice"));
+    assert!(got[0].tls);
+    let got = other.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(got[0].auth_login, None);
+    assert_no_secret(&events, &server);
+    assert_no_secret(&events, &other);
+}

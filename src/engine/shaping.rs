@@ -77,6 +77,8 @@ pub struct LimitOverride {
     pub tls_policy: Option<super::TlsPolicy>,
     /// Trust anchors (PEM) for these destinations, beside the Mozilla roots and `tls_ca_file`.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Log in with these instead of the dispatcher's credentials (same AUTH rule).
+    pub credentials: Option<crate::smtp::Credentials>,
 }
 
 impl LimitOverride {

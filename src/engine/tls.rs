@@ -79,9 +79,9 @@ pub struct DestinationTls {
 
 impl DestinationTls {
     /// The TLS of destination `target` (for the recipients of domain override `group`):
-    /// the last host override with a `tls_policy` or `tls_ca_file`, then the group's, else
-    /// the dispatcher's settings. Credentials turn verification on unless `tls_verify` is
-    /// false: they go only over verified TLS.
+    /// the last host override with a `tls_policy`, `tls_ca_file` or credentials, then the
+    /// group's, else the dispatcher's settings. Credentials turn verification on unless
+    /// `tls_verify` is false: they go only over verified TLS.
     pub fn decide(
         config: &super::Config,
         session: &Arc<SessionConfig>,
@@ -93,6 +93,7 @@ impl DestinationTls {
         let mut policy = None;
         let mut ca_file = None;
         let mut secure_name = None;
+        let mut route_credentials = None;
         let host_overrides = overrides
             .iter()
             .filter(|o| !o.recipient_domain && o.matches(&target.host));
@@ -106,8 +107,11 @@ impl DestinationTls {
             if o.tls_ca_file.is_some() {
                 ca_file = o.tls_ca_file.as_deref();
             }
+            if o.credentials.is_some() {
+                route_credentials = o.credentials.as_ref();
+            }
         }
-        let credentials = config.session.credentials.is_some();
+        let credentials = route_credentials.is_some() || config.session.credentials.is_some();
         let by_credentials = credentials && config.tls_verify != Some(false);
         let (starttls, verify, policy) = match policy {
             None => {
@@ -134,11 +138,12 @@ impl DestinationTls {
             (TlsPolicy::Secure, Some(domain)) => domain,
             _ => target.host.clone(),
         };
-        let session = if starttls == session.starttls {
+        let session = if starttls == session.starttls && route_credentials.is_none() {
             Arc::clone(session)
         } else {
             Arc::new(SessionConfig {
                 starttls,
+                credentials: route_credentials.or(session.credentials.as_ref()).cloned(),
                 ..(**session).clone()
             })
         };

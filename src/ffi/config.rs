@@ -295,6 +295,8 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
         recipient_domain,
         ..LimitOverride::default()
     };
+    let mut user = None;
+    let mut secret_of = None;
     for (name, v) in items {
         let whole = || parse_count(key, v, 1, u32::MAX.into());
         match name {
@@ -307,14 +309,25 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
             "messages_per_minute" => o.messages_per_minute = Some(parse_rate(key, v)?),
             "messages_per_hour" => o.messages_per_hour = Some(parse_rate(key, v)?),
             "connections_per_minute" => o.connections_per_minute = Some(parse_rate(key, v)?),
-            "tls_policy" => o.tls_policy = Some(TlsPolicy::from_name(v).ok_or_else(|| {
-                bad_value(
+            "tls_policy" => {
+                o.tls_policy = Some(TlsPolicy::from_name(v).ok_or_else(|| {
+                    bad_value(
                     key,
                     value,
                     "has a tls_policy that is not none, opportunistic, required, verify or secure",
                 )
-            })?),
+                })?)
+            }
             "tls_ca_file" if !v.is_empty() => o.tls_ca_file = Some(v.into()),
+            // Secrets never go in the override's text (it is shown in errors): only the name
+            // of the environment variable that holds one.
+            "auth_user" if !v.is_empty() => user = Some(v),
+            "auth_password_env" | "auth_oauth2_token_env" if !v.is_empty() => {
+                let secret = std::env::var(v).map_err(|_| {
+                    bad_value(key, value, &format!("names {v:?}, which is not set"))
+                })?;
+                secret_of = Some((name, secret));
+            }
             _ => {
                 return Err(bad_value(
                     key,
@@ -323,12 +336,36 @@ fn parse_limit_override(key: &str, value: &str) -> Result<LimitOverride, FfiErro
                         "has the unknown limit {name:?} (max_connections, \
                          max_messages_per_connection, max_recipients_per_transaction, \
                          messages_per_second, messages_per_minute, messages_per_hour, \
-                         connections_per_minute, tls_policy, tls_ca_file)"
+                         connections_per_minute, tls_policy, tls_ca_file, auth_user, \
+                         auth_password_env, auth_oauth2_token_env)"
                     ),
                 ))
             }
         }
     }
+    o.credentials =
+        match (user, secret_of) {
+            (None, None) => None,
+            (Some(user), Some((kind, secret))) => Some(
+                if kind == "auth_password_env" {
+                    Credentials::password(user, &secret)
+                } else {
+                    Credentials::oauth2(user, &secret)
+                }
+                .ok_or_else(|| {
+                    bad_value(
+                        key,
+                        value,
+                        "has a user or secret that is empty or contains CR or LF",
+                    )
+                })?,
+            ),
+            _ => return Err(bad_value(
+                key,
+                value,
+                "needs auth_user and one of auth_password_env or auth_oauth2_token_env together",
+            )),
+        };
     Ok(o)
 }
 
@@ -780,7 +817,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, only over TLS whose certificate was verified (credentials turn verification on unless `tls_verify` is false) unless `allow_plaintext_auth` is true |
 /// | `source_address` | a local IP address to send from; each call adds one (used in turn) |
 /// | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
-/// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X, tls_policy=none, opportunistic, required, verify or secure; tls_ca_file=PEM` (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits and TLS policy (`secure`, which checks the certificate against the recipient domain, only for an exact `@domain`); each call adds one |
+/// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X, tls_policy=none, opportunistic, required, verify or secure; tls_ca_file=PEM; auth_user=U with auth_password_env=VAR or auth_oauth2_token_env=VAR` (the secret is read from that environment variable) (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits and TLS policy (`secure`, which checks the certificate against the recipient domain, only for an exact `@domain`); each call adds one |
 /// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
@@ -1091,6 +1128,31 @@ mod tests {
             e.message,
             "config limit_override: \".example.net: tls_policy=strict\" has a tls_policy that \
              is not none, opportunistic, required, verify or secure"
+        );
+
+        std::env::set_var("MXPIPE_TEST_ROUTE_SECRET", "Secr3tRoute");
+        let o = parse_limit_override(
+            "limit_override",
+            "@bank.example: auth_user=news, auth_password_env=MXPIPE_TEST_ROUTE_SECRET",
+        )
+        .unwrap();
+        assert_eq!(
+            o.credentials,
+            Credentials::password("news", "Secr3tRoute"),
+            "the secret is read from the variable"
+        );
+        let e = parse_limit_override(
+            "limit_override",
+            "@bank.example: auth_user=news, auth_password_env=MXPIPE_TEST_UNSET_VARIABLE",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("which is not set"), "{}", e.message);
+        let e =
+            parse_limit_override("limit_override", "@bank.example: auth_user=news").unwrap_err();
+        assert!(
+            e.message.contains("needs auth_user and one of"),
+            "{}",
+            e.message
         );
     }
 }
