@@ -2,7 +2,8 @@
 # The project's test command (README; .ci/run calls exactly this): bash tests/run.sh
 #
 # 1. Installs what the tests need when it is missing, and only then: Postfix's smtp-sink,
-#    dnsmasq, valgrind and pkg-config from Debian; a venv at tests/.venv with aiosmtpd, pytest,
+#    dnsmasq, valgrind, pkg-config, sasl2-bin and libsasl2-modules (a private Postfix with
+#    Cyrus SASL for the TLS tests) from Debian; a venv at tests/.venv with aiosmtpd, pytest,
 #    dkimpy and cryptography from PyPI.
 # 2. Runs every step, even after one fails: cargo test --all-targets, cargo test --doc, the C
 #    bindings' `make test` and the Python bindings' pytest suite (each when present).
@@ -70,6 +71,9 @@ missing=()
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# A private Postfix with Cyrus SASL for the TLS/AUTH tests: saslpasswd2 and the sasldb plugin.
+[[ -x /usr/sbin/saslpasswd2 ]] || missing+=(sasl2-bin)
+compgen -G "/usr/lib/*/sasl2/libsasldb.so*" >/dev/null || missing+=(libsasl2-modules)
 if ((${#missing[@]})); then
     if [[ " ${missing[*]} " == *" postfix "* ]]; then
         # "No configuration": the package installs its tools and starts no mail daemon.

@@ -856,3 +856,63 @@ fn credentials_per_recipient_domain() {
     assert_no_secret(&events, &server);
     assert_no_secret(&events, &other);
 }
+
+// ----- issue 12 against a private Postfix with TLS and Cyrus SASL ----------------------------
+
+/// Defect 1 against Postfix: by default (opportunistic STARTTLS) with credentials, a server
+/// whose certificate does not verify never gets AUTH; with its CA trusted, the same settings
+/// log in and deliver. Postfix's log and every event are grepped for the password.
+#[test]
+fn postfix_gets_credentials_only_over_verified_tls() {
+    let pki = Pki::new("tls-postfix", &["localhost"], false);
+    let postfix = util::postfix::Postfix::start(&pki.cert(), &pki.key(), &[("alice", SECRET)]);
+    let relay = format!("localhost:{}", postfix.addr().port());
+    let credentials = Credentials::password("alice", SECRET).unwrap();
+
+    let d = Dispatcher::builder()
+        .relay(&relay)
+        .credentials(credentials.clone())
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "bob@remote.test");
+    assert_eq!(events[0].kind, EventKind::Deferred, "{:?}", events[0]);
+    assert!(
+        events[0]
+            .reply
+            .text
+            .contains("the certificate was issued by an unknown certificate authority"),
+        "{}",
+        events[0].reply.text
+    );
+    assert_eq!(events.last().unwrap().kind, EventKind::Expired);
+    let log = postfix.wait_for_log("disconnect from", 1, Duration::from_secs(10));
+    assert!(!log.contains("sasl_"), "no AUTH reached Postfix: {log}");
+    assert!(!log.contains("auth="), "no AUTH reached Postfix: {log}");
+    assert!(!log.contains(SECRET));
+    for e in &events {
+        assert!(!format!("{e:?}").contains(SECRET));
+    }
+    drop(d);
+
+    let d = Dispatcher::builder()
+        .relay(&relay)
+        .credentials(credentials)
+        .tls_ca_file(pki.ca())
+        .retry(quick_retry())
+        .start()
+        .unwrap();
+    let events = send_one(&d, "carol@remote.test");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, EventKind::Delivered, "{:?}", events[0]);
+    let tls = events[0].tls.unwrap();
+    assert!(tls.version.is_some() && tls.verified, "{tls:?}");
+    let log = postfix.wait_for_log("status=sent", 1, Duration::from_secs(10));
+    assert!(
+        log.contains("sasl_method=PLAIN, sasl_username=alice@postfix.test"),
+        "{log}"
+    );
+    assert!(log.contains("to=<carol@remote.test>"), "{log}");
+    assert!(!log.contains("bob@remote.test"), "{log}");
+    assert!(!log.contains(SECRET));
+}
