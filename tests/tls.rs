@@ -916,3 +916,89 @@ fn postfix_gets_credentials_only_over_verified_tls() {
     assert!(!log.contains("bob@remote.test"), "{log}");
     assert!(!log.contains(SECRET));
 }
+
+/// Defect 2, the other half: a handshake that fails (here the server answers STARTTLS's 220
+/// with bytes that are not TLS) lets opportunistic TLS go on in plaintext, and the deferral
+/// says so; the next connection does not try STARTTLS and delivers.
+#[test]
+fn a_failed_handshake_under_opportunistic_tls_falls_back_to_plaintext_and_says_so() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut transcripts = Vec::new();
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut reader = BufReader::new(tcp.try_clone().unwrap());
+            let mut tcp = tcp;
+            let mut lines = Vec::new();
+            tcp.write_all(b"220 scripted ESMTP\r\n").unwrap();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let command = line.trim_end().to_string();
+                lines.push(command.clone());
+                let reply: &[u8] = match command.split(' ').next().unwrap_or("") {
+                    "EHLO" => b"250-scripted\r\n250-PIPELINING\r\n250 STARTTLS\r\n",
+                    "STARTTLS" => b"220 2.0.0 go ahead\r\n",
+                    "MAIL" | "RCPT" => b"250 2.1.0 Ok\r\n",
+                    "DATA" => b"354 go\r\n",
+                    "." => b"250 2.0.0 Ok: queued\r\n",
+                    "QUIT" => b"221 2.0.0 Bye\r\n",
+                    _ => b"",
+                };
+                let _ = tcp.write_all(reply);
+                if command == "STARTTLS" {
+                    // Read the ClientHello, answer with what is not a TLS record: the
+                    // handshake fails (not a certificate check).
+                    let mut hello = [0u8; 512];
+                    let _ = reader.read(&mut hello);
+                    let _ = tcp.write_all(b"500 this is not TLS\r\n");
+                    std::thread::sleep(Duration::from_millis(200));
+                    break;
+                }
+                if command == "QUIT" {
+                    break;
+                }
+            }
+            transcripts.push(lines);
+        }
+        transcripts
+    });
+    let d = Dispatcher::builder()
+        .relay(&format!("127.0.0.1:{port}"))
+        .starttls(StartTls::Opportunistic)
+        .retry(RetryPolicy {
+            max_age: Duration::from_secs(20),
+            ..quick_retry()
+        })
+        .start()
+        .unwrap();
+    let events = send_one(&d, "h@r.test");
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].kind, EventKind::Deferred);
+    let text = &events[0].reply.text;
+    assert!(
+        text.contains("TLS handshake failed")
+            && text.contains("the next connections go in plaintext for 3600s"),
+        "{text}"
+    );
+    assert_eq!(events[1].kind, EventKind::Delivered, "{:?}", events[1]);
+    let tls = events[1].tls.unwrap();
+    assert_eq!((tls.version, tls.policy), (None, TlsPolicy::Opportunistic));
+    drop(d);
+    let transcripts = server.join().unwrap();
+    assert_eq!(transcripts[0], ["EHLO localhost", "STARTTLS"]);
+    assert_eq!(
+        &transcripts[1][..4],
+        [
+            "EHLO localhost",
+            "MAIL FROM:<s@mxpipe.test>",
+            "RCPT TO:<h@r.test>",
+            "DATA"
+        ]
+    );
+}
