@@ -583,9 +583,7 @@ fn implicit_tls_handshake_timeout_applies() {
     let events = send_one(&d, "t@r.test");
     assert_eq!(
         events[0].reply.text,
-        "127.0.0.1:".to_string()
-            + &port.to_string()
-            + ": TLS handshake failed: timed out after 300ms",
+        format!("smtps://127.0.0.1:{port}: TLS handshake failed: timed out after 300ms"),
         "{:?}",
         events[0]
     );

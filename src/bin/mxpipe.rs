@@ -868,12 +868,10 @@ struct BenchArgs {
 /// The domain whose recipients `bench --tarpit` routes to the tarpit.
 const TARPIT_DOMAIN: &str = "tarpit.bench.test";
 
-/// A destination's name in the metrics: its target without the scheme (see `route::Target`).
+/// A destination's name in the metrics: its target without `smtp://`; implicit TLS keeps its
+/// `smtps://` (see `route::Target`).
 fn destination_name(target: &str) -> &str {
-    ["smtps://", "smtp://"]
-        .iter()
-        .find_map(|scheme| target.strip_prefix(scheme))
-        .unwrap_or(target)
+    target.strip_prefix("smtp://").unwrap_or(target)
 }
 
 /// Recipients with a final outcome, and recipients delivered.

@@ -15,7 +15,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 /// A host and port mail is handed to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
-    /// As configured (`host:port`): the destination named in outcomes.
+    /// As configured (`host:port`, `smtps://host:port` for implicit TLS): the destination
+    /// named in outcomes and metrics.
     pub name: String,
     /// The host part: the TLS server name (SNI and certificate check).
     pub host: String,
@@ -50,7 +51,11 @@ impl Target {
             return Err(invalid("the host does not resolve"));
         }
         Ok(Target {
-            name: spec.to_string(),
+            name: if implicit_tls {
+                format!("smtps://{spec}")
+            } else {
+                spec.to_string()
+            },
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
@@ -166,7 +171,7 @@ mod tests {
         assert!(t.implicit_tls);
         assert_eq!(
             (t.host.as_str(), t.name.as_str()),
-            ("localhost", "localhost:465")
+            ("localhost", "smtps://localhost:465")
         );
     }
 }
