@@ -8,6 +8,7 @@
 //! ingress bound limits what is in flight).
 
 use super::classify::Category;
+mod abandon;
 mod mx;
 
 use super::conn::{Conn, ReadOutcome};
@@ -238,6 +239,10 @@ impl Reactor {
                     self.shared.notify();
                 }
             }
+            if self.shared.abandon.load(Ordering::Acquire) {
+                self.abandon_all(now);
+                break;
+            }
             if self.shared.shutting_down.load(Ordering::Acquire) {
                 let stop_by = *self
                     .stop_by
@@ -316,6 +321,7 @@ impl Reactor {
             sender: message.sender,
             body: message.body,
             submitted: now,
+            tag: message.tag,
         });
         self.held += message.recipients.len();
         let config = Arc::clone(&self.config);
@@ -1257,6 +1263,7 @@ impl Reactor {
             self.send_event(Event {
                 kind: EventKind::Deferred,
                 message_id: envelope.id,
+                tag: envelope.tag,
                 recipient: recipient.clone(),
                 reply,
                 destination: Arc::clone(&name),
@@ -1324,6 +1331,7 @@ impl Reactor {
         self.send_event(Event {
             kind,
             message_id: envelope.id,
+            tag: envelope.tag,
             recipient,
             reply,
             destination: name,
