@@ -2,8 +2,8 @@
 # The project's test command (README; .ci/run calls exactly this): bash tests/run.sh
 #
 # 1. Installs what the tests need when it is missing, and only then: Postfix's smtp-sink,
-#    dnsmasq, valgrind and pkg-config from Debian; a venv at tests/.venv with aiosmtpd, pytest,
-#    dkimpy and cryptography from PyPI.
+#    dnsmasq, valgrind, pkg-config and g++ from Debian; a venv at tests/.venv with aiosmtpd,
+#    pytest, dkimpy, cryptography, pynacl and mypy from PyPI.
 # 2. Runs every step, even after one fails: cargo test --all-targets, cargo test --doc, the C
 #    bindings' `make test` and the Python bindings' pytest suite (each when present).
 # 3. Ends with the line "N passed, M failed" counting those steps; exits non-zero if any failed.
@@ -16,8 +16,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV="$ROOT/tests/.venv"
 PY="$VENV/bin/python"
-PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl)
-PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl"
+PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl mypy)
+PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl, mypy"
 
 export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 export MXPIPE_TEST_PYTHON="$PY"
@@ -70,6 +70,8 @@ missing=()
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# The C bindings' install test compiles the header as C++ too.
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if ((${#missing[@]})); then
     if [[ " ${missing[*]} " == *" postfix "* ]]; then
         # "No configuration": the package installs its tools and starts no mail daemon.

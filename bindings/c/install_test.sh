@@ -48,6 +48,7 @@ pc=$(pkg-config --cflags --libs --static mxpipe)
 [[ $(pkg-config --modversion mxpipe) == "$VERSION" ]] || fail "pkg-config --modversion"
 
 # The header alone, as C89 and as C++.
+# Included twice: the include guard holds in both languages.
 printf '#include <mxpipe.h>\n#include <mxpipe.h>\nint main(void) { return mxp_version() == 0; }\n' >"$work/header.c"
 # shellcheck disable=SC2046
 cc -std=c89 -Wall -Werror -fsyntax-only $(pkg-config --cflags mxpipe) "$work/header.c" ||
@@ -61,7 +62,8 @@ echo "the header compiles as C89 and as C++"
 cp "$HERE/examples/send_one.c" "$HERE/examples/util.h" "$work/"
 # shellcheck disable=SC2046
 cc -O2 -o "$work/send_one" "$work/send_one.c" $(pkg-config --cflags --libs mxpipe)
-readelf -d "$work/send_one" | grep -q 'Shared library: \[libmxpipe.so.0\]' ||
+# (Whole outputs go to grep: with pipefail, grep -q ending a pipe early would fail it.)
+grep -q 'Shared library: \[libmxpipe.so.0\]' <<<"$(readelf -d "$work/send_one")" ||
     fail "send_one (shared) does not need libmxpipe.so.0"
 LD_LIBRARY_PATH=$prefix/lib "$work/send_one" "$RELAY" | grep -E 'delivered 250' ||
     fail "send_one (shared, installed) was not delivered"
@@ -70,9 +72,9 @@ LD_LIBRARY_PATH=$prefix/lib "$work/send_one" "$RELAY" | grep -E 'delivered 250' 
 cc -O2 -static -o "$work/send_one_static" "$work/send_one.c" \
     $(pkg-config --static --cflags --libs mxpipe) 2>"$work/static.log" ||
     { cat "$work/static.log" >&2; fail "the static link failed"; }
-! readelf -d "$work/send_one_static" 2>/dev/null | grep -q 'libmxpipe' ||
+! grep -q 'libmxpipe' <<<"$(readelf -d "$work/send_one_static" 2>/dev/null)" ||
     fail "send_one (static) still needs libmxpipe.so"
-nm "$work/send_one_static" | grep -q ' T mxp_dispatcher_new$' ||
+grep -q ' T mxp_dispatcher_new$' <<<"$(nm "$work/send_one_static")" ||
     fail "send_one (static) does not contain the archive"
 "$work/send_one_static" "$RELAY" | grep -E 'delivered 250' ||
     fail "send_one (static, installed) was not delivered"
