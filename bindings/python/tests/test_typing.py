@@ -5,6 +5,7 @@ passes, a misspelt setting or a value of the wrong type is reported, and outcome
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -46,8 +47,12 @@ GOOD = """
 def mypy(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
     path = tmp_path / "user.py"
     path.write_text(textwrap.dedent(source))
-    # The package these tests import (installed, or a source tree on PYTHONPATH).
-    env = dict(os.environ, MYPYPATH=str(Path(mxpipe.__file__).resolve().parents[1]))
+    # The package these tests import: installed (mypy finds it), or a source tree on
+    # PYTHONPATH, which mypy does not read.
+    env = dict(os.environ)
+    where = str(Path(mxpipe.__file__).resolve().parents[1])
+    if where not in {str(Path(p).resolve()) for p in site.getsitepackages()}:
+        env["MYPYPATH"] = where
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(path)],
         capture_output=True, text=True, cwd=tmp_path, env=env,
