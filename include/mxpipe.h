@@ -5,10 +5,13 @@
  * write their outputs, through the trailing out-pointers, only on success; mxp_last_error() then
  * gives a message that names the refused field, key or value. Handles are opaque and
  * generation-checked: a freed handle gives MXP_ERR_BAD_HANDLE, never a crash. Strings are
- * NUL-terminated UTF-8; a message body is (const uint8_t *, size_t). Link with -lmxpipe (or
- * libmxpipe.a -lpthread -ldl -lm); pkg-config --cflags --libs mxpipe.
+ * NUL-terminated UTF-8; a message body is (const uint8_t *, size_t). Link with
+ * `pkg-config --cflags --libs mxpipe` (shared, libmxpipe.so.0) or `pkg-config --static ...`
+ * (libmxpipe.a and the system libraries it needs).
+ *
+ * Language: C99 or later (<stdint.h>, <stdbool.h>, a comma after the last enumerator), or
+ * C++. The comments are C89-style, so GCC and Clang also take it with -std=c89.
  */
-
 #ifndef MXPIPE_H
 #define MXPIPE_H
 
@@ -20,528 +23,762 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
 
-// The most recipients one enqueue call takes. A larger count is refused with
-// `MXP_ERR_INVALID_ARGUMENT` before the array is read, which catches a garbage count.
+/**
+ * The most recipients one enqueue call takes. A larger count is refused with
+ * `MXP_ERR_INVALID_ARGUMENT` before the array is read, which catches a garbage count.
+ */
 #define MXP_MAX_RECIPIENTS 1000000
 
-// Size of `mxp_event.recipient`: an address is at most 254 octets, so it is never cut.
+/**
+ * Size of `mxp_event.recipient`: an address is at most 254 octets, so it is never cut.
+ */
 #define MXP_RECIPIENT_SIZE 256
 
-// Size of `mxp_event.destination`: a destination (`host:port`, at most 263 octets as
-// `mxp_config_set` enforces) is never cut.
+/**
+ * Size of `mxp_event.destination`: a destination (`host:port`, at most 263 octets as
+ * `mxp_config_set` enforces) is never cut.
+ */
 #define MXP_DESTINATION_SIZE 264
 
-// Size of `mxp_event.text`: a longer reply text is cut and `text_truncated` set.
+/**
+ * Size of `mxp_event.text`: a longer reply text is cut and `text_truncated` set.
+ */
 #define MXP_REPLY_TEXT_SIZE 512
 
-// The longest message `mxp_last_error` ever writes, its terminating NUL included: a buffer of
-// this size is always large enough.
+/**
+ * The longest message `mxp_last_error` ever writes, its terminating NUL included: a buffer of
+ * this size is always large enough.
+ */
 #define MXP_LAST_ERROR_SIZE 512
 
-// What a call did. `MXP_OK` is success; every other value is a failure, and the call then
-// wrote none of its outputs. The values are fixed: they are never renumbered or reused.
+/**
+ * What a call did. `MXP_OK` is success; every other value is a failure, and the call then
+ * wrote none of its outputs. The values are fixed: they are never renumbered or reused.
+ */
 typedef enum mxp_result {
-    // Success.
+    /**
+     * Success.
+     */
     MXP_OK = 0,
-    // A required pointer argument was NULL (the message names it).
+    /**
+     * A required pointer argument was NULL (the message names it).
+     */
     MXP_ERR_NULL_POINTER = 1,
-    // A string that must be UTF-8 is not (the message names the field).
+    /**
+     * A string that must be UTF-8 is not (the message names the field).
+     */
     MXP_ERR_INVALID_UTF8 = 2,
-    // The sender or a recipient is not a valid envelope address (the message names which).
+    /**
+     * The sender or a recipient is not a valid envelope address (the message names which).
+     */
     MXP_ERR_INVALID_ADDRESS = 3,
-    // The recipient list is empty.
+    /**
+     * The recipient list is empty.
+     */
     MXP_ERR_NO_RECIPIENTS = 4,
-    // A body line is over RFC 5322's 998 octets (the message gives the line number).
+    /**
+     * A body line is over RFC 5322's 998 octets (the message gives the line number).
+     */
     MXP_ERR_BODY_LINE_TOO_LONG = 5,
-    // The ingress queue is full: back off and try again, or use a `_timeout` variant.
+    /**
+     * The ingress queue is full: back off and try again, or use a `_timeout` variant.
+     */
     MXP_ERR_QUEUE_FULL = 6,
-    // The dispatcher has been shut down and takes no more work.
+    /**
+     * The dispatcher has been shut down and takes no more work.
+     */
     MXP_ERR_SHUT_DOWN = 7,
-    // A configuration value is malformed or out of range (the message names key and value).
+    /**
+     * A configuration value is malformed or out of range (the message names key and value).
+     */
     MXP_ERR_INVALID_CONFIG = 8,
-    // A configuration key does not exist (the message names it).
+    /**
+     * A configuration key does not exist (the message names it).
+     */
     MXP_ERR_UNKNOWN_KEY = 9,
-    // A handle is not live: freed already, never returned by a `_new`, or of another type.
+    /**
+     * A handle is not live: freed already, never returned by a `_new`, or of another type.
+     */
     MXP_ERR_BAD_HANDLE = 10,
-    // An operating-system error (a socket, a thread) while starting.
+    /**
+     * An operating-system error (a socket, a thread) while starting.
+     */
     MXP_ERR_IO = 11,
-    // mxpipe panicked inside the call (a bug in mxpipe; please report the message).
+    /**
+     * mxpipe panicked inside the call (a bug in mxpipe; please report the message).
+     */
     MXP_ERR_PANIC = 12,
-    // The caller's buffer cannot hold the output; nothing was written.
+    /**
+     * The caller's buffer cannot hold the output; nothing was written.
+     */
     MXP_ERR_BUFFER_TOO_SMALL = 13,
-    // A length or count argument is out of range (the message names it).
+    /**
+     * A length or count argument is out of range (the message names it).
+     */
     MXP_ERR_INVALID_ARGUMENT = 14,
-    // Events are not available here: turned off (`record_events = false`), or a callback
-    // receives them.
+    /**
+     * Events are not available here: turned off (`record_events = false`), or a callback
+     * receives them.
+     */
     MXP_ERR_EVENTS_UNAVAILABLE = 15,
-    // The call is not allowed from the event callback's thread (`mxp_dispatcher_free`).
+    /**
+     * The call is not allowed from the event callback's thread (`mxp_dispatcher_free`).
+     */
     MXP_ERR_CALLBACK_CONTEXT = 16,
-    // The timeout passed before what was waited for happened (`mxp_dispatcher_wait_final`).
+    /**
+     * The timeout passed before what was waited for happened (`mxp_dispatcher_wait_final`).
+     */
     MXP_ERR_TIMED_OUT = 17,
 } mxp_result;
 
-// What happened to one recipient.
+/**
+ * What happened to one recipient.
+ */
 typedef enum mxp_event_kind {
-    // The destination accepted the message (final).
+    /**
+     * The destination accepted the message (final).
+     */
     MXP_EVENT_KIND_DELIVERED = 0,
-    // A temporary failure; the recipient will be tried again after `retry_after_ms`.
+    /**
+     * A temporary failure; the recipient will be tried again after `retry_after_ms`.
+     */
     MXP_EVENT_KIND_DEFERRED = 1,
-    // A permanent failure (final).
+    /**
+     * A permanent failure (final).
+     */
     MXP_EVENT_KIND_BOUNCED = 2,
-    // Temporary failures until the maximum age passed (final).
+    /**
+     * Temporary failures until the maximum age passed (final).
+     */
     MXP_EVENT_KIND_EXPIRED = 3,
 } mxp_event_kind;
 
-// Why a recipient was not delivered, from its reply (mxpipe's classification).
+/**
+ * Why a recipient was not delivered, from its reply (mxpipe's classification).
+ */
 typedef enum mxp_category {
-    // Delivered: nothing to classify.
+    /**
+     * Delivered: nothing to classify.
+     */
     MXP_CATEGORY_NONE = 0,
-    // The mailbox does not exist, is disabled, or the address is invalid.
+    /**
+     * The mailbox does not exist, is disabled, or the address is invalid.
+     */
     MXP_CATEGORY_BAD_MAILBOX = 1,
-    // Over quota.
+    /**
+     * Over quota.
+     */
     MXP_CATEGORY_MAILBOX_FULL = 2,
-    // The domain does not exist or accepts no mail (null MX).
+    /**
+     * The domain does not exist or accepts no mail (null MX).
+     */
     MXP_CATEGORY_NO_SUCH_DOMAIN = 3,
-    // Refused for spam, reputation, authentication (SPF/DKIM/DMARC) or local policy.
+    /**
+     * Refused for spam, reputation, authentication (SPF/DKIM/DMARC) or local policy.
+     */
     MXP_CATEGORY_POLICY_BLOCK = 4,
-    // Slow down: rate limits, too many connections, temporary reputation deferrals.
+    /**
+     * Slow down: rate limits, too many connections, temporary reputation deferrals.
+     */
     MXP_CATEGORY_THROTTLED = 5,
-    // TLS could not be negotiated or verified.
+    /**
+     * TLS could not be negotiated or verified.
+     */
     MXP_CATEGORY_TLS = 6,
-    // Name resolution failed or routing is impossible.
+    /**
+     * Name resolution failed or routing is impossible.
+     */
     MXP_CATEGORY_DNS = 7,
-    // The connection could not be made, was lost, or timed out.
+    /**
+     * The connection could not be made, was lost, or timed out.
+     */
     MXP_CATEGORY_CONNECTION = 8,
-    // The server and client disagreed about the protocol.
+    /**
+     * The server and client disagreed about the protocol.
+     */
     MXP_CATEGORY_PROTOCOL = 9,
     MXP_CATEGORY_OTHER = 10,
 } mxp_category;
 
-// An opaque handle to a prepared message body, from `mxp_body_new`; free it with
-// `mxp_body_free`. Shared by any number of messages and threads.
+/**
+ * An opaque handle to a prepared message body, from `mxp_body_new`; free it with
+ * `mxp_body_free`. Shared by any number of messages and threads.
+ */
 typedef struct mxp_body mxp_body;
 
-// An opaque configuration handle, from `mxp_config_new` or `mxp_config_from_toml`; free it with
-// `mxp_config_free`. A configuration may be used from several threads (setters are serialised).
+/**
+ * An opaque configuration handle, from `mxp_config_new` or `mxp_config_from_toml`; free it with
+ * `mxp_config_free`. A configuration may be used from several threads (setters are serialised).
+ */
 typedef struct mxp_config mxp_config;
 
-// An opaque handle to a running dispatcher, from `mxp_dispatcher_new`; free it with
-// `mxp_dispatcher_free`. Every function taking it may be called from any thread, concurrently.
+/**
+ * An opaque handle to a running dispatcher, from `mxp_dispatcher_new`; free it with
+ * `mxp_dispatcher_free`. Every function taking it may be called from any thread, concurrently.
+ */
 typedef struct mxp_dispatcher mxp_dispatcher;
 
-// Counters of a dispatcher, from `mxp_dispatcher_stats`. Each is read atomically; together they
-// are a near-simultaneous snapshot, not an exact one.
+/**
+ * Counters of a dispatcher, from `mxp_dispatcher_stats`. Each is read atomically; together they
+ * are a near-simultaneous snapshot, not an exact one.
+ */
 typedef struct mxp_stats {
-    // Messages and recipients accepted by the enqueue calls.
+    /**
+     * Messages and recipients accepted by the enqueue calls.
+     */
     uint64_t submitted_messages;
     uint64_t submitted_recipients;
-    // Recipient outcomes so far (`deferred` counts each deferral).
+    /**
+     * Recipient outcomes so far (`deferred` counts each deferral).
+     */
     uint64_t delivered;
     uint64_t deferred;
     uint64_t bounced;
     uint64_t expired;
-    // Recipients without a final outcome (queued, in a transaction, or waiting to retry).
+    /**
+     * Recipients without a final outcome (queued, in a transaction, or waiting to retry).
+     */
     uint64_t in_flight;
     uint64_t connections_opened;
     uint64_t connections_open;
-    // SMTP transactions completed.
+    /**
+     * SMTP transactions completed.
+     */
     uint64_t transactions;
-    // Final outcome events (delivered, bounced, expired) handed to the caller so far, by the
-    // polling functions or the callback. When it equals `submitted_recipients`, every
-    // recipient's final outcome has been read.
+    /**
+     * Final outcome events (delivered, bounced, expired) handed to the caller so far, by the
+     * polling functions or the callback. When it equals `submitted_recipients`, every
+     * recipient's final outcome has been read.
+     */
     uint64_t final_events_read;
 } mxp_stats;
 
-// One outcome for one recipient, copied into caller memory: it holds no pointers and needs no
-// freeing. Every text field is NUL-terminated UTF-8.
+/**
+ * One outcome for one recipient, copied into caller memory: it holds no pointers and needs no
+ * freeing. Every text field is NUL-terminated UTF-8.
+ */
 typedef struct mxp_event {
     enum mxp_event_kind kind;
-    // Why it was not delivered; `MXP_CATEGORY_NONE` for delivered recipients.
+    /**
+     * Why it was not delivered; `MXP_CATEGORY_NONE` for delivered recipients.
+     */
     enum mxp_category category;
-    // The identifier the enqueue call returned.
+    /**
+     * The identifier the enqueue call returned.
+     */
     uint64_t message_id;
-    // The server's reply code; 0 when the outcome was decided without a reply (a connection
-    // failure, a timeout), with the reason in `text`.
+    /**
+     * The `tag` the enqueue call was given.
+     */
+    uint64_t tag;
+    /**
+     * The server's reply code; 0 when the outcome was decided without a reply (a connection
+     * failure, a timeout), with the reason in `text`.
+     */
     uint16_t code;
-    // The enhanced status code (RFC 3463) class.subject.detail; class 0 when there was none.
+    /**
+     * The enhanced status code (RFC 3463) class.subject.detail; class 0 when there was none.
+     */
     uint8_t enhanced_class;
     uint16_t enhanced_subject;
     uint16_t enhanced_detail;
-    // Delivery attempts so far, this one included.
+    /**
+     * Delivery attempts so far, this one included.
+     */
     uint32_t attempts;
-    // For `MXP_EVENT_KIND_DEFERRED`: milliseconds until the next attempt; -1 otherwise.
+    /**
+     * For `MXP_EVENT_KIND_DEFERRED`: milliseconds until the next attempt; -1 otherwise.
+     */
     int64_t retry_after_ms;
-    // Milliseconds since the message was enqueued.
+    /**
+     * Milliseconds since the message was enqueued.
+     */
     uint64_t elapsed_ms;
-    // True when `text` was cut to fit (the reply text is the only field that can be).
+    /**
+     * True when `text` was cut to fit (the reply text is the only field that can be).
+     */
     bool text_truncated;
-    // The recipient address, never cut.
+    /**
+     * The recipient address, never cut.
+     */
     char recipient[MXP_RECIPIENT_SIZE];
-    // The destination the attempt went to (`host:port` as configured), never cut.
+    /**
+     * The destination the attempt went to (`host:port` as configured), never cut.
+     */
     char destination[MXP_DESTINATION_SIZE];
-    // The server's reply text (lines joined by "\n"), or the reason when `code` is 0.
+    /**
+     * The server's reply text (lines joined by "\n"), or the reason when `code` is 0.
+     */
     char text[MXP_REPLY_TEXT_SIZE];
 } mxp_event;
 
-// The event callback: `userdata` as given to `mxp_dispatcher_set_callback`, and one event,
-// valid only during the call (copy what you keep).
+/**
+ * The event callback: `userdata` as given to `mxp_dispatcher_set_callback`, and one event,
+ * valid only during the call (copy what you keep).
+ */
 typedef void (*mxp_event_callback)(void *userdata, const struct mxp_event *event);
 
-#ifdef __cplusplus
-extern "C" {
-#endif // __cplusplus
-
-// The library's version ("0.1.0"): a static NUL-terminated string that must not be freed. Any
-// thread may call this.
+/**
+ * The library's version ("0.1.0"): a static NUL-terminated string that must not be freed. Any
+ * thread may call this.
+ */
 const char *mxp_version(void);
 
-// Creates an empty configuration (every setting at its default; a relay or a route must be
-// set before `mxp_dispatcher_new`) and writes its handle to `*out`.
-//
-// Ownership: the caller owns the new handle and frees it with `mxp_config_free`. Any thread may
-// call this.
-//
-// # Safety
-//
-// `out` must be NULL or point to writable storage for one pointer.
+/**
+ * Creates an empty configuration (every setting at its default; a relay or a route must be
+ * set before `mxp_dispatcher_new`) and writes its handle to `*out`.
+ *
+ * Ownership: the caller owns the new handle and frees it with `mxp_config_free`. Any thread may
+ * call this.
+ *
+ * # Safety
+ *
+ * `out` must be NULL or point to writable storage for one pointer.
+ */
 enum mxp_result mxp_config_new(struct mxp_config **out);
 
-// Parses a TOML document into a new configuration and writes its handle to `*out`.
-//
-// Top-level keys are the keys of `mxp_config_set`, with TOML strings, numbers or booleans as
-// values (durations as seconds or as text such as "500ms"); a `[routes]` table maps domains to
-// `host:port`. Example:
-//
-// ```toml
-// relay = "127.0.0.1:2525"
-// max_connections_per_destination = 8
-// connect_timeout = "10s"
-// [routes]
-// "example.org" = "10.0.0.5:25"
-// ```
-//
-// Errors: `MXP_ERR_INVALID_CONFIG` (not TOML, or a bad value: the message names key and value),
-// `MXP_ERR_UNKNOWN_KEY`, `MXP_ERR_INVALID_UTF8`, `MXP_ERR_NULL_POINTER`.
-//
-// Ownership: `toml` is only read during the call. The caller owns the new handle and frees it
-// with `mxp_config_free`. Any thread may call this.
-//
-// # Safety
-//
-// `toml` must be NULL or a NUL-terminated string; `out` must be NULL or point to writable
-// storage for one pointer.
+/**
+ * Parses a TOML document into a new configuration and writes its handle to `*out`.
+ *
+ * Top-level keys are the keys of `mxp_config_set`, with TOML strings, numbers or booleans as
+ * values (durations as seconds or as text such as "500ms"); a `[routes]` table maps domains to
+ * `host:port`. Example:
+ *
+ * ```toml
+ * relay = "127.0.0.1:2525"
+ * max_connections_per_destination = 8
+ * connect_timeout = "10s"
+ * [routes]
+ * "example.org" = "10.0.0.5:25"
+ * ```
+ *
+ * Errors: `MXP_ERR_INVALID_CONFIG` (not TOML, or a bad value: the message names key and value),
+ * `MXP_ERR_UNKNOWN_KEY`, `MXP_ERR_INVALID_UTF8`, `MXP_ERR_NULL_POINTER`.
+ *
+ * Ownership: `toml` is only read during the call. The caller owns the new handle and frees it
+ * with `mxp_config_free`. Any thread may call this.
+ *
+ * # Safety
+ *
+ * `toml` must be NULL or a NUL-terminated string; `out` must be NULL or point to writable
+ * storage for one pointer.
+ */
 enum mxp_result mxp_config_from_toml(const char *toml, struct mxp_config **out);
 
-// Sets one setting from text. The keys, and the form of their values:
-//
-// | key | value |
-// |---|---|
-// | `relay` | `host:port` of the smarthost that takes all mail without a route |
-// | `route` | `domain=host:port`; each call adds a route |
-// | `ehlo_name` | the name sent in EHLO (default `localhost`) |
-// | `connect_timeout`, `greeting_timeout`, `command_timeout`, `data_end_timeout` | durations above zero |
-// | `chunking` | boolean: use BDAT when offered (default true) |
-// | `max_connections_per_destination` | whole number >= 1 (default 20) |
-// | `max_connections` | whole number >= 1: connections per loop over all destinations (default 8192) |
-// | `tls_handshake_timeout` | duration above zero (default 30s) |
-// | `max_messages_per_connection` | whole number >= 1 (default 10000) |
-// | `max_recipients_per_transaction` | whole number >= 1 (default 100) |
-// | `idle_timeout` | duration (default 5s) |
-// | `queue_capacity` | messages the ingress queue holds (default 65536) |
-// | `max_queued_recipients` | recipients one loop holds (default 1000000) |
-// | `retry_initial`, `retry_max_interval`, `retry_max_age` | durations |
-// | `retry_multiplier` | number >= 1 (default 2) |
-// | `retry_jitter` | number in [0, 1) (default 0.2) |
-// | `loops` | event-loop threads, 1 to 64 (default 1) |
-// | `record_events` | boolean: keep outcome events for polling or a callback (default true) |
-// | `starttls` | `disabled`, `opportunistic` (default) or `required`; a relay or route written `smtps://host:port` uses implicit TLS |
-// | `tls_verify` | boolean (default: verify under `required` and implicit TLS only) |
-// | `tls_ca_file` | a PEM file of extra trust anchors |
-// | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, only over TLS whose certificate was verified (credentials turn verification on unless `tls_verify` is false) unless `allow_plaintext_auth` is true |
-// | `source_address` | a local IP address to send from; each call adds one (used in turn) |
-// | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
-// | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X, tls_policy=none, opportunistic, required, verify or secure; tls_ca_file=PEM; auth_user=U with auth_password_env=VAR or auth_oauth2_token_env=VAR` (the secret is read from that environment variable) (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits and TLS policy (`secure`, which checks the certificate against the recipient domain, only for an exact `@domain`); each call adds one |
-// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
-// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
-// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
-// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity` | direct MX settings; setting any turns direct MX on |
-//
-// A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
-// "5m", "2h", "3d". A boolean is true/false, yes/no, on/off or 1/0.
-//
-// Errors: `MXP_ERR_UNKNOWN_KEY` (the message names the key), `MXP_ERR_INVALID_CONFIG` (names
-// key and value; the setting keeps its previous value), `MXP_ERR_INVALID_UTF8`,
-// `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
-//
-// Ownership: `key` and `value` are only read during the call. Any thread may call this.
-//
-// # Safety
-//
-// `key` and `value` must each be NULL or a NUL-terminated string.
+/**
+ * Sets one setting from text. The keys, and the form of their values:
+ *
+ * | key | value |
+ * |---|---|
+ * | `relay` | `host:port` of the smarthost that takes all mail without a route |
+ * | `route` | `domain=host:port`; each call adds a route |
+ * | `ehlo_name` | the name sent in EHLO (default `localhost`) |
+ * | `connect_timeout`, `greeting_timeout`, `command_timeout`, `data_end_timeout` | durations above zero |
+ * | `chunking` | boolean: use BDAT when offered (default true) |
+ * | `max_connections_per_destination` | whole number >= 1 (default 20) |
+ * | `max_connections` | whole number >= 1: connections per loop over all destinations (default 8192) |
+ * | `tls_handshake_timeout` | duration above zero (default 30s) |
+ * | `max_messages_per_connection` | whole number >= 1 (default 10000) |
+ * | `max_recipients_per_transaction` | whole number >= 1 (default 100) |
+ * | `idle_timeout` | duration (default 5s) |
+ * | `queue_capacity` | messages the ingress queue holds (default 65536) |
+ * | `max_queued_recipients` | recipients one loop holds (default 1000000) |
+ * | `retry_initial`, `retry_max_interval`, `retry_max_age` | durations |
+ * | `retry_multiplier` | number >= 1 (default 2) |
+ * | `retry_jitter` | number in [0, 1) (default 0.2) |
+ * | `loops` | event-loop threads, 1 to 64 (default 1) |
+ * | `record_events` | boolean: keep outcome events for polling or a callback (default true) |
+ * | `starttls` | `disabled`, `opportunistic` (default) or `required`; a relay or route written `smtps://host:port` uses implicit TLS |
+ * | `tls_verify` | boolean (default: verify under `required` and implicit TLS only) |
+ * | `tls_ca_file` | a PEM file of extra trust anchors |
+ * | `auth_user` with `auth_password` or `auth_oauth2_token` | log in (RFC 4954) after EHLO, only over TLS whose certificate was verified (credentials turn verification on unless `tls_verify` is false) unless `allow_plaintext_auth` is true |
+ * | `source_address` | a local IP address to send from; each call adds one (used in turn) |
+ * | `messages_per_second`, `messages_per_minute`, `messages_per_hour`, `connections_per_minute` | numbers above zero, per destination (default unlimited); each message limit allows a burst of a tenth of its budget |
+ * | `limit_override` | `host-or-.suffix: max_connections=N, max_messages_per_connection=N, max_recipients_per_transaction=N, messages_per_second=X, messages_per_minute=X, messages_per_hour=X, connections_per_minute=X, tls_policy=none, opportunistic, required, verify or secure; tls_ca_file=PEM; auth_user=U with auth_password_env=VAR or auth_oauth2_token_env=VAR` (the secret is read from that environment variable) (any of them) for the destination hosts that match (an MX host's limits are shared by every domain it serves); `@domain-or-.suffix: ...` for recipient domains, whose recipients then get connections of their own, under these limits and TLS policy (`secure`, which checks the certificate against the recipient domain, only for an exact `@domain`); each call adds one |
+ * | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
+ * | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
+ * | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
+ * | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity` | direct MX settings; setting any turns direct MX on |
+ *
+ * A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
+ * "5m", "2h", "3d". A boolean is true/false, yes/no, on/off or 1/0.
+ *
+ * Errors: `MXP_ERR_UNKNOWN_KEY` (the message names the key), `MXP_ERR_INVALID_CONFIG` (names
+ * key and value; the setting keeps its previous value), `MXP_ERR_INVALID_UTF8`,
+ * `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+ *
+ * Ownership: `key` and `value` are only read during the call. Any thread may call this.
+ *
+ * # Safety
+ *
+ * `key` and `value` must each be NULL or a NUL-terminated string.
+ */
 enum mxp_result mxp_config_set(struct mxp_config *config,
                                const char *key,
                                const char *value);
 
-// Frees a configuration. NULL is a no-op (`MXP_OK`); a handle freed already gives
-// `MXP_ERR_BAD_HANDLE`. Dispatchers made from it are not affected.
-//
-// # Safety
-//
-// None beyond passing a value that `mxp_config_new` returned, or NULL; stale values are caught.
+/**
+ * Frees a configuration. NULL is a no-op (`MXP_OK`); a handle freed already gives
+ * `MXP_ERR_BAD_HANDLE`. Dispatchers made from it are not affected.
+ *
+ * # Safety
+ *
+ * None beyond passing a value that `mxp_config_new` returned, or NULL; stale values are caught.
+ */
 enum mxp_result mxp_config_free(struct mxp_config *config);
 
-// Starts a dispatcher with the settings of `config` (its event-loop threads start now) and
-// writes its handle to `*out`.
-//
-// Errors: `MXP_ERR_INVALID_CONFIG` (no relay or route, a host that does not resolve: the
-// message names key and value), `MXP_ERR_IO` (a thread or socket could not be created),
-// `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
-//
-// Ownership: `config` is only read; the caller still frees it, and may do so at once. The
-// caller owns the new handle and frees it with `mxp_dispatcher_free`. Any thread may call this.
-//
-// # Safety
-//
-// `out` must be NULL or point to writable storage for one pointer.
+/**
+ * Starts a dispatcher with the settings of `config` (its event-loop threads start now) and
+ * writes its handle to `*out`.
+ *
+ * Errors: `MXP_ERR_INVALID_CONFIG` (no relay or route, a host that does not resolve: the
+ * message names key and value), `MXP_ERR_IO` (a thread or socket could not be created),
+ * `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+ *
+ * Ownership: `config` is only read; the caller still frees it, and may do so at once. The
+ * caller owns the new handle and frees it with `mxp_dispatcher_free`. Any thread may call this.
+ *
+ * # Safety
+ *
+ * `out` must be NULL or point to writable storage for one pointer.
+ */
 enum mxp_result mxp_dispatcher_new(const struct mxp_config *config, struct mxp_dispatcher **out);
 
-// Shuts the dispatcher down (as `mxp_dispatcher_shutdown`: waits until every recipient in a
-// transaction has an outcome), stops its threads, and frees the handle. When a callback is set,
-// it has seen every event when this returns. NULL is a no-op (`MXP_OK`); a handle freed
-// already gives `MXP_ERR_BAD_HANDLE`.
-//
-// Threading: any thread except the callback thread (`MXP_ERR_CALLBACK_CONTEXT` there: freeing
-// would wait for the callback itself). A call that another thread is making on this
-// dispatcher meanwhile finishes normally (or with `MXP_ERR_SHUT_DOWN`); the last such call to
-// return completes the clean-up. Any later call with the handle gives `MXP_ERR_BAD_HANDLE`.
-//
-// # Safety
-//
-// None beyond passing a value that `mxp_dispatcher_new` returned, or NULL; stale values are
-// caught.
+/**
+ * Shuts the dispatcher down (as `mxp_dispatcher_shutdown`: waits until every recipient in a
+ * transaction has an outcome), stops its threads, and frees the handle. When a callback is set,
+ * it has seen every event when this returns. NULL is a no-op (`MXP_OK`); a handle freed
+ * already gives `MXP_ERR_BAD_HANDLE`.
+ *
+ * Threading: any thread except the callback thread (`MXP_ERR_CALLBACK_CONTEXT` there: freeing
+ * would wait for the callback itself). Calls that other threads are making on this dispatcher
+ * meanwhile finish (blocking ones are woken: `mxp_dispatcher_wait_events`,
+ * `mxp_dispatcher_wait_final` and the `_timeout` enqueues give `MXP_ERR_SHUT_DOWN`), and this
+ * function returns only after all of them have returned and the callback, if one is set, has
+ * returned from its last event: `userdata` may be freed as soon as this returns. Any later call
+ * with the handle gives `MXP_ERR_BAD_HANDLE`. To bound the wait for a slow server, call
+ * `mxp_dispatcher_shutdown_timeout` first.
+ *
+ * # Safety
+ *
+ * None beyond passing a value that `mxp_dispatcher_new` returned, or NULL; stale values are
+ * caught.
+ */
 enum mxp_result mxp_dispatcher_free(struct mxp_dispatcher *dispatcher);
 
-// Enqueues one message without blocking and writes its identifier (which outcome events
-// carry) to `*out_id`.
-//
-// - `sender`: the envelope sender, NUL-terminated UTF-8; "" is the null sender `<>`.
-// - `recipients`: an array of `n_recipients` NUL-terminated UTF-8 addresses (1 to
-//   `MXP_MAX_RECIPIENTS`), none NULL.
-// - `body`, `body_len`: the message (headers and body) as bytes; NUL bytes pass intact. Bare
-//   LF and CR become CRLF; a line over 998 octets is refused. The bytes are copied.
-//
-// Errors: `MXP_ERR_QUEUE_FULL` when the ingress queue is full (back off, or use
-// `mxp_dispatcher_enqueue_timeout`); `MXP_ERR_INVALID_ADDRESS`, `MXP_ERR_INVALID_UTF8`,
-// `MXP_ERR_NO_RECIPIENTS`, `MXP_ERR_BODY_LINE_TOO_LONG` (the message names the field: "sender",
-// "recipient 2", "body: line 3 ..."); `MXP_ERR_NULL_POINTER` (names the argument, or the
-// recipient index); `MXP_ERR_INVALID_ARGUMENT`; `MXP_ERR_SHUT_DOWN`; `MXP_ERR_BAD_HANDLE`.
-//
-// Ownership: every input is only read during the call. Threading: any thread, any number of
-// threads at once.
-//
-// # Safety
-//
-// `sender` must be NULL or NUL-terminated; `recipients` NULL or an array of `n_recipients`
-// pointers, each NULL or NUL-terminated; `body` NULL or `body_len` readable bytes; `out_id`
-// NULL or writable. An address is read up to its NUL or 255 bytes, whichever comes first.
+/**
+ * Enqueues one message without blocking and writes its identifier (which outcome events
+ * carry) to `*out_id`.
+ *
+ * - `sender`: the envelope sender, NUL-terminated UTF-8; "" is the null sender `<>`.
+ * - `recipients`: an array of `n_recipients` NUL-terminated UTF-8 addresses (1 to
+ *   `MXP_MAX_RECIPIENTS`), none NULL. A count of 0 gives `MXP_ERR_NO_RECIPIENTS`, whatever
+ *   the array pointer (NULL too).
+ * - `body`, `body_len`: the message (headers and body) as bytes; NUL bytes pass intact. Bare
+ *   LF and CR become CRLF; a line over 998 octets is refused. The bytes are copied. `(NULL, 0)`
+ *   is an empty body.
+ * - `tag`: any value of the caller's (a row number, a key, a pointer cast to `uint64_t`),
+ *   echoed in `mxp_event.tag` of every event of this message; mxpipe never reads it.
+ *
+ * Errors: `MXP_ERR_QUEUE_FULL` when the ingress queue is full (back off, or use
+ * `mxp_dispatcher_enqueue_timeout`); `MXP_ERR_INVALID_ADDRESS`, `MXP_ERR_INVALID_UTF8`,
+ * `MXP_ERR_NO_RECIPIENTS`, `MXP_ERR_BODY_LINE_TOO_LONG` (the message names the field: "sender",
+ * "recipient 2", "body: line 3 ..."); `MXP_ERR_NULL_POINTER` (names the argument, or the
+ * recipient index); `MXP_ERR_INVALID_ARGUMENT`; `MXP_ERR_SHUT_DOWN`; `MXP_ERR_BAD_HANDLE`.
+ *
+ * Ownership: every input is only read during the call. Threading: any thread, any number of
+ * threads at once.
+ *
+ * # Safety
+ *
+ * `sender` must be NULL or NUL-terminated; `recipients` NULL or an array of `n_recipients`
+ * pointers, each NULL or NUL-terminated; `body` NULL or `body_len` readable bytes; `out_id`
+ * NULL or writable. An address is read up to its NUL or 255 bytes, whichever comes first.
+ */
 enum mxp_result mxp_dispatcher_enqueue(const struct mxp_dispatcher *dispatcher,
                                        const char *sender,
                                        const char *const *recipients,
                                        size_t n_recipients,
                                        const uint8_t *body,
                                        size_t body_len,
+                                       uint64_t tag,
                                        uint64_t *out_id);
 
-// As `mxp_dispatcher_enqueue`, but waits up to `timeout_ms` milliseconds for room in a full
-// queue (`UINT64_MAX`: without limit) before giving `MXP_ERR_QUEUE_FULL`. Gives
-// `MXP_ERR_SHUT_DOWN` when the dispatcher shuts down while waiting.
-//
-// # Safety
-//
-// As for `mxp_dispatcher_enqueue`.
+/**
+ * As `mxp_dispatcher_enqueue`, but waits up to `timeout_ms` milliseconds for room in a full
+ * queue (`UINT64_MAX`: without limit) before giving `MXP_ERR_QUEUE_FULL`. Gives
+ * `MXP_ERR_SHUT_DOWN` when the dispatcher shuts down while waiting.
+ *
+ * # Safety
+ *
+ * As for `mxp_dispatcher_enqueue`.
+ */
 enum mxp_result mxp_dispatcher_enqueue_timeout(const struct mxp_dispatcher *dispatcher,
                                                const char *sender,
                                                const char *const *recipients,
                                                size_t n_recipients,
                                                const uint8_t *body,
                                                size_t body_len,
+                                               uint64_t tag,
                                                uint64_t timeout_ms,
                                                uint64_t *out_id);
 
-// Prepares a message body once (normalised to CRLF and checked) for any number of
-// `mxp_dispatcher_enqueue_body` calls, and writes its handle to `*out`. The bytes are copied.
-//
-// Errors: `MXP_ERR_BODY_LINE_TOO_LONG` (names the line), `MXP_ERR_NULL_POINTER`,
-// `MXP_ERR_INVALID_ARGUMENT`.
-//
-// Ownership: the caller owns the handle and frees it with `mxp_body_free`, which it may do as
-// soon as it has enqueued what it wanted: queued messages keep the content alive. Any thread.
-//
-// # Safety
-//
-// `content` must be NULL or point to `len` readable bytes; `out` NULL or writable.
+/**
+ * Prepares a message body once (normalised to CRLF and checked) for any number of
+ * `mxp_dispatcher_enqueue_body` calls, and writes its handle to `*out`. The bytes are copied;
+ * `(NULL, 0)` is an empty body.
+ *
+ * Errors: `MXP_ERR_BODY_LINE_TOO_LONG` (names the line), `MXP_ERR_NULL_POINTER`,
+ * `MXP_ERR_INVALID_ARGUMENT`.
+ *
+ * Ownership: the caller owns the handle and frees it with `mxp_body_free`, which it may do as
+ * soon as it has enqueued what it wanted: queued messages keep the content alive. Any thread.
+ *
+ * # Safety
+ *
+ * `content` must be NULL or point to `len` readable bytes; `out` NULL or writable.
+ */
 enum mxp_result mxp_body_new(const uint8_t *content, size_t len, struct mxp_body **out);
 
-// Frees a prepared body. NULL is a no-op (`MXP_OK`); a handle freed already gives
-// `MXP_ERR_BAD_HANDLE`. Messages already enqueued with it are not affected.
-//
-// # Safety
-//
-// None beyond passing a value that `mxp_body_new` returned, or NULL; stale values are caught.
+/**
+ * Frees a prepared body. NULL is a no-op (`MXP_OK`); a handle freed already gives
+ * `MXP_ERR_BAD_HANDLE`. Messages already enqueued with it are not affected.
+ *
+ * # Safety
+ *
+ * None beyond passing a value that `mxp_body_new` returned, or NULL; stale values are caught.
+ */
 enum mxp_result mxp_body_free(struct mxp_body *body);
 
-// The bulk path: enqueues one message with a body prepared by `mxp_body_new` (shared, not
-// copied) without blocking. Otherwise as `mxp_dispatcher_enqueue`: one message may have up to
-// `MXP_MAX_RECIPIENTS` recipients, sent in transactions of `max_recipients_per_transaction`.
-//
-// # Safety
-//
-// As for `mxp_dispatcher_enqueue`.
+/**
+ * The bulk path: enqueues one message with a body prepared by `mxp_body_new` (shared, not
+ * copied) without blocking. Otherwise as `mxp_dispatcher_enqueue`: one message may have up to
+ * `MXP_MAX_RECIPIENTS` recipients, sent in transactions of `max_recipients_per_transaction`.
+ *
+ * # Safety
+ *
+ * As for `mxp_dispatcher_enqueue`.
+ */
 enum mxp_result mxp_dispatcher_enqueue_body(const struct mxp_dispatcher *dispatcher,
                                             const char *sender,
                                             const char *const *recipients,
                                             size_t n_recipients,
                                             const struct mxp_body *body,
+                                            uint64_t tag,
                                             uint64_t *out_id);
 
-// As `mxp_dispatcher_enqueue_body`, waiting up to `timeout_ms` milliseconds for room in a full
-// queue (`UINT64_MAX`: without limit).
-//
-// # Safety
-//
-// As for `mxp_dispatcher_enqueue`.
+/**
+ * As `mxp_dispatcher_enqueue_body`, waiting up to `timeout_ms` milliseconds for room in a full
+ * queue (`UINT64_MAX`: without limit).
+ *
+ * # Safety
+ *
+ * As for `mxp_dispatcher_enqueue`.
+ */
 enum mxp_result mxp_dispatcher_enqueue_body_timeout(const struct mxp_dispatcher *dispatcher,
                                                     const char *sender,
                                                     const char *const *recipients,
                                                     size_t n_recipients,
                                                     const struct mxp_body *body,
+                                                    uint64_t tag,
                                                     uint64_t timeout_ms,
                                                     uint64_t *out_id);
 
-// Blocks until every enqueued recipient has a final outcome or is waiting for a retry.
-//
-// Errors: `MXP_ERR_SHUT_DOWN`, `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`. Any thread.
-//
-// # Safety
-//
-// None beyond passing a dispatcher handle or NULL.
+/**
+ * Blocks until every enqueued recipient has a final outcome or is waiting for a retry.
+ *
+ * Errors: `MXP_ERR_SHUT_DOWN`, `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`. Any thread.
+ *
+ * # Safety
+ *
+ * None beyond passing a dispatcher handle or NULL.
+ */
 enum mxp_result mxp_dispatcher_flush(const struct mxp_dispatcher *dispatcher);
 
-// Blocks until every enqueued recipient has a final outcome (delivered, bounced or expired),
-// retries included, or `timeout_ms` milliseconds pass: then `MXP_ERR_TIMED_OUT`.
-//
-// Errors: `MXP_ERR_TIMED_OUT`, `MXP_ERR_SHUT_DOWN`, `MXP_ERR_NULL_POINTER`,
-// `MXP_ERR_BAD_HANDLE`. Any thread.
-//
-// # Safety
-//
-// None beyond passing a dispatcher handle or NULL.
+/**
+ * Blocks until every enqueued recipient has a final outcome (delivered, bounced or expired),
+ * retries included, or `timeout_ms` milliseconds pass: then `MXP_ERR_TIMED_OUT`.
+ *
+ * Errors: `MXP_ERR_TIMED_OUT`, `MXP_ERR_SHUT_DOWN`, `MXP_ERR_NULL_POINTER`,
+ * `MXP_ERR_BAD_HANDLE`. Any thread.
+ *
+ * # Safety
+ *
+ * None beyond passing a dispatcher handle or NULL.
+ */
 enum mxp_result mxp_dispatcher_wait_final(const struct mxp_dispatcher *dispatcher,
                                           uint64_t timeout_ms);
 
-// Stops taking work (later enqueue, flush, wait and set_callback calls give
-// `MXP_ERR_SHUT_DOWN`), waits until every recipient in a transaction has an outcome, ends
-// every session with QUIT and stops the event loops. Recipients waiting for a retry stay
-// deferred (their deferred event was sent). Outcome events stay readable and the counters
-// stay current until `mxp_dispatcher_free`. A second call does nothing. Any thread.
-//
-// # Safety
-//
-// None beyond passing a dispatcher handle or NULL.
+/**
+ * Stops taking work (later enqueue, flush, wait and set_callback calls give
+ * `MXP_ERR_SHUT_DOWN`), waits until every recipient in a transaction has an outcome, ends
+ * every session with QUIT and stops the event loops. Recipients waiting for a retry stay
+ * deferred (their deferred event was sent). Outcome events stay readable and the counters
+ * stay current until `mxp_dispatcher_free`. A second call does nothing. Any thread.
+ *
+ * # Safety
+ *
+ * None beyond passing a dispatcher handle or NULL.
+ */
 enum mxp_result mxp_dispatcher_shutdown(const struct mxp_dispatcher *dispatcher);
 
-// Writes the dispatcher's counters to `*out`. Works after shutdown too. Any thread.
-//
-// # Safety
-//
-// `out` must be NULL or point to a writable `mxp_stats`.
+/**
+ * A bounded shutdown: as `mxp_dispatcher_shutdown`, but only until `timeout_ms` milliseconds
+ * have passed (`UINT64_MAX`: without limit; 0: at once). New work is refused at once; queued
+ * work and transactions under way go on until the deadline. Then every recipient that is
+ * still not final (queued, or in a transaction the deadline cut short, which the server may or
+ * may not have accepted) gets a `MXP_EVENT_KIND_DEFERRED` event with code 0, enhanced code
+ * 4.3.2, `retry_after_ms` -1 and the reason in `text`; connections are closed without QUIT and
+ * the event loops stop. It returns when they have stopped, shortly after the deadline at the
+ * latest. Recipients waiting for a retry stay deferred, as after `mxp_dispatcher_shutdown`.
+ *
+ * It may be called while another thread is in `mxp_dispatcher_shutdown` or
+ * `mxp_dispatcher_free` on the same dispatcher, and then cuts that shutdown short too (a
+ * second Ctrl-C). Outcome events and counters stay readable until `mxp_dispatcher_free`.
+ *
+ * Returns `MXP_OK` when nothing had to be cut short, `MXP_ERR_TIMED_OUT` when recipients were
+ * left deferred: the dispatcher is shut down either way. Errors: `MXP_ERR_NULL_POINTER`,
+ * `MXP_ERR_BAD_HANDLE`. Any thread, the callback thread included.
+ *
+ * # Safety
+ *
+ * None beyond passing a dispatcher handle or NULL.
+ */
+enum mxp_result mxp_dispatcher_shutdown_timeout(const struct mxp_dispatcher *dispatcher,
+                                                uint64_t timeout_ms);
+
+/**
+ * Writes the dispatcher's counters to `*out`. Works after shutdown too. Any thread.
+ *
+ * # Safety
+ *
+ * `out` must be NULL or point to a writable `mxp_stats`.
+ */
 enum mxp_result mxp_dispatcher_stats(const struct mxp_dispatcher *dispatcher,
                                      struct mxp_stats *out);
 
-// Moves up to `capacity` waiting outcome events into `events[0..*out_n]` without blocking
-// (`*out_n` is 0 when none is waiting). Each event is delivered once, to one caller.
-//
-// Outcomes produced during `mxp_dispatcher_shutdown` stay readable after it, until
-// `mxp_dispatcher_free`.
-//
-// Errors: `MXP_ERR_EVENTS_UNAVAILABLE` when `record_events` is false or a callback is set;
-// `MXP_ERR_INVALID_ARGUMENT` when `capacity` is 0; `MXP_ERR_NULL_POINTER`,
-// `MXP_ERR_BAD_HANDLE`.
-//
-// Ownership: the caller owns `events`. Any thread may call this, also concurrently.
-//
-// # Safety
-//
-// `events` must be NULL or point to `capacity` writable `mxp_event` records; `out_n` must be
-// NULL or writable.
+/**
+ * The name of an event kind: "delivered", "deferred", "bounced" or "expired"; "unknown" for a
+ * value that is none of `mxp_event_kind`'s. A static string: do not free it. Any thread.
+ */
+const char *mxp_event_kind_str(int kind);
+
+/**
+ * The name of a category, as mxpipe's reports and the Python package write it: "none",
+ * "bad_mailbox", "mailbox_full", "no_such_domain", "policy_block", "throttled", "tls", "dns",
+ * "connection", "protocol" or "other"; "unknown" for a value that is none of `mxp_category`'s.
+ * A static string: do not free it. Any thread.
+ */
+const char *mxp_category_str(int category);
+
+/**
+ * Moves up to `capacity` waiting outcome events into `events[0..*out_n]` without blocking
+ * (`*out_n` is 0 when none is waiting). Each event is delivered once, to one caller.
+ *
+ * Outcomes produced during `mxp_dispatcher_shutdown` stay readable after it, until
+ * `mxp_dispatcher_free`.
+ *
+ * Errors: `MXP_ERR_EVENTS_UNAVAILABLE` when `record_events` is false or a callback is set;
+ * `MXP_ERR_INVALID_ARGUMENT` when `capacity` is 0; `MXP_ERR_NULL_POINTER`,
+ * `MXP_ERR_BAD_HANDLE`.
+ *
+ * Ownership: the caller owns `events`. Any thread may call this, also concurrently.
+ *
+ * # Safety
+ *
+ * `events` must be NULL or point to `capacity` writable `mxp_event` records; `out_n` must be
+ * NULL or writable.
+ */
 enum mxp_result mxp_dispatcher_poll_events(const struct mxp_dispatcher *dispatcher,
                                            struct mxp_event *events,
                                            size_t capacity,
                                            size_t *out_n);
 
-// Like `mxp_dispatcher_poll_events`, but waits up to `timeout_ms` milliseconds for the first
-// event (`UINT64_MAX`: without limit); `*out_n` is 0 when none came in time. Other threads may
-// use and free the dispatcher meanwhile: a free then completes when this call returns.
-//
-// # Safety
-//
-// As for `mxp_dispatcher_poll_events`.
+/**
+ * Like `mxp_dispatcher_poll_events`, but waits up to `timeout_ms` milliseconds for the first
+ * event (`UINT64_MAX`: without limit); `*out_n` is 0 when none came in time.
+ *
+ * Once the dispatcher has been shut down (`mxp_dispatcher_shutdown`, `_shutdown_timeout` or
+ * `_free` on another thread) and every event has been read, it gives `MXP_ERR_SHUT_DOWN`: a
+ * waiting call is woken then, and a later call returns at once. A free on another thread waits
+ * for this call to return, which the shutdown makes prompt.
+ *
+ * # Safety
+ *
+ * As for `mxp_dispatcher_poll_events`.
+ */
 enum mxp_result mxp_dispatcher_wait_events(const struct mxp_dispatcher *dispatcher,
                                            struct mxp_event *events,
                                            size_t capacity,
                                            uint64_t timeout_ms,
                                            size_t *out_n);
 
-// Hands every later outcome event to `callback(userdata, event)` instead of the polling
-// functions (events already waiting go to the callback too).
-//
-// Threading: the callback runs on one dedicated thread that mxpipe starts here, named
-// "mxpipe-callback": never on an event-loop thread and never on the caller's thread, one event
-// at a time, in order. A slow callback delays later callbacks, not delivery (events wait in an
-// unbounded queue). The callback may call any mxpipe function except `mxp_dispatcher_free` on
-// this dispatcher (which returns `MXP_ERR_CALLBACK_CONTEXT` there). `mxp_dispatcher_free` waits
-// until the callback has seen the last event, so `userdata` must stay valid until it returns.
-//
-// Errors: `MXP_ERR_INVALID_ARGUMENT` when a callback is set already (it is set once);
-// `MXP_ERR_EVENTS_UNAVAILABLE` when `record_events` is false; `MXP_ERR_SHUT_DOWN`;
-// `MXP_ERR_IO` when the thread cannot be started; `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
-//
-// # Safety
-//
-// `callback` must be safe to call from another thread with `userdata`.
+/**
+ * Hands every later outcome event to `callback(userdata, event)` instead of the polling
+ * functions (events already waiting go to the callback too).
+ *
+ * Threading: the callback runs on one dedicated thread that mxpipe starts here, named
+ * "mxpipe-callback": never on an event-loop thread and never on the caller's thread, one event
+ * at a time, in order. A slow callback delays later callbacks, not delivery (events wait in an
+ * unbounded queue). The callback may call any mxpipe function except `mxp_dispatcher_free` on
+ * this dispatcher (which returns `MXP_ERR_CALLBACK_CONTEXT` there).
+ *
+ * During a shutdown or a free on another thread, the callback still gets every remaining event;
+ * calls it makes on this dispatcher then give `MXP_ERR_SHUT_DOWN` (enqueue, flush, wait_final)
+ * or work as usual (stats, `mxp_dispatcher_shutdown_timeout`). `mxp_dispatcher_free` returns
+ * only after the callback has returned from the last event, so `userdata` must stay valid until
+ * then, and the callback must not wait for the thread that is in `mxp_dispatcher_free`.
+ *
+ * Errors: `MXP_ERR_INVALID_ARGUMENT` when a callback is set already (it is set once);
+ * `MXP_ERR_EVENTS_UNAVAILABLE` when `record_events` is false; `MXP_ERR_SHUT_DOWN`;
+ * `MXP_ERR_IO` when the thread cannot be started; `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+ *
+ * # Safety
+ *
+ * `callback` must be safe to call from another thread with `userdata`.
+ */
 enum mxp_result mxp_dispatcher_set_callback(const struct mxp_dispatcher *dispatcher,
                                             mxp_event_callback callback,
                                             void *userdata);
 
-// A fixed, human-readable description of a result code: a static NUL-terminated string that
-// must not be freed. Unknown codes give "unknown result code".
-//
-// For the detailed message of the latest failure (which names the field, key or value), use
-// `mxp_last_error`. Any thread may call this.
+/**
+ * A fixed, human-readable description of a result code: a static NUL-terminated string that
+ * must not be freed. Unknown codes give "unknown result code".
+ *
+ * For the detailed message of the latest failure (which names the field, key or value), use
+ * `mxp_last_error`. Any thread may call this.
+ */
 const char *mxp_result_str(int code);
 
-// The size in bytes, terminating NUL included, of the message `mxp_last_error` would write now
-// (at most `MXP_LAST_ERROR_SIZE`). 1 when no call has failed on this thread yet.
+/**
+ * The size in bytes, terminating NUL included, of the message `mxp_last_error` would write now
+ * (at most `MXP_LAST_ERROR_SIZE`). 1 when no call has failed on this thread yet.
+ */
 size_t mxp_last_error_len(void);
 
-// Copies the detailed message of the latest failed call made on this thread into `buf`
-// (UTF-8, NUL-terminated), for example "recipient 1: address contains a control character
-// (CR, LF, NUL or another)". The message is kept per thread: a failure on another thread does
-// not change it, and a successful call leaves it as it was. It is empty ("") when no call has
-// failed on this thread.
-//
-// Returns `MXP_ERR_NULL_POINTER` when `buf` is NULL, `MXP_ERR_BUFFER_TOO_SMALL` (writing
-// nothing) when `len` is below `mxp_last_error_len()`. A buffer of `MXP_LAST_ERROR_SIZE` bytes
-// is always large enough. This function never replaces the stored message.
-//
-// # Safety
-//
-// `buf` must be NULL or point to `len` writable bytes.
+/**
+ * Copies the detailed message of the latest failed call made on this thread into `buf`
+ * (UTF-8, NUL-terminated), for example "recipient 1: address contains a control character
+ * (CR, LF, NUL or another)". The message is kept per thread: a failure on another thread does
+ * not change it, and a successful call leaves it as it was. It is empty ("") when no call has
+ * failed on this thread.
+ *
+ * Returns `MXP_ERR_NULL_POINTER` when `buf` is NULL, `MXP_ERR_BUFFER_TOO_SMALL` (writing
+ * nothing) when `len` is below `mxp_last_error_len()`. A buffer of `MXP_LAST_ERROR_SIZE` bytes
+ * is always large enough. This function never replaces the stored message.
+ *
+ * # Safety
+ *
+ * `buf` must be NULL or point to `len` writable bytes.
+ */
 enum mxp_result mxp_last_error(char *buf, size_t len);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+} /* extern "C" */
+#endif
 
-#endif  /* MXPIPE_H */
+#endif /* MXPIPE_H */

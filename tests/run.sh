@@ -2,9 +2,9 @@
 # The project's test command (README; .ci/run calls exactly this): bash tests/run.sh
 #
 # 1. Installs what the tests need when it is missing, and only then: Postfix's smtp-sink,
-#    dnsmasq, valgrind, pkg-config, sasl2-bin and libsasl2-modules (a private Postfix with
+#    dnsmasq, valgrind, pkg-config, g++, sasl2-bin and libsasl2-modules (a private Postfix with
 #    Cyrus SASL for the TLS tests) from Debian; a venv at tests/.venv with aiosmtpd, pytest,
-#    dkimpy and cryptography from PyPI.
+#    dkimpy, cryptography, pynacl and mypy from PyPI.
 # 2. Runs every step, even after one fails: cargo test --all-targets, cargo test --doc, the C
 #    bindings' `make test` and the Python bindings' pytest suite (each when present).
 # 3. Ends with the line "N passed, M failed" counting those steps; exits non-zero if any failed.
@@ -17,8 +17,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV="$ROOT/tests/.venv"
 PY="$VENV/bin/python"
-PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl)
-PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl"
+PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl mypy)
+PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl, mypy"
 
 export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 export MXPIPE_TEST_PYTHON="$PY"
@@ -74,6 +74,8 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 # A private Postfix with Cyrus SASL for the TLS/AUTH tests: saslpasswd2 and the sasldb plugin.
 [[ -x /usr/sbin/saslpasswd2 ]] || missing+=(sasl2-bin)
 compgen -G "/usr/lib/*/sasl2/libsasldb.so*" >/dev/null || missing+=(libsasl2-modules)
+# The C bindings' install test compiles the header as C++ too.
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if ((${#missing[@]})); then
     if [[ " ${missing[*]} " == *" postfix "* ]]; then
         # "No configuration": the package installs its tools and starts no mail daemon.

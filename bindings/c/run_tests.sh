@@ -52,6 +52,7 @@ start_sink() {
 start_sink ACCEPT
 start_sink REJECT -f rcpt
 start_sink SLOW -w 2
+CLOSED=127.0.0.1:$(free_port) # nothing listens there: recipients are deferred
 echo "smtp-sink accepting on $ACCEPT, rejecting RCPT on $REJECT, answering DATA after 2 s on $SLOW" \
     "(pids ${sink_pids[*]})"
 
@@ -77,17 +78,26 @@ check() {
 }
 
 for link in shared static; do
-    check "send_one ($link) is delivered" 0 "someone@example.org: delivered 250 2\.0\.0" \
+    check "send_one ($link) is delivered, its tag echoed" 0 \
+        "someone@example.org: delivered 250 2\.0\.0 .*\(message 1, tag 42, attempt 1, category none\)" \
         "$BUILD/$link/send_one" "$ACCEPT"
     check "bulk_threads ($link): 4 producers, every outcome counted" 0 \
         "all outcomes as expected" "$BUILD/$link/bulk_threads" "$ACCEPT" "$REJECT" 2500
     check "bad_input ($link): every bad input gets its code and message" 0 \
         "bad_input: [0-9]+ cases, 0 failed" "$BUILD/$link/bad_input" "$ACCEPT" "$SLOW"
 done
+# AddressSanitizer reports a use after free and exits non-zero; leaks are valgrind's job below.
+check "lifetimes (ASan): free waits for the callback; shutdown and free wake waiters" 0 \
+    "lifetimes: 0 failed" env ASAN_OPTIONS=detect_leaks=0 "$BUILD/asan/lifetimes" "$ACCEPT" "$CLOSED"
+check "shutdown_deadline (ASan): a bounded shutdown reports what it left as deferred" 0 \
+    "shutdown_deadline: 0 failed" env ASAN_OPTIONS=detect_leaks=0 "$BUILD/asan/shutdown_deadline" \
+    "$ACCEPT" "$SLOW"
 check "send_one to a rejecting relay bounces" 2 "bounced 500 5\.3\.0 \"Error: command failed\"" \
     "$BUILD/shared/send_one" "$REJECT"
 check "send_one built with pkg-config --cflags --libs mxpipe" 0 "delivered 250" \
     "$PKG_BIN" "$ACCEPT"
+check "make install into a temporary prefix; built with pkg-config only (shared and --static)" 0 \
+    "install_test: ok" bash "$HERE/install_test.sh" "$ACCEPT"
 check "send_one under valgrind memcheck: no errors, no leaks" 0 \
     "ERROR SUMMARY: 0 errors from 0 contexts" \
     valgrind --leak-check=full --errors-for-leak-kinds=definite,possible --error-exitcode=1 \

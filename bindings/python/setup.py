@@ -2,8 +2,11 @@
 
 The package is plain Python over mxpipe's C ABI (ctypes), so the only native part is
 libmxpipe.so. The build_py step runs `cargo build --release --lib` in the repository this file
-lives in (two levels up) and copies the library into the package. The wheel is therefore
-platform-specific. Set MXPIPE_LIBRARY to the path of a libmxpipe built elsewhere to skip cargo.
+lives in (two levels up) and copies the library into the package, stripped of its symbol table
+and debug information (`strip --strip-unneeded`; the exported mxp_* symbols stay). The wheel is
+platform-specific but uses no CPython ABI (ctypes only), so it is tagged py3-none-<platform>:
+one wheel serves every Python 3 on that platform. Set MXPIPE_LIBRARY to the path of a libmxpipe
+built elsewhere to skip cargo.
 """
 
 import json
@@ -16,6 +19,11 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools before 70.1
+    from wheel.bdist_wheel import bdist_wheel  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -70,6 +78,31 @@ class BuildPyWithRust(build_py):
         target = Path(self.build_lib) / "mxpipe" / library.name
         target.parent.mkdir(parents=True, exist_ok=True)
         self.copy_file(str(library), str(target))
+        strip(target)
+
+
+def strip(library: Path) -> None:
+    """Drops the symbol table and debug information (a few MB); exported symbols stay."""
+    if sys.platform == "win32":
+        return
+    tool = os.environ.get("STRIP") or shutil.which("strip")
+    if tool is None:
+        print("mxpipe: strip not found; the library keeps its symbol table", file=sys.stderr)
+        return
+    flags = ["-x"] if sys.platform == "darwin" else ["--strip-unneeded"]
+    subprocess.run([tool, *flags, str(library)], check=True)
+
+
+class BdistWheelNoAbi(bdist_wheel):
+    """A platform wheel that no CPython ABI ties to one Python version: py3-none-<platform>."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self) -> tuple:
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
 
 
 class BinaryDistribution(Distribution):
@@ -79,4 +112,7 @@ class BinaryDistribution(Distribution):
         return True
 
 
-setup(cmdclass={"build_py": BuildPyWithRust}, distclass=BinaryDistribution)
+setup(
+    cmdclass={"build_py": BuildPyWithRust, "bdist_wheel": BdistWheelNoAbi},
+    distclass=BinaryDistribution,
+)

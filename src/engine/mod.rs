@@ -62,6 +62,8 @@ pub struct Event {
     pub kind: EventKind,
     /// The identifier [`Dispatcher::submit`] returned.
     pub message_id: u64,
+    /// The message's tag ([`Message::with_tag`]; 0 unless set).
+    pub tag: u64,
     pub recipient: Address,
     /// The server's reply; code 0 when the outcome was decided without one (connection failure,
     /// timeout, a message the server cannot take), with the reason in the text.
@@ -70,7 +72,8 @@ pub struct Event {
     pub destination: Arc<str>,
     /// Delivery attempts made so far, this one included.
     pub attempts: u32,
-    /// For Deferred: when the next attempt is due, from now.
+    /// For Deferred: when the next attempt is due, from now; `None` when no attempt will
+    /// follow (a [`Dispatcher::shutdown_timeout`] cut it short).
     pub retry_after: Option<Duration>,
     /// Why it was not delivered (None for Delivered); see [`classify`].
     pub category: Option<classify::Category>,
@@ -156,6 +159,9 @@ pub(crate) struct Shared {
     pub stats: Stats,
     pub events: Option<crossbeam_channel::Sender<Event>>,
     pub shutting_down: AtomicBool,
+    /// Set by [`Dispatcher::shutdown_timeout`] when its deadline passes: the loops report
+    /// every recipient not yet final as Deferred and stop at once, without QUIT.
+    pub abandon: AtomicBool,
     pub registry: metrics::Registry,
     idle_lock: Mutex<()>,
     idle: Condvar,
@@ -620,7 +626,8 @@ impl std::error::Error for SubmitError {}
 
 struct Loop {
     ingress: Arc<Ingress>,
-    thread: Option<JoinHandle<()>>,
+    /// Behind a lock so that a shutdown through `&self` can join it.
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The running dispatcher. Cheap to share by reference between threads (`Sync`).
@@ -631,6 +638,8 @@ pub struct Dispatcher {
     next_id: AtomicU64,
     by_domain: bool,
     stopped: AtomicBool,
+    /// New submissions are refused ([`Dispatcher::shutdown_timeout`] has begun).
+    refusing: AtomicBool,
 }
 
 impl fmt::Debug for Dispatcher {
@@ -660,6 +669,7 @@ impl Dispatcher {
             stats: Stats::default(),
             events: events_tx,
             shutting_down: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
             registry: metrics::Registry::default(),
             idle_lock: Mutex::new(()),
             idle: Condvar::new(),
@@ -678,7 +688,7 @@ impl Dispatcher {
                 reactor::spawn(index, Arc::clone(&config), Arc::clone(&shared), tls.clone())?;
             loops.push(Loop {
                 ingress,
-                thread: Some(thread),
+                thread: Mutex::new(Some(thread)),
             });
         }
         Ok(Dispatcher {
@@ -688,6 +698,7 @@ impl Dispatcher {
             next_id: AtomicU64::new(1),
             by_domain,
             stopped: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
         })
     }
 
@@ -711,7 +722,9 @@ impl Dispatcher {
         message: Message,
         timeout: Option<Duration>,
     ) -> std::result::Result<u64, SubmitError> {
-        if self.shared.shutting_down.load(Ordering::Acquire) {
+        if self.shared.shutting_down.load(Ordering::Acquire)
+            || self.refusing.load(Ordering::Acquire)
+        {
             return Err(SubmitError {
                 error: Error::ShutDown,
                 message,
@@ -804,9 +817,63 @@ impl Dispatcher {
         }
     }
 
-    fn join(&mut self) {
-        for l in &mut self.loops {
-            if let Some(t) = l.thread.take() {
+    /// A shutdown with a deadline: refuses new submissions at once, lets the transactions
+    /// under way and the queued work go on until `timeout` passes, then ends every session with
+    /// QUIT. What is still not final at the deadline (queued, waiting for DNS, or in a
+    /// transaction the deadline cut short) gets a Deferred event with code 0 and the reason,
+    /// its connections are closed without QUIT, and the loops stop. Recipients waiting for a
+    /// retry stay deferred, as after [`Dispatcher::shutdown`]. Returns when the loops have
+    /// stopped (shortly after the deadline at the latest): true when nothing had to be cut
+    /// short. Any thread may call it, also while [`Dispatcher::shutdown`] runs elsewhere, which
+    /// it then cuts short as well; `Duration::MAX` waits as long as that takes.
+    pub fn shutdown_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        self.refusing.store(true, Ordering::Release);
+        let stats = &self.shared.stats;
+        let drained = self
+            .shared
+            .wait_until(deadline, || stats.active.load(Ordering::Acquire) == 0);
+        self.stopped.store(true, Ordering::Release);
+        if !drained {
+            self.shared.abandon.store(true, Ordering::Release);
+        }
+        self.shared.shutting_down.store(true, Ordering::Release);
+        for l in &self.loops {
+            let _ = l.ingress.wake_now();
+        }
+        // The loops end every session politely unless the deadline passes first.
+        let mut clean = drained;
+        while !self.loops_finished() {
+            if clean && deadline.is_some_and(|d| Instant::now() >= d) {
+                clean = false;
+                self.shared.abandon.store(true, Ordering::Release);
+                for l in &self.loops {
+                    let _ = l.ingress.wake_now();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.join();
+        // Waiters of flush and wait_final see the counters the loops left.
+        self.shared.notify();
+        clean
+    }
+
+    fn loops_finished(&self) -> bool {
+        self.loops.iter().all(|l| {
+            l.thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_none_or(JoinHandle::is_finished)
+        })
+    }
+
+    fn join(&self) {
+        for l in &self.loops {
+            // Held while joining, so a second caller returns only when the loop has ended.
+            let mut thread = l.thread.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = thread.take() {
                 let _ = t.join();
             }
         }

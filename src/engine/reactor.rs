@@ -8,6 +8,7 @@
 //! ingress bound limits what is in flight).
 
 use super::classify::Category;
+mod abandon;
 mod mx;
 
 use super::conn::{Conn, ReadOutcome};
@@ -239,6 +240,10 @@ impl Reactor {
                     self.shared.notify();
                 }
             }
+            if self.shared.abandon.load(Ordering::Acquire) {
+                self.abandon_all(now);
+                break;
+            }
             if self.shared.shutting_down.load(Ordering::Acquire) {
                 let stop_by = *self
                     .stop_by
@@ -317,6 +322,7 @@ impl Reactor {
             sender: message.sender,
             body: message.body,
             submitted: now,
+            tag: message.tag,
         });
         self.held += message.recipients.len();
         let config = Arc::clone(&self.config);
@@ -1310,6 +1316,7 @@ impl Reactor {
             self.send_event(Event {
                 kind: EventKind::Deferred,
                 message_id: envelope.id,
+                tag: envelope.tag,
                 recipient: recipient.clone(),
                 reply,
                 destination: Arc::clone(&name),
@@ -1410,6 +1417,7 @@ impl Reactor {
         self.send_event(Event {
             kind,
             message_id: envelope.id,
+            tag: envelope.tag,
             recipient,
             reply,
             destination: name,

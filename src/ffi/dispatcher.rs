@@ -15,12 +15,15 @@ use super::{address_bytes, body_slice, out_ptr, read_address};
 use crate::engine::{Dispatcher, Event};
 use crate::error::{Error, Field};
 use crate::message::{Address, Body, Message};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How often a blocking call looks whether the dispatcher was shut down meanwhile.
+const SLICE: Duration = Duration::from_millis(50);
 
 /// The most recipients one enqueue call takes. A larger count is refused with
 /// `MXP_ERR_INVALID_ARGUMENT` before the array is read, which catches a garbage count.
@@ -74,6 +77,10 @@ pub(crate) struct DispatcherState {
     callback: Mutex<Option<CallbackThread>>,
     shut_down: AtomicBool,
     pub(crate) finals_read: Arc<AtomicU64>,
+    /// Dropped when the loops have stopped: no event comes after that. Waiters select on
+    /// `stopped`, which then reports disconnection at once.
+    stopped_signal: Mutex<Option<Sender<()>>>,
+    pub(crate) stopped: Receiver<()>,
 }
 
 impl DispatcherState {
@@ -147,10 +154,19 @@ impl DispatcherState {
         is_callback_thread_of(self.key())
     }
 
-    /// Refuses new work at once, then lets the Rust dispatcher flush and stop its loops.
-    fn stop(&self) {
+    /// Refuses new work at once, then lets the Rust dispatcher finish what it has until
+    /// `timeout` passes and stop its loops; false when something had to be cut short. Waiters
+    /// on events are then woken.
+    fn stop(&self, timeout: Duration) -> bool {
         self.shut_down.store(true, Ordering::Release);
-        self.dispatcher().shutdown();
+        let clean = self.dispatcher().shutdown_timeout(timeout);
+        drop(
+            self.stopped_signal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        clean
     }
 }
 
@@ -217,12 +233,15 @@ pub unsafe extern "C" fn mxp_dispatcher_new(
         } else {
             None
         };
+        let (stopped_signal, stopped) = crossbeam_channel::bounded(0);
         let handle = DISPATCHERS.insert(DispatcherState {
             dispatcher: Some(dispatcher),
             events,
             callback: Mutex::new(None),
             shut_down: AtomicBool::new(false),
             finals_read: Arc::new(AtomicU64::new(0)),
+            stopped_signal: Mutex::new(Some(stopped_signal)),
+            stopped,
         })?;
         // SAFETY: checked non-NULL; the caller gives writable storage.
         unsafe { out.write(to_ptr(handle)) };
@@ -236,9 +255,13 @@ pub unsafe extern "C" fn mxp_dispatcher_new(
 /// already gives `MXP_ERR_BAD_HANDLE`.
 ///
 /// Threading: any thread except the callback thread (`MXP_ERR_CALLBACK_CONTEXT` there: freeing
-/// would wait for the callback itself). A call that another thread is making on this
-/// dispatcher meanwhile finishes normally (or with `MXP_ERR_SHUT_DOWN`); the last such call to
-/// return completes the clean-up. Any later call with the handle gives `MXP_ERR_BAD_HANDLE`.
+/// would wait for the callback itself). Calls that other threads are making on this dispatcher
+/// meanwhile finish (blocking ones are woken: `mxp_dispatcher_wait_events`,
+/// `mxp_dispatcher_wait_final` and the `_timeout` enqueues give `MXP_ERR_SHUT_DOWN`), and this
+/// function returns only after all of them have returned and the callback, if one is set, has
+/// returned from its last event: `userdata` may be freed as soon as this returns. Any later call
+/// with the handle gives `MXP_ERR_BAD_HANDLE`. To bound the wait for a slow server, call
+/// `mxp_dispatcher_shutdown_timeout` first.
 ///
 /// # Safety
 ///
@@ -258,7 +281,14 @@ pub unsafe extern "C" fn mxp_dispatcher_free(dispatcher: *mut mxp_dispatcher) ->
             ));
         }
         let state = DISPATCHERS.remove(handle)?;
-        state.stop();
+        state.stop(Duration::MAX);
+        // Calls other threads are making on this dispatcher (the callback's among them) end
+        // promptly now: blocking ones are woken by the shutdown. Waiting for them makes this
+        // thread the one that drops the dispatcher, which joins the callback thread after it
+        // has handed over the last event.
+        while Arc::strong_count(&state) > 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(state);
         Ok(())
     })
@@ -311,12 +341,14 @@ enum BodySource {
 /// # Safety
 ///
 /// As documented on `mxp_dispatcher_enqueue`.
+#[allow(clippy::too_many_arguments)] // the C functions' arguments, in their order
 unsafe fn enqueue(
     dispatcher: *const mxp_dispatcher,
     sender: *const c_char,
     recipients: *const *const c_char,
     n_recipients: usize,
     body: BodySource,
+    tag: u64,
     timeout: Option<Duration>,
     out_id: *mut u64,
 ) -> Result<(), FfiError> {
@@ -326,6 +358,10 @@ unsafe fn enqueue(
     }
     if sender.is_null() {
         return Err(FfiError::null("sender"));
+    }
+    // No recipients is the error whatever the array pointer is (NULL is usual with a count 0).
+    if n_recipients == 0 {
+        return Err(Error::NoRecipients.into());
     }
     if recipients.is_null() {
         return Err(FfiError::null("recipients"));
@@ -337,9 +373,6 @@ unsafe fn enqueue(
         BodySource::Prepared(_) => None,
     };
     let out_id = out_ptr(out_id, "out_id")?;
-    if n_recipients == 0 {
-        return Err(Error::NoRecipients.into());
-    }
     if n_recipients > MXP_MAX_RECIPIENTS {
         return Err(FfiError::invalid_argument(format!(
             "n_recipients: {n_recipients} is over the limit of {MXP_MAX_RECIPIENTS} per call"
@@ -370,7 +403,7 @@ unsafe fn enqueue(
         (None, BodySource::Prepared(body)) => BODIES.get(body)?,
         (None, BodySource::Bytes(..)) => unreachable!("bytes always give content"),
     };
-    let message = Message::from_parts(sender, addresses, body)?;
+    let message = Message::from_parts(sender, addresses, body)?.with_tag(tag);
     let id = match timeout {
         None => DISPATCHERS.with(handle, |state| {
             state.check_running()?;
@@ -398,9 +431,13 @@ unsafe fn enqueue(
 ///
 /// - `sender`: the envelope sender, NUL-terminated UTF-8; "" is the null sender `<>`.
 /// - `recipients`: an array of `n_recipients` NUL-terminated UTF-8 addresses (1 to
-///   `MXP_MAX_RECIPIENTS`), none NULL.
+///   `MXP_MAX_RECIPIENTS`), none NULL. A count of 0 gives `MXP_ERR_NO_RECIPIENTS`, whatever
+///   the array pointer (NULL too).
 /// - `body`, `body_len`: the message (headers and body) as bytes; NUL bytes pass intact. Bare
-///   LF and CR become CRLF; a line over 998 octets is refused. The bytes are copied.
+///   LF and CR become CRLF; a line over 998 octets is refused. The bytes are copied. `(NULL, 0)`
+///   is an empty body.
+/// - `tag`: any value of the caller's (a row number, a key, a pointer cast to `uint64_t`),
+///   echoed in `mxp_event.tag` of every event of this message; mxpipe never reads it.
 ///
 /// Errors: `MXP_ERR_QUEUE_FULL` when the ingress queue is full (back off, or use
 /// `mxp_dispatcher_enqueue_timeout`); `MXP_ERR_INVALID_ADDRESS`, `MXP_ERR_INVALID_UTF8`,
@@ -424,6 +461,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue(
     n_recipients: usize,
     body: *const u8,
     body_len: usize,
+    tag: u64,
     out_id: *mut u64,
 ) -> mxp_result {
     boundary("mxp_dispatcher_enqueue", || {
@@ -435,6 +473,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue(
                 recipients,
                 n_recipients,
                 BodySource::Bytes(body, body_len),
+                tag,
                 None,
                 out_id,
             )
@@ -457,6 +496,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_timeout(
     n_recipients: usize,
     body: *const u8,
     body_len: usize,
+    tag: u64,
     timeout_ms: u64,
     out_id: *mut u64,
 ) -> mxp_result {
@@ -469,6 +509,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_timeout(
                 recipients,
                 n_recipients,
                 BodySource::Bytes(body, body_len),
+                tag,
                 Some(Duration::from_millis(timeout_ms)),
                 out_id,
             )
@@ -477,7 +518,8 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_timeout(
 }
 
 /// Prepares a message body once (normalised to CRLF and checked) for any number of
-/// `mxp_dispatcher_enqueue_body` calls, and writes its handle to `*out`. The bytes are copied.
+/// `mxp_dispatcher_enqueue_body` calls, and writes its handle to `*out`. The bytes are copied;
+/// `(NULL, 0)` is an empty body.
 ///
 /// Errors: `MXP_ERR_BODY_LINE_TOO_LONG` (names the line), `MXP_ERR_NULL_POINTER`,
 /// `MXP_ERR_INVALID_ARGUMENT`.
@@ -537,6 +579,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_body(
     recipients: *const *const c_char,
     n_recipients: usize,
     body: *const mxp_body,
+    tag: u64,
     out_id: *mut u64,
 ) -> mxp_result {
     boundary("mxp_dispatcher_enqueue_body", || {
@@ -548,6 +591,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_body(
                 recipients,
                 n_recipients,
                 BodySource::Prepared(from_ptr(body)),
+                tag,
                 None,
                 out_id,
             )
@@ -568,6 +612,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_body_timeout(
     recipients: *const *const c_char,
     n_recipients: usize,
     body: *const mxp_body,
+    tag: u64,
     timeout_ms: u64,
     out_id: *mut u64,
 ) -> mxp_result {
@@ -580,6 +625,7 @@ pub unsafe extern "C" fn mxp_dispatcher_enqueue_body_timeout(
                 recipients,
                 n_recipients,
                 BodySource::Prepared(from_ptr(body)),
+                tag,
                 Some(Duration::from_millis(timeout_ms)),
                 out_id,
             )
@@ -621,19 +667,25 @@ pub unsafe extern "C" fn mxp_dispatcher_wait_final(
     boundary("mxp_dispatcher_wait_final", || {
         let state = DISPATCHERS.get(from_ptr(dispatcher))?;
         state.check_running()?;
-        if state
-            .dispatcher()
-            .wait_final(Duration::from_millis(timeout_ms))
-        {
-            Ok(())
-        } else {
-            Err(FfiError::new(
-                mxp_result::MXP_ERR_TIMED_OUT,
-                format!(
-                    "wait_final: recipients still without a final outcome after {timeout_ms} ms"
-                ),
-            ))
+        let deadline = Instant::now().checked_add(Duration::from_millis(timeout_ms));
+        // In slices, so that a shutdown meanwhile ends the wait (recipients waiting for a
+        // retry would otherwise hold it to the end).
+        loop {
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if state.dispatcher().wait_final(left.min(SLICE)) {
+                return Ok(());
+            }
+            state.check_running()?;
+            if left <= SLICE {
+                break;
+            }
         }
+        Err(FfiError::new(
+            mxp_result::MXP_ERR_TIMED_OUT,
+            format!("wait_final: recipients still without a final outcome after {timeout_ms} ms"),
+        ))
     })
 }
 
@@ -649,8 +701,49 @@ pub unsafe extern "C" fn mxp_dispatcher_wait_final(
 #[no_mangle]
 pub unsafe extern "C" fn mxp_dispatcher_shutdown(dispatcher: *const mxp_dispatcher) -> mxp_result {
     boundary("mxp_dispatcher_shutdown", || {
-        DISPATCHERS.get(from_ptr(dispatcher))?.stop();
+        DISPATCHERS.get(from_ptr(dispatcher))?.stop(Duration::MAX);
         Ok(())
+    })
+}
+
+/// A bounded shutdown: as `mxp_dispatcher_shutdown`, but only until `timeout_ms` milliseconds
+/// have passed (`UINT64_MAX`: without limit; 0: at once). New work is refused at once; queued
+/// work and transactions under way go on until the deadline. Then every recipient that is
+/// still not final (queued, or in a transaction the deadline cut short, which the server may or
+/// may not have accepted) gets a `MXP_EVENT_KIND_DEFERRED` event with code 0, enhanced code
+/// 4.3.2, `retry_after_ms` -1 and the reason in `text`; connections are closed without QUIT and
+/// the event loops stop. It returns when they have stopped, shortly after the deadline at the
+/// latest. Recipients waiting for a retry stay deferred, as after `mxp_dispatcher_shutdown`.
+///
+/// It may be called while another thread is in `mxp_dispatcher_shutdown` or
+/// `mxp_dispatcher_free` on the same dispatcher, and then cuts that shutdown short too (a
+/// second Ctrl-C). Outcome events and counters stay readable until `mxp_dispatcher_free`.
+///
+/// Returns `MXP_OK` when nothing had to be cut short, `MXP_ERR_TIMED_OUT` when recipients were
+/// left deferred: the dispatcher is shut down either way. Errors: `MXP_ERR_NULL_POINTER`,
+/// `MXP_ERR_BAD_HANDLE`. Any thread, the callback thread included.
+///
+/// # Safety
+///
+/// None beyond passing a dispatcher handle or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn mxp_dispatcher_shutdown_timeout(
+    dispatcher: *const mxp_dispatcher,
+    timeout_ms: u64,
+) -> mxp_result {
+    boundary("mxp_dispatcher_shutdown_timeout", || {
+        let state = DISPATCHERS.get(from_ptr(dispatcher))?;
+        if state.stop(Duration::from_millis(timeout_ms)) {
+            Ok(())
+        } else {
+            Err(FfiError::new(
+                mxp_result::MXP_ERR_TIMED_OUT,
+                format!(
+                    "shutdown: recipients were still not final after {timeout_ms} ms and are \
+                     left deferred"
+                ),
+            ))
+        }
     })
 }
 

@@ -16,7 +16,7 @@ use crate::engine::classify::Category;
 use crate::engine::{Event, EventKind};
 use crossbeam_channel::Receiver;
 use std::cell::Cell;
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -89,6 +89,43 @@ impl From<Option<Category>> for mxp_category {
     }
 }
 
+/// The name of an event kind: "delivered", "deferred", "bounced" or "expired"; "unknown" for a
+/// value that is none of `mxp_event_kind`'s. A static string: do not free it. Any thread.
+#[no_mangle]
+pub extern "C" fn mxp_event_kind_str(kind: c_int) -> *const c_char {
+    let name: &'static CStr = match kind {
+        0 => c"delivered",
+        1 => c"deferred",
+        2 => c"bounced",
+        3 => c"expired",
+        _ => c"unknown",
+    };
+    name.as_ptr()
+}
+
+/// The name of a category, as mxpipe's reports and the Python package write it: "none",
+/// "bad_mailbox", "mailbox_full", "no_such_domain", "policy_block", "throttled", "tls", "dns",
+/// "connection", "protocol" or "other"; "unknown" for a value that is none of `mxp_category`'s.
+/// A static string: do not free it. Any thread.
+#[no_mangle]
+pub extern "C" fn mxp_category_str(category: c_int) -> *const c_char {
+    let name: &'static CStr = match category {
+        0 => c"none",
+        1 => c"bad_mailbox",
+        2 => c"mailbox_full",
+        3 => c"no_such_domain",
+        4 => c"policy_block",
+        5 => c"throttled",
+        6 => c"tls",
+        7 => c"dns",
+        8 => c"connection",
+        9 => c"protocol",
+        10 => c"other",
+        _ => c"unknown",
+    };
+    name.as_ptr()
+}
+
 /// One outcome for one recipient, copied into caller memory: it holds no pointers and needs no
 /// freeing. Every text field is NUL-terminated UTF-8.
 #[repr(C)]
@@ -99,6 +136,8 @@ pub struct mxp_event {
     pub category: mxp_category,
     /// The identifier the enqueue call returned.
     pub message_id: u64,
+    /// The `tag` the enqueue call was given.
+    pub tag: u64,
     /// The server's reply code; 0 when the outcome was decided without a reply (a connection
     /// failure, a timeout), with the reason in `text`.
     pub code: u16,
@@ -153,6 +192,7 @@ impl mxp_event {
             },
             category: event.category.into(),
             message_id: event.message_id,
+            tag: event.tag,
             code: event.reply.code,
             enhanced_class: enhanced.map_or(0, |e| e.class),
             enhanced_subject: enhanced.map_or(0, |e| e.subject),
@@ -225,6 +265,27 @@ impl CallbackThread {
     }
 }
 
+/// The next event, waiting up to `timeout`; `MXP_ERR_SHUT_DOWN` once the dispatcher has
+/// stopped and every event has been read (none can come after that), also while waiting.
+fn wait_first(
+    state: &DispatcherState,
+    receiver: &Receiver<Event>,
+    timeout: Duration,
+) -> Result<Option<Event>, FfiError> {
+    let shut_down = || {
+        FfiError::new(
+            mxp_result::MXP_ERR_SHUT_DOWN,
+            "wait_events: the dispatcher was shut down and every event has been read",
+        )
+    };
+    crossbeam_channel::select! {
+        recv(receiver) -> event => Ok(event.ok()),
+        // Disconnected when the loops have stopped.
+        recv(state.stopped) -> _ => receiver.try_recv().map(Some).map_err(|_| shut_down()),
+        default(timeout) => Ok(None),
+    }
+}
+
 /// Moves up to `capacity` waiting events into `events`; blocks up to `wait` for the first.
 fn drain(
     state: &DispatcherState,
@@ -237,7 +298,7 @@ fn drain(
     let mut finals = 0;
     while n < capacity {
         let next = match (n, wait) {
-            (0, Some(timeout)) => receiver.recv_timeout(timeout).ok(),
+            (0, Some(timeout)) => wait_first(state, receiver, timeout)?,
             _ => receiver.try_recv().ok(),
         };
         let Some(event) = next else { break };
@@ -287,8 +348,12 @@ pub unsafe extern "C" fn mxp_dispatcher_poll_events(
 }
 
 /// Like `mxp_dispatcher_poll_events`, but waits up to `timeout_ms` milliseconds for the first
-/// event (`UINT64_MAX`: without limit); `*out_n` is 0 when none came in time. Other threads may
-/// use and free the dispatcher meanwhile: a free then completes when this call returns.
+/// event (`UINT64_MAX`: without limit); `*out_n` is 0 when none came in time.
+///
+/// Once the dispatcher has been shut down (`mxp_dispatcher_shutdown`, `_shutdown_timeout` or
+/// `_free` on another thread) and every event has been read, it gives `MXP_ERR_SHUT_DOWN`: a
+/// waiting call is woken then, and a later call returns at once. A free on another thread waits
+/// for this call to return, which the shutdown makes prompt.
 ///
 /// # Safety
 ///
@@ -325,8 +390,13 @@ pub unsafe extern "C" fn mxp_dispatcher_wait_events(
 /// "mxpipe-callback": never on an event-loop thread and never on the caller's thread, one event
 /// at a time, in order. A slow callback delays later callbacks, not delivery (events wait in an
 /// unbounded queue). The callback may call any mxpipe function except `mxp_dispatcher_free` on
-/// this dispatcher (which returns `MXP_ERR_CALLBACK_CONTEXT` there). `mxp_dispatcher_free` waits
-/// until the callback has seen the last event, so `userdata` must stay valid until it returns.
+/// this dispatcher (which returns `MXP_ERR_CALLBACK_CONTEXT` there).
+///
+/// During a shutdown or a free on another thread, the callback still gets every remaining event;
+/// calls it makes on this dispatcher then give `MXP_ERR_SHUT_DOWN` (enqueue, flush, wait_final)
+/// or work as usual (stats, `mxp_dispatcher_shutdown_timeout`). `mxp_dispatcher_free` returns
+/// only after the callback has returned from the last event, so `userdata` must stay valid until
+/// then, and the callback must not wait for the thread that is in `mxp_dispatcher_free`.
 ///
 /// Errors: `MXP_ERR_INVALID_ARGUMENT` when a callback is set already (it is set once);
 /// `MXP_ERR_EVENTS_UNAVAILABLE` when `record_events` is false; `MXP_ERR_SHUT_DOWN`;
@@ -356,11 +426,47 @@ mod tests {
     use std::ffi::CStr;
 
     #[test]
+    fn names_match_the_rust_names() {
+        let name = |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_str().unwrap();
+        for (value, kind) in [
+            EventKind::Delivered,
+            EventKind::Deferred,
+            EventKind::Bounced,
+            EventKind::Expired,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert_eq!(name(mxp_event_kind_str(value as c_int)), kind.as_str());
+        }
+        assert_eq!(name(mxp_event_kind_str(4)), "unknown");
+        assert_eq!(name(mxp_event_kind_str(-1)), "unknown");
+        assert_eq!(name(mxp_category_str(0)), "none");
+        for category in [
+            Category::BadMailbox,
+            Category::MailboxFull,
+            Category::NoSuchDomain,
+            Category::PolicyBlock,
+            Category::Throttled,
+            Category::Tls,
+            Category::Dns,
+            Category::Connection,
+            Category::Protocol,
+            Category::Other,
+        ] {
+            let value = mxp_category::from(Some(category)) as c_int;
+            assert_eq!(name(mxp_category_str(value)), category.as_str());
+        }
+        assert_eq!(name(mxp_category_str(11)), "unknown");
+    }
+
+    #[test]
     fn events_copy_into_fixed_fields() {
         let long = "é".repeat(400);
         let event = Event {
             kind: EventKind::Deferred,
             message_id: 7,
+            tag: u64::MAX,
             recipient: Address::parse("a@b.example", crate::error::Field::Sender).unwrap(),
             reply: Reply::new(451, Some(EnhancedCode::new(4, 3, 0)), long.clone()),
             destination: Arc::from("127.0.0.1:25"),
@@ -375,6 +481,7 @@ mod tests {
         assert_eq!(c.category, mxp_category::Throttled);
         assert_eq!((c.code, c.enhanced_class, c.enhanced_subject), (451, 4, 3));
         assert_eq!(c.retry_after_ms, 1500);
+        assert_eq!((c.message_id, c.tag), (7, u64::MAX));
         let text = |f: &[c_char]| {
             unsafe { CStr::from_ptr(f.as_ptr()) }
                 .to_str()

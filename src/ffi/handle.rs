@@ -9,8 +9,8 @@
 //!
 //! What is not caught: a stale handle whose slot was reused exactly 2^32 generations later (2^12
 //! on 32-bit targets), and a made-up value that happens to equal a live handle. A call that is
-//! using a dispatcher while another thread frees it finishes normally (it holds a reference);
-//! the free then completes the shutdown and the next call gets `MXP_ERR_BAD_HANDLE`.
+//! using a dispatcher while another thread frees it finishes normally (it holds a reference),
+//! the free waits for it, and the next call gets `MXP_ERR_BAD_HANDLE`.
 
 use super::result::{mxp_result, FfiError};
 use std::collections::VecDeque;

@@ -34,12 +34,12 @@ pub use dispatcher::{
     mxp_body, mxp_body_free, mxp_body_new, mxp_dispatcher, mxp_dispatcher_enqueue,
     mxp_dispatcher_enqueue_body, mxp_dispatcher_enqueue_body_timeout,
     mxp_dispatcher_enqueue_timeout, mxp_dispatcher_flush, mxp_dispatcher_free, mxp_dispatcher_new,
-    mxp_dispatcher_shutdown, mxp_dispatcher_stats, mxp_dispatcher_wait_final, mxp_stats,
-    MXP_MAX_RECIPIENTS,
+    mxp_dispatcher_shutdown, mxp_dispatcher_shutdown_timeout, mxp_dispatcher_stats,
+    mxp_dispatcher_wait_final, mxp_stats, MXP_MAX_RECIPIENTS,
 };
 pub use event::{
-    mxp_category, mxp_dispatcher_poll_events, mxp_dispatcher_set_callback,
-    mxp_dispatcher_wait_events, mxp_event, mxp_event_callback, mxp_event_kind,
+    mxp_category, mxp_category_str, mxp_dispatcher_poll_events, mxp_dispatcher_set_callback,
+    mxp_dispatcher_wait_events, mxp_event, mxp_event_callback, mxp_event_kind, mxp_event_kind_str,
     MXP_DESTINATION_SIZE, MXP_RECIPIENT_SIZE, MXP_REPLY_TEXT_SIZE,
 };
 pub use result::{
@@ -103,14 +103,18 @@ fn check_array<T>(ptr: *const T, len: usize, what: &str, len_name: &str) -> Resu
     Ok(())
 }
 
-/// The bytes of a message body.
+/// The bytes of a message body; `(NULL, 0)` is an empty body.
 ///
 /// # Safety
 ///
 /// `ptr` must be NULL or point to `len` readable bytes that outlive `'a`.
 unsafe fn body_slice<'a>(ptr: *const u8, len: usize) -> Result<&'a [u8], FfiError> {
     if ptr.is_null() {
-        return Err(FfiError::null("body"));
+        return if len == 0 {
+            Ok(&[])
+        } else {
+            Err(FfiError::null("body"))
+        };
     }
     if len > isize::MAX as usize {
         return Err(FfiError::invalid_argument(format!(

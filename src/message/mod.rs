@@ -80,6 +80,8 @@ pub struct Message {
     pub(crate) sender: Address,
     pub(crate) recipients: Vec<Address>,
     pub(crate) body: Arc<Body>,
+    /// The caller's tag, echoed in every outcome event of the message.
+    pub(crate) tag: u64,
 }
 
 impl Message {
@@ -122,7 +124,19 @@ impl Message {
             sender,
             recipients,
             body,
+            tag: 0,
         })
+    }
+
+    /// Sets the caller's tag (0 unless set), which every outcome event of the message carries
+    /// ([`crate::engine::Event::tag`]): a row number, a database key, a pointer.
+    pub fn with_tag(mut self, tag: u64) -> Self {
+        self.tag = tag;
+        self
+    }
+
+    pub fn tag(&self) -> u64 {
+        self.tag
     }
 
     pub fn sender(&self) -> &Address {

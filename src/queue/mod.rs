@@ -21,6 +21,8 @@ pub struct Envelope {
     pub sender: Address,
     pub body: Arc<Body>,
     pub submitted: Instant,
+    /// The caller's tag ([`crate::message::Message::with_tag`]).
+    pub tag: u64,
 }
 
 /// Recipients of one message bound for one destination: the unit of a transaction.

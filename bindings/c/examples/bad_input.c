@@ -142,55 +142,58 @@ static void enqueue_cases(mxp_dispatcher *d) {
     uint64_t id = SENTINEL;
 
     expect("enqueue(NULL dispatcher)",
-           mxp_dispatcher_enqueue(NULL, "s@example.org", good, 2, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(NULL, "s@example.org", good, 2, BODY, BODY_LEN, 0, &id),
            MXP_ERR_NULL_POINTER, "dispatcher");
     expect("enqueue(NULL sender)",
-           mxp_dispatcher_enqueue(d, NULL, good, 2, BODY, BODY_LEN, &id), MXP_ERR_NULL_POINTER,
+           mxp_dispatcher_enqueue(d, NULL, good, 2, BODY, BODY_LEN, 0, &id), MXP_ERR_NULL_POINTER,
            "sender");
     expect("enqueue(NULL recipients)",
-           mxp_dispatcher_enqueue(d, "s@example.org", NULL, 2, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", NULL, 2, BODY, BODY_LEN, 0, &id),
            MXP_ERR_NULL_POINTER, "recipients");
     expect("enqueue(NULL body)",
-           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, NULL, 10, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, NULL, 10, 0, &id),
            MXP_ERR_NULL_POINTER, "body");
     expect("enqueue(NULL out_id)",
-           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, BODY, BODY_LEN, NULL),
+           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, BODY, BODY_LEN, 0, NULL),
            MXP_ERR_NULL_POINTER, "out_id");
     expect("enqueue NULL recipient entry",
-           mxp_dispatcher_enqueue(d, "s@example.org", with_null, 2, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", with_null, 2, BODY, BODY_LEN, 0, &id),
            MXP_ERR_NULL_POINTER, "recipient 1");
     expect("enqueue 0 recipients",
-           mxp_dispatcher_enqueue(d, "s@example.org", good, 0, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", good, 0, BODY, BODY_LEN, 0, &id),
+           MXP_ERR_NO_RECIPIENTS, "no recipients");
+    expect("enqueue 0 recipients, NULL array",
+           mxp_dispatcher_enqueue(d, "s@example.org", NULL, 0, BODY, BODY_LEN, 0, &id),
            MXP_ERR_NO_RECIPIENTS, "no recipients");
     expect("enqueue recipient count too large",
-           mxp_dispatcher_enqueue(d, "s@example.org", good, SIZE_MAX, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", good, SIZE_MAX, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_ARGUMENT, "n_recipients");
     expect("enqueue body_len too large",
-           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, BODY, SIZE_MAX, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, BODY, SIZE_MAX, 0, &id),
            MXP_ERR_INVALID_ARGUMENT, "body_len");
     expect("enqueue CRLF in recipient",
-           mxp_dispatcher_enqueue(d, "s@example.org", crlf, 2, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", crlf, 2, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_ADDRESS, "recipient 1: address contains a control character");
     expect("enqueue sender not UTF-8",
-           mxp_dispatcher_enqueue(d, "s\xc0@example.org", good, 2, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s\xc0@example.org", good, 2, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_UTF8, "sender: address is not valid UTF-8");
     expect("enqueue recipient not UTF-8",
-           mxp_dispatcher_enqueue(d, "s@example.org", bad_utf8, 1, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", bad_utf8, 1, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_UTF8, "recipient 0");
     expect("enqueue empty recipient",
-           mxp_dispatcher_enqueue(d, "s@example.org", empty, 1, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", empty, 1, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_ADDRESS, "recipient 0: address is empty");
     expect("enqueue unterminated address",
-           mxp_dispatcher_enqueue(d, "s@example.org", too_long, 1, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", too_long, 1, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_ADDRESS, "recipient 0: address is over 254 octets");
     expect("enqueue sender without @",
-           mxp_dispatcher_enqueue(d, "nobody", good, 2, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "nobody", good, 2, BODY, BODY_LEN, 0, &id),
            MXP_ERR_INVALID_ADDRESS, "sender: address has no '@'");
     static uint8_t long_line[1200];
     memset(long_line, 'x', sizeof long_line);
     memcpy(long_line, "Subject: x\r\n", 12);
     expect("enqueue body line over 998 octets",
-           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, long_line, sizeof long_line,
+           mxp_dispatcher_enqueue(d, "s@example.org", good, 2, long_line, sizeof long_line, 0,
                                   &id),
            MXP_ERR_BODY_LINE_TOO_LONG, "body: line 2 is 1188 octets long");
     expect("  ...no failed call wrote out_id", id == SENTINEL ? MXP_OK : MXP_ERR_PANIC, MXP_OK,
@@ -199,13 +202,18 @@ static void enqueue_cases(mxp_dispatcher *d) {
     /* A body with NUL bytes is fine: it is (pointer, length), not a string. */
     static const uint8_t with_nul[] = "Subject: nul\r\n\r\na\0b\r\n";
     expect("enqueue body with a NUL byte",
-           mxp_dispatcher_enqueue(d, "", good, 1, with_nul, sizeof with_nul - 1, &id), MXP_OK,
+           mxp_dispatcher_enqueue(d, "", good, 1, with_nul, sizeof with_nul - 1, 0, &id), MXP_OK,
            NULL);
     expect("  ...wrote out_id", id != SENTINEL ? MXP_OK : MXP_ERR_PANIC, MXP_OK, NULL);
+    /* (NULL, 0) is an empty body, as (pointer, 0) is. */
+    expect("enqueue (NULL, 0) body: an empty body",
+           mxp_dispatcher_enqueue(d, "", good, 1, NULL, 0, 0, &id), MXP_OK, NULL);
 
     /* Prepared bodies. */
     mxp_body *body = NULL;
     expect("body_new(NULL content)", mxp_body_new(NULL, 5, &body), MXP_ERR_NULL_POINTER, "body");
+    expect("body_new(NULL, 0): an empty body", mxp_body_new(NULL, 0, &body), MXP_OK, NULL);
+    expect("  ...freed", mxp_body_free(body), MXP_OK, NULL);
     expect("body_new(NULL out)", mxp_body_new(BODY, BODY_LEN, NULL), MXP_ERR_NULL_POINTER,
            "out");
     expect("body_new line too long", mxp_body_new(long_line, sizeof long_line, &body),
@@ -213,22 +221,22 @@ static void enqueue_cases(mxp_dispatcher *d) {
     check(mxp_body_new(BODY, BODY_LEN, &body), "mxp_body_new");
     id = SENTINEL;
     expect("enqueue_body(NULL body)",
-           mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, NULL, &id),
+           mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, NULL, 0, &id),
            MXP_ERR_NULL_POINTER, "body");
     expect("enqueue_body with a dispatcher as body",
-           mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, (const mxp_body *)d, &id),
+           mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, (const mxp_body *)d, 0, &id),
            MXP_ERR_BAD_HANDLE, "body handle");
     expect("enqueue_body with a body as dispatcher",
            mxp_dispatcher_enqueue_body((const mxp_dispatcher *)body, "s@example.org", good, 2,
-                                       body, &id),
+                                       body, 0, &id),
            MXP_ERR_BAD_HANDLE, "dispatcher handle");
-    expect("enqueue_body", mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, body, &id),
+    expect("enqueue_body", mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, body, 0, &id),
            MXP_OK, NULL);
     expect("body_free", mxp_body_free(body), MXP_OK, NULL);
     expect("body_free twice", mxp_body_free(body), MXP_ERR_BAD_HANDLE, "body handle");
     id = SENTINEL;
     expect("enqueue_body after body_free",
-           mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, body, &id),
+           mxp_dispatcher_enqueue_body(d, "s@example.org", good, 2, body, 0, &id),
            MXP_ERR_BAD_HANDLE, "body handle");
     expect("body_free(NULL)", mxp_body_free(NULL), MXP_OK, NULL);
 
@@ -236,7 +244,7 @@ static void enqueue_cases(mxp_dispatcher *d) {
     int local = 0;
     expect("enqueue with a made-up handle",
            mxp_dispatcher_enqueue((const mxp_dispatcher *)&local, "s@example.org", good, 2, BODY,
-                                  BODY_LEN, &id),
+                                  BODY_LEN, 0, &id),
            MXP_ERR_BAD_HANDLE, "dispatcher handle");
     expect("  ...no failed call wrote out_id", id == SENTINEL ? MXP_OK : MXP_ERR_PANIC, MXP_OK,
            NULL);
@@ -319,7 +327,7 @@ int main(int argc, char **argv) {
     mxp_dispatcher *tiny = start(slow_relay, tiny_settings);
     const char *one[] = {"a@example.org"};
     uint64_t id;
-    check(mxp_dispatcher_enqueue(tiny, "s@example.org", one, 1, BODY, BODY_LEN, &id), "enqueue");
+    check(mxp_dispatcher_enqueue(tiny, "s@example.org", one, 1, BODY, BODY_LEN, 0, &id), "enqueue");
     mxp_stats stats;
     for (int i = 0; i < 1000; i++) {
         check(mxp_dispatcher_stats(tiny, &stats), "mxp_dispatcher_stats");
@@ -329,12 +337,12 @@ int main(int argc, char **argv) {
         struct timespec pause = {0, 10 * 1000 * 1000};
         nanosleep(&pause, NULL);
     }
-    check(mxp_dispatcher_enqueue(tiny, "s@example.org", one, 1, BODY, BODY_LEN, &id), "enqueue");
+    check(mxp_dispatcher_enqueue(tiny, "s@example.org", one, 1, BODY, BODY_LEN, 0, &id), "enqueue");
     expect("enqueue into a full queue",
-           mxp_dispatcher_enqueue(tiny, "s@example.org", one, 1, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(tiny, "s@example.org", one, 1, BODY, BODY_LEN, 0, &id),
            MXP_ERR_QUEUE_FULL, "queue full");
     expect("enqueue_timeout into a full queue",
-           mxp_dispatcher_enqueue_timeout(tiny, "s@example.org", one, 1, BODY, BODY_LEN, 50, &id),
+           mxp_dispatcher_enqueue_timeout(tiny, "s@example.org", one, 1, BODY, BODY_LEN, 0, 50, &id),
            MXP_ERR_QUEUE_FULL, "queue full");
     check(mxp_dispatcher_free(tiny), "mxp_dispatcher_free");
 
@@ -361,7 +369,7 @@ int main(int argc, char **argv) {
            MXP_ERR_INVALID_ARGUMENT, "set already");
     expect("poll_events with a callback set", mxp_dispatcher_poll_events(stuck, events, 4, &n),
            MXP_ERR_EVENTS_UNAVAILABLE, "callback");
-    check(mxp_dispatcher_enqueue(stuck, "s@example.org", one, 1, BODY, BODY_LEN, &id), "enqueue");
+    check(mxp_dispatcher_enqueue(stuck, "s@example.org", one, 1, BODY, BODY_LEN, 0, &id), "enqueue");
     expect("wait_final times out", mxp_dispatcher_wait_final(stuck, 300), MXP_ERR_TIMED_OUT,
            "after 300 ms");
     check(mxp_dispatcher_free(stuck), "mxp_dispatcher_free");
@@ -380,12 +388,12 @@ int main(int argc, char **argv) {
     expect("shutdown", mxp_dispatcher_shutdown(d), MXP_OK, NULL);
     expect("shutdown again", mxp_dispatcher_shutdown(d), MXP_OK, NULL);
     expect("enqueue after shutdown",
-           mxp_dispatcher_enqueue(d, "s@example.org", one, 1, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", one, 1, BODY, BODY_LEN, 0, &id),
            MXP_ERR_SHUT_DOWN, "shut down");
     mxp_body *body;
     check(mxp_body_new(BODY, BODY_LEN, &body), "mxp_body_new");
     expect("enqueue_body_timeout after shutdown",
-           mxp_dispatcher_enqueue_body_timeout(d, "s@example.org", one, 1, body, 100, &id),
+           mxp_dispatcher_enqueue_body_timeout(d, "s@example.org", one, 1, body, 0, 100, &id),
            MXP_ERR_SHUT_DOWN, "shut down");
     check(mxp_body_free(body), "mxp_body_free");
     expect("flush after shutdown", mxp_dispatcher_flush(d), MXP_ERR_SHUT_DOWN, "shut down");
@@ -403,7 +411,7 @@ int main(int argc, char **argv) {
     expect("dispatcher_free twice", mxp_dispatcher_free(d), MXP_ERR_BAD_HANDLE,
            "dispatcher handle");
     expect("enqueue after free",
-           mxp_dispatcher_enqueue(d, "s@example.org", one, 1, BODY, BODY_LEN, &id),
+           mxp_dispatcher_enqueue(d, "s@example.org", one, 1, BODY, BODY_LEN, 0, &id),
            MXP_ERR_BAD_HANDLE, "was freed already");
     expect("stats after free", mxp_dispatcher_stats(d, &stats), MXP_ERR_BAD_HANDLE,
            "dispatcher handle");

@@ -66,9 +66,9 @@ static void *producer(void *arg) {
         uint64_t id;
         mxp_result rc = shared
             ? mxp_dispatcher_enqueue_body(dispatcher, "bench@mxpipe.example", recipients, 1,
-                                          body, &id)
+                                          body, 0, &id)
             : mxp_dispatcher_enqueue(dispatcher, "bench@mxpipe.example", recipients, 1,
-                                     (const uint8_t *)BODY, body_len, &id);
+                                     (const uint8_t *)BODY, body_len, 0, &id);
         check(rc, "enqueue");
     }
     double cpu = thread_cpu_s() - cpu_start;
@@ -152,7 +152,7 @@ static int bench_e2e(const char *relay, long messages, long size, const char *co
     for (long i = 0; i < messages; i++) {
         uint64_t id;
         check(mxp_dispatcher_enqueue_body_timeout(dispatcher, "bench@mxpipe.example",
-                                                  recipients, 1, body, 60000, &id),
+                                                  recipients, 1, body, 0, 60000, &id),
               "enqueue");
     }
     check(mxp_dispatcher_wait_final(dispatcher, 600000), "mxp_dispatcher_wait_final");

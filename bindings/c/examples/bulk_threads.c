@@ -41,10 +41,10 @@ static void *producer(void *arg) {
         mxp_result rc;
         if (thread < 2) {
             rc = mxp_dispatcher_enqueue_body_timeout(dispatcher, "news@example.org", recipients,
-                                                     2, shared_body, 60000, &id);
+                                                     2, shared_body, 0, 60000, &id);
         } else {
             rc = mxp_dispatcher_enqueue_timeout(dispatcher, "news@example.org", recipients, 2,
-                                                (const uint8_t *)body_text, strlen(body_text),
+                                                (const uint8_t *)body_text, strlen(body_text), 0,
                                                 60000, &id);
         }
         check(rc, "enqueue");
@@ -120,7 +120,7 @@ int main(int argc, char **argv) {
             }
             finals++;
             if (wrong > wrong_before && wrong <= 5) {
-                fprintf(stderr, "unexpected: %s %s %u %s\n", e->recipient, kind_name(e->kind),
+                fprintf(stderr, "unexpected: %s %s %u %s\n", e->recipient, mxp_event_kind_str(e->kind),
                         e->code, e->text);
             }
         }

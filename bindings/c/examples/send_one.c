@@ -1,7 +1,8 @@
 /*
  * Run: make -C bindings/c test   (or: bindings/c/build/shared/send_one 127.0.0.1:2525 rcpt@example.org)
  *
- * Sends one message to one recipient through a relay and prints its outcome.
+ * Sends one message to one recipient through a relay and prints its outcome. The message is
+ * enqueued with the tag 42, which comes back in its events.
  * Exit status: 0 delivered, 2 another final outcome, 1 an error.
  */
 #include <inttypes.h>
@@ -34,7 +35,7 @@ int main(int argc, char **argv) {
     const char *recipients[] = {recipient};
     uint64_t id = 0;
     check(mxp_dispatcher_enqueue_timeout(dispatcher, "sender@example.org", recipients, 1,
-                                         (const uint8_t *)body, strlen(body), 10000, &id),
+                                         (const uint8_t *)body, strlen(body), 42, 10000, &id),
           "mxp_dispatcher_enqueue_timeout");
     printf("enqueued message %" PRIu64 "\n", id);
 
@@ -48,11 +49,12 @@ int main(int argc, char **argv) {
             fprintf(stderr, "no outcome within 30 s\n");
             return 1;
         }
-        printf("%s: %s %u %u.%u.%u \"%s\"%s via %s (message %" PRIu64 ", attempt %u)\n",
-               event.recipient, kind_name(event.kind), event.code, event.enhanced_class,
+        printf("%s: %s %u %u.%u.%u \"%s\"%s via %s (message %" PRIu64 ", tag %" PRIu64
+               ", attempt %u, category %s)\n",
+               event.recipient, mxp_event_kind_str(event.kind), event.code, event.enhanced_class,
                event.enhanced_subject, event.enhanced_detail, event.text,
                event.text_truncated ? " (cut)" : "", event.destination, event.message_id,
-               event.attempts);
+               event.tag, event.attempts, mxp_category_str(event.category));
         if (event.kind != MXP_EVENT_KIND_DEFERRED) {
             break;
         }

@@ -24,14 +24,4 @@ static inline void check(mxp_result rc, const char *what) {
     }
 }
 
-static inline const char *kind_name(mxp_event_kind kind) {
-    switch (kind) {
-    case MXP_EVENT_KIND_DELIVERED: return "delivered";
-    case MXP_EVENT_KIND_DEFERRED: return "deferred";
-    case MXP_EVENT_KIND_BOUNCED: return "bounced";
-    case MXP_EVENT_KIND_EXPIRED: return "expired";
-    }
-    return "?";
-}
-
 #endif

@@ -198,28 +198,30 @@ def test_c_abi_null_pointers_and_lengths(sink):
     enqueue = lib.mxp_dispatcher_enqueue
     s = b"s@example.org"
     cases = [
-        (lambda: enqueue(None, s, rcpts, 2, BODY, len(BODY), byref(out)),
+        (lambda: enqueue(None, s, rcpts, 2, BODY, len(BODY), 0, byref(out)),
          n.MXP_ERR_NULL_POINTER, "dispatcher: NULL pointer"),
-        (lambda: enqueue(d, None, rcpts, 2, BODY, len(BODY), byref(out)),
+        (lambda: enqueue(d, None, rcpts, 2, BODY, len(BODY), 0, byref(out)),
          n.MXP_ERR_NULL_POINTER, "sender: NULL pointer"),
-        (lambda: enqueue(d, s, None, 2, BODY, len(BODY), byref(out)),
+        (lambda: enqueue(d, s, None, 2, BODY, len(BODY), 0, byref(out)),
          n.MXP_ERR_NULL_POINTER, "recipients: NULL pointer"),
-        (lambda: enqueue(d, s, rcpts, 2, None, 5, byref(out)),
+        (lambda: enqueue(d, s, rcpts, 2, None, 5, 0, byref(out)),
          n.MXP_ERR_NULL_POINTER, "body: NULL pointer"),
-        (lambda: enqueue(d, s, rcpts, 2, BODY, len(BODY), None),
+        (lambda: enqueue(d, s, rcpts, 2, BODY, len(BODY), 0, None),
          n.MXP_ERR_NULL_POINTER, "out_id: NULL pointer"),
-        (lambda: enqueue(d, s, with_null, 2, BODY, len(BODY), byref(out)),
+        (lambda: enqueue(d, s, with_null, 2, BODY, len(BODY), 0, byref(out)),
          n.MXP_ERR_NULL_POINTER, "recipient 1: NULL pointer"),
-        (lambda: enqueue(d, s, rcpts, 0, BODY, len(BODY), byref(out)),
+        (lambda: enqueue(d, s, rcpts, 0, BODY, len(BODY), 0, byref(out)),
          n.MXP_ERR_NO_RECIPIENTS, "recipients: the message has no recipients"),
-        (lambda: enqueue(d, s, rcpts, 2**64 - 1, BODY, len(BODY), byref(out)),
+        (lambda: enqueue(d, s, None, 0, BODY, len(BODY), 0, byref(out)),
+         n.MXP_ERR_NO_RECIPIENTS, "recipients: the message has no recipients"),
+        (lambda: enqueue(d, s, rcpts, 2**64 - 1, BODY, len(BODY), 0, byref(out)),
          n.MXP_ERR_INVALID_ARGUMENT,
          "n_recipients: 18446744073709551615 is over the limit of 1000000 per call"),
-        (lambda: enqueue(d, s, rcpts, 2, BODY, 2**64 - 1, byref(out)),
+        (lambda: enqueue(d, s, rcpts, 2, BODY, 2**64 - 1, 0, byref(out)),
          n.MXP_ERR_INVALID_ARGUMENT, "body_len: 18446744073709551615 is larger than any buffer"),
         (lambda: lib.mxp_body_new(None, 3, byref(c_void_p())),
          n.MXP_ERR_NULL_POINTER, "body: NULL pointer"),
-        (lambda: lib.mxp_dispatcher_enqueue_body(d, s, rcpts, 2, None, byref(out)),
+        (lambda: lib.mxp_dispatcher_enqueue_body(d, s, rcpts, 2, None, 0, byref(out)),
          n.MXP_ERR_NULL_POINTER, "body: NULL pointer"),
         (lambda: lib.mxp_dispatcher_poll_events(d, None, 4, byref(c_size_t())),
          n.MXP_ERR_NULL_POINTER, "events: NULL pointer"),
@@ -241,7 +243,7 @@ def test_c_abi_null_pointers_and_lengths(sink):
     # Stale and made-up handles.
     assert lib.mxp_dispatcher_free(d) == n.MXP_OK
     assert raw_error(lib.mxp_dispatcher_free(d))[0] == n.MXP_ERR_BAD_HANDLE
-    assert raw_error(enqueue(d, b"s@example.org", rcpts, 2, BODY, len(BODY), byref(out)))[0] == (
+    assert raw_error(enqueue(d, b"s@example.org", rcpts, 2, BODY, len(BODY), 0, byref(out)))[0] == (
         n.MXP_ERR_BAD_HANDLE)
     made_up = ctypes.addressof(out)
     code, message = raw_error(lib.mxp_dispatcher_flush(made_up))

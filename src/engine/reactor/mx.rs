@@ -65,6 +65,25 @@ impl MxState {
     }
 }
 
+impl MxState {
+    /// Takes the recipients waiting for the resolver (a bounded shutdown abandons them).
+    pub(super) fn take_pending(&mut self) -> Vec<(Arc<Envelope>, Vec<Address>, u32)> {
+        let pending: Vec<Arc<str>> = self
+            .domains
+            .iter()
+            .filter(|(_, route)| matches!(route, DomainRoute::Pending(_)))
+            .map(|(domain, _)| Arc::clone(domain))
+            .collect();
+        let mut waiting = Vec::new();
+        for domain in pending {
+            if let Some(DomainRoute::Pending(list)) = self.domains.remove(&domain) {
+                waiting.extend(list);
+            }
+        }
+        waiting
+    }
+}
+
 impl Drop for MxState {
     fn drop(&mut self) {
         self.resolver.shutdown();

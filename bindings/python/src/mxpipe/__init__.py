@@ -14,7 +14,9 @@ Errors are subclasses of MxpipeError, one per C result code, with the library's 
 """
 
 from . import _native
-from ._dispatcher import Dispatcher, Outcome, OutcomeKind, Stats
+from ._async import AsyncDispatcher
+from ._dispatcher import Category, Dispatcher, Outcome, OutcomeKind, Stats
+from ._settings import Duration, Settings
 from ._errors import (
     BadHandle,
     BodyLineTooLong,
@@ -38,11 +40,14 @@ __version__: str = _native.lib.mxp_version().decode()
 """The version of the native library."""
 
 __all__ = [
+    "AsyncDispatcher",
     "BadHandle",
     "BodyLineTooLong",
     "CallbackContext",
+    "Category",
     "ConfigError",
     "Dispatcher",
+    "Duration",
     "EventsUnavailable",
     "InternalError",
     "InvalidAddress",
@@ -55,6 +60,7 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "QueueFull",
+    "Settings",
     "ShutDown",
     "Stats",
     "UnknownKey",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 import re
 import threading
 import time
@@ -11,14 +12,41 @@ import traceback
 import weakref
 from ctypes import byref, c_char_p, c_size_t, c_uint64, c_void_p
 from datetime import timedelta
-from typing import Callable, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
+from types import TracebackType
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 from . import _native as n
-from ._errors import InvalidAddress, InvalidUtf8, MxpipeError, check, error_for
+from ._settings import Settings
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+from ._errors import (
+    _BY_CODE as _ERRORS,
+    BadHandle,
+    CallbackContext,
+    InvalidAddress,
+    InvalidUtf8,
+    MxpipeError,
+    check,
+    error_for,
+)
 
 Address = Union[str, bytes]
 Body = Union[bytes, bytearray, memoryview, str]
-Setting = Union[str, int, float, bool, timedelta]
+Setting = Union[str, int, float, bool, timedelta, "os.PathLike[str]"]
 
 # Blocking calls wait in slices of this many seconds, so that Ctrl-C and close() from another
 # thread are noticed.
@@ -41,20 +69,45 @@ class OutcomeKind(str, enum.Enum):
 _KINDS = (OutcomeKind.DELIVERED, OutcomeKind.DEFERRED, OutcomeKind.BOUNCED, OutcomeKind.EXPIRED)
 
 
+class Category(str, enum.Enum):
+    """Why a recipient was not delivered (mxpipe's classification of the reply). A str enum:
+    ``Category.BAD_MAILBOX == "bad_mailbox"``."""
+
+    BAD_MAILBOX = "bad_mailbox"
+    """The mailbox does not exist, is disabled, or the address is invalid."""
+    MAILBOX_FULL = "mailbox_full"
+    NO_SUCH_DOMAIN = "no_such_domain"
+    """The domain does not exist or accepts no mail (null MX)."""
+    POLICY_BLOCK = "policy_block"
+    """Refused for spam, reputation, authentication (SPF/DKIM/DMARC) or local policy."""
+    THROTTLED = "throttled"
+    """Slow down: rate limits, too many connections, temporary reputation deferrals."""
+    TLS = "tls"
+    DNS = "dns"
+    CONNECTION = "connection"
+    """The connection could not be made, was lost, or timed out."""
+    PROTOCOL = "protocol"
+    OTHER = "other"
+
+
+# By C value (mxp_category); 0 is "none" (delivered).
+_CATEGORIES: Tuple[Optional[Category], ...] = (None, *(Category(name) for name in n.CATEGORIES[1:]))
+
+
 class Outcome(NamedTuple):
     """One outcome for one recipient."""
 
     kind: OutcomeKind
-    category: Optional[str]
-    """Why it was not delivered ("bad_mailbox", "mailbox_full", "no_such_domain",
-    "policy_block", "throttled", "tls", "dns", "connection", "protocol", "other"); None when
-    delivered."""
+    category: Optional[Category]
+    """Why it was not delivered; None when delivered."""
     message_id: int
     """The identifier ``send`` (or ``send_many``) returned."""
+    tag: int
+    """The ``tag`` given to ``send`` (or ``send_many``); 0 unless given."""
     recipient: str
     code: int
     """The server's reply code; 0 when there was no reply (connection failure, timeout)."""
-    enhanced: Optional[tuple]
+    enhanced: Optional[Tuple[int, int, int]]
     """The enhanced status code (class, subject, detail), or None."""
     text: str
     """The server's reply text (lines joined by newlines), or the reason when code is 0."""
@@ -100,8 +153,11 @@ def _outcome(event: n.Event) -> Outcome:
     )
     return Outcome(
         kind=_KINDS[event.kind],
-        category=n.CATEGORIES[event.category] if event.category < len(n.CATEGORIES) else "other",
+        category=(
+            _CATEGORIES[event.category] if event.category < len(_CATEGORIES) else Category.OTHER
+        ),
         message_id=event.message_id,
+        tag=event.tag,
         recipient=event.recipient.decode("utf-8", "replace"),
         code=event.code,
         enhanced=enhanced,
@@ -121,6 +177,8 @@ def _setting_text(value: Setting) -> str:
         return repr(value.total_seconds())
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return str(value)
 
 
@@ -139,8 +197,10 @@ def _address(value: Address, field: str) -> bytes:
             data = value.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidUtf8(f"{field}: address is not valid UTF-8", n.MXP_ERR_INVALID_UTF8) from None
-    else:
+    elif isinstance(value, bytes):
         data = bytes(value)
+    else:
+        raise TypeError(f"{field}: expected str or bytes, not {type(value).__name__}")
     if b"\0" in data:
         raise InvalidAddress(
             f"{field}: address contains a control character (CR, LF, NUL or another)",
@@ -149,10 +209,25 @@ def _address(value: Address, field: str) -> bytes:
     return data
 
 
-def _recipient_array(recipients: Sequence[Address], offset: int = 0):
+def _check_address_types(recipients: Sequence[Address], offset: int) -> None:
+    """TypeError naming the first recipient that is neither str nor bytes."""
+    for i, r in enumerate(recipients):
+        if not isinstance(r, (str, bytes)):
+            raise TypeError(
+                f"recipient {offset + i}: expected str or bytes, not {type(r).__name__}"
+            )
+
+
+def _recipient_array(
+    recipients: Sequence[Address], offset: int = 0
+) -> Tuple["ctypes.Array[c_char_p]", List[bytes]]:
     """The recipients as a C array of strings (and the bytes objects it points into)."""
     try:
-        encoded = [r.encode("utf-8") if isinstance(r, str) else bytes(r) for r in recipients]
+        # bytes(5) would be five NULs: only str and bytes are addresses.
+        encoded = [r.encode("utf-8") if isinstance(r, str) else r for r in recipients]
+        if not all(type(r) is bytes for r in encoded):
+            _check_address_types(recipients, offset)
+            encoded = [bytes(r) for r in encoded]  # bytes subclasses
     except UnicodeEncodeError:
         encoded = [_address(r, f"recipient {offset + i}") for i, r in enumerate(recipients)]
     if b"\0" in b"".join(encoded):
@@ -160,6 +235,14 @@ def _recipient_array(recipients: Sequence[Address], offset: int = 0):
             _address(r, f"recipient {offset + i}")
     array = (c_char_p * len(encoded))(*encoded)
     return array, encoded
+
+
+def _check_tag(tag: int) -> int:
+    if not isinstance(tag, int) or isinstance(tag, bool):
+        raise TypeError(f"tag: expected int, not {type(tag).__name__}")
+    if not 0 <= tag < 2**64:
+        raise ValueError(f"tag: {tag} is not from 0 to 2**64 - 1")
+    return tag
 
 
 def _body_bytes(body: Body) -> bytes:
@@ -172,10 +255,40 @@ def _timeout_ms(seconds: float) -> int:
     return max(0, min(int(seconds * 1000), n.WAIT_FOREVER - 1))
 
 
+def _stop(handle: int, timeout: Optional[float]) -> Tuple[int, str]:
+    """Shuts a dispatcher down (``timeout`` None: without limit) on a helper thread while this
+    one waits in slices, so that a Ctrl-C is seen here (a C call cannot be interrupted): it cuts
+    the shutdown short, and KeyboardInterrupt is raised once it has ended. Returns the result
+    code and the library's message."""
+    wait_ms = n.WAIT_FOREVER if timeout is None else _timeout_ms(timeout)
+    result: List[Tuple[int, str]] = []
+
+    def run() -> None:
+        code = n.lib.mxp_dispatcher_shutdown_timeout(handle, wait_ms)
+        result.append((code, n.last_error() if code != n.MXP_OK else ""))
+
+    helper = threading.Thread(target=run, name="mxpipe-shutdown", daemon=True)
+    helper.start()
+    try:
+        while helper.is_alive():
+            helper.join(_SLICE)
+    except KeyboardInterrupt:
+        n.lib.mxp_dispatcher_shutdown_timeout(handle, 0)
+        helper.join()
+        raise
+    return result[0]
+
+
 def _release(handle: int, keepalive: object) -> None:
-    """Frees a dispatcher handle (close(), garbage collection, or interpreter exit)."""
-    del keepalive  # the callback object had to live until the handle was freed
-    n.lib.mxp_dispatcher_free(handle)
+    """Frees a dispatcher handle left open (garbage collection, or interpreter exit): what was
+    sent is delivered first, unless Ctrl-C cuts that short."""
+    try:
+        _stop(handle, None)
+    except KeyboardInterrupt:
+        pass  # the shutdown was cut short: the free below is prompt
+    finally:
+        n.lib.mxp_dispatcher_free(handle)
+        del keepalive  # the callback object had to live until the handle was freed
 
 
 class Dispatcher:
@@ -190,12 +303,10 @@ class Dispatcher:
             for outcome in d.outcomes(timeout=30):
                 print(outcome.recipient, outcome.kind, outcome.code, outcome.text)
 
-    Keys: relay, route(s), ehlo_name, connect_timeout, greeting_timeout, command_timeout,
-    data_end_timeout, chunking, max_connections_per_destination, max_connections,
-    tls_handshake_timeout, max_messages_per_connection,
-    max_recipients_per_transaction, idle_timeout, queue_capacity, max_queued_recipients,
-    retry_initial, retry_max_interval, retry_multiplier, retry_jitter, retry_max_age, loops,
-    record_events. Durations are seconds (int, float or timedelta) or text such as "250ms".
+    The keys and their types are those of ``mxpipe.Settings`` (a TypedDict: mypy and other type
+    checkers catch a misspelt key or a wrong type); keys that may repeat (source_address,
+    limit_override, classify_rule, mx_nameservers) take a list too. Durations are seconds (int,
+    float or timedelta) or text such as "250ms".
 
     Every method may be called from any thread; calls that wait release the GIL. ``on_outcome``,
     if given, is called with each Outcome on a thread of mxpipe's (not the caller's, never an
@@ -210,17 +321,21 @@ class Dispatcher:
         *,
         routes: Optional[Mapping[str, str]] = None,
         on_outcome: Optional[Callable[[Outcome], None]] = None,
-        **settings: Setting,
+        **settings: Unpack[Settings],
     ) -> None:
         config = c_void_p()
         check(n.lib.mxp_config_new(byref(config)))
         try:
-            items: List[tuple] = []
+            items: List[Tuple[str, Setting]] = []
             if relay is not None:
                 items.append(("relay", relay))
             for domain, target in (routes or {}).items():
                 items.append(("route", f"{domain}={target}"))
-            items.extend(settings.items())
+            for key, value in settings.items():
+                if isinstance(value, (list, tuple)):
+                    items.extend((key, one) for one in value)
+                else:
+                    items.append((key, value))  # type: ignore[arg-type]
             for key, value in items:
                 check(n.lib.mxp_config_set(config, _encode(key, "key"),
                                            _encode(_setting_text(value), key)))
@@ -246,11 +361,15 @@ class Dispatcher:
     def _start(self, config: c_void_p, on_outcome: Optional[Callable[[Outcome], None]]) -> None:
         handle = c_void_p()
         check(n.lib.mxp_dispatcher_new(config, byref(handle)))
-        self._handle = handle.value
+        if handle.value is None:  # the library writes a handle on success
+            raise MxpipeError("mxp_dispatcher_new gave no handle", n.MXP_ERR_PANIC)
+        self._handle: int = handle.value
         self._local = threading.local()
+        # The thread the callback runs on, once it has run (close() is refused there).
+        self._callback_thread: List[Optional[int]] = [None]
         callback = None
         if on_outcome is not None:
-            callback = n.EVENT_CALLBACK(_callback_trampoline(on_outcome))
+            callback = n.EVENT_CALLBACK(_callback_trampoline(on_outcome, self._callback_thread))
         self._finalizer = weakref.finalize(self, _release, self._handle, callback)
         if callback is not None:
             check(n.lib.mxp_dispatcher_set_callback(self._handle, callback, None))
@@ -263,15 +382,18 @@ class Dispatcher:
         recipients: Union[Address, Sequence[Address]],
         body: Body,
         *,
+        tag: int = 0,
         timeout: Optional[float] = None,
     ) -> int:
-        """Queues one message and returns its identifier (outcomes carry it).
+        """Queues one message and returns its identifier (outcomes carry it, and ``tag``: any
+        integer from 0 to 2**64 - 1 of the caller's, echoed in each of its outcomes).
 
         ``sender`` "" is the null sender. ``body`` is the whole message (headers and body); bare
         LF becomes CRLF. When the queue is full, waits up to ``timeout`` seconds for room (None:
         as long as it takes; 0: not at all), then raises QueueFull. Bad input raises
         InvalidAddress, InvalidUtf8, NoRecipients or BodyLineTooLong naming the field.
         """
+        _check_tag(tag)
         if isinstance(recipients, (str, bytes)):
             recipients = [recipients]
         array, keep = _recipient_array(recipients)
@@ -280,10 +402,10 @@ class Dispatcher:
         message_id = c_uint64()
 
         def attempt(wait_ms: int) -> int:
-            return n.lib.mxp_dispatcher_enqueue_timeout(
-                self._handle, sender_bytes, array, len(keep), content, len(content), wait_ms,
-                byref(message_id),
-            )
+            return int(n.lib.mxp_dispatcher_enqueue_timeout(
+                self._handle, sender_bytes, array, len(keep), content, len(content), tag,
+                wait_ms, byref(message_id),
+            ))
 
         self._enqueue(attempt, timeout)
         return message_id.value
@@ -295,16 +417,19 @@ class Dispatcher:
         body: Body,
         *,
         chunk_size: int = 1000,
+        tag: int = 0,
         timeout: Optional[float] = None,
     ) -> List[int]:
         """The bulk path: one body, prepared once and shared, for many recipients.
 
         Recipients are queued ``chunk_size`` to a message (each message is then sent in
         transactions of ``max_recipients_per_transaction``). Returns the message identifiers,
-        one per chunk. If a recipient is refused, the exception names its index in
+        one per chunk; every outcome carries ``tag``. If a recipient is refused, the exception
+        names its index in
         ``recipients``; the chunks before it are queued and their identifiers are in the
         exception's ``message_ids``.
         """
+        _check_tag(tag)
         if not 1 <= chunk_size <= n.MXP_MAX_RECIPIENTS:
             raise ValueError(f"chunk_size must be from 1 to {n.MXP_MAX_RECIPIENTS}")
         content = _body_bytes(body)
@@ -317,17 +442,17 @@ class Dispatcher:
             pending = list(recipients) if not isinstance(recipients, (list, tuple)) else recipients
             if not pending:
                 check(n.lib.mxp_dispatcher_enqueue_body(
-                    self._handle, sender_bytes, (c_char_p * 1)(), 0, prepared, byref(message_id)))
+                    self._handle, sender_bytes, None, 0, prepared, tag, byref(message_id)))
             for start in range(0, len(pending), chunk_size):
                 chunk = pending[start:start + chunk_size]
                 try:
                     array, keep = _recipient_array(chunk, start)
 
                     def attempt(wait_ms: int) -> int:
-                        return n.lib.mxp_dispatcher_enqueue_body_timeout(
-                            self._handle, sender_bytes, array, len(keep), prepared, wait_ms,
-                            byref(message_id),
-                        )
+                        return int(n.lib.mxp_dispatcher_enqueue_body_timeout(
+                            self._handle, sender_bytes, array, len(keep), prepared, tag,
+                            wait_ms, byref(message_id),
+                        ))
 
                     self._enqueue(attempt, timeout, offset=start)
                 except MxpipeError as error:
@@ -356,7 +481,7 @@ class Dispatcher:
 
     # ----- outcomes ---------------------------------------------------------------------------
 
-    def _buffer(self, capacity: int):
+    def _buffer(self, capacity: int) -> "ctypes.Array[n.Event]":
         buffer = getattr(self._local, "events", None)
         if buffer is None or len(buffer) < capacity:
             buffer = (n.Event * max(capacity, 256))()
@@ -405,7 +530,7 @@ class Dispatcher:
         """The counters now."""
         raw = n.Stats()
         check(n.lib.mxp_dispatcher_stats(self._handle, byref(raw)))
-        return Stats(*(getattr(raw, name) for name, _ in n.Stats._fields_))
+        return Stats(*(getattr(raw, field[0]) for field in n.Stats._fields_))
 
     def flush(self) -> None:
         """Waits until every queued recipient has a final outcome or waits for a retry."""
@@ -425,25 +550,49 @@ class Dispatcher:
             if time.monotonic() >= deadline:
                 return False
 
-    def shutdown(self) -> None:
-        """Stops taking work (later sends raise ShutDown), waits until every recipient in a
-        transaction has an outcome and stops the engine. Outcomes and counters stay readable
-        until ``close``."""
-        check(n.lib.mxp_dispatcher_shutdown(self._handle))
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Stops taking work (later sends raise ShutDown), lets what is queued and in
+        transactions go on, and stops the engine. Outcomes and counters stay readable until
+        ``close``.
 
-    def close(self) -> None:
-        """Shuts down and frees the engine (see ``shutdown``). Later calls raise BadHandle;
-        closing twice is fine. Not allowed from this dispatcher's own on_outcome callback."""
+        With ``timeout`` (seconds), whatever is not final when it passes is cut short: each such
+        recipient gets a DEFERRED outcome with code 0, enhanced (4, 3, 2) and the reason, and
+        connections are closed at once. Returns True when nothing was cut short. Ctrl-C while
+        this waits cuts the shutdown short the same way, then raises KeyboardInterrupt.
+        """
+        return self._stop(self._handle, timeout)
+
+    def _stop(self, handle: int, timeout: Optional[float]) -> bool:
+        code, message = _stop(handle, timeout)
+        if code not in (n.MXP_OK, n.MXP_ERR_TIMED_OUT):
+            raise _ERRORS.get(code, MxpipeError)(message, code)
+        return code == n.MXP_OK
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Shuts down (see ``shutdown``, and its ``timeout``) and frees the engine; with an
+        ``on_outcome`` callback, it has returned from its last outcome when this returns. Later
+        calls raise BadHandle; closing twice is fine. Not allowed from this dispatcher's own
+        on_outcome callback. Ctrl-C while this waits cuts the shutdown short (the recipients
+        left get DEFERRED outcomes), frees the engine and raises KeyboardInterrupt."""
         info = self._finalizer.peek()
         if info is None:
             return
         handle, callback = info[2]
-        code = n.lib.mxp_dispatcher_free(handle)
-        if code == n.MXP_ERR_CALLBACK_CONTEXT:
-            raise error_for(code)
-        # Freed here, or by a close() racing on another thread (BadHandle): either way done.
-        self._finalizer.detach()
-        del callback  # kept alive until the callback thread was joined by the free above
+        if threading.get_ident() == self._callback_thread[0]:
+            raise CallbackContext(
+                "close: not allowed from the dispatcher's own event callback (on_outcome)",
+                n.MXP_ERR_CALLBACK_CONTEXT,
+            )
+        try:
+            self._stop(handle, timeout)
+        except BadHandle:
+            pass  # closed by another thread meanwhile
+        finally:
+            # After a KeyboardInterrupt too: the shutdown was cut short, so this is prompt.
+            code = n.lib.mxp_dispatcher_free(handle)
+            # Freed here, or by a close() racing on another thread (BadHandle): either way done.
+            self._finalizer.detach()
+            del callback  # kept alive until the callback thread was joined by the free above
         if code not in (n.MXP_OK, n.MXP_ERR_BAD_HANDLE):
             raise error_for(code)
 
@@ -454,8 +603,14 @@ class Dispatcher:
     def __enter__(self) -> "Dispatcher":
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        # Ctrl-C inside the block stops at once: what is not final is reported as deferred.
+        self.close(timeout=0 if exc_type is KeyboardInterrupt else None)
 
     def __repr__(self) -> str:
         return f"<mxpipe.Dispatcher {'closed' if self.closed else hex(self._handle)}>"
@@ -469,8 +624,11 @@ def _shift_index(message: str, offset: int) -> str:
     return _INDEX.sub(lambda m: f"recipient {int(m.group(1)) + offset}", message, count=1)
 
 
-def _callback_trampoline(on_outcome: Callable[[Outcome], None]):
-    def trampoline(_userdata: Optional[int], event) -> None:
+def _callback_trampoline(
+    on_outcome: Callable[[Outcome], None], thread: List[Optional[int]]
+) -> Callable[[Optional[int], "ctypes._Pointer[n.Event]"], None]:
+    def trampoline(_userdata: Optional[int], event: "ctypes._Pointer[n.Event]") -> None:
+        thread[0] = threading.get_ident()
         try:
             on_outcome(_outcome(event.contents))
         except BaseException:  # noqa: BLE001 - an exception cannot cross into C

@@ -75,6 +75,7 @@ class Event(Structure):
         ("kind", c_int),
         ("category", c_int),
         ("message_id", c_uint64),
+        ("tag", c_uint64),
         ("code", c_uint16),
         ("enhanced_class", c_uint8),
         ("enhanced_subject", c_uint16),
@@ -149,25 +150,27 @@ _PROTOTYPES = {
     "mxp_dispatcher_free": (c_int, [_HANDLE]),
     "mxp_dispatcher_enqueue": (
         c_int,
-        [_HANDLE, c_char_p, _STRINGS, c_size_t, _BYTES, c_size_t, POINTER(c_uint64)],
+        [_HANDLE, c_char_p, _STRINGS, c_size_t, _BYTES, c_size_t, c_uint64, POINTER(c_uint64)],
     ),
     "mxp_dispatcher_enqueue_timeout": (
         c_int,
-        [_HANDLE, c_char_p, _STRINGS, c_size_t, _BYTES, c_size_t, c_uint64, POINTER(c_uint64)],
+        [_HANDLE, c_char_p, _STRINGS, c_size_t, _BYTES, c_size_t, c_uint64, c_uint64,
+         POINTER(c_uint64)],
     ),
     "mxp_body_new": (c_int, [_BYTES, c_size_t, _OUT_HANDLE]),
     "mxp_body_free": (c_int, [_HANDLE]),
     "mxp_dispatcher_enqueue_body": (
         c_int,
-        [_HANDLE, c_char_p, _STRINGS, c_size_t, _HANDLE, POINTER(c_uint64)],
+        [_HANDLE, c_char_p, _STRINGS, c_size_t, _HANDLE, c_uint64, POINTER(c_uint64)],
     ),
     "mxp_dispatcher_enqueue_body_timeout": (
         c_int,
-        [_HANDLE, c_char_p, _STRINGS, c_size_t, _HANDLE, c_uint64, POINTER(c_uint64)],
+        [_HANDLE, c_char_p, _STRINGS, c_size_t, _HANDLE, c_uint64, c_uint64, POINTER(c_uint64)],
     ),
     "mxp_dispatcher_flush": (c_int, [_HANDLE]),
     "mxp_dispatcher_wait_final": (c_int, [_HANDLE, c_uint64]),
     "mxp_dispatcher_shutdown": (c_int, [_HANDLE]),
+    "mxp_dispatcher_shutdown_timeout": (c_int, [_HANDLE, c_uint64]),
     "mxp_dispatcher_stats": (c_int, [_HANDLE, POINTER(Stats)]),
     "mxp_dispatcher_poll_events": (c_int, [_HANDLE, POINTER(Event), c_size_t, POINTER(c_size_t)]),
     "mxp_dispatcher_wait_events": (
@@ -192,4 +195,5 @@ def last_error() -> str:
 
 
 def result_str(code: int) -> str:
-    return lib.mxp_result_str(code).decode()
+    text: bytes = lib.mxp_result_str(code)
+    return text.decode()
