@@ -712,3 +712,36 @@ fn silent_pooled_connection_costs_the_message_nothing() {
         "{sessions:?}"
     );
 }
+
+#[test]
+fn recipients_of_a_dead_destination_expire_at_max_age_not_before() {
+    // Nothing listens: three refused connections mark the destination dead for 5 minutes,
+    // far beyond the 2.5 s maximum age. The recipients still wait until max age.
+    let port = util::free_port("127.0.0.1");
+    let max_age = Duration::from_millis(2_500);
+    let d = dispatcher(&format!("127.0.0.1:{port}"), quick_retry(2_500));
+    for i in 0..3 {
+        let to = format!("r{i}@r.test");
+        d.submit(Message::new("s@mxpipe.test", [to.as_str()], b"x\r\n").unwrap())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = finish(&d);
+    let f = finals(&events);
+    assert_eq!(f.len(), 3);
+    for e in f.values() {
+        assert_eq!(e.kind, EventKind::Expired, "{e:?}");
+        assert!(
+            e.elapsed >= max_age,
+            "{} expired after {:?}, before the maximum age {max_age:?}",
+            e.recipient,
+            e.elapsed
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reply.text.contains("destination marked dead")),
+        "{events:?}"
+    );
+}

@@ -1221,7 +1221,8 @@ impl Reactor {
         self.defer_until(envelope, failures, destination, attempts, mx, due, now);
     }
 
-    /// Temporary failures retried at `due`, or Expired when that is past the maximum age.
+    /// Temporary failures retried at `due` (at the latest at the maximum age), or Expired
+    /// when the maximum age has passed.
     #[allow(clippy::too_many_arguments)]
     fn defer_until(
         &mut self,
@@ -1234,9 +1235,12 @@ impl Reactor {
         now: Instant,
     ) {
         let name = Arc::clone(&self.destinations[destination].name);
-        let delay = due.saturating_duration_since(now);
         let expires = envelope.submitted + self.config.retry.max_age;
-        if due > expires {
+        // A retry due after the maximum age becomes a last try at it; only a failure at or
+        // after the maximum age expires a recipient, never one before it.
+        let due = due.min(expires);
+        let delay = due.saturating_duration_since(now);
+        if now >= expires {
             for (recipient, reply) in failures {
                 self.finish_recipient(
                     EventKind::Expired,
