@@ -212,6 +212,18 @@ fn null_mx_is_its_own_answer() {
 }
 
 #[test]
+fn null_mx_beside_a_real_mx_is_still_null_mx() {
+    // RFC 7505 section 3 forbids mixing them; Postfix bounces such a domain.
+    let dns = Dnsmasq::builder()
+        .null_mx("mixed.test")
+        .mx("mixed.test", "mx.mixed.test", 10)
+        .host("mx.mixed.test", "127.0.0.6")
+        .start();
+    let mut client = Client::of(&dns);
+    assert_eq!(client.resolve("mixed.test"), Resolution::NullMx);
+}
+
+#[test]
 fn nonexistent_domains_bounce_and_say_why() {
     let dns = Dnsmasq::builder().host("v6only.test", "::6").start();
     let mut client = Client::of(&dns);

@@ -360,11 +360,10 @@ async fn exchangers_of(
     mut exchangers: Vec<(u16, Name)>,
     mut expires: Instant,
 ) -> Answer {
-    // RFC 7505 section 3: a null MX ("MX 0 .") says the domain accepts no mail. A root target
-    // cannot be connected to whatever its preference, so such records are dropped, and a domain
-    // left with no other MX is a null-MX domain (section 4.1 forbids mixing them anyway).
-    exchangers.retain(|(_, name)| !name.is_root());
-    if exchangers.is_empty() {
+    // RFC 7505 section 3: a null MX ("MX 0 .") says the domain accepts no mail, and a domain
+    // that publishes one must publish no other MX. One in the set, whatever else is there,
+    // makes the domain a null-MX domain, as Postfix treats it: no mail goes to the others.
+    if exchangers.iter().any(|(_, name)| name.is_root()) {
         return Answer {
             resolution: Resolution::NullMx,
             expires,
