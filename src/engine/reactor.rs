@@ -413,7 +413,7 @@ impl Reactor {
     fn enqueue_split(
         &mut self,
         envelope: &Arc<Envelope>,
-        mut recipients: Vec<Address>,
+        recipients: Vec<Address>,
         destination: usize,
         attempts: u32,
         mx_job: Option<MxJob>,
@@ -423,30 +423,26 @@ impl Reactor {
             .shaper
             .limits
             .max_recipients_per_transaction;
-        while recipients.len() > max {
-            let rest = recipients.split_off(max);
-            self.enqueue(
-                Job {
-                    envelope: Arc::clone(envelope),
-                    recipients,
-                    destination,
-                    attempts,
-                    mx: mx_job.clone(),
-                },
-                now,
-            );
-            recipients = rest;
-        }
-        self.enqueue(
-            Job {
+        if recipients.len() <= max {
+            let job = Job {
                 envelope: Arc::clone(envelope),
                 recipients,
                 destination,
                 attempts,
                 mx: mx_job,
-            },
-            now,
-        );
+            };
+            return self.enqueue(job, now);
+        }
+        for piece in crate::queue::split_recipients(recipients, max) {
+            let job = Job {
+                envelope: Arc::clone(envelope),
+                recipients: piece,
+                destination,
+                attempts,
+                mx: mx_job.clone(),
+            };
+            self.enqueue(job, now);
+        }
     }
 
     /// Queues a job for its destination; a dead destination defers it until it may be tried

@@ -52,3 +52,44 @@ pub struct MxJob {
     pub route: Option<Arc<MxRoute>>,
     pub candidate: usize,
 }
+
+/// Splits `recipients` into transactions of at most `max` (at least 1) recipients, in order.
+/// Each piece owns only its own recipients: memory stays linear in the list, whatever the
+/// number of pieces.
+pub fn split_recipients(
+    recipients: Vec<Address>,
+    max: usize,
+) -> impl Iterator<Item = Vec<Address>> {
+    let max = max.max(1);
+    let mut rest = recipients.into_iter();
+    std::iter::from_fn(move || {
+        let piece: Vec<Address> = rest.by_ref().take(max).collect();
+        (!piece.is_empty()).then_some(piece)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Field;
+
+    #[test]
+    fn split_pieces_hold_only_their_own_recipients() {
+        let list: Vec<Address> = (0..1000)
+            .map(|i| Address::parse(&format!("u{i}@r.example"), Field::Recipient(i)).unwrap())
+            .collect();
+        let pieces: Vec<Vec<Address>> = split_recipients(list.clone(), 3).collect();
+        assert_eq!(pieces.len(), 334);
+        assert_eq!(pieces.concat(), list);
+        for piece in &pieces {
+            assert!(piece.len() <= 3);
+            assert!(
+                piece.capacity() <= 3,
+                "a piece of {} keeps room for {}",
+                piece.len(),
+                piece.capacity()
+            );
+        }
+        assert_eq!(split_recipients(list, 0).count(), 1000);
+    }
+}
