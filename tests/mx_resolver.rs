@@ -27,7 +27,7 @@ const WAKER: Token = Token(7);
 /// A resolver and its answers, as the event loop would hold them.
 struct Client {
     resolver: MxResolver,
-    answers: Receiver<(String, Resolution)>,
+    answers: Receiver<(String, Resolution, Instant)>,
     poll: Poll,
     events: Events,
     /// Answers taken from the channel after a wake and not yet returned.
@@ -54,6 +54,7 @@ impl Client {
             nameservers: Some(vec![nameserver]),
             smtp_port: SMTP_PORT,
             timeout: Duration::from_secs(2),
+            allow_loopback: true,
             ..MxConfig::default()
         }
     }
@@ -79,7 +80,9 @@ impl Client {
                 .poll(&mut self.events, Some(left))
                 .expect("poll for the waker");
             if self.events.iter().any(|event| event.token() == WAKER) {
-                self.woken.extend(self.answers.try_iter());
+                let answers = self.answers.try_iter();
+                self.woken
+                    .extend(answers.map(|(key, resolution, _)| (key, resolution)));
             }
         }
     }

@@ -424,23 +424,25 @@ impl Reactor {
             .limits
             .max_recipients_per_transaction;
         if recipients.len() <= max {
-            let job = Job {
+            let mut job = Job {
                 envelope: Arc::clone(envelope),
                 recipients,
                 destination,
                 attempts,
                 mx: mx_job,
             };
+            mx::spread_over_equal_exchangers(&mut job);
             return self.enqueue(job, now);
         }
         for piece in crate::queue::split_recipients(recipients, max) {
-            let job = Job {
+            let mut job = Job {
                 envelope: Arc::clone(envelope),
                 recipients: piece,
                 destination,
                 attempts,
                 mx: mx_job.clone(),
             };
+            mx::spread_over_equal_exchangers(&mut job);
             self.enqueue(job, now);
         }
     }

@@ -37,10 +37,35 @@ pub struct Job {
 }
 
 /// Where an MX-routed job may go: the candidates (destination indices: one per MX host and
-/// address, most preferred first), shared by every job of the domain.
+/// address, most preferred first), shared by every job of the domain, and each one's MX
+/// preference.
 #[derive(Debug, PartialEq, Eq)]
 pub struct MxRoute {
     pub candidates: Vec<usize>,
+    pub preferences: Vec<u16>,
+}
+
+impl MxRoute {
+    /// This route with each run of equal preferences in a new random order (RFC 5321 5.1:
+    /// pick among equal exchangers at random to spread the load), or the route itself when
+    /// nothing is to choose.
+    pub fn spread(self: &Arc<Self>) -> Arc<MxRoute> {
+        let p = &self.preferences;
+        if !p.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Arc::clone(self);
+        }
+        let mut candidates = self.candidates.clone();
+        let mut start = 0;
+        while start < p.len() {
+            let len = p[start..].iter().take_while(|&&x| x == p[start]).count();
+            fastrand::shuffle(&mut candidates[start..start + len]);
+            start += len;
+        }
+        Arc::new(MxRoute {
+            candidates,
+            preferences: self.preferences.clone(),
+        })
+    }
 }
 
 /// The MX part of a job: its domain, the route once resolved, and which candidate it is at.

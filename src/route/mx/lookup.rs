@@ -35,7 +35,7 @@ const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 /// would send one query per recipient of a mistyped domain, so it is kept only briefly.
 const UNSOURCED_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 /// Hickory caps positive TTLs at a day; results are never kept longer either.
-const MAX_POSITIVE_TTL: Duration = Duration::from_secs(hickory_resolver::MAX_TTL as u64);
+pub(super) const MAX_POSITIVE_TTL: Duration = Duration::from_secs(hickory_resolver::MAX_TTL as u64);
 /// CNAMEs followed from the name asked, over one answer or several, before the lookup fails
 /// (Postfix follows as many).
 const MAX_CNAME_HOPS: usize = 9;
