@@ -45,6 +45,9 @@ pub struct Destination {
     pub shaper: Shaper,
     /// Held back (rate limit, pause, dead) until then: nothing is dispatched before.
     pub wake_at: Option<std::time::Instant>,
+    /// The connection failure that marked the destination dead, reported with the recipients
+    /// it holds back (the cause, not only "dead").
+    pub dead_because: Option<crate::smtp::Reply>,
 }
 
 impl Destination {
@@ -63,6 +66,7 @@ impl Destination {
             metrics,
             shaper,
             wake_at: None,
+            dead_because: None,
         };
         d.publish_shaping();
         d

@@ -456,15 +456,23 @@ impl Reactor {
             let Err(job) = self.next_exchanger(job, now) else {
                 return;
             };
-            let reply = Reply::new(
-                0,
-                Some(EnhancedCode::new(4, 4, 1)),
-                format!(
-                    "{}: destination marked dead after repeated connection failures; next try in {:?}",
-                    self.destinations[d].name,
-                    until - now
-                ),
+            let dest = &self.destinations[d];
+            let dead = format!(
+                "destination marked dead after repeated connection failures; next try in {:?}",
+                until - now
             );
+            let reply = match &dest.dead_because {
+                Some(cause) => Reply::new(
+                    cause.code,
+                    cause.enhanced,
+                    format!("{} ({dead})", cause.text),
+                ),
+                None => Reply::new(
+                    0,
+                    Some(EnhancedCode::new(4, 4, 1)),
+                    format!("{}: {dead}", dest.name),
+                ),
+            };
             let failures = job
                 .recipients
                 .into_iter()
@@ -728,6 +736,7 @@ impl Reactor {
         let dest = &mut self.destinations[d];
         let dead = dest.shaper.on_connection_failure(now, &adaptive);
         if dead {
+            dest.dead_because = Some(reply.clone());
             if let Some(until) = dest.shaper.dead_until {
                 self.hold(d, until);
             }
