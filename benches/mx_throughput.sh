@@ -89,6 +89,6 @@ grep -q "zone bench.test read" "$WORK/nsd.log" 2>/dev/null ||
 
 echo "direct MX, $MESSAGES messages over $DOMAINS domains on 4 MX addresses:"
 ${PERF:-} "$BIN" bench --messages "$MESSAGES" --connections "${CONNECTIONS:-20}" --direct-mx \
-    --nameserver "127.0.0.1:$DNS_PORT" --mx-port "$PORT" --domains "$DOMAINS"
+    --nameserver "127.0.0.1:$DNS_PORT" --mx-port "$PORT" --mx-allow-loopback --domains "$DOMAINS"
 echo "one smarthost, $MESSAGES messages:"
 "$BIN" bench --messages "$MESSAGES" --connections 20 --to "127.0.0.2:$PORT"

@@ -535,3 +535,213 @@ fn shutdown_returns_when_the_loop_is_full_of_deferred_work() {
     assert!(events.iter().all(|e| e.kind == EventKind::Deferred));
     d.shutdown();
 }
+
+#[test]
+fn refusal_in_the_same_write_as_354_bounces_without_retry() {
+    // smtp-sink -A 0: answers DATA with 354 and, at once, 550, then hangs up; nothing of the
+    // content is read. Postfix calls this a premature reply and bounces with it.
+    let sink = SmtpSink::start(&["-A", "0"], 64);
+    let d = dispatcher(&sink.addr().to_string(), quick_retry(3_000));
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test", "b@r.test"], b"x\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    assert!(
+        events.iter().all(|e| e.kind != EventKind::Deferred),
+        "{events:?}"
+    );
+    let f = finals(&events);
+    assert_eq!(f.len(), 2);
+    for e in f.values() {
+        assert_eq!(e.kind, EventKind::Bounced, "{e:?}");
+        assert_eq!(e.reply.code, 550, "{e:?}");
+        assert_eq!(e.attempts, 1);
+        assert!(
+            !e.reply.text.contains("may have been delivered"),
+            "{:?}",
+            e.reply.text
+        );
+    }
+}
+
+/// Serves `answer` behind a greeting of `greeting`, sends one message with `builder`'s
+/// settings, and returns every recipient's final event and what each connection sent.
+fn scripted_session(
+    greeting: &str,
+    answer: impl Fn(&str) -> Option<String> + Send + 'static,
+    builder: impl FnOnce(mxpipe::engine::DispatcherBuilder) -> mxpipe::engine::DispatcherBuilder,
+) -> (Event, Vec<String>) {
+    let server = util::ScriptedSmtpServer::start(greeting, answer);
+    let d = builder(
+        Dispatcher::builder()
+            .relay(&server.addr().to_string())
+            .ehlo_name("client.mxpipe.test")
+            .retry(quick_retry(150)),
+    )
+    .start()
+    .unwrap();
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test"], b"x\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    let f = finals(&events);
+    let event = f["a@r.test"].clone();
+    drop(d);
+    let sessions = server.wait_sessions(1);
+    (event, sessions)
+}
+
+#[test]
+fn quit_is_sent_whenever_the_session_fails_in_sync() {
+    use mxpipe::smtp::{Credentials, StartTls};
+    let ehlo = |caps: &'static str| {
+        move |line: &str| {
+            if line.starts_with("EHLO") {
+                Some(format!("250-scripted.test\r\n{caps}"))
+            } else if line == "STARTTLS" {
+                Some("454 4.7.0 TLS not available due to temporary reason\r\n".into())
+            } else if line.starts_with("AUTH") {
+                Some("535 5.7.8 Authentication credentials invalid\r\n".into())
+            } else {
+                Some("502 5.5.2 unexpected\r\n".into())
+            }
+        }
+    };
+    let required = |b: mxpipe::engine::DispatcherBuilder| b.starttls(StartTls::Required);
+    let auth = |b: mxpipe::engine::DispatcherBuilder| {
+        b.credentials(Credentials::password("u", "p").unwrap())
+            .allow_plaintext_auth(true)
+    };
+    type Case = (&'static str, (Event, Vec<String>), &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            "5xx greeting",
+            scripted_session("554 5.3.2 no service here\r\n", ehlo("250 OK\r\n"), |b| b),
+            "no service here",
+        ),
+        (
+            "TLS required, not offered",
+            scripted_session(
+                "220 scripted.test\r\n",
+                ehlo("250 PIPELINING\r\n"),
+                required,
+            ),
+            "does not offer STARTTLS",
+        ),
+        (
+            "454 to STARTTLS",
+            scripted_session("220 scripted.test\r\n", ehlo("250 STARTTLS\r\n"), required),
+            "STARTTLS refused",
+        ),
+        (
+            "535",
+            scripted_session("220 scripted.test\r\n", ehlo("250 AUTH PLAIN\r\n"), auth),
+            "authentication failed: 535",
+        ),
+        (
+            "no usable mechanism",
+            scripted_session("220 scripted.test\r\n", ehlo("250 AUTH CRAM-MD5\r\n"), auth),
+            "no AUTH mechanism",
+        ),
+    ];
+    for (case, (event, sessions), text) in cases {
+        assert_eq!(event.kind, EventKind::Expired, "{case}: {event:?}");
+        assert!(
+            event.reply.text.contains(text),
+            "{case}: {:?}",
+            event.reply.text
+        );
+        assert!(!sessions.is_empty(), "{case}: no session ended");
+        for s in &sessions {
+            assert!(s.ends_with("QUIT\r\n"), "{case}: the client sent {s:?}");
+        }
+    }
+}
+
+#[test]
+fn silent_pooled_connection_costs_the_message_nothing() {
+    // A server that goes silent on a reused connection: the RSET that probes it after idling
+    // never gets a reply (the first transaction of a connection has no probe).
+    let server = util::ScriptedSmtpServer::start("220 scripted.test\r\n", |line: &str| {
+        let upper = line.to_ascii_uppercase();
+        Some(if upper.starts_with("EHLO") {
+            "250-scripted.test\r\n250 PIPELINING\r\n".to_string()
+        } else if upper == "RSET" {
+            String::new()
+        } else if upper == "DATA" {
+            "354 go ahead\r\n".to_string()
+        } else {
+            "250 2.0.0 Ok\r\n".to_string()
+        })
+    });
+    let mut b = Dispatcher::builder()
+        .relay(&server.addr().to_string())
+        .ehlo_name("client.mxpipe.test")
+        .max_connections_per_destination(1)
+        .timeouts(Timeouts {
+            command: Duration::from_secs(1),
+            ..Timeouts::default()
+        })
+        .idle_timeout(Duration::from_secs(30))
+        .retry(quick_retry(20_000));
+    b.config_mut().session.probe_after_idle = Duration::from_millis(100);
+    let d = b.start().unwrap();
+    d.submit(Message::new("s@mxpipe.test", ["a@r.test"], b"x\r\n").unwrap())
+        .unwrap();
+    assert!(d.wait_final(Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(300));
+    d.submit(Message::new("s@mxpipe.test", ["b@r.test"], b"y\r\n").unwrap())
+        .unwrap();
+    let events = finish(&d);
+    assert!(
+        events.iter().all(|e| e.kind != EventKind::Deferred),
+        "{events:?}"
+    );
+    let f = finals(&events);
+    for r in ["a@r.test", "b@r.test"] {
+        assert_eq!(f[r].kind, EventKind::Delivered, "{:?}", f[r]);
+        assert_eq!(f[r].attempts, 1, "{:?}", f[r]);
+    }
+    drop(d);
+    let sessions = server.wait_sessions(2);
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert!(
+        sessions[0].contains("RSET\r\nMAIL FROM:<s@mxpipe.test>"),
+        "{sessions:?}"
+    );
+    assert!(
+        sessions[1].contains("RCPT TO:<b@r.test>\r\nDATA\r\ny\r\n.\r\n"),
+        "{sessions:?}"
+    );
+}
+
+#[test]
+fn recipients_of_a_dead_destination_expire_at_max_age_not_before() {
+    // Nothing listens: three refused connections mark the destination dead for 5 minutes,
+    // far beyond the 2.5 s maximum age. The recipients still wait until max age.
+    let port = util::free_port("127.0.0.1");
+    let max_age = Duration::from_millis(2_500);
+    let d = dispatcher(&format!("127.0.0.1:{port}"), quick_retry(2_500));
+    for i in 0..3 {
+        let to = format!("r{i}@r.test");
+        d.submit(Message::new("s@mxpipe.test", [to.as_str()], b"x\r\n").unwrap())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = finish(&d);
+    let f = finals(&events);
+    assert_eq!(f.len(), 3);
+    for e in f.values() {
+        assert_eq!(e.kind, EventKind::Expired, "{e:?}");
+        assert!(
+            e.elapsed >= max_age,
+            "{} expired after {:?}, before the maximum age {max_age:?}",
+            e.recipient,
+            e.elapsed
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reply.text.contains("destination marked dead")),
+        "{events:?}"
+    );
+}

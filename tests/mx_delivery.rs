@@ -34,6 +34,8 @@ fn mx_config(nameserver: std::net::SocketAddr, port: u16) -> MxConfig {
         smtp_port: port,
         ipv6: false,
         timeout: Duration::from_millis(300),
+        // Every MX host here is on loopback: mail to them would otherwise loop back.
+        allow_loopback: true,
         ..MxConfig::default()
     }
 }
@@ -169,7 +171,9 @@ fn a_nameserver_that_does_not_answer_defers() {
 fn two_domains_on_one_mx_host() -> (u16, SmtpSink, Dnsmasq) {
     let port = common_port(&["127.0.0.5"]);
     let sink = SmtpSink::start_on_port("127.0.0.5", port, &[]);
+    // Routes live as long as their TTL: long enough to be shared by the messages of a test.
     let dns = Dnsmasq::builder()
+        .ttl(300)
         .mx("one.test", "mx.hosted.test", 10)
         .mx("two.test", "mx.hosted.test", 10)
         .host("mx.hosted.test", "127.0.0.5")
@@ -293,4 +297,184 @@ fn ten_thousand_recipients_over_a_thousand_domains() {
         assert_eq!(host.delivered, 2_500, "{name}");
     }
     drop(sinks);
+}
+
+/// The addresses of this machine's network interfaces other than loopback, as `hostname -I`
+/// lists them (none when the tool is missing).
+fn own_addresses() -> Vec<String> {
+    std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn mx_hosts_on_this_machine_bounce_as_a_mail_loop() {
+    // Postfix: "mail for X loops back to myself" (5.4.6) when the best MX is this host.
+    let port = common_port(&["127.0.0.12"]);
+    let sink = SmtpSink::start_on_port("127.0.0.12", port, &[]);
+    let mut dns = Dnsmasq::builder()
+        .mx("loop.test", "mx.loop.test", 10)
+        .host("mx.loop.test", "127.0.0.12")
+        .host("zero.test", "0.0.0.0");
+    let own = own_addresses();
+    if let Some(ip) = own.first() {
+        dns = dns
+            .mx("own.test", "mx.own.test", 10)
+            .host("mx.own.test", ip);
+    }
+    let dns = dns.start();
+    let d = Dispatcher::builder()
+        .direct_mx(MxConfig {
+            allow_loopback: false,
+            ..mx_config(dns.addr(), port)
+        })
+        .retry(retry(5_000))
+        .start()
+        .unwrap();
+    let mut rcpts = vec!["a@loop.test", "z@zero.test"];
+    if !own.is_empty() {
+        rcpts.push("o@own.test");
+    }
+    send(&d, &rcpts);
+    let f = run(&d);
+    for r in rcpts {
+        let e = &f[r];
+        let domain = r.split('@').nth(1).unwrap();
+        assert_eq!(e.kind, EventKind::Bounced, "{e:?}");
+        assert_eq!(
+            e.reply.enhanced,
+            Some(mxpipe::smtp::EnhancedCode::new(5, 4, 6)),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.reply.text,
+            format!("mail for {domain} loops back to myself")
+        );
+    }
+    assert_eq!(d.stats().connections_opened, 0);
+    // With loopback allowed (as every other test here), the same host takes the mail.
+    let d = Dispatcher::builder()
+        .direct_mx(mx_config(dns.addr(), port))
+        .retry(retry(5_000))
+        .start()
+        .unwrap();
+    send(&d, &["a@loop.test"]);
+    assert_eq!(run(&d)["a@loop.test"].kind, EventKind::Delivered);
+    drop(sink);
+}
+
+#[test]
+fn equal_preference_mx_hosts_share_one_domains_connections() {
+    // RFC 5321 5.1: equal preferences are picked at random to spread the load.
+    let ips = [
+        "127.0.0.13",
+        "127.0.0.14",
+        "127.0.0.15",
+        "127.0.0.16",
+        "127.0.0.17",
+    ];
+    let port = common_port(&ips);
+    let sinks: Vec<SmtpSink> = ips
+        .iter()
+        .map(|ip| SmtpSink::start_on_port(ip, port, &[]))
+        .collect();
+    let mut dns = Dnsmasq::builder().ttl(300);
+    for (i, ip) in ips.iter().enumerate() {
+        dns = dns
+            .mx("spread.test", &format!("mx{i}.spread.test"), 10)
+            .host(&format!("mx{i}.spread.test"), ip);
+    }
+    let dns = dns.start();
+    let d = Dispatcher::builder()
+        .direct_mx(mx_config(dns.addr(), port))
+        .retry(retry(10_000))
+        .start()
+        .unwrap();
+    for i in 0..60 {
+        send(&d, &[&format!("u{i}@spread.test")]);
+    }
+    let f = run(&d);
+    assert_eq!(f.len(), 60);
+    let mut hosts = std::collections::HashSet::new();
+    for e in f.values() {
+        assert_eq!(e.kind, EventKind::Delivered, "{e:?}");
+        hosts.insert(e.destination.to_string());
+    }
+    // All 60 at one host, or two, would happen by chance less than once in 10^20 runs.
+    assert!(hosts.len() >= 3, "60 messages went to {hosts:?}");
+    drop(sinks);
+}
+
+/// A nameserver (authoritative, no recursion) for `move.test`: MX `mx.move.test`, whose A
+/// record says 127.0.0.18 until `moved` is set, then 127.0.0.19; every TTL is 1 s.
+fn moving_mx(
+    moved: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Fn(&hickory_resolver::proto::op::Message) -> Vec<Vec<u8>> + Send + 'static {
+    use hickory_resolver::proto::op::{Message as Dns, MessageType, OpCode, ResponseCode};
+    use hickory_resolver::proto::rr::rdata::{A, MX};
+    use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+    move |query: &Dns| {
+        let mut reply = Dns::new(query.metadata.id, MessageType::Response, OpCode::Query);
+        reply.metadata.authoritative = true;
+        reply.metadata.response_code = ResponseCode::NoError;
+        let Some(q) = query.queries.first() else {
+            return Vec::new();
+        };
+        reply.add_query(q.clone());
+        let asked = q.name.to_ascii().to_ascii_lowercase();
+        let data = match (asked.as_str(), q.query_type) {
+            ("move.test.", RecordType::MX) => Some(RData::MX(MX::new(
+                10,
+                Name::from_ascii("mx.move.test.").unwrap(),
+            ))),
+            ("mx.move.test.", RecordType::A) => {
+                let last = if moved.load(std::sync::atomic::Ordering::SeqCst) {
+                    19
+                } else {
+                    18
+                };
+                Some(RData::A(A::new(127, 0, 0, last)))
+            }
+            _ => None,
+        };
+        if let Some(data) = data {
+            reply.add_answer(Record::from_rdata(q.name.clone(), 1, data));
+        }
+        vec![reply.to_vec().unwrap()]
+    }
+}
+
+#[test]
+fn retries_follow_an_mx_host_that_moved_when_its_ttl_ran_out() {
+    let port = common_port(&["127.0.0.18", "127.0.0.19"]);
+    // The old address answers every RCPT with 4xx; the new one takes the mail.
+    let old = SmtpSink::start_on_port("127.0.0.18", port, &["-r", "rcpt"]);
+    let new = SmtpSink::start_on_port("127.0.0.19", port, &[]);
+    let moved = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dns =
+        util::dns::ScriptedNameserver::start("127.0.0.1:0", moving_mx(Arc::clone(&moved))).unwrap();
+    let d = Dispatcher::builder()
+        .direct_mx(mx_config(dns.addr(), port))
+        .retry(retry(8_000))
+        .start()
+        .unwrap();
+    send(&d, &["a@move.test"]);
+    let events = d.events().unwrap();
+    let first = events.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(first.kind, EventKind::Deferred, "{first:?}");
+    assert!(first.destination.contains("127.0.0.18"), "{first:?}");
+    moved.store(true, std::sync::atomic::Ordering::SeqCst);
+    let f = run(&d);
+    let e = &f["a@move.test"];
+    assert_eq!(e.kind, EventKind::Delivered, "{e:?}");
+    assert_eq!(&*e.destination, format!("mx.move.test[127.0.0.19]:{port}"));
+    drop((old, new));
 }

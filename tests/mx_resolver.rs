@@ -27,7 +27,7 @@ const WAKER: Token = Token(7);
 /// A resolver and its answers, as the event loop would hold them.
 struct Client {
     resolver: MxResolver,
-    answers: Receiver<(String, Resolution)>,
+    answers: Receiver<(String, Resolution, Instant)>,
     poll: Poll,
     events: Events,
     /// Answers taken from the channel after a wake and not yet returned.
@@ -54,6 +54,7 @@ impl Client {
             nameservers: Some(vec![nameserver]),
             smtp_port: SMTP_PORT,
             timeout: Duration::from_secs(2),
+            allow_loopback: true,
             ..MxConfig::default()
         }
     }
@@ -79,7 +80,9 @@ impl Client {
                 .poll(&mut self.events, Some(left))
                 .expect("poll for the waker");
             if self.events.iter().any(|event| event.token() == WAKER) {
-                self.woken.extend(self.answers.try_iter());
+                let answers = self.answers.try_iter();
+                self.woken
+                    .extend(answers.map(|(key, resolution, _)| (key, resolution)));
             }
         }
     }
@@ -209,6 +212,18 @@ fn null_mx_is_its_own_answer() {
     let mut client = Client::of(&dns);
     // The A record is no implicit MX: RFC 7505 says the domain takes no mail at all.
     assert_eq!(client.resolve("null.test"), Resolution::NullMx);
+}
+
+#[test]
+fn null_mx_beside_a_real_mx_is_still_null_mx() {
+    // RFC 7505 section 3 forbids mixing them; Postfix bounces such a domain.
+    let dns = Dnsmasq::builder()
+        .null_mx("mixed.test")
+        .mx("mixed.test", "mx.mixed.test", 10)
+        .host("mx.mixed.test", "127.0.0.6")
+        .start();
+    let mut client = Client::of(&dns);
+    assert_eq!(client.resolve("mixed.test"), Resolution::NullMx);
 }
 
 #[test]
@@ -681,4 +696,53 @@ fn domains_whose_nameservers_never_answer_do_not_hold_up_the_others() {
         "the live domains waited {:?} behind the silent ones",
         start.elapsed()
     );
+}
+
+/// An authoritative server (no recursion) for `chain.test`, whose MX host is reached through
+/// nine CNAMEs, and `loop.test`, whose MX host's CNAMEs go round in a circle. Every answer
+/// holds one record, as an authoritative server gives them when the chain crosses zones.
+fn one_cname_per_answer(query: &Message) -> Vec<Vec<u8>> {
+    use hickory_resolver::proto::rr::rdata::{CNAME, MX};
+    let mut reply = reply_to(query, ResponseCode::NoError);
+    reply.metadata.recursion_available = false;
+    reply.metadata.authoritative = true;
+    let Some(q) = query.queries.first() else {
+        return Vec::new();
+    };
+    let asked = q.name.to_ascii().to_ascii_lowercase();
+    let name = |n: &str| Name::from_ascii(n).unwrap();
+    let cname = |target: &str| RData::CNAME(CNAME(name(target)));
+    let data = match (asked.as_str(), q.query_type) {
+        ("chain.test." | "loop.test.", RecordType::MX) => {
+            Some(RData::MX(MX::new(10, name(&format!("mx.{}", asked)))))
+        }
+        ("mx.chain.test.", _) => Some(cname("c1.chain.test.")),
+        ("c9.chain.test.", RecordType::A) => Some(RData::A(A::new(127, 0, 0, 7))),
+        ("c9.chain.test.", _) => None,
+        (n, _) if n.starts_with('c') && n.ends_with(".chain.test.") => {
+            let hop: u32 = n[1..n.len() - ".chain.test.".len()].parse().unwrap();
+            Some(cname(&format!("c{}.chain.test.", hop + 1)))
+        }
+        ("mx.loop.test." | "l2.loop.test.", _) => Some(cname("l1.loop.test.")),
+        ("l1.loop.test.", _) => Some(cname("l2.loop.test.")),
+        _ => None,
+    };
+    if let Some(data) = data {
+        reply.add_answer(Record::from_rdata(q.name.clone(), 300, data));
+    }
+    vec![reply.to_vec().unwrap()]
+}
+
+#[test]
+fn cname_chains_of_nine_hops_are_followed_and_loops_named() {
+    let server = ScriptedNameserver::start("127.0.0.1:0", one_cname_per_answer).unwrap();
+    let mut client = Client::start(Client::config(server.addr()));
+    let found = hosts(client.resolve("chain.test"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].name, "mx.chain.test");
+    assert_eq!(found[0].addrs, ["127.0.0.7:2525".parse().unwrap()]);
+    match client.resolve("loop.test") {
+        Resolution::TempFail(text) => assert!(text.contains("CNAME loop"), "{text}"),
+        other => panic!("expected TempFail, got {other:?}"),
+    }
 }

@@ -77,6 +77,10 @@ struct DeliveryArgs {
     /// With --direct-mx: the SMTP port of MX hosts (default 25).
     #[arg(long)]
     mx_port: Option<u16>,
+    /// With --direct-mx: deliver to MX hosts on this machine (loopback, 0.0.0.0, its own
+    /// addresses), as local tests need; without it such mail bounces as a loop (5.4.6).
+    #[arg(long)]
+    mx_allow_loopback: bool,
     /// Engine settings from a TOML file with the keys of the C ABI's `mxp_config_set` (limits
     /// and overrides by host or @recipient-domain, adaptive backoff, retries, DNS, ...); the
     /// other options here apply on top.
@@ -164,6 +168,9 @@ impl DeliveryArgs {
             }
             if let Some(port) = self.mx_port {
                 mx.smtp_port = port;
+            }
+            if self.mx_allow_loopback {
+                mx.allow_loopback = true;
             }
             b = b.direct_mx(mx);
         }

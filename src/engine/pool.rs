@@ -48,6 +48,9 @@ pub struct Destination {
     /// What its sessions do about TLS (part of what makes a destination: two routes that
     /// differ here never share connections).
     pub tls: super::tls::DestinationTls,
+    /// The connection failure that marked the destination dead, reported with the recipients
+    /// it holds back (the cause, not only "dead").
+    pub dead_because: Option<crate::smtp::Reply>,
 }
 
 impl Destination {
@@ -72,6 +75,7 @@ impl Destination {
             shaper,
             wake_at: None,
             tls,
+            dead_because: None,
         };
         d.publish_shaping();
         d

@@ -420,7 +420,7 @@ impl Reactor {
     fn enqueue_split(
         &mut self,
         envelope: &Arc<Envelope>,
-        mut recipients: Vec<Address>,
+        recipients: Vec<Address>,
         destination: usize,
         attempts: u32,
         mx_job: Option<MxJob>,
@@ -430,30 +430,28 @@ impl Reactor {
             .shaper
             .limits
             .max_recipients_per_transaction;
-        while recipients.len() > max {
-            let rest = recipients.split_off(max);
-            self.enqueue(
-                Job {
-                    envelope: Arc::clone(envelope),
-                    recipients,
-                    destination,
-                    attempts,
-                    mx: mx_job.clone(),
-                },
-                now,
-            );
-            recipients = rest;
-        }
-        self.enqueue(
-            Job {
+        if recipients.len() <= max {
+            let mut job = Job {
                 envelope: Arc::clone(envelope),
                 recipients,
                 destination,
                 attempts,
                 mx: mx_job,
-            },
-            now,
-        );
+            };
+            mx::spread_over_equal_exchangers(&mut job);
+            return self.enqueue(job, now);
+        }
+        for piece in crate::queue::split_recipients(recipients, max) {
+            let mut job = Job {
+                envelope: Arc::clone(envelope),
+                recipients: piece,
+                destination,
+                attempts,
+                mx: mx_job.clone(),
+            };
+            mx::spread_over_equal_exchangers(&mut job);
+            self.enqueue(job, now);
+        }
     }
 
     /// Queues a job for its destination; a dead destination defers it until it may be tried
@@ -465,15 +463,23 @@ impl Reactor {
             let Err(job) = self.next_exchanger(job, now) else {
                 return;
             };
-            let reply = Reply::new(
-                0,
-                Some(EnhancedCode::new(4, 4, 1)),
-                format!(
-                    "{}: destination marked dead after repeated connection failures; next try in {:?}",
-                    self.destinations[d].name,
-                    until - now
-                ),
+            let dest = &self.destinations[d];
+            let dead = format!(
+                "destination marked dead after repeated connection failures; next try in {:?}",
+                until - now
             );
+            let reply = match &dest.dead_because {
+                Some(cause) => Reply::new(
+                    cause.code,
+                    cause.enhanced,
+                    format!("{} ({dead})", cause.text),
+                ),
+                None => Reply::new(
+                    0,
+                    Some(EnhancedCode::new(4, 4, 1)),
+                    format!("{}: {dead}", dest.name),
+                ),
+            };
             let failures = job
                 .recipients
                 .into_iter()
@@ -751,6 +757,7 @@ impl Reactor {
         let dest = &mut self.destinations[d];
         let dead = dest.shaper.on_connection_failure(now, &adaptive);
         if dead {
+            dest.dead_because = Some(reply.clone());
             if let Some(until) = dest.shaper.dead_until {
                 self.hold(d, until);
             }
@@ -1280,7 +1287,8 @@ impl Reactor {
         self.defer_until(envelope, failures, destination, attempts, mx, due, now);
     }
 
-    /// Temporary failures retried at `due`, or Expired when that is past the maximum age.
+    /// Temporary failures retried at `due` (at the latest at the maximum age), or Expired
+    /// when the maximum age has passed.
     #[allow(clippy::too_many_arguments)]
     fn defer_until(
         &mut self,
@@ -1293,9 +1301,12 @@ impl Reactor {
         now: Instant,
     ) {
         let name = Arc::clone(&self.destinations[destination].name);
-        let delay = due.saturating_duration_since(now);
         let expires = envelope.submitted + self.config.retry.max_age;
-        if due > expires {
+        // A retry due after the maximum age becomes a last try at it; only a failure at or
+        // after the maximum age expires a recipient, never one before it.
+        let due = due.min(expires);
+        let delay = due.saturating_duration_since(now);
+        if now >= expires {
             for (recipient, reply) in failures {
                 self.finish_recipient(
                     EventKind::Expired,

@@ -110,6 +110,7 @@ const KEYS: &[&str] = &[
     "mx_max_addresses",
     "mx_timeout",
     "mx_cache_capacity",
+    "mx_allow_loopback",
 ];
 
 fn bad_value(key: &str, value: &str, problem: &str) -> FfiError {
@@ -561,7 +562,7 @@ impl Settings {
             "classify_rule" => self.classify_rules.push(parse_classify_rule(key, value)?),
             "direct_mx" => c.mx = parse_bool(key, value)?.then(|| c.mx.clone().unwrap_or_default()),
             "mx_nameservers" | "mx_smtp_port" | "mx_ipv4" | "mx_ipv6" | "mx_max_hosts"
-            | "mx_max_addresses" | "mx_timeout" | "mx_cache_capacity" => {
+            | "mx_max_addresses" | "mx_timeout" | "mx_cache_capacity" | "mx_allow_loopback" => {
                 // Any MX setting turns direct MX delivery on.
                 let mut mx = c.mx.clone().unwrap_or_default();
                 match key {
@@ -572,6 +573,7 @@ impl Settings {
                     "mx_max_hosts" => mx.max_hosts = count(1, 1 << 16)? as usize,
                     "mx_max_addresses" => mx.max_addresses = count(1, 1 << 16)? as usize,
                     "mx_timeout" => mx.timeout = parse_duration(key, value, false)?,
+                    "mx_allow_loopback" => mx.allow_loopback = parse_bool(key, value)?,
                     _ => mx.cache_capacity = count(0, 1 << 30)? as usize,
                 }
                 c.mx = Some(mx);
@@ -821,7 +823,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
-/// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity` | direct MX settings; setting any turns direct MX on |
+/// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6) | direct MX settings; setting any turns direct MX on |
 ///
 /// A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
 /// "5m", "2h", "3d". A boolean is true/false, yes/no, on/off or 1/0.
@@ -954,6 +956,7 @@ mod tests {
             ("mx_max_addresses", "6"),
             ("mx_timeout", "2s"),
             ("mx_cache_capacity", "0"),
+            ("mx_allow_loopback", "true"),
         ];
         for (key, value) in examples {
             set(&mut s, key, value).unwrap();

@@ -24,7 +24,7 @@ use hickory_resolver::TokioResolver;
 use lookup::{Answer, Dns, Policy};
 use std::collections::{HashSet, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -66,6 +66,12 @@ pub struct MxConfig {
     /// hickory). Answers are kept for their DNS TTL; negative ones for the SOA's negative TTL, at
     /// most an hour; temporary failures for 30 s.
     pub cache_capacity: usize,
+    /// Deliver to MX hosts on this machine: loopback, unspecified (0.0.0.0, ::) or one of its
+    /// interfaces' addresses. Off (the default), such a host is mail looping back to its
+    /// sender: it and every host of its preference or worse are dropped, and a domain left
+    /// with none gets [`Resolution::LoopsBack`], as Postfix does. Tests and local setups
+    /// with exchangers on loopback turn it on.
+    pub allow_loopback: bool,
 }
 
 impl Default for MxConfig {
@@ -79,6 +85,7 @@ impl Default for MxConfig {
             max_addresses: 10,
             timeout: Duration::from_secs(5),
             cache_capacity: 100_000,
+            allow_loopback: false,
         }
     }
 }
@@ -104,9 +111,12 @@ pub enum Resolution {
     /// domain itself with its A/AAAA (RFC 5321 section 5.1). Hosts without any address are left
     /// out. Never empty.
     Hosts(Arc<[MxHost]>),
-    /// RFC 7505 null MX (a single MX with preference 0 and target "."): bounce with 5.1.10 at
-    /// once, no connection.
+    /// RFC 7505 null MX (an MX with target ".", alone or not): bounce with 5.1.10 at once, no
+    /// connection.
     NullMx,
+    /// The most preferred MX host is this machine (see [`MxConfig::allow_loopback`]): bounce
+    /// with 5.4.6 "mail for DOMAIN loops back to myself", no connection.
+    LoopsBack,
     /// NXDOMAIN, no MX and no A/AAAA records, an invalid domain name or address literal: bounce;
     /// the text says which.
     NoSuchDomain(String),
@@ -114,6 +124,10 @@ pub enum Resolution {
     /// defer with this text.
     TempFail(String),
 }
+
+/// One answer of the resolver: the domain (as [`MxResolver::domain_key`] spells it), its
+/// resolution, and the instant past which the resolution must not be used.
+pub type MxAnswer = (String, Resolution, Instant);
 
 /// A handle on the resolver thread: `Send + Sync`, cheap to clone. The thread stops at
 /// [`MxResolver::shutdown`] or when the last clone is dropped.
@@ -136,8 +150,9 @@ enum Request {
 
 impl MxResolver {
     /// Starts a thread (`mxpipe-mx`) running a current-thread tokio runtime with hickory's async
-    /// resolver. Answers arrive on the returned channel as `(domain, resolution)`, `domain` as
-    /// [`MxResolver::domain_key`] spells it; `waker` is woken after answers are sent (one wake
+    /// resolver. Answers arrive on the returned channel as `(domain, resolution, until)`,
+    /// `domain` as [`MxResolver::domain_key`] spells it, `until` the instant past which the
+    /// answer must not be used (its shortest DNS TTL); `waker` is woken after answers are sent (one wake
     /// may cover several answers, and no answer is sent without a wake following it). The thread
     /// also stops when it finds the receiver dropped (at its next answer).
     ///
@@ -146,7 +161,7 @@ impl MxResolver {
     pub fn start(
         config: MxConfig,
         waker: Arc<mio::Waker>,
-    ) -> io::Result<(MxResolver, Receiver<(String, Resolution)>)> {
+    ) -> io::Result<(MxResolver, Receiver<MxAnswer>)> {
         let dns = Arc::new(dns(&config)?);
         // Every nameserver gets a try, so more servers may take longer.
         let deadline = config.timeout * dns.tries() as u32 * QUERY_ROUNDS_PER_LOOKUP;
@@ -167,6 +182,7 @@ impl MxResolver {
             },
             deadline,
             cache: ResolutionCache::new(config.cache_capacity),
+            own_addresses: (!config.allow_loopback).then(own_addresses),
             pending: HashSet::new(),
             queued: VecDeque::new(),
             running: 0,
@@ -376,7 +392,9 @@ struct Worker {
     queued: VecDeque<String>,
     running: usize,
     finished: UnboundedSender<Finished>,
-    answers: Sender<(String, Resolution)>,
+    answers: Sender<MxAnswer>,
+    /// This machine's interface addresses, read at start; `None` when loopback is allowed.
+    own_addresses: Option<Vec<IpAddr>>,
     waker: Arc<mio::Waker>,
     wake_due: bool,
     receiver_gone: bool,
@@ -427,12 +445,14 @@ impl Worker {
             return;
         }
         if let Some(resolution) = lookup::address_literal(&domain, &self.policy) {
-            self.answer(domain, resolution);
+            // No DNS, nothing that expires: as long as any positive answer may be kept.
+            let until = Instant::now() + lookup::MAX_POSITIVE_TTL;
+            self.answer(domain, resolution, until);
             return;
         }
-        if let Some(resolution) = self.cache.get(&domain, Instant::now()) {
+        if let Some((resolution, until)) = self.cache.get_until(&domain, Instant::now()) {
             let resolution = reshuffled(resolution);
-            self.answer(domain, resolution);
+            self.answer(domain, resolution, until);
             return;
         }
         self.pending.insert(domain.clone());
@@ -473,7 +493,7 @@ impl Worker {
             answer.expires,
             Instant::now(),
         );
-        self.answer(domain, answer.resolution);
+        self.answer(domain, answer.resolution, answer.expires);
         while self.running < MAX_CONCURRENT_LOOKUPS {
             let Some(next) = self.queued.pop_front() else {
                 break;
@@ -482,11 +502,52 @@ impl Worker {
         }
     }
 
-    fn answer(&mut self, domain: String, resolution: Resolution) {
-        if self.answers.send((domain, resolution)).is_err() {
+    fn answer(&mut self, domain: String, resolution: Resolution, until: Instant) {
+        let resolution = match &self.own_addresses {
+            Some(own) => without_self(resolution, own),
+            None => resolution,
+        };
+        if self.answers.send((domain, resolution, until)).is_err() {
             self.receiver_gone = true;
         }
         self.wake_due = true;
+    }
+}
+
+/// This machine's interface addresses (loopback ones included); none when they cannot be read.
+fn own_addresses() -> Vec<IpAddr> {
+    if_addrs::get_if_addrs()
+        .map(|interfaces| interfaces.iter().map(|i| i.ip()).collect())
+        .unwrap_or_default()
+}
+
+/// Postfix's `smtp_find_self`: the first MX host (in preference order) with an address of this
+/// machine, and every host of its preference or worse, are dropped, since mail sent there
+/// would come back to this host. Nothing left: the mail loops back.
+fn without_self(resolution: Resolution, own: &[IpAddr]) -> Resolution {
+    let Resolution::Hosts(hosts) = &resolution else {
+        return resolution;
+    };
+    let is_self = |ip: IpAddr| {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || ip.is_unspecified() || own.contains(&ip)
+    };
+    let Some(first_self) = hosts
+        .iter()
+        .position(|host| host.addrs.iter().any(|a| is_self(a.ip())))
+    else {
+        return resolution;
+    };
+    let preference = hosts[first_self].preference;
+    let kept: Vec<MxHost> = hosts
+        .iter()
+        .take_while(|host| host.preference < preference)
+        .cloned()
+        .collect();
+    if kept.is_empty() {
+        Resolution::LoopsBack
+    } else {
+        Resolution::Hosts(kept.into())
     }
 }
 
@@ -552,6 +613,46 @@ mod tests {
                 .expect_err(&format!("{config:?}"));
             assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
         }
+    }
+
+    #[test]
+    fn hosts_of_this_machine_and_worse_ones_are_dropped() {
+        let host = |name: &str, preference, ip: &str| MxHost {
+            name: name.into(),
+            preference,
+            addrs: vec![SocketAddr::new(ip.parse().unwrap(), 25)],
+        };
+        let own: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap()];
+        let hosts = |list: Vec<MxHost>| Resolution::Hosts(list.into());
+        // A remote backup MX beside the best one being this host: nothing better is left.
+        let looping = hosts(vec![
+            host("me", 10, "192.0.2.7"),
+            host("b", 20, "198.51.100.1"),
+        ]);
+        assert_eq!(without_self(looping, &own), Resolution::LoopsBack);
+        // This host as a backup: only the better hosts remain.
+        let backup = hosts(vec![
+            host("a", 10, "198.51.100.1"),
+            host("me", 20, "192.0.2.7"),
+            host("c", 30, "198.51.100.3"),
+        ]);
+        assert_eq!(
+            without_self(backup, &own),
+            hosts(vec![host("a", 10, "198.51.100.1")])
+        );
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+        ] {
+            let single = hosts(vec![host("x", 0, ip)]);
+            assert_eq!(without_self(single, &[]), Resolution::LoopsBack, "{ip}");
+        }
+        let remote = hosts(vec![host("a", 10, "198.51.100.1")]);
+        assert_eq!(without_self(remote.clone(), &own), remote);
     }
 
     #[test]

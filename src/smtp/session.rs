@@ -291,6 +291,9 @@ pub struct Session {
     implicit_handshake: bool,
     starttls_forbidden: bool,
     mechanism: Option<Mechanism>,
+    /// Why the session is ending when it failed while still in sync with the server: QUIT is
+    /// sent first (RFC 5321 4.1.1.10), and the closure reports this, not the reply to QUIT.
+    quit_reason: Option<Reply>,
 }
 
 fn local_reply(code_class: u8, subject: u16, detail: u16, text: impl Into<String>) -> Reply {
@@ -330,6 +333,7 @@ impl Session {
             implicit_handshake: false,
             starttls_forbidden: false,
             mechanism: None,
+            quit_reason: None,
         }
     }
 
@@ -551,6 +555,17 @@ impl Session {
                 break;
             }
             answerable -= 1;
+            if answerable == 0 && reply.code == 354 {
+                if let Some(Expect::Data { txn }) = self.pending.front().copied() {
+                    let premature = replies.front().is_some_and(|r| r.code >= 400);
+                    if premature {
+                        let refusal = replies.pop_front().expect("a reply follows the 354");
+                        replies.clear();
+                        self.premature_refusal(txn, refusal);
+                        break;
+                    }
+                }
+            }
             self.handle_reply(reply, now);
             if self.phase == Phase::Closed {
                 replies.clear();
@@ -608,9 +623,16 @@ impl Session {
                 self.tls_failed(&format!("timed out after {limit:?}"));
             }
             Some(deadline) if now >= deadline && self.phase != Phase::Closed => {
-                let waiting_for = self.pending.front().map_or("nothing", |e| e.name());
-                let text = format!("timed out waiting for reply to {waiting_for}");
-                self.fail(local_reply(4, 4, 2, text));
+                let waiting_for = self.pending.front().copied();
+                let name = waiting_for.map_or("nothing", |e| e.name());
+                let reply = local_reply(4, 4, 2, format!("timed out waiting for reply to {name}"));
+                if waiting_for == Some(Expect::Rset { probe: true }) {
+                    // A reused connection whose peer went silent while idle: the connection
+                    // failed, not the transactions queued behind the probe.
+                    self.fail_with_retry(reply);
+                } else {
+                    self.fail(reply);
+                }
             }
             _ => {}
         }
@@ -742,8 +764,11 @@ impl Session {
                 if reply.code == 220 {
                     self.phase = Phase::Ehlo;
                     self.unsent.push_back(Expect::Ehlo);
-                } else {
+                } else if closing {
                     return self.fail(reply);
+                } else {
+                    // RFC 5321 3.1: after a 554 greeting the client sends QUIT.
+                    return self.quit_after(reply, now);
                 }
             }
             Expect::Ehlo => {
@@ -754,16 +779,20 @@ impl Session {
                     // RFC 5321 3.2: a server that does not know EHLO gets HELO.
                     self.phase = Phase::Helo;
                     self.unsent.push_back(Expect::Helo);
-                } else {
+                } else if closing || !reply.is_transient() {
                     return self.fail(reply);
+                } else {
+                    return self.quit_after(reply, now);
                 }
             }
             Expect::Helo => {
                 if reply.is_positive() {
                     self.caps = Capabilities::default();
                     self.negotiate();
-                } else {
+                } else if closing || reply.is_intermediate() {
                     return self.fail(reply);
+                } else {
+                    return self.quit_after(reply, now);
                 }
             }
             Expect::StartTls => {
@@ -776,7 +805,11 @@ impl Session {
                 if self.config.starttls == StartTls::Required {
                     let text =
                         format!("STARTTLS refused under a policy that requires TLS: {reply}");
-                    return self.fail(Reply::new(reply.code, reply.enhanced, text));
+                    let reason = Reply::new(reply.code, reply.enhanced, text);
+                    if closing || reply.is_intermediate() {
+                        return self.fail(reason);
+                    }
+                    return self.quit_after(reason, now);
                 }
                 // Opportunistic: carry on in plaintext (RFC 3207 4.1 leaves it to policy).
                 self.after_tls_decision();
@@ -791,7 +824,13 @@ impl Session {
                     self.push_pending(Expect::Auth { step: step + 1 }, now);
                 } else {
                     let text = format!("authentication failed: {reply}");
-                    return self.fail(Reply::new(reply.code, reply.enhanced, text));
+                    let reason = Reply::new(reply.code, reply.enhanced, text);
+                    if closing || reply.is_intermediate() {
+                        // A challenge beyond the mechanism's steps: the server awaits an
+                        // answer, so a QUIT would not be read as a command.
+                        return self.fail(reason);
+                    }
+                    return self.quit_after(reason, now);
                 }
             }
             Expect::Rset { .. } => {
@@ -849,7 +888,7 @@ impl Session {
                 return;
             }
             if policy == StartTls::Required {
-                return self.fail(local_reply(
+                return self.quit_soon(local_reply(
                     4,
                     7,
                     10,
@@ -865,7 +904,7 @@ impl Session {
             return self.established();
         };
         if !self.tls_active && !self.config.allow_plaintext_auth {
-            return self.fail(local_reply(
+            return self.quit_soon(local_reply(
                 4,
                 7,
                 10,
@@ -873,7 +912,7 @@ impl Session {
             ));
         }
         if self.tls_active && !self.certificate_verified && !self.config.allow_plaintext_auth {
-            return self.fail(local_reply(
+            return self.quit_soon(local_reply(
                 4,
                 7,
                 10,
@@ -882,7 +921,7 @@ impl Session {
         }
         let Some(mechanism) = credentials.choose(self.caps.auth) else {
             // X.7.0, not X.7.12 (RFC 4954 6: "a password transition is needed").
-            return self.fail(local_reply(
+            return self.quit_soon(local_reply(
                 4,
                 7,
                 0,
@@ -1065,6 +1104,12 @@ impl Session {
     /// connection, not the message, failed), except transactions that had no reply yet on a
     /// reused connection after a probe failure.
     fn fail(&mut self, reply: Reply) {
+        self.settle_all(&reply);
+        self.close(reply, false);
+    }
+
+    /// Every transaction in flight fails with `reply`, transient.
+    fn settle_all(&mut self, reply: &Reply) {
         let txns: Vec<TxnState> = self.txns.drain(..).collect();
         for mut t in txns {
             let text = if t.content_sent && t.accepted > 0 {
@@ -1094,7 +1139,36 @@ impl Session {
                 results,
             });
         }
-        self.close(reply, false);
+    }
+
+    /// Ends the session politely while it is still in sync with the server (every command
+    /// written has its reply): every transaction fails as in `fail`, QUIT is sent (RFC 5321
+    /// 4.1.1.10), and the closure that follows reports `reason`.
+    fn quit_after(&mut self, reason: Reply, now: Instant) {
+        self.quit_soon(reason);
+        self.pump(now);
+    }
+
+    /// Like `quit_after`, when the caller writes the QUIT out with its own `pump`.
+    fn quit_soon(&mut self, reason: Reply) {
+        self.settle_all(&reason);
+        self.quit_reason = Some(reason);
+        self.phase = Phase::Quitting;
+        self.unsent.clear();
+        self.unsent.push_back(Expect::Quit);
+    }
+
+    /// The server answered DATA with 354 and, in the same read, refused the message (Postfix
+    /// `smtp_proto.c`, "premature" reply; `smtp-sink -A`): no content was sent, the refusal
+    /// applies to every accepted recipient, and the session is out of sync, so it ends.
+    fn premature_refusal(&mut self, txn: u32, refusal: Reply) {
+        self.pending.retain(|e| *e != Expect::Data { txn });
+        if let Some(t) = self.txn_mut(txn) {
+            t.settle_accepted(&refusal);
+        }
+        self.finish(txn);
+        let text = format!("premature reply after 354 to DATA: {refusal}");
+        self.fail(Reply::new(refusal.code, refusal.enhanced, text));
     }
 
     /// Like `fail`, for a failed probe: nothing after it was attempted.
@@ -1116,6 +1190,10 @@ impl Session {
     }
 
     fn close(&mut self, reply: Reply, graceful: bool) {
+        let (reply, graceful) = match self.quit_reason.take() {
+            Some(reason) => (reason, false),
+            None => (reply, graceful),
+        };
         self.phase = Phase::Closed;
         self.deadline = None;
         self.pending.clear();
@@ -1436,10 +1514,68 @@ mod tests {
     fn greeting_refused() {
         let mut s = Script::new(false);
         s.server("554 5.3.2 no service\r\n");
+        // RFC 5321 3.1: the client sends QUIT and waits for the server to close.
+        s.expect("QUIT\r\n");
+        assert!(s.closed.is_none());
+        s.server("221 2.0.0 Bye\r\n");
         let closed = s.closed.unwrap();
         assert_eq!(closed.reply.code, 554);
+        assert_eq!(closed.reply.text, "no service");
         assert!(!closed.established);
-        assert_eq!(s.session.pending_output(), b"");
+        assert!(!closed.graceful);
+        // A 421 greeting closes the connection from the server's side: no QUIT.
+        let mut s = Script::new(false);
+        s.server("421 4.3.2 busy\r\n");
+        s.expect("");
+        assert_eq!(s.closed.unwrap().reply.code, 421);
+    }
+
+    #[test]
+    fn premature_refusal_after_354_bounces_without_content() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b"body\n"));
+        s.written();
+        // smtp-sink -A: the 354 and the refusal in one write, then the server hangs up.
+        s.server("250 Ok\r\n250 Ok\r\n550 5.1.1 no b\r\n354 go\r\n550 5.7.1 Rejected\r\n");
+        assert_eq!(s.written(), "", "no content after a premature refusal");
+        assert_eq!(codes(&s.done[0].1), ["P550", "P550"]);
+        match &s.done[0].1[0] {
+            RcptResult::Failed { reply, .. } => {
+                assert_eq!(reply.enhanced, Some(EnhancedCode::new(5, 7, 1)));
+                assert_eq!(reply.text, "Rejected");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &s.done[0].1[1] {
+            RcptResult::Failed { reply, .. } => assert_eq!(reply.text, "no b"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.session.is_closed());
+        // A 4xx the same way is transient.
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"body\n"));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n354 go\r\n451 4.3.0 later\r\n");
+        assert_eq!(s.written(), "");
+        assert_eq!(codes(&s.done[0].1), ["T451"]);
+    }
+
+    #[test]
+    fn silent_peer_on_reuse_retries_without_an_attempt() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"x"));
+        s.written();
+        s.server("250 Ok\r\n250 Ok\r\n354 go\r\n");
+        s.written();
+        s.server("250 Ok\r\n");
+        s.now += Duration::from_secs(10);
+        s.start(txn(2, &["b@r.example"], b"y"));
+        s.expect("RSET\r\nMAIL FROM:<from@s.example>\r\nRCPT TO:<b@r.example>\r\nDATA\r\n");
+        s.now += Timeouts::default().command;
+        s.session.handle_timeout(s.now);
+        s.drain();
+        assert_eq!(codes(&s.done[1].1), ["R0"]);
+        assert!(s.session.is_closed());
     }
 
     #[test]
@@ -1605,7 +1741,9 @@ mod tests {
         s.server("220 mx ESMTP\r\n");
         s.written();
         s.server("250-mx\r\n250 PIPELINING\r\n");
-        assert_eq!(s.written(), "");
+        assert_eq!(s.written(), "QUIT\r\n");
+        s.session.handle_close("connection closed by peer");
+        s.drain();
         let closed = s.closed.unwrap();
         assert!(!closed.established);
         assert_eq!(closed.reply.enhanced, Some(EnhancedCode::new(4, 7, 10)));
@@ -1626,6 +1764,8 @@ mod tests {
         s.server("250-mx\r\n250 STARTTLS\r\n");
         s.expect("STARTTLS\r\n");
         s.server("454 4.7.0 TLS not available due to temporary reason\r\n");
+        s.expect("QUIT\r\n");
+        s.server("221 2.0.0 Bye\r\n");
         let closed = s.closed.unwrap();
         assert_eq!(closed.reply.code, 454);
         assert!(
@@ -1694,6 +1834,8 @@ mod tests {
         s.server("334 UGFzc3dvcmQ6\r\n");
         s.expect("cA==\r\n");
         s.server("535 5.7.8 Authentication credentials invalid\r\n");
+        s.expect("QUIT\r\n");
+        s.server("221 2.0.0 Bye\r\n");
         let closed = s.closed.unwrap();
         assert_eq!(closed.reply.code, 535);
         assert_eq!(
@@ -1713,7 +1855,9 @@ mod tests {
         s.server("220 mx ESMTP\r\n");
         s.written();
         s.server("250-mx\r\n250 AUTH PLAIN\r\n");
-        assert_eq!(s.written(), "");
+        // No AUTH: the session ends politely (RFC 5321 4.1.1.10), the cause kept.
+        s.expect("QUIT\r\n");
+        s.server("221 2.0.0 Bye\r\n");
         let closed = s.closed.unwrap();
         assert_eq!(closed.reply.enhanced, Some(EnhancedCode::new(4, 7, 10)));
         assert!(
@@ -1758,7 +1902,8 @@ mod tests {
         s.server("220 mx ESMTP\r\n");
         s.written();
         s.server("250-mx\r\n250 AUTH PLAIN\r\n");
-        assert_eq!(s.written(), "");
+        assert_eq!(s.written(), "QUIT\r\n");
+        s.server("221 2.0.0 Bye\r\n");
         let closed = s.closed.unwrap();
         assert!(
             closed.reply.text.contains("not encrypted"),

@@ -878,3 +878,157 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(b".\r\n");
     out
 }
+
+// ------------------------------------------------------------------------------------------------
+// A scripted SMTP server, for faults no real server can be told to produce
+
+/// An SMTP server in a thread of the test that answers from a script: `greeting` on connect,
+/// then every command line goes to `answer`, which returns the reply to write (CRLF-ended
+/// lines, possibly several replies in one write; empty to go silent until the client hangs up) or `None` to hang up.
+/// After a reply starting with 354 the content is read up to its final dot, and `answer(".")`
+/// gives the reply to it. `QUIT` is always
+/// answered with 221 and a close. Everything each connection sent is kept, for tests that
+/// check how the client ended a session. Connections are served one at a time; the server
+/// stops when the handle drops.
+pub struct ScriptedSmtpServer {
+    addr: SocketAddr,
+    sessions: std::sync::Arc<Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ScriptedSmtpServer {
+    pub fn start(
+        greeting: &str,
+        answer: impl Fn(&str) -> Option<String> + Send + 'static,
+    ) -> ScriptedSmtpServer {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local_addr");
+        let sessions = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let greeting = greeting.to_string();
+        let (sessions2, stop2) = (Arc::clone(&sessions), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                let received = serve_scripted(stream, &greeting, &answer);
+                sessions2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(received);
+            }
+        });
+        ScriptedSmtpServer {
+            addr,
+            sessions,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What each finished connection sent, in order.
+    pub fn sessions(&self) -> Vec<String> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits up to 10 s for `n` connections to have ended and returns what they sent.
+    pub fn wait_sessions(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.sessions().len() < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.sessions()
+    }
+}
+
+fn serve_scripted(
+    stream: TcpStream,
+    greeting: &str,
+    answer: &dyn Fn(&str) -> Option<String>,
+) -> String {
+    let mut received = String::new();
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return received;
+    };
+    let mut reader = BufReader::new(stream);
+    if writer.write_all(greeting.as_bytes()).is_err() {
+        return received;
+    }
+    loop {
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return received,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        received.push_str(&line);
+        let command = line.trim_end_matches(['\r', '\n']);
+        if command.eq_ignore_ascii_case("QUIT") {
+            let _ = writer.write_all(b"221 2.0.0 Bye\r\n");
+            return received;
+        }
+        let Some(mut reply) = answer(command) else {
+            return received;
+        };
+        if reply.is_empty() {
+            // A peer gone silent: whatever follows is read and never answered.
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+            received.push_str(&String::from_utf8_lossy(&rest));
+            return received;
+        }
+        if reply.starts_with("354") {
+            if writer.write_all(reply.as_bytes()).is_err() {
+                return received;
+            }
+            // The content, up to and including its final dot, is kept with the commands.
+            loop {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return received,
+                    Ok(_) => {}
+                }
+                received.push_str(&String::from_utf8_lossy(&line));
+                if line == b".\r\n" {
+                    break;
+                }
+            }
+            let Some(end) = answer(".") else {
+                return received;
+            };
+            reply = end;
+        }
+        if writer.write_all(reply.as_bytes()).is_err() {
+            return received;
+        }
+    }
+}
+
+impl Drop for ScriptedSmtpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

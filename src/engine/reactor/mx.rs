@@ -10,7 +10,7 @@ use crate::engine::shaping::Shaper;
 use crate::engine::EventKind;
 use crate::message::Address;
 use crate::queue::{Envelope, Job, MxJob, MxRoute};
-use crate::route::mx::{MxResolver, Resolution};
+use crate::route::mx::{MxAnswer, MxResolver, Resolution};
 use crate::route::Target;
 use crate::smtp::{EnhancedCode, Reply};
 use crossbeam_channel::Receiver;
@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the loop keeps a resolved route before asking the resolver again (which answers
-/// from its own TTL-bound cache when it can).
+/// The longest the loop keeps a resolved route before asking the resolver again (which answers
+/// from its own TTL-bound cache when it can); a route never outlives its DNS answer's TTL.
 const ROUTE_LIFETIME: Duration = Duration::from_secs(60);
 
 /// What the loop knows about a domain.
@@ -35,7 +35,7 @@ enum DomainRoute {
 
 pub(super) struct MxState {
     resolver: MxResolver,
-    answers: Receiver<(String, Resolution)>,
+    answers: Receiver<MxAnswer>,
     domains: HashMap<Arc<str>, DomainRoute>,
     /// Destinations by (recipient-domain override group, MX host, address).
     by_host: HashMap<(Option<usize>, String, SocketAddr), usize>,
@@ -49,7 +49,7 @@ pub(super) struct MxState {
 impl MxState {
     pub(super) fn new(
         resolver: MxResolver,
-        answers: Receiver<(String, Resolution)>,
+        answers: Receiver<MxAnswer>,
         resolver_destination: usize,
         capacity: usize,
     ) -> Self {
@@ -169,18 +169,17 @@ impl Reactor {
         let Some(mx) = self.mx.as_ref() else {
             return;
         };
-        let answers: Vec<(String, Resolution)> =
-            mx.answers.try_iter().take(RESOLUTIONS_PER_TURN).collect();
+        let answers: Vec<MxAnswer> = mx.answers.try_iter().take(RESOLUTIONS_PER_TURN).collect();
         if answers.len() == RESOLUTIONS_PER_TURN {
             // Perhaps more: taken on the next turn, after the sockets have been served.
             self.more_work = true;
         }
-        for (domain, resolution) in answers {
-            self.resolved(domain, resolution, now);
+        for (domain, resolution, until) in answers {
+            self.resolved(domain, resolution, until, now);
         }
     }
 
-    fn resolved(&mut self, domain: String, resolution: Resolution, now: Instant) {
+    fn resolved(&mut self, domain: String, resolution: Resolution, until: Instant, now: Instant) {
         let key: Arc<str> = Arc::from(domain.as_str());
         let mx = self.mx.as_mut().expect("MX routing is on");
         let waiting = match mx.domains.remove(&key) {
@@ -196,18 +195,23 @@ impl Reactor {
             Resolution::Hosts(hosts) => {
                 let group = self.config.domain_group(&key);
                 let mut candidates = Vec::new();
+                let mut preferences = Vec::new();
                 for host in hosts.iter() {
                     for &addr in &host.addrs {
                         candidates.push(self.mx_destination(group, &host.name, addr));
+                        preferences.push(host.preference);
                     }
                 }
-                let route = Arc::new(MxRoute { candidates });
+                let route = Arc::new(MxRoute {
+                    candidates,
+                    preferences,
+                });
                 let mx = self.mx.as_mut().expect("MX routing is on");
                 mx.domains.insert(
                     Arc::clone(&key),
                     DomainRoute::Ready {
                         route: Arc::clone(&route),
-                        until: now + ROUTE_LIFETIME,
+                        until: until.min(now + ROUTE_LIFETIME),
                     },
                 );
                 for (envelope, recipients, attempts) in waiting {
@@ -219,6 +223,14 @@ impl Reactor {
                     0,
                     Some(EnhancedCode::new(5, 1, 10)),
                     format!("{domain} does not accept mail (null MX, RFC 7505)"),
+                );
+                self.bounce_waiting(waiting, &reply, now);
+            }
+            Resolution::LoopsBack => {
+                let reply = Reply::new(
+                    0,
+                    Some(EnhancedCode::new(5, 4, 6)),
+                    format!("mail for {domain} loops back to myself"),
                 );
                 self.bounce_waiting(waiting, &reply, now);
             }
@@ -381,36 +393,37 @@ impl Reactor {
         );
     }
 
-    /// A job due for retry: MX jobs start again from the most preferred live exchanger, or
-    /// are resolved again when their last attempt failed in DNS.
-    pub(super) fn retry_mx(&mut self, mut job: Job, now: Instant) -> Option<Job> {
-        let Some(mx) = job.mx.as_mut() else {
+    /// A job due for retry: MX jobs are routed again, through the domain's current route
+    /// (which lives no longer than its DNS answer) or a new lookup, and start from its most
+    /// preferred exchanger; never through the route stored in the job, which may be stale.
+    pub(super) fn retry_mx(&mut self, job: Job, now: Instant) -> Option<Job> {
+        let Some(mx) = job.mx.as_ref() else {
             return Some(job);
         };
-        match mx.route.clone() {
-            Some(route) => {
-                let i = self.live_candidate(&route, 0, now).unwrap_or(0);
-                mx.candidate = i;
-                job.destination = route.candidates[i];
-                Some(job)
-            }
-            None => {
-                let domain = Arc::clone(&mx.domain);
-                let envelope = Arc::clone(&job.envelope);
-                let (choice, recipients) =
-                    self.route_mx(&envelope, &domain, job.recipients, job.attempts, now);
-                if let MxChoice::Ready(route) = choice {
-                    self.enqueue_on_route(
-                        &envelope,
-                        &domain,
-                        &route,
-                        recipients,
-                        job.attempts,
-                        now,
-                    );
-                }
-                None
-            }
+        let domain = Arc::clone(&mx.domain);
+        let envelope = Arc::clone(&job.envelope);
+        let (choice, recipients) =
+            self.route_mx(&envelope, &domain, job.recipients, job.attempts, now);
+        if let MxChoice::Ready(route) = choice {
+            self.enqueue_on_route(&envelope, &domain, &route, recipients, job.attempts, now);
         }
+        None
     }
+}
+
+/// Gives an MX job its own order of the domain's equal-preference exchangers, so that one
+/// domain's transactions (and connections) are spread over them (RFC 5321 5.1).
+pub(super) fn spread_over_equal_exchangers(job: &mut Job) {
+    let Some(mx) = job.mx.as_mut() else {
+        return;
+    };
+    let Some(route) = mx.route.as_ref() else {
+        return;
+    };
+    if mx.candidate != 0 {
+        return;
+    }
+    let spread = route.spread();
+    job.destination = spread.candidates[0];
+    mx.route = Some(spread);
 }

@@ -47,6 +47,14 @@ impl<V> ExpiringCache<V> {
             .map(|entry| &entry.resolution)
     }
 
+    /// Like [`ExpiringCache::get`], with the instant the value expires.
+    pub(super) fn get_until(&self, domain: &str, now: Instant) -> Option<(&V, Instant)> {
+        self.entries
+            .get(domain)
+            .filter(|entry| entry.expires > now)
+            .map(|entry| (&entry.resolution, entry.expires))
+    }
+
     /// Remembers `resolution` for `domain` until `expires`, making room when the cache is full.
     pub(super) fn insert(&mut self, domain: String, resolution: V, expires: Instant, now: Instant) {
         self.remove_expired(now);

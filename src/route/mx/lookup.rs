@@ -35,9 +35,10 @@ const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 /// would send one query per recipient of a mistyped domain, so it is kept only briefly.
 const UNSOURCED_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 /// Hickory caps positive TTLs at a day; results are never kept longer either.
-const MAX_POSITIVE_TTL: Duration = Duration::from_secs(hickory_resolver::MAX_TTL as u64);
-/// CNAMEs followed within one answer before the chain is left to hickory.
-const MAX_CNAME_HOPS: usize = 8;
+pub(super) const MAX_POSITIVE_TTL: Duration = Duration::from_secs(hickory_resolver::MAX_TTL as u64);
+/// CNAMEs followed from the name asked, over one answer or several, before the lookup fails
+/// (Postfix follows as many).
+const MAX_CNAME_HOPS: usize = 9;
 
 /// The resolver thread's way of asking DNS questions.
 pub(super) struct Dns {
@@ -77,25 +78,32 @@ impl Dns {
         self.stub.tries()
     }
 
-    /// The `record_type` records of `name`, uncached.
+    /// The `record_type` records of `name`, uncached. A CNAME chain that an answer leaves
+    /// open (a server that does not recurse, one CNAME per answer) is followed here, name by
+    /// name, up to `MAX_CNAME_HOPS` in all; a name met twice is a CNAME loop.
     pub(super) async fn query(&self, name: &Name, record_type: RecordType) -> Query {
-        match self.stub.query(name, record_type).await {
-            // A server that does not take EDNS queries (RFC 6891 section 7) gets hickory's,
-            // which follow resolv.conf's `options edns0`.
-            Reply::Answer(message)
-                if matches!(
-                    message.metadata.response_code,
-                    ResponseCode::FormErr | ResponseCode::NotImp
-                ) =>
-            {
-                self.ask_hickory(name, record_type).await
-            }
-            Reply::Answer(message) => match from_answer(&message, name, record_type) {
-                Some(query) => query,
-                None => self.ask_hickory(name, record_type).await,
-            },
-            Reply::Truncated => self.ask_hickory(name, record_type).await,
-            Reply::Failed(why) => Query::Failed(why),
+        let mut chain = CnameChain::new(name);
+        loop {
+            let current = chain.current().clone();
+            let query = match self.stub.query(&current, record_type).await {
+                // A server that does not take EDNS queries (RFC 6891 section 7) gets hickory's,
+                // which follow resolv.conf's `options edns0`.
+                Reply::Answer(message)
+                    if matches!(
+                        message.metadata.response_code,
+                        ResponseCode::FormErr | ResponseCode::NotImp
+                    ) =>
+                {
+                    self.ask_hickory(&current, record_type).await
+                }
+                Reply::Answer(message) => match from_answer(&message, &mut chain, record_type) {
+                    Step::Done(query) => query,
+                    Step::Follow => continue,
+                },
+                Reply::Truncated => self.ask_hickory(&current, record_type).await,
+                Reply::Failed(why) => Query::Failed(why),
+            };
+            return chain.bound(query);
         }
     }
 
@@ -360,11 +368,10 @@ async fn exchangers_of(
     mut exchangers: Vec<(u16, Name)>,
     mut expires: Instant,
 ) -> Answer {
-    // RFC 7505 section 3: a null MX ("MX 0 .") says the domain accepts no mail. A root target
-    // cannot be connected to whatever its preference, so such records are dropped, and a domain
-    // left with no other MX is a null-MX domain (section 4.1 forbids mixing them anyway).
-    exchangers.retain(|(_, name)| !name.is_root());
-    if exchangers.is_empty() {
+    // RFC 7505 section 3: a null MX ("MX 0 .") says the domain accepts no mail, and a domain
+    // that publishes one must publish no other MX. One in the set, whatever else is there,
+    // makes the domain a null-MX domain, as Postfix treats it: no mail goes to the others.
+    if exchangers.iter().any(|(_, name)| name.is_root()) {
         return Answer {
             resolution: Resolution::NullMx,
             expires,
@@ -585,54 +592,116 @@ pub(super) enum Query {
     Failed(String),
 }
 
-/// What a nameserver's answer to `name`/`record_type` amounts to; `None` when its CNAME chain
-/// is longer than `MAX_CNAME_HOPS` (or loops), or stops short at a server that does not
-/// recurse: hickory then chases it.
-fn from_answer(message: &Message, name: &Name, record_type: RecordType) -> Option<Query> {
+/// The CNAMEs followed so far from the name asked: every name met, and the least TTL.
+struct CnameChain {
+    names: Vec<Name>,
+    ttl: u64,
+}
+
+impl CnameChain {
+    fn new(name: &Name) -> CnameChain {
+        CnameChain {
+            names: vec![name.clone()],
+            ttl: MAX_POSITIVE_TTL.as_secs(),
+        }
+    }
+
+    /// The name at the end of the chain so far.
+    fn current(&self) -> &Name {
+        self.names.last().expect("the name asked is always there")
+    }
+
+    /// One more hop, to `target`; a failure when it loops or makes the chain too long.
+    fn follow(&mut self, target: &Name, ttl: u32) -> Result<(), Query> {
+        let asked = &self.names[0];
+        if self.names.contains(target) {
+            return Err(Query::Failed(format!(
+                "CNAME loop: {asked} leads back to {target}"
+            )));
+        }
+        if self.names.len() > MAX_CNAME_HOPS {
+            return Err(Query::Failed(format!(
+                "the CNAME chain of {asked} is longer than {MAX_CNAME_HOPS} hops"
+            )));
+        }
+        self.names.push(target.clone());
+        self.ttl = self.ttl.min(ttl.into());
+        Ok(())
+    }
+
+    /// `query` kept no longer than the chain's records may be.
+    fn bound(&self, query: Query) -> Query {
+        let limit = Instant::now() + Duration::from_secs(self.ttl);
+        match query {
+            Query::Records { records, until } => Query::Records {
+                records,
+                until: until.min(limit),
+            },
+            Query::NoSuchName(until) => Query::NoSuchName(until.min(limit)),
+            Query::NoRecords(until) => Query::NoRecords(until.min(limit)),
+            failed => failed,
+        }
+    }
+}
+
+/// What one answer amounts to, for a chain being followed.
+enum Step {
+    Done(Query),
+    /// The chain stops short at a server that does not recurse: ask for its last name.
+    Follow,
+}
+
+/// What a nameserver's answer to the end of `chain`, for `record_type`, amounts to; its CNAMEs
+/// extend the chain.
+fn from_answer(message: &Message, chain: &mut CnameChain, record_type: RecordType) -> Step {
     let now = Instant::now();
     match message.metadata.response_code {
         ResponseCode::NoError => {}
-        ResponseCode::NXDomain => return Some(Query::NoSuchName(now + negative_ttl(message))),
-        code => return Some(Query::Failed(format!("the nameserver answered {code}"))),
+        ResponseCode::NXDomain => {
+            return Step::Done(Query::NoSuchName(now + negative_ttl(message)))
+        }
+        code => return Step::Done(Query::Failed(format!("the nameserver answered {code}"))),
     }
     // Follow the chain from the name asked: each step's records must be for the current name.
-    let mut current = name;
-    let mut ttl = MAX_POSITIVE_TTL.as_secs();
-    for _ in 0..=MAX_CNAME_HOPS {
+    let asked = chain.current().clone();
+    loop {
+        let current = chain.current().clone();
         let records: Vec<Record> = message
             .answers
             .iter()
-            .filter(|r| r.record_type() == record_type && r.name == *current)
+            .filter(|r| r.record_type() == record_type && r.name == current)
             .cloned()
             .collect();
         if !records.is_empty() {
-            let ttl = records.iter().fold(ttl, |t, r| t.min(r.ttl.into()));
-            return Some(Query::Records {
+            let ttl = records.iter().fold(chain.ttl, |t, r| t.min(r.ttl.into()));
+            return Step::Done(Query::Records {
                 records: records.into(),
                 until: now + Duration::from_secs(ttl),
             });
         }
         let cname = message.answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(target) if r.name == *current => Some((&target.0, r.ttl)),
+            RData::CNAME(target) if r.name == current => Some((target.0.clone(), r.ttl)),
             _ => None,
         });
         match cname {
-            Some((target, cname_ttl)) => {
-                ttl = ttl.min(cname_ttl.into());
-                current = target;
+            Some((target, ttl)) => {
+                if let Err(failed) = chain.follow(&target, ttl) {
+                    return Step::Done(failed);
+                }
             }
             // A chain that stops short at a server that does not recurse (an authoritative
-            // one, say) is not NODATA: hickory follows it.
-            None if current != name && !message.metadata.recursion_available => return None,
+            // one, say) is not NODATA: its last name is asked next.
+            None if current != asked && !message.metadata.recursion_available => {
+                return Step::Follow
+            }
             // NODATA, for the name asked or at the end of the chain the recursive server
             // followed: the chain's records count toward how long it may be remembered.
             None => {
-                let ttl = negative_ttl(message).min(Duration::from_secs(ttl));
-                return Some(Query::NoRecords(now + ttl));
+                let ttl = negative_ttl(message).min(Duration::from_secs(chain.ttl));
+                return Step::Done(Query::NoRecords(now + ttl));
             }
         }
     }
-    None
 }
 
 /// RFC 2308 section 5: a negative answer is kept for the lesser of its SOA's TTL and MINIMUM.
