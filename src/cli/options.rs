@@ -1,0 +1,183 @@
+//! Delivery options shared by the commands that deliver (`send`, `bench`): TLS, AUTH, routing,
+//! shaping, metrics, the engine file. The one place where the command line becomes a
+//! [`DispatcherBuilder`]; a new shared option (such as a spool directory) goes here.
+//!
+//! This module must not send anything; it only builds.
+
+use clap::Args;
+use mxpipe::engine::{Dispatcher, DispatcherBuilder};
+use mxpipe::route::mx::MxConfig;
+use mxpipe::smtp::{Credentials, StartTls};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How deliveries are made: TLS, AUTH, routing, shaping, metrics. Shared by `send` (message
+/// mode) and `bench`.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct DeliveryArgs {
+    /// STARTTLS policy: none, opportunistic (use it when offered; the default) or required
+    /// (never send in plaintext). Write the relay as smtps://host:port for implicit TLS.
+    #[arg(long, value_parser = ["none", "opportunistic", "required"])]
+    pub(crate) starttls: Option<String>,
+    /// Verify certificates (default: under required TLS and implicit TLS only).
+    #[arg(long, value_name = "BOOL")]
+    pub(crate) tls_verify: Option<bool>,
+    /// Trust the CA certificates in this PEM file as well as the Mozilla roots.
+    #[arg(long, value_name = "PEM")]
+    pub(crate) tls_ca_file: Option<PathBuf>,
+    /// Log in (RFC 4954) as this user; the secret comes from --auth-password-env or
+    /// --auth-token-env, never from the command line, where other users could read it.
+    #[arg(long)]
+    pub(crate) auth_user: Option<String>,
+    /// The environment variable that holds the password (AUTH PLAIN or LOGIN).
+    #[arg(long, value_name = "VAR")]
+    pub(crate) auth_password_env: Option<String>,
+    /// The environment variable that holds an OAuth 2.0 bearer token (AUTH XOAUTH2).
+    #[arg(long, value_name = "VAR")]
+    pub(crate) auth_token_env: Option<String>,
+    /// Allow AUTH without TLS (off by default).
+    #[arg(long)]
+    pub(crate) allow_plaintext_auth: bool,
+    /// Deliver straight to each recipient domain's MX hosts instead of a relay.
+    #[arg(long)]
+    pub(crate) direct_mx: bool,
+    /// With --direct-mx: ask these DNS servers (default: the system's).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) nameserver: Vec<SocketAddr>,
+    /// With --direct-mx: the SMTP port of MX hosts (default 25).
+    #[arg(long)]
+    pub(crate) mx_port: Option<u16>,
+    /// Engine settings from a TOML file with the keys of the C ABI's `mxp_config_set` (limits
+    /// and overrides by host or @recipient-domain, adaptive backoff, retries, DNS, ...); the
+    /// other options here apply on top.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// At most this many messages per second to each destination.
+    #[arg(long)]
+    pub(crate) messages_per_second: Option<f64>,
+    /// At most this many messages per minute to each destination.
+    #[arg(long)]
+    pub(crate) messages_per_minute: Option<f64>,
+    /// At most this many messages per hour to each destination.
+    #[arg(long)]
+    pub(crate) messages_per_hour: Option<f64>,
+    /// Send from this local address (repeat for several, used in turn).
+    #[arg(long, value_name = "IP")]
+    pub(crate) source_address: Vec<IpAddr>,
+    /// Serve Prometheus metrics over HTTP on this address while running.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<SocketAddr>,
+}
+
+impl DeliveryArgs {
+    /// A builder with the `--config` file's settings, or the defaults.
+    pub(crate) fn base_builder(&self) -> Result<DispatcherBuilder, String> {
+        let Some(path) = &self.config else {
+            return Ok(Dispatcher::builder());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config {}: {e}", path.display()))?;
+        mxpipe::ffi::builder_from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Applies these settings to a builder.
+    pub(crate) fn apply(&self, mut b: DispatcherBuilder) -> Result<DispatcherBuilder, String> {
+        // Only what was given on the command line replaces the --config file's settings.
+        if let Some(policy) = &self.starttls {
+            b = b.starttls(match policy.as_str() {
+                "none" => StartTls::Disabled,
+                "required" => StartTls::Required,
+                _ => StartTls::Opportunistic,
+            });
+        }
+        if let Some(v) = self.tls_verify {
+            b = b.tls_verify(v);
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            b = b.tls_ca_file(ca);
+        }
+        let secret = |var: &str| {
+            std::env::var(var)
+                .map_err(|_| format!("--auth-*-env: environment variable {var} is not set"))
+        };
+        match (
+            &self.auth_user,
+            &self.auth_password_env,
+            &self.auth_token_env,
+        ) {
+            (None, None, None) => {}
+            (Some(user), Some(var), None) => {
+                let c = Credentials::password(user, &secret(var)?)
+                    .ok_or("--auth-user: the user or password contains NUL, CR or LF")?;
+                b = b.credentials(c);
+            }
+            (Some(user), None, Some(var)) => {
+                let c = Credentials::oauth2(user, &secret(var)?)
+                    .ok_or("--auth-user: the user or token contains NUL, CR or LF")?;
+                b = b.credentials(c);
+            }
+            _ => {
+                return Err(
+                    "--auth-user needs exactly one of --auth-password-env and --auth-token-env"
+                        .into(),
+                )
+            }
+        }
+        if self.allow_plaintext_auth {
+            b = b.allow_plaintext_auth(true);
+        }
+        if self.direct_mx {
+            // On top of the --config file's MX settings, if it has any.
+            let mut mx: MxConfig = b.config_mut().mx.clone().unwrap_or_default();
+            if !self.nameserver.is_empty() {
+                mx.nameservers = Some(self.nameserver.clone());
+            }
+            if let Some(port) = self.mx_port {
+                mx.smtp_port = port;
+            }
+            b = b.direct_mx(mx);
+        }
+        if let Some(rate) = self.messages_per_second {
+            b = b.messages_per_second(rate);
+        }
+        if let Some(rate) = self.messages_per_minute {
+            b = b.messages_per_minute(rate);
+        }
+        if let Some(rate) = self.messages_per_hour {
+            b = b.messages_per_hour(rate);
+        }
+        for ip in &self.source_address {
+            b = b.source_address(*ip);
+        }
+        Ok(b)
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) as Prometheus text until the process ends.
+pub(crate) fn serve_metrics(addr: SocketAddr, dispatcher: &Arc<Dispatcher>) -> Result<(), String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
+    let weak = Arc::downgrade(dispatcher);
+    std::thread::Builder::new()
+        .name("mxpipe-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = [0u8; 1024];
+                let _ = std::io::Read::read(&mut stream, &mut request);
+                let Some(d) = weak.upgrade() else { break };
+                let body = d.prometheus();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })
+        .map_err(|e| format!("--metrics: {e}"))?;
+    Ok(())
+}
