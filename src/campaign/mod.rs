@@ -34,6 +34,7 @@ pub use render::Rendered;
 pub use report::Outcome;
 pub use send::{SendOptions, Summary};
 
+use crate::engine::{Dispatcher, DispatcherBuilder};
 use crate::error::{Error, Field};
 use crate::message::dkim::{Algorithm, Signer};
 use crate::message::mime::{self, Attachment, Mailbox};
@@ -570,9 +571,66 @@ impl Campaign {
             .map_err(fail)
     }
 
-    /// Sends the campaign (see [`SendOptions`]); returns when every recipient is final.
+    /// Sends the campaign (see [`SendOptions`]) with the delivery settings of its file;
+    /// returns when every recipient is final.
     pub fn send(&self, options: &SendOptions) -> Result<Summary, CampaignError> {
-        send::send(self, options)
+        send::send(self, self.builder(None, false)?, options, &|_| Ok(()))
+    }
+
+    /// Sends the campaign through a dispatcher built from `builder` (start from
+    /// [`Campaign::builder`] and apply what overrides it); `started` is called once with the
+    /// dispatcher before anything is submitted (e.g. to serve its metrics). The campaign still
+    /// sets what it needs: events on, and its lookahead as the queue bounds.
+    pub fn send_with(
+        &self,
+        builder: DispatcherBuilder,
+        options: &SendOptions,
+        started: &dyn Fn(&std::sync::Arc<Dispatcher>) -> Result<(), String>,
+    ) -> Result<Summary, CampaignError> {
+        send::send(self, builder, options, started)
+    }
+
+    /// A dispatcher builder with this campaign's settings over an engine file's: `engine` is
+    /// the text of an engine file that replaces `limits.engine` (a `--config` given on the
+    /// command line), and with `route_given` the caller sets the relay or direct-MX routing
+    /// itself, so the campaign's `delivery.mode`/`relay` are left out.
+    pub fn builder(
+        &self,
+        engine: Option<&str>,
+        route_given: bool,
+    ) -> Result<DispatcherBuilder, CampaignError> {
+        let d = &self.delivery;
+        let mut builder = match engine.or(d.engine.as_deref()) {
+            Some(text) => crate::ffi::builder_from_toml(text).map_err(CampaignError::Engine)?,
+            None => Dispatcher::builder(),
+        };
+        if let Some(policy) = d.starttls {
+            builder = builder.starttls(policy);
+        }
+        if !route_given {
+            if let Some(relay) = &d.relay {
+                builder = builder.relay(relay);
+            }
+            if let Some(mx) = &d.mx {
+                builder = builder.direct_mx(mx.clone());
+            }
+        }
+        if let Some(verify) = d.tls_verify {
+            builder = builder.tls_verify(verify);
+        }
+        if let Some(ca) = &d.tls_ca_file {
+            builder = builder.tls_ca_file(ca);
+        }
+        if let Some(credentials) = &d.credentials {
+            builder = builder.credentials(credentials.clone());
+        }
+        let mut builder = builder
+            .ehlo_name(&d.ehlo_name)
+            .max_connections_per_destination(d.connections);
+        let retry = &mut builder.config_mut().retry;
+        retry.initial = d.retry_after;
+        retry.max_age = d.max_age;
+        Ok(builder)
     }
 
     /// Writes every message to `dir` as `<line>.eml` (the line of its row in the recipients

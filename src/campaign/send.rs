@@ -11,10 +11,9 @@ use super::progress::{Counts, Progress};
 use super::recipients::SkipKind;
 use super::report::{Outcome, Report};
 use super::{Campaign, CampaignError};
-use crate::engine::{Dispatcher, Event, EventKind};
+use crate::engine::{Dispatcher, DispatcherBuilder, Event, EventKind};
 use crate::error::Error;
 use crate::message::{Body, Message};
-use crate::queue::RetryPolicy;
 use crossbeam_channel::{select, Receiver, Sender};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -327,7 +326,12 @@ fn prepare(
     })
 }
 
-pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary, CampaignError> {
+pub(super) fn send(
+    campaign: &Campaign,
+    builder: DispatcherBuilder,
+    options: &SendOptions,
+    started: &dyn Fn(&Arc<Dispatcher>) -> Result<(), String>,
+) -> Result<Summary, CampaignError> {
     let start = Instant::now();
     let mut summary = Summary::new(campaign);
     let Prepared {
@@ -337,43 +341,16 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
     } = prepare(campaign, options, &mut summary)?;
     let to_send = todo.iter().filter(|&&t| t).count() as u64;
     let d = &campaign.delivery;
-    let base = match &d.engine {
-        Some(text) => crate::ffi::builder_from_toml(text).map_err(CampaignError::Engine)?,
-        None => Dispatcher::builder(),
-    };
-    // The events are how a campaign learns its outcomes: an engine file cannot turn them off.
-    let mut builder = base.record_events(true);
-    if let Some(policy) = d.starttls {
-        builder = builder.starttls(policy);
-    }
-    if let Some(relay) = &d.relay {
-        builder = builder.relay(relay);
-    }
-    if let Some(mx) = &d.mx {
-        builder = builder.direct_mx(mx.clone());
-    }
-    if let Some(verify) = d.tls_verify {
-        builder = builder.tls_verify(verify);
-    }
-    if let Some(ca) = &d.tls_ca_file {
-        builder = builder.tls_ca_file(ca);
-    }
-    if let Some(credentials) = &d.credentials {
-        builder = builder.credentials(credentials.clone());
-    }
     let dispatcher = builder
-        .ehlo_name(&d.ehlo_name)
-        .max_connections_per_destination(d.connections)
+        // The events are how a campaign learns its outcomes: an engine file cannot turn them off.
+        .record_events(true)
         // Both bound what is rendered but not yet delivered: the lookahead.
         .queue_capacity(d.lookahead)
         .max_queued_recipients(d.lookahead)
-        .retry(RetryPolicy {
-            initial: d.retry_after,
-            max_age: d.max_age,
-            ..RetryPolicy::default()
-        })
         .start()
         .map_err(CampaignError::Dispatcher)?;
+    let dispatcher = Arc::new(dispatcher);
+    started(&dispatcher).map_err(CampaignError::Engine)?;
     let events = dispatcher.events().expect("events are recorded");
     let (failures_tx, failures) = crossbeam_channel::unbounded();
     let work = Work {

@@ -3,10 +3,13 @@
 //!
 //! This module only drives [`mxpipe::campaign`]; loading, rendering and sending are its.
 
+use super::options::{serve_metrics, DeliveryArgs};
 use super::CliResult;
 use mxpipe::campaign::{Campaign, SendOptions};
+use mxpipe::engine::DispatcherBuilder;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 pub(crate) struct CampaignArgs {
     pub(crate) campaign: PathBuf,
@@ -15,6 +18,50 @@ pub(crate) struct CampaignArgs {
     pub(crate) journal: Option<PathBuf>,
     pub(crate) quiet: bool,
     pub(crate) json: bool,
+    pub(crate) overrides: Overrides,
+}
+
+/// What the command line sets over the campaign file's `[delivery]` and `[limits]`.
+pub(crate) struct Overrides {
+    pub(crate) relay: Option<String>,
+    pub(crate) connections: Option<usize>,
+    pub(crate) ehlo_name: Option<String>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) delivery: DeliveryArgs,
+}
+
+impl Overrides {
+    /// The campaign's builder with the command line's settings applied, in the documented
+    /// order: the command line over the campaign file over the engine file (`--config`
+    /// replacing `limits.engine`).
+    fn builder(&self, campaign: &Campaign) -> Result<DispatcherBuilder, String> {
+        // Checked here so that an error names --config, not the campaign's limits.engine.
+        self.delivery.base_builder()?;
+        let engine = self.delivery.config_text()?;
+        let route_given = self.relay.is_some() || self.delivery.direct_mx;
+        let mut builder = campaign
+            .builder(engine.as_deref(), route_given)
+            .map_err(|e| e.to_string())?;
+        if let Some(relay) = &self.relay {
+            builder = builder.relay(relay);
+        }
+        let mut builder = self.delivery.apply(builder)?;
+        if let Some(name) = &self.ehlo_name {
+            builder = builder.ehlo_name(name);
+        }
+        if let Some(n) = self.connections {
+            builder = builder.max_connections_per_destination(n);
+        }
+        let retry = &mut builder.config_mut().retry;
+        if let Some(after) = self.retry_after {
+            retry.initial = after;
+        }
+        if let Some(age) = self.max_age {
+            retry.max_age = age;
+        }
+        Ok(builder)
+    }
 }
 
 /// `mxpipe send campaign.toml`: load and check everything, then send (or render, with
@@ -46,13 +93,24 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
             }
             summary
         }
-        None => campaign
-            .send(&SendOptions {
-                report: args.report,
-                journal: args.journal,
-                progress: !args.quiet && !args.json,
-            })
-            .map_err(|e| e.to_string())?,
+        None => {
+            let builder = args.overrides.builder(&campaign)?;
+            let metrics = args.overrides.delivery.metrics;
+            campaign
+                .send_with(
+                    builder,
+                    &SendOptions {
+                        report: args.report,
+                        journal: args.journal,
+                        progress: !args.quiet && !args.json,
+                    },
+                    &|dispatcher| match metrics {
+                        Some(addr) => serve_metrics(addr, dispatcher),
+                        None => Ok(()),
+                    },
+                )
+                .map_err(|e| e.to_string())?
+        }
     };
     if !args.quiet {
         for failure in &summary.failures {

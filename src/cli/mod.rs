@@ -66,7 +66,7 @@ enum Command {
     /// `mxpipe::campaign` docs), or one ready message to many recipients (--relay, --from,
     /// --to-file and MESSAGE.eml).
     Send {
-        /// Message mode: the smarthost, host:port.
+        /// The smarthost, host:port (a campaign: replaces delivery.relay).
         #[arg(long)]
         relay: Option<String>,
         /// Message mode: envelope sender (MAIL FROM); "" for the null sender.
@@ -90,11 +90,11 @@ enum Command {
         /// Campaign: print the summary as one JSON object.
         #[arg(long)]
         json: bool,
-        /// Message mode: connections per destination at most (default 20; a campaign sets
+        /// Connections per destination at most (default 20; a campaign: replaces
         /// limits.connections).
         #[arg(long)]
         connections: Option<usize>,
-        /// Message mode: the name sent in EHLO (default localhost; a campaign sets
+        /// The name sent in EHLO (default localhost; a campaign: replaces
         /// delivery.ehlo_name).
         #[arg(long)]
         ehlo_name: Option<String>,
@@ -102,16 +102,16 @@ enum Command {
         /// otherwise; message mode: JSON Lines).
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Message mode: keep retrying deferred recipients until they are final (up to
-        /// --max-age); a campaign always waits for every recipient to be final.
+        /// Keep retrying deferred recipients until they are final (up to --max-age); a
+        /// campaign always does.
         #[arg(long)]
         wait_final: bool,
-        /// Message mode: give up on a recipient after this many seconds of temporary failures
-        /// (default 3 days; a campaign sets limits.max_age_secs).
+        /// Give up on a recipient after this many seconds of temporary failures (default 3
+        /// days; a campaign: replaces limits.max_age_secs).
         #[arg(long)]
         max_age: Option<u64>,
-        /// Message mode: first retry after this many seconds (default 300; doubling, with
-        /// jitter).
+        /// First retry after this many seconds (default 300; doubling, with jitter; a
+        /// campaign: replaces limits.retry_after_secs).
         #[arg(long)]
         retry_after: Option<u64>,
         #[command(flatten)]
@@ -188,7 +188,7 @@ pub fn main() -> ExitCode {
             reply_delay: reply_delay_ms.map(Duration::from_millis),
         }),
         Command::Send {
-            relay: None,
+            relay,
             from: None,
             to_file: None,
             message,
@@ -197,15 +197,34 @@ pub fn main() -> ExitCode {
             quiet,
             json,
             report,
-            ..
-        } => campaign::run_campaign(campaign::CampaignArgs {
-            campaign: message,
-            dry_run,
-            report,
-            journal,
-            quiet,
-            json,
-        }),
+            connections,
+            ehlo_name,
+            wait_final: _,
+            max_age,
+            retry_after,
+            delivery,
+        } if message
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml")) =>
+        {
+            // --wait-final is what a campaign always does.
+            campaign::run_campaign(campaign::CampaignArgs {
+                campaign: message,
+                dry_run,
+                report,
+                journal,
+                quiet,
+                json,
+                overrides: campaign::Overrides {
+                    relay,
+                    connections,
+                    ehlo_name,
+                    max_age: max_age.map(Duration::from_secs),
+                    retry_after: retry_after.map(Duration::from_secs),
+                    delivery,
+                },
+            })
+        }
         Command::Send {
             relay,
             from: Some(from),
@@ -255,6 +274,22 @@ pub fn main() -> ExitCode {
              sent with --relay/--from/--to-file takes none of them"
                 .into(),
         ),
+        Command::Send {
+            message,
+            from,
+            to_file,
+            ..
+        } if (from.is_some() || to_file.is_some())
+            && message
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("toml")) =>
+        {
+            Err(format!(
+                "send: {} is a campaign file, which names its sender and recipients itself; \
+                 --from and --to-file are for sending a ready message",
+                message.display()
+            ))
+        }
         Command::Send { .. } => Err(
             "send: give a campaign file alone, or a message with --from, --to-file and --relay \
              (or --direct-mx)"

@@ -2,6 +2,9 @@
 //! shaping, metrics, the engine file. The one place where the command line becomes a
 //! [`DispatcherBuilder`]; a new shared option (such as a spool directory) goes here.
 //!
+//! One order of precedence, for every setting: the command line over the campaign file over the
+//! engine file (`--config`, which replaces a campaign's `limits.engine`) over the defaults.
+//!
 //! This module must not send anything; it only builds.
 
 use clap::Args;
@@ -75,12 +78,22 @@ pub(crate) struct DeliveryArgs {
 impl DeliveryArgs {
     /// A builder with the `--config` file's settings, or the defaults.
     pub(crate) fn base_builder(&self) -> Result<DispatcherBuilder, String> {
-        let Some(path) = &self.config else {
-            return Ok(Dispatcher::builder());
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--config {}: {e}", path.display()))?;
-        mxpipe::ffi::builder_from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+        match (self.config_text()?, &self.config) {
+            (Some(text), Some(path)) => mxpipe::ffi::builder_from_toml(&text)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            _ => Ok(Dispatcher::builder()),
+        }
+    }
+
+    /// The text of the `--config` file, when one was given.
+    pub(crate) fn config_text(&self) -> Result<Option<String>, String> {
+        self.config
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--config {}: {e}", path.display()))
+            })
+            .transpose()
     }
 
     /// Applies these settings to a builder.
