@@ -5,9 +5,12 @@
 
 mod util;
 
+use mxpipe::sink::{Faults, Sink, SinkConfig};
+use std::ffi::OsStr;
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// A directory of inputs, removed on drop.
 struct Dir {
@@ -153,4 +156,238 @@ fn campaign_send_honours_command_line_delivery_options() {
         .args(["--from", "x@example.org"]));
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--from"), "{}", stderr(&out));
+}
+
+/// Starts `mxpipe send` in message mode in the background.
+fn spawn_send(args: &[&OsStr]) -> Child {
+    mxpipe()
+        .arg("send")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mxpipe send")
+}
+
+/// Kills a child by its own PID and reaps it.
+fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Waits (at most 30 s) until `path` holds a line containing `needle`.
+fn wait_for_line(path: &Path, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.contains(needle))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Defect 3: the report streams one line per final outcome as it happens, an output path that
+/// cannot be created stops the run before anything is sent, and what is not final at exit is
+/// said plainly.
+#[test]
+fn message_mode_report_streams_and_is_checked_first() {
+    let d = Dir::new("cli-report");
+    let sink = util::SmtpSink::start_dumping("127.0.0.1", &[]);
+    let relay = sink.addr().to_string();
+    d.write(
+        "message.eml",
+        "From: news@example.org\r\nSubject: hi\r\n\r\nHello.\r\n",
+    );
+    d.write("list.txt", "ann@example.net\nbob@example.net\n");
+
+    // A report in a directory that does not exist: refused, and nothing goes out.
+    let out = run(mxpipe()
+        .args(["send", "--relay", &relay, "--from", "news@example.org"])
+        .arg("--to-file")
+        .arg(d.path("list.txt"))
+        .arg("--report")
+        .arg(d.path("missing/report.jsonl"))
+        .arg(d.path("message.eml")));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "mxpipe: --report {}: cannot create:",
+            d.path("missing/report.jsonl").display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(sink.dumps().is_empty(), "nothing may be sent");
+
+    // One recipient is delivered at once, the other is deferred again and again: the first
+    // one's line is in the report while the send still runs.
+    let faulty = Sink::start(SinkConfig {
+        faults: Faults {
+            tempfail_rcpt: vec!["bob@".into()],
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .expect("sink starts");
+    let report = d.path("report.jsonl");
+    let faulty_relay = faulty.local_addr().to_string();
+    let child = spawn_send(&[
+        OsStr::new("--relay"),
+        OsStr::new(&faulty_relay),
+        OsStr::new("--from"),
+        OsStr::new("news@example.org"),
+        OsStr::new("--to-file"),
+        d.path("list.txt").as_os_str(),
+        OsStr::new("--report"),
+        report.as_os_str(),
+        OsStr::new("--wait-final"),
+        OsStr::new("--retry-after"),
+        OsStr::new("1"),
+        d.path("message.eml").as_os_str(),
+    ]);
+    let streamed = wait_for_line(&report, "\"ann@example.net\"");
+    let mut child = child;
+    let still_running = child.try_wait().expect("try_wait").is_none();
+    kill(child);
+    assert!(
+        streamed,
+        "the delivered recipient's line was not in the report in time"
+    );
+    assert!(still_running, "the send should still be retrying bob");
+    let lines = report_lines(&fs::read_to_string(&report).unwrap());
+    assert_eq!(
+        statuses(&lines),
+        [("ann@example.net".to_string(), "delivered".to_string())],
+        "only final outcomes, one line each"
+    );
+
+    // Without --wait-final the deferred recipient is not final at exit: the summary says so,
+    // and so does its report line; the exit code is not 0.
+    let out = run(mxpipe()
+        .args([
+            "send",
+            "--relay",
+            &faulty_relay,
+            "--from",
+            "news@example.org",
+        ])
+        .arg("--to-file")
+        .arg(d.path("list.txt"))
+        .arg("--report")
+        .arg(&report)
+        .arg(d.path("message.eml")));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines = report_lines(&fs::read_to_string(&report).unwrap());
+    assert_eq!(
+        statuses(&lines),
+        [
+            ("ann@example.net".to_string(), "delivered".to_string()),
+            ("bob@example.net".to_string(), "not_final".to_string())
+        ]
+    );
+    assert!(
+        stderr(&out).contains(
+            "mxpipe: 1 recipient not final at exit (deferred, not retried: without --wait-final \
+             nothing keeps it); see the report"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    faulty.stop();
+}
+
+/// Defect 6: the recipients list takes comments and blank lines, counts duplicates and skips an
+/// undecodable line with its number instead of aborting.
+#[test]
+fn message_mode_recipient_list_comments_duplicates_and_bad_lines() {
+    let d = Dir::new("cli-to-file");
+    let sink = util::SmtpSink::start_dumping("127.0.0.1", &[]);
+    d.write(
+        "message.eml",
+        "From: news@example.org\r\nSubject: hi\r\n\r\nHello.\r\n",
+    );
+    let mut list = b"# the fair, May\n\nann@example.net\nbob@example.net   # met at the stand\n  \nANN@example.net\n".to_vec();
+    list.extend_from_slice(b"caf\xe9@example.net\n");
+    list.extend_from_slice(b"cy@example.net\r\n");
+    d.write("list.txt", list);
+    let out = run(mxpipe()
+        .args(["send", "--relay", &sink.addr().to_string()])
+        .args(["--from", "news@example.org", "--to-file"])
+        .arg(d.path("list.txt"))
+        .arg(d.path("message.eml")));
+    let list_path = d.path("list.txt").display().to_string();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{list_path}:6: recipient \"ANN@example.net\" skipped: a duplicate of line 3\n\
+             {list_path}:7: line skipped: not valid UTF-8\n"
+        )
+    );
+    assert_eq!(
+        stdout(&out),
+        "recipients=3 delivered=3 bounced=0 expired=0 not_final=0 invalid=1 duplicates=1 connections=1\n"
+    );
+    // An unreadable line is an invalid entry: the exit code says not everything went.
+    assert_eq!(out.status.code(), Some(1));
+    let dumps = sink.dumps();
+    assert_eq!(dumps.len(), 1);
+    assert_eq!(
+        dumps[0].rcpt_args,
+        ["<ann@example.net>", "<bob@example.net>", "<cy@example.net>"]
+    );
+}
+
+/// Defect 8: a message without Date or Message-ID gets them (as Postfix's cleanup does); one
+/// with them is sent unchanged; a file with no header section is warned about.
+#[test]
+fn message_mode_adds_date_and_message_id_when_missing() {
+    let d = Dir::new("cli-headers");
+    let sink = util::SmtpSink::start_dumping("127.0.0.1", &[]);
+    let relay = sink.addr().to_string();
+    d.write("list.txt", "ann@example.net\n");
+    let send = |message: &str| {
+        let out = run(mxpipe()
+            .args(["send", "--relay", &relay, "--from", "news@example.org"])
+            .arg("--to-file")
+            .arg(d.path("list.txt"))
+            .arg(d.write("message.eml", message)));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stderr(&out)
+    };
+
+    assert_eq!(
+        send("From: news@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"),
+        ""
+    );
+    let complete = "From: news@example.org\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n\
+                    Message-ID: <given@example.org>\r\nSubject: hi\r\n\r\nHello.\r\n";
+    assert_eq!(send(complete), "");
+    let warned = send("Hello, just a body.\r\n");
+    assert_eq!(
+        warned,
+        format!(
+            "mxpipe: warning: {}: no header section (the first line is not a header field); \
+             it is sent as the body of a message with only Date and Message-ID\n",
+            d.path("message.eml").display()
+        )
+    );
+
+    let dumps = sink.dumps();
+    assert_eq!(dumps.len(), 3);
+    let text = |i: usize| String::from_utf8(dumps[i].content.clone()).unwrap();
+    let first = text(0);
+    // smtp-sink writes LF line ends.
+    let (headers, body) = first.split_once("\n\n").expect("a header section");
+    let names: Vec<&str> = headers
+        .lines()
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
+    assert_eq!(names, ["From", "Subject", "Date", "Message-ID"], "{first}");
+    assert!(headers.contains("\nMessage-ID: <") && headers.ends_with("@example.org>"));
+    assert_eq!(body, "Hello.\n");
+    assert_eq!(text(1), complete.replace("\r\n", "\n"));
+    let third = text(2);
+    assert!(third.starts_with("Date: "), "{third}");
+    assert!(third.ends_with(">\n\nHello, just a body.\n"), "{third}");
 }

@@ -337,6 +337,11 @@ pub(crate) type CliResult = Result<ExitCode, String>;
 
 /// One outcome as a JSON line for reports.
 pub(crate) fn event_json(e: &Event) -> String {
+    event_value(e).to_string()
+}
+
+/// One outcome as a JSON object: the report line's fields.
+pub(crate) fn event_value(e: &Event) -> serde_json::Value {
     serde_json::json!({
         "message_id": e.message_id,
         "recipient": e.recipient.as_str(),
@@ -349,7 +354,6 @@ pub(crate) fn event_json(e: &Event) -> String {
         "retry_after_s": e.retry_after.map(|d| d.as_secs_f64()),
         "elapsed_ms": e.elapsed.as_millis() as u64,
     })
-    .to_string()
 }
 
 /// Thousands of connections need thousands of descriptors: lift the soft limit to the hard one
