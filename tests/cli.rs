@@ -8,6 +8,7 @@ mod util;
 use mxpipe::sink::{Faults, Sink, SinkConfig};
 use std::ffi::OsStr;
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -390,4 +391,89 @@ fn message_mode_adds_date_and_message_id_when_missing() {
     let third = text(2);
     assert!(third.starts_with("Date: "), "{third}");
     assert!(third.ends_with(">\n\nHello, just a body.\n"), "{third}");
+}
+
+/// Defect 7: a byte-order mark at the start of a template is not content.
+#[test]
+fn campaign_template_byte_order_mark_is_not_sent() {
+    let d = Dir::new("cli-bom");
+    let file = campaign(&d, "127.0.0.1:25", &["ann@example.net"]);
+    d.write("body.txt", "\u{feff}Hi {{first_name}}.\n");
+    let toml = d
+        .read("campaign.toml")
+        .replace("text = \"Hi {{first_name}}.\"", "text_file = \"body.txt\"");
+    d.write("campaign.toml", toml);
+    let out = run(mxpipe()
+        .args(["send", "--quiet", "--dry-run"])
+        .arg(d.path("out"))
+        .arg(&file));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let eml = fs::read(d.path("out/00000002.eml")).expect("rendered message");
+    let text = String::from_utf8_lossy(&eml);
+    assert!(text.ends_with("\r\n\r\nHi Reader.\r\n"), "{text}");
+}
+
+/// Defect 7: `sink --capture` errors name --capture; `--listen` takes a host name.
+#[test]
+fn sink_names_capture_errors_and_listens_on_a_host_name() {
+    let d = Dir::new("cli-sink");
+    let file = d.write("not-a-dir", "x");
+    let out = run(mxpipe()
+        .args(["sink", "--listen", "127.0.0.1:0", "--capture"])
+        .arg(file.join("sub")));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "mxpipe: sink: --capture {}: cannot create:",
+            file.join("sub").display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    let port = util::free_port("127.0.0.1");
+    let mut child = mxpipe()
+        .args(["sink", "--listen", &format!("localhost:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the sink");
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let status = child.try_wait().expect("try_wait");
+    kill(child);
+    read.expect("read the sink's first line");
+    assert!(status.is_none(), "the sink exited: {line}");
+    let addr = line
+        .trim()
+        .strip_prefix("mxpipe sink listening on ")
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let addr: std::net::SocketAddr = addr.parse().expect("an address");
+    assert!(addr.ip().is_loopback() && addr.port() == port, "{addr}");
+}
+
+/// Defect 7: `--nameserver` takes a host name (and a bare address gets port 53, see the unit
+/// tests of `cli::options`).
+#[test]
+fn direct_mx_nameserver_takes_a_host_name() {
+    let d = Dir::new("cli-nameserver");
+    let sink = util::SmtpSink::start_dumping("127.0.0.1", &[]);
+    let dns = util::dns::Dnsmasq::builder()
+        .mx("example.test", "mx.example.test", 10)
+        .host("mx.example.test", "127.0.0.1")
+        .start();
+    d.write(
+        "message.eml",
+        "From: news@example.org\r\nSubject: hi\r\n\r\nHello.\r\n",
+    );
+    d.write("list.txt", "ann@example.test\n");
+    let out = run(mxpipe()
+        .args(["send", "--direct-mx", "--nameserver"])
+        .arg(format!("localhost:{}", dns.addr().port()))
+        .args(["--mx-port", &sink.addr().port().to_string()])
+        .args(["--from", "news@example.org", "--to-file"])
+        .arg(d.path("list.txt"))
+        .arg(d.path("message.eml")));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sink.dumps().len(), 1);
 }

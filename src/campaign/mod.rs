@@ -223,7 +223,9 @@ impl Loader<'_> {
                 format!("{key}: not valid UTF-8"),
             )
         })?;
-        Template::parse(&text, |n| columns.find(n)).map_err(|e| {
+        // A byte-order mark (editors on Windows write one) is not part of the text.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        Template::parse(text, |n| columns.find(n)).map_err(|e| {
             CampaignError::input(
                 &file,
                 Some(e.line as u64),

@@ -44,9 +44,15 @@ struct Cli {
 enum Command {
     /// Run a fast SMTP sink (PIPELINING, CHUNKING, 8BITMIME, SIZE) until killed.
     Sink {
-        /// Address to listen on (port 0 picks one; the address is printed). Repeat it to serve
-        /// several addresses from one sink, as one host with several addresses would.
-        #[arg(long, default_value = "127.0.0.1:2525")]
+        /// Address to listen on, HOST[:PORT] (port 2525 by default; port 0 picks one; the
+        /// address is printed). Repeat it to serve several addresses from one sink, as one
+        /// host with several addresses would.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:2525",
+            value_name = "HOST[:PORT]",
+            value_parser = listen_addr
+        )]
         listen: Vec<SocketAddr>,
         /// Write every received message to this directory (.eml + .json envelope).
         #[arg(long)]
@@ -334,6 +340,11 @@ pub fn main() -> ExitCode {
 }
 
 pub(crate) type CliResult = Result<ExitCode, String>;
+
+/// Where `sink --listen` listens: port 2525 unless given.
+fn listen_addr(value: &str) -> Result<SocketAddr, String> {
+    options::host_port(value, 2525)
+}
 
 /// One outcome as a JSON line for reports.
 pub(crate) fn event_json(e: &Event) -> String {

@@ -12,7 +12,7 @@ use mxpipe::engine::{Dispatcher, DispatcherBuilder};
 use mxpipe::route::mx::MxConfig;
 use mxpipe::smtp::{Credentials, StartTls};
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +47,9 @@ pub(crate) struct DeliveryArgs {
     /// Deliver straight to each recipient domain's MX hosts instead of a relay.
     #[arg(long)]
     pub(crate) direct_mx: bool,
-    /// With --direct-mx: ask these DNS servers (default: the system's).
-    #[arg(long, value_name = "ADDR")]
+    /// With --direct-mx: ask these DNS servers, HOST[:PORT] (port 53 by default; default:
+    /// the system's).
+    #[arg(long, value_name = "ADDR", value_parser = nameserver_addr)]
     pub(crate) nameserver: Vec<SocketAddr>,
     /// With --direct-mx: the SMTP port of MX hosts (default 25).
     #[arg(long)]
@@ -193,4 +194,64 @@ pub(crate) fn serve_metrics(addr: SocketAddr, dispatcher: &Arc<Dispatcher>) -> R
         })
         .map_err(|e| format!("--metrics: {e}"))?;
     Ok(())
+}
+
+/// `HOST[:PORT]`, `IP`, `IP:PORT` or `[IPv6]:PORT` as an address, with `default_port` when none
+/// is given; a host name is resolved (its first address is taken).
+pub(crate) fn host_port(value: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bare = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    let (host, port) = match value.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| format!("{port:?} is not a port number"))?,
+        ),
+        None => (value, default_port),
+    };
+    if host.is_empty() {
+        return Err("no host name or address".into());
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} has no address"))
+}
+
+/// A DNS server: port 53 unless given.
+pub(crate) fn nameserver_addr(value: &str) -> Result<SocketAddr, String> {
+    host_port(value, 53)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_take_host_names_and_default_ports() {
+        let v4 = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(nameserver_addr("127.0.0.1"), Ok(v4("127.0.0.1:53")));
+        assert_eq!(nameserver_addr("127.0.0.2:5353"), Ok(v4("127.0.0.2:5353")));
+        assert_eq!(nameserver_addr("[::1]"), Ok(v4("[::1]:53")));
+        assert_eq!(nameserver_addr("::1"), Ok(v4("[::1]:53")));
+        assert_eq!(nameserver_addr("[::1]:5300"), Ok(v4("[::1]:5300")));
+        let local = host_port("localhost:2600", 25).unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 2600, "{local}");
+        let local = host_port("localhost", 2525).unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 2525, "{local}");
+        assert_eq!(
+            host_port("localhost:x", 25),
+            Err("\"x\" is not a port number".into())
+        );
+        assert_eq!(host_port(":25", 25), Err("no host name or address".into()));
+    }
 }

@@ -24,6 +24,10 @@ pub(crate) fn run_sink(args: SinkArgs) -> CliResult {
     let (&first, also) = listen
         .split_first()
         .ok_or("sink: --listen needs an address")?;
+    if let Some(dir) = &args.capture {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("sink: --capture {}: cannot create: {e}", dir.display()))?;
+    }
     // Every client connection is a descriptor here too.
     raise_fd_limit();
     let sink = Sink::start(SinkConfig {
