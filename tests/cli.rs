@@ -477,3 +477,51 @@ fn direct_mx_nameserver_takes_a_host_name() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(sink.dumps().len(), 1);
 }
+
+/// Defect 5: a CRLF recipients file gets the physical line numbers, and an unclosed quote is
+/// an error instead of swallowing the rows after it.
+#[test]
+fn campaign_csv_lines_are_physical_and_an_unclosed_quote_is_reported() {
+    let d = Dir::new("cli-csv");
+    let file = campaign(&d, "127.0.0.1:25", &[]);
+    d.write(
+        "recipients.csv",
+        "email,first_name,note\r\nann@example.net,Ann,\r\nnot-an-address,Bob,\r\n\"cy@example.net\",Cy,\"two\r\nlines\"\r\ndan@example.net,Dan,\r\n",
+    );
+    let out = run(mxpipe()
+        .args(["send", "--dry-run"])
+        .arg(d.path("out"))
+        .arg(&file));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{}:3: skipped (invalid) \"not-an-address\": email: address has no '@'\n",
+            d.path("recipients.csv").display()
+        )
+    );
+    let mut names: Vec<String> = fs::read_dir(d.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["00000002.eml", "00000004.eml", "00000006.eml"]);
+
+    d.write(
+        "recipients.csv",
+        "email,first_name\nann@example.net,\"Ann\nbob@example.net,Bob\ncy@example.net,Cy\n",
+    );
+    let out = run(mxpipe()
+        .args(["send", "--dry-run"])
+        .arg(d.path("out2"))
+        .arg(&file));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "mxpipe: {}:2: a quote opened in this row is never closed: the 2 lines after it would be one field\n",
+            d.path("recipients.csv").display()
+        )
+    );
+    assert!(!d.path("out2").exists(), "nothing may be rendered");
+}
