@@ -525,3 +525,67 @@ fn campaign_csv_lines_are_physical_and_an_unclosed_quote_is_reported() {
     );
     assert!(!d.path("out2").exists(), "nothing may be rendered");
 }
+
+fn json_summary(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", stdout(out), stderr(out)))
+}
+
+/// Defect 4: a journal belongs to its campaign, and recipients that expired can be retried.
+#[test]
+fn campaign_journal_is_bound_to_its_campaign_and_expired_can_be_retried() {
+    let d = Dir::new("cli-journal");
+    let sink = Sink::start(SinkConfig::default()).expect("sink starts");
+    let relay = sink.local_addr().to_string();
+    // Nothing listens on this port: every attempt fails temporarily until the recipients expire.
+    let down = format!("127.0.0.1:{}", util::free_port("127.0.0.1"));
+    let file = campaign(&d, &down, &["ann@example.net", "bob@example.net"]);
+    let journal = d.path("send.journal");
+    let send = |extra: &[&str]| {
+        run(mxpipe()
+            .arg("send")
+            .arg(&file)
+            .arg("--journal")
+            .arg(&journal)
+            .args(["--quiet", "--json", "--retry-after", "1"])
+            .args(extra))
+    };
+    let out = send(&["--max-age", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(json_summary(&out)["expired"], 2);
+
+    // The relay is back (given on the command line: how to send is not the campaign's
+    // identity). Expired recipients are final unless --retry-expired, and the summary says so.
+    let out = send(&["--relay", &relay]);
+    let summary = json_summary(&out);
+    assert_eq!(summary["already_final"], 2, "{summary}");
+    assert_eq!(summary["already_expired"], 2, "{summary}");
+    assert_eq!(summary["submitted"], 0, "{summary}");
+    let out = send(&["--relay", &relay, "--retry-expired"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary = json_summary(&out);
+    assert_eq!(summary["already_final"], 0, "{summary}");
+    assert_eq!(summary["delivered"], 2, "{summary}");
+    // And now they are final for good.
+    let out = send(&["--relay", &relay, "--retry-expired"]);
+    assert_eq!(json_summary(&out)["already_final"], 2);
+    assert_eq!(json_summary(&out)["already_expired"], 0);
+
+    // Another campaign (another subject) refuses this journal, before anything is sent.
+    let toml = d.read("campaign.toml").replace("Hello", "Goodbye");
+    d.write("campaign.toml", toml);
+    let out = send(&["--relay", &relay]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "mxpipe: {}: the journal of another campaign (its campaign file, recipients or \
+             templates differ); give another --journal, or --journal-any-campaign to use it anyway\n",
+            journal.display()
+        )
+    );
+    let out = send(&["--relay", &relay, "--journal-any-campaign"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json_summary(&out)["already_final"], 2);
+    assert_eq!(sink.stop().messages, 2);
+}

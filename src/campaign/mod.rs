@@ -122,6 +122,8 @@ pub struct Campaign {
     recipients_path: PathBuf,
     skipped: Vec<Skipped>,
     delivery: Delivery,
+    /// What is sent and to whom, hashed: see [`Campaign::identity`].
+    identity: String,
 }
 
 impl fmt::Debug for Campaign {
@@ -278,6 +280,51 @@ impl Columns<'_> {
             _ => String::new(),
         }
     }
+}
+
+/// See [`Campaign::identity`].
+fn identity(
+    path: &Path,
+    source: &str,
+    recipients: &Path,
+    file: &CampaignFile,
+    loader: &Loader<'_>,
+) -> Result<String, CampaignError> {
+    use ring::digest::{Context, SHA256};
+    let mut table: toml::Table = toml::from_str(source)
+        .map_err(|e| CampaignError::input(path, None, e.message().trim().to_string()))?;
+    table.remove("delivery");
+    table.remove("limits");
+    let mut context = Context::new(&SHA256);
+    // Each part length-prefixed, so that no two different inputs hash alike.
+    let mut part = |bytes: &[u8]| {
+        context.update(&(bytes.len() as u64).to_be_bytes());
+        context.update(bytes);
+    };
+    part(table.to_string().as_bytes());
+    let mut files: Vec<PathBuf> = vec![recipients.to_path_buf()];
+    files.extend(
+        [&file.text_file, &file.html_file]
+            .into_iter()
+            .flatten()
+            .map(|f| loader.resolve(f.get_ref())),
+    );
+    files.extend(
+        file.attachments
+            .iter()
+            .map(|a| loader.resolve(a.file.get_ref())),
+    );
+    for f in files {
+        let bytes = std::fs::read(&f)
+            .map_err(|e| CampaignError::input(&f, None, format!("cannot read: {e}")))?;
+        part(&bytes);
+    }
+    Ok(context
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Header fields mxpipe writes itself: a campaign's `[headers]` must not repeat them.
@@ -509,6 +556,7 @@ impl Campaign {
             Ok(())
         })?;
 
+        let identity = identity(path, &source, &recipients_path, &file, &loader)?;
         Ok(Campaign {
             renderer: Renderer {
                 from,
@@ -527,7 +575,16 @@ impl Campaign {
             recipients_path,
             skipped,
             delivery,
+            identity,
         })
+    }
+
+    /// The campaign's identity: a SHA-256 over what is sent and to whom (the campaign file
+    /// without its `[delivery]` and `[limits]`, the recipients file, the template and attachment
+    /// files). A journal records it, so that it is never used to resume another campaign; how
+    /// the mail is sent (relay, TLS, limits) may change between runs.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Recipients to send to (rows that passed every check).

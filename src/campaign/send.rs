@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::message::{Body, Message};
 use crossbeam_channel::{select, Receiver, Sender};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +32,10 @@ pub struct SendOptions {
     pub journal: Option<PathBuf>,
     /// Draw the progress bar on standard error (when it is a terminal).
     pub progress: bool,
+    /// Send again to recipients the journal has as expired (e.g. after a relay was down).
+    pub retry_expired: bool,
+    /// Use a journal even if it was written for another campaign.
+    pub journal_any_campaign: bool,
 }
 
 /// What a run did.
@@ -43,6 +48,8 @@ pub struct Summary {
     pub duplicates: u64,
     /// Recipients the journal already had a final outcome for (not sent again).
     pub already_final: u64,
+    /// Of those, recipients that had expired (sent again with `retry_expired`).
+    pub already_expired: u64,
     /// Messages handed to the dispatcher in this run (or written, in a dry run).
     pub submitted: u64,
     pub delivered: u64,
@@ -99,6 +106,7 @@ impl Summary {
             row("rendered", self.submitted.to_string());
         } else {
             row("already final", self.already_final.to_string());
+            row("  of which expired", self.already_expired.to_string());
             row("sent", self.submitted.to_string());
             row("delivered", self.delivered.to_string());
             row("bounced", self.bounced.to_string());
@@ -305,18 +313,38 @@ fn prepare(
     }
     let mut todo = vec![true; campaign.recipients.len()];
     let journal = match &options.journal {
-        Some(path) => Some(Journal::open(path, |outcome| {
-            if let Some(i) = campaign.recipients.find(&outcome.recipient) {
-                if todo[i] {
-                    todo[i] = false;
-                    summary.already_final += 1;
-                    if let Some(r) = &mut report {
-                        r.write(&outcome)?;
+        Some(path) => {
+            // The last outcome of each row, except that an expiry never replaces another final
+            // outcome (a recipient retried after expiring may have been delivered since).
+            let mut known: BTreeMap<usize, Outcome> = BTreeMap::new();
+            let journal = Journal::open(
+                path,
+                campaign.identity(),
+                options.journal_any_campaign,
+                |outcome| {
+                    if let Some(i) = campaign.recipients.find(&outcome.recipient) {
+                        let keep = known.get(&i).is_some_and(|k| k.status != "expired");
+                        if !keep {
+                            known.insert(i, outcome);
+                        }
                     }
+                    Ok(())
+                },
+            )?;
+            for (i, outcome) in known {
+                let expired = outcome.status == "expired";
+                if expired && options.retry_expired {
+                    continue;
+                }
+                todo[i] = false;
+                summary.already_final += 1;
+                summary.already_expired += u64::from(expired);
+                if let Some(r) = &mut report {
+                    r.write(&outcome)?;
                 }
             }
-            Ok(())
-        })?),
+            Some(journal)
+        }
         None => None,
     };
     Ok(Prepared {

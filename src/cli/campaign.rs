@@ -16,6 +16,8 @@ pub(crate) struct CampaignArgs {
     pub(crate) dry_run: Option<PathBuf>,
     pub(crate) report: Option<PathBuf>,
     pub(crate) journal: Option<PathBuf>,
+    pub(crate) retry_expired: bool,
+    pub(crate) journal_any_campaign: bool,
     pub(crate) quiet: bool,
     pub(crate) json: bool,
     pub(crate) overrides: Overrides,
@@ -82,9 +84,15 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
     }
     let summary = match &args.dry_run {
         Some(dir) => {
-            if args.report.is_some() || args.journal.is_some() {
+            if args.report.is_some()
+                || args.journal.is_some()
+                || args.retry_expired
+                || args.journal_any_campaign
+            {
                 return Err(
-                    "send: --report and --journal record deliveries; a --dry-run makes none".into(),
+                    "send: --report, --journal, --retry-expired and --journal-any-campaign are \
+                     about deliveries; a --dry-run makes none"
+                        .into(),
                 );
             }
             let summary = campaign.dry_run(dir).map_err(|e| e.to_string())?;
@@ -103,6 +111,8 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
                         report: args.report,
                         journal: args.journal,
                         progress: !args.quiet && !args.json,
+                        retry_expired: args.retry_expired,
+                        journal_any_campaign: args.journal_any_campaign,
                     },
                     &|dispatcher| match metrics {
                         Some(addr) => serve_metrics(addr, dispatcher),

@@ -90,6 +90,14 @@ enum Command {
         /// Campaign: resume from this journal of final outcomes, and append to it.
         #[arg(long, value_name = "FILE")]
         journal: Option<PathBuf>,
+        /// Campaign: send again to recipients the journal has as expired (after a relay was
+        /// down, say); without it they are final and counted as "already final".
+        #[arg(long)]
+        retry_expired: bool,
+        /// Campaign: use a journal written for another campaign (another campaign file,
+        /// recipients or templates); refused without it.
+        #[arg(long)]
+        journal_any_campaign: bool,
         /// Campaign: no progress bar, no warnings about skipped rows, no summary table.
         #[arg(long)]
         quiet: bool,
@@ -200,6 +208,8 @@ pub fn main() -> ExitCode {
             message,
             dry_run,
             journal,
+            retry_expired,
+            journal_any_campaign,
             quiet,
             json,
             report,
@@ -219,6 +229,8 @@ pub fn main() -> ExitCode {
                 dry_run,
                 report,
                 journal,
+                retry_expired,
+                journal_any_campaign,
                 quiet,
                 json,
                 overrides: campaign::Overrides {
@@ -238,6 +250,8 @@ pub fn main() -> ExitCode {
             message,
             dry_run: None,
             journal: None,
+            retry_expired: false,
+            journal_any_campaign: false,
             quiet: false,
             json: false,
             connections,
@@ -267,6 +281,8 @@ pub fn main() -> ExitCode {
             to_file: Some(_),
             dry_run: None,
             journal: None,
+            retry_expired: false,
+            journal_any_campaign: false,
             quiet: false,
             json: false,
             ..
@@ -276,8 +292,9 @@ pub fn main() -> ExitCode {
             to_file: Some(_),
             ..
         } => Err(
-            "send: --dry-run, --journal, --quiet and --json are for campaign files; a message \
-             sent with --relay/--from/--to-file takes none of them"
+            "send: --dry-run, --journal, --retry-expired, --journal-any-campaign, --quiet and \
+             --json are for campaign files; a message sent with --relay/--from/--to-file takes \
+             none of them"
                 .into(),
         ),
         Command::Send {
