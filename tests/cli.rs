@@ -589,3 +589,204 @@ fn campaign_journal_is_bound_to_its_campaign_and_expired_can_be_retried() {
     assert_eq!(json_summary(&out)["already_final"], 2);
     assert_eq!(sink.stop().messages, 2);
 }
+
+/// Sends `signal` to a child by its own PID.
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+/// Waits (at most 60 s) for a child to exit, and returns its output.
+fn finish(mut child: Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            kill(child);
+            panic!("mxpipe did not exit within 60 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn outcome_lines(path: &Path) -> Vec<serde_json::Value> {
+    report_lines(&fs::read_to_string(path).unwrap_or_default())
+        .into_iter()
+        .filter(|v| v.get("recipient").is_some())
+        .collect()
+}
+
+/// Defect 2: Ctrl-C on a campaign stops taking new work, lets what is in flight finish, writes
+/// the report, journal and summary and exits 130; the same command resumes and finishes, and
+/// every recipient gets the newsletter.
+#[test]
+fn ctrl_c_stops_a_campaign_cleanly_and_it_resumes() {
+    const N: usize = 60;
+    let d = Dir::new("cli-ctrl-c");
+    // Every reply held 100 ms: the send takes long enough to be interrupted midway.
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            reply_delay: Some(Duration::from_millis(100)),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .expect("sink starts");
+    let addresses: Vec<String> = (0..N).map(|i| format!("reader{i}@example.net")).collect();
+    let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let file = campaign(&d, &sink.local_addr().to_string(), &refs);
+    let toml = d.read("campaign.toml") + "[limits]\nconnections = 2\nlookahead = 4\n";
+    d.write("campaign.toml", toml);
+    let journal = d.path("send.journal");
+    let report = d.path("report.jsonl");
+    let start = || {
+        mxpipe()
+            .arg("send")
+            .arg(&file)
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--report")
+            .arg(&report)
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mxpipe send")
+    };
+
+    let child = start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outcome_lines(&journal).len() < 5 {
+        assert!(Instant::now() < deadline, "the journal does not grow");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&child, libc::SIGINT);
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let summary = json_summary(&out);
+    assert_eq!(summary["interrupted"], true, "{summary}");
+    let first_journal = outcome_lines(&journal);
+    let delivered = summary["delivered"].as_u64().unwrap() as usize;
+    assert!((5..N).contains(&delivered), "{summary}");
+    assert_eq!(first_journal.len(), delivered, "{summary}");
+    // The report has every final outcome the journal has.
+    assert_eq!(statuses(&outcome_lines(&report)), statuses(&first_journal));
+    assert!(
+        stderr(&out).contains(
+            " sent in this run had no outcome yet; the same command resumes from the journal"
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    // The same command again finishes the job.
+    let out = finish(start());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary = json_summary(&out);
+    assert_eq!(summary["already_final"].as_u64(), Some(delivered as u64));
+    assert_eq!(summary["delivered"].as_u64(), Some((N - delivered) as u64));
+    let all = outcome_lines(&journal);
+    let mut in_journal: Vec<&str> = all
+        .iter()
+        .map(|v| v["recipient"].as_str().unwrap())
+        .collect();
+    in_journal.sort();
+    in_journal.dedup();
+    assert_eq!(in_journal.len(), N);
+    assert_eq!(all.len(), N, "nobody is journaled twice");
+    // Only what was in flight at the signal may have been sent twice.
+    let messages = sink.stop().messages as usize;
+    assert!((N..=N + 4 + 2).contains(&messages), "{messages}");
+}
+
+/// Defect 2: Ctrl-C in message mode writes what is not final to the report and exits 130; a
+/// second signal ends the process at once.
+#[test]
+fn ctrl_c_in_message_mode_reports_what_is_not_final() {
+    let d = Dir::new("cli-ctrl-c-message");
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            tempfail_rcpt: vec!["bob@".into()],
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .expect("sink starts");
+    d.write(
+        "message.eml",
+        "From: news@example.org\r\nSubject: hi\r\n\r\nHello.\r\n",
+    );
+    d.write("list.txt", "ann@example.net\nbob@example.net\n");
+    let report = d.path("report.jsonl");
+    let relay = sink.local_addr().to_string();
+    let (list, message) = (d.path("list.txt"), d.path("message.eml"));
+    let args = [
+        OsStr::new("--relay"),
+        OsStr::new(&relay),
+        OsStr::new("--from"),
+        OsStr::new("news@example.org"),
+        OsStr::new("--to-file"),
+        list.as_os_str(),
+        OsStr::new("--report"),
+        report.as_os_str(),
+        OsStr::new("--wait-final"),
+        message.as_os_str(),
+    ];
+    let child = spawn_send(&args);
+    assert!(
+        wait_for_line(&report, "ann@example.net"),
+        "ann is not delivered"
+    );
+    signal(&child, libc::SIGTERM);
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(
+        statuses(&outcome_lines(&report)),
+        [
+            ("ann@example.net".to_string(), "delivered".to_string()),
+            ("bob@example.net".to_string(), "not_final".to_string())
+        ]
+    );
+    assert!(
+        stdout(&out).starts_with("recipients=2 delivered=1 "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains("mxpipe: 1 recipient not final at exit (interrupted;"));
+
+    sink.stop();
+
+    // Two signals: no grace period (no summary either), the same exit code. The tarpit holds
+    // ann's transaction in flight for 5 s, which one signal would wait for.
+    let tarpit = Sink::start(SinkConfig {
+        faults: Faults {
+            reply_delay: Some(Duration::from_secs(5)),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .expect("sink starts");
+    let relay = tarpit.local_addr().to_string();
+    let mut args = args;
+    args[1] = OsStr::new(&relay);
+    let _ = fs::remove_file(&report);
+    let child = spawn_send(&args);
+    // The report is created after the signal handler is installed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !report.exists() {
+        assert!(Instant::now() < deadline, "no report");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, libc::SIGINT);
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "",
+        "a second signal exits at once, without a summary"
+    );
+    tarpit.stop();
+}

@@ -36,6 +36,14 @@ pub struct SendOptions {
     pub retry_expired: bool,
     /// Use a journal even if it was written for another campaign.
     pub journal_any_campaign: bool,
+    /// When this becomes true (a signal handler sets it, say), the send stops taking new work:
+    /// no more rows are rendered or submitted, what was submitted gets `stop_grace` to become
+    /// final, and the send returns with [`Summary::interrupted`]. What is still in the
+    /// dispatcher then is abandoned with it (its loops run until the process ends); those
+    /// recipients are not in the journal, so a resumed send tries them again.
+    pub stop: Option<&'static AtomicBool>,
+    /// See `stop`.
+    pub stop_grace: Duration,
 }
 
 /// What a run did.
@@ -57,6 +65,10 @@ pub struct Summary {
     pub expired: u64,
     /// Messages that could not be rendered.
     pub failed: u64,
+    /// The send was stopped (see [`SendOptions::stop`]) before every recipient was final.
+    pub interrupted: bool,
+    /// Messages submitted in this run without a final outcome when it stopped.
+    pub not_final: u64,
     /// Temporary failures along the way (one recipient may have several).
     pub deferrals: u64,
     pub connections: u64,
@@ -89,7 +101,7 @@ impl Summary {
 
     /// Whether every recipient that could be sent to was delivered (the exit status).
     pub fn is_clean(&self) -> bool {
-        self.invalid + self.bounced + self.expired + self.failed == 0
+        !self.interrupted && self.invalid + self.bounced + self.expired + self.failed == 0
     }
 
     /// The summary as an aligned table, one count a line.
@@ -115,6 +127,10 @@ impl Summary {
             row("connections", self.connections.to_string());
         }
         row("failed", self.failed.to_string());
+        if self.interrupted {
+            row("not final", self.not_final.to_string());
+            row("interrupted", "yes".to_string());
+        }
         row("elapsed", format!("{:.1} s", self.elapsed_secs));
         row("rate", format!("{:.0} /s", self.per_second));
         out
@@ -403,14 +419,33 @@ pub(super) fn send(
         for _ in 0..d.render_threads {
             scope.spawn(|| work.submit_all(&dispatcher, &submitted));
         }
-        let result = collect(&mut outcomes, &events, &failures, &progress, to_send);
-        if result.is_err() {
+        let result = collect(
+            &mut outcomes,
+            &events,
+            &failures,
+            &progress,
+            to_send,
+            Stop {
+                requested: options.stop,
+                grace: options.stop_grace,
+                work: &work,
+                submitted: &submitted,
+            },
+        );
+        if !matches!(result, Ok(Finished::All)) {
             work.stop.store(true, Ordering::Relaxed);
         }
         result
     });
     progress.finish();
-    dispatcher.shutdown();
+    let interrupted = matches!(result, Ok(Finished::Stopped));
+    if interrupted {
+        // Shutting down would wait for everything the dispatcher holds: it is abandoned
+        // instead, and ends with the process.
+        std::mem::forget(Arc::clone(&dispatcher));
+    } else {
+        dispatcher.shutdown();
+    }
     result?;
     outcomes.flush()?;
     let mut summary = outcomes.summary;
@@ -421,19 +456,55 @@ pub(super) fn send(
     summary.expired = c.expired;
     summary.failed = c.failed;
     summary.connections = dispatcher.stats().connections_opened;
+    summary.interrupted = interrupted;
+    summary.not_final = summary
+        .submitted
+        .saturating_sub(c.delivered + c.bounced + c.expired);
     finish_timing(&mut summary, start, outcomes.finals);
     Ok(summary)
 }
 
-/// Takes outcomes until every row sent this run is final.
+/// How a send learns it should stop, and what it stops.
+struct Stop<'a> {
+    requested: Option<&'static AtomicBool>,
+    grace: Duration,
+    work: &'a Work<'a>,
+    submitted: &'a AtomicU64,
+}
+
+/// How [`collect`] ended.
+enum Finished {
+    /// Every row sent this run is final.
+    All,
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Takes outcomes until every row sent this run is final, or until a stop was requested and
+/// what was submitted is final or its grace period is over.
 fn collect(
     outcomes: &mut Outcomes<'_>,
     events: &Receiver<Event>,
     failures: &Receiver<(usize, String)>,
     progress: &Progress,
     to_send: u64,
-) -> Result<(), CampaignError> {
+    stop: Stop<'_>,
+) -> Result<Finished, CampaignError> {
+    let mut deadline = None;
     while outcomes.finals < to_send {
+        if deadline.is_none() && stop.requested.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            // No new work: the render threads stop at their next row.
+            stop.work.stop.store(true, Ordering::Relaxed);
+            deadline = Some(Instant::now() + stop.grace);
+        }
+        if let Some(deadline) = deadline {
+            let c = &outcomes.counts;
+            let finals = c.delivered + c.bounced + c.expired;
+            if finals >= stop.submitted.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                outcomes.flush()?;
+                return Ok(Finished::Stopped);
+            }
+        }
         select! {
             recv(events) -> event => {
                 if let Ok(event) = event {
@@ -455,7 +526,7 @@ fn collect(
         outcomes.flush()?;
         progress.update(&outcomes.counts);
     }
-    Ok(())
+    Ok(Finished::All)
 }
 
 pub(super) fn dry_run(campaign: &Campaign, dir: &Path) -> Result<Summary, CampaignError> {

@@ -4,7 +4,7 @@
 //! This module only drives [`mxpipe::campaign`]; loading, rendering and sending are its.
 
 use super::options::{serve_metrics, DeliveryArgs};
-use super::CliResult;
+use super::{signal, CliResult};
 use mxpipe::campaign::{Campaign, SendOptions};
 use mxpipe::engine::DispatcherBuilder;
 use std::path::PathBuf;
@@ -82,6 +82,7 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
             );
         }
     }
+    let resumable = args.journal.is_some();
     let summary = match &args.dry_run {
         Some(dir) => {
             if args.report.is_some()
@@ -103,6 +104,7 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
         }
         None => {
             let builder = args.overrides.builder(&campaign)?;
+            signal::install()?;
             let metrics = args.overrides.delivery.metrics;
             campaign
                 .send_with(
@@ -113,6 +115,8 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
                         progress: !args.quiet && !args.json,
                         retry_expired: args.retry_expired,
                         journal_any_campaign: args.journal_any_campaign,
+                        stop: Some(&signal::STOP),
+                        stop_grace: signal::GRACE,
                     },
                     &|dispatcher| match metrics {
                         Some(addr) => serve_metrics(addr, dispatcher),
@@ -134,6 +138,18 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
         );
     } else if !args.quiet {
         print!("{}", summary.table());
+    }
+    if summary.interrupted {
+        let resume = if resumable {
+            "the same command resumes from the journal"
+        } else {
+            "without --journal a new run starts over"
+        };
+        eprintln!(
+            "mxpipe: interrupted: {} sent in this run had no outcome yet; {resume}",
+            summary.not_final
+        );
+        return Ok(ExitCode::from(signal::INTERRUPTED));
     }
     Ok(if summary.is_clean() {
         ExitCode::SUCCESS

@@ -19,6 +19,7 @@ mod campaign;
 mod demo;
 mod options;
 mod send;
+mod signal;
 mod sink;
 
 use clap::{Parser, Subcommand};

@@ -8,18 +8,18 @@
 //! summary. This module must not build MIME; it only completes the header section.
 
 use super::options::{serve_metrics, DeliveryArgs};
-use super::{event_value, CliResult};
-use mxpipe::engine::{Event, EventKind};
+use super::{event_value, signal, CliResult};
+use mxpipe::engine::{Dispatcher, Event, EventKind};
 use mxpipe::message::mime::{format_date, is_valid_header_name, new_message_id};
 use mxpipe::message::{Address, Body, Message};
 use mxpipe::Error;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 pub(crate) struct SendArgs {
     pub(crate) relay: Option<String>,
@@ -36,6 +36,7 @@ pub(crate) struct SendArgs {
 }
 
 pub(crate) fn run_send(args: SendArgs) -> CliResult {
+    signal::install()?;
     let sender = if args.from.is_empty() {
         Address::null()
     } else {
@@ -103,16 +104,20 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     }
     let events = dispatcher.events().expect("events are on");
     let total = list.recipients.len() as u64;
+    let all: Vec<String> = list
+        .recipients
+        .iter()
+        .map(|a| a.as_str().to_string())
+        .collect();
     let message =
         Message::from_parts(sender, list.recipients, Arc::new(body)).map_err(|e| e.to_string())?;
     dispatcher
         .submit_timeout(message, Duration::from_secs(60))
         .map_err(|e| e.to_string())?;
     // Another thread waits for the end of the run while this one writes the report.
-    let (done_tx, done) = crossbeam_channel::bounded::<()>(1);
-    let waiter = {
-        let dispatcher = Arc::clone(&dispatcher);
-        let wait_final = args.wait_final;
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(2);
+    let wait = |dispatcher: Arc<Dispatcher>, wait_final: bool| {
+        let done_tx = done_tx.clone();
         std::thread::spawn(move || {
             if wait_final {
                 dispatcher.wait_final(max_age + Duration::from_secs(60));
@@ -120,8 +125,9 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
                 dispatcher.flush();
             }
             let _ = done_tx.send(());
-        })
+        });
     };
+    wait(Arc::clone(&dispatcher), args.wait_final);
     let mut outcomes = Outcomes::default();
     let mut write = |report: &mut Option<BufWriter<File>>, event: &Event| {
         if let Some(line) = outcomes.take(event) {
@@ -133,6 +139,8 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         }
         Ok::<(), String>(())
     };
+    let tick = crossbeam_channel::tick(Duration::from_millis(200));
+    let mut deadline = None;
     loop {
         crossbeam_channel::select! {
             recv(events) -> event => match event {
@@ -140,15 +148,30 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
                 Err(_) => break,
             },
             recv(done) -> _ => break,
+            recv(tick) -> _ => {}
+        }
+        if deadline.is_none() && signal::stop_requested() {
+            // Stop taking new work: what is in flight gets the grace period, and a recipient
+            // waiting for a retry is not waited for.
+            deadline = Some(Instant::now() + signal::GRACE);
+            wait(Arc::clone(&dispatcher), false);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
         }
     }
-    let _ = waiter.join();
-    dispatcher.shutdown();
+    let interrupted = deadline.is_some();
+    if interrupted {
+        // Shutting down would wait for what is in flight: it is abandoned with the process.
+        std::mem::forget(Arc::clone(&dispatcher));
+    } else {
+        dispatcher.shutdown();
+    }
     for event in events.try_iter() {
         write(&mut report, &event)?;
     }
     // What is not final now is not retried by anyone: said in the report and the summary.
-    let not_final = outcomes.not_final();
+    let not_final = outcomes.not_final(&all);
     if let Some(w) = report.as_mut() {
         for line in &not_final {
             writeln!(w, "{line}").map_err(|e| format!("--report: cannot write: {e}"))?;
@@ -157,7 +180,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
             .map_err(|e| format!("--report: cannot write: {e}"))?;
     }
     let s = dispatcher.stats();
-    let not_final = not_final.len() as u64 + total.saturating_sub(outcomes.seen());
+    let not_final = not_final.len() as u64;
     println!(
         "recipients={total} delivered={} bounced={} expired={} not_final={not_final} invalid={} duplicates={} connections={}",
         s.delivered, s.bounced, s.expired, list.invalid, list.duplicates, s.connections_opened
@@ -168,12 +191,18 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         } else {
             format!("{not_final} recipients")
         };
-        let why = if args.wait_final {
+        let why = if interrupted {
+            "interrupted; a message sent with --from/--to-file is not kept anywhere, so nothing \
+             retries it"
+        } else if args.wait_final {
             "still deferred at the end of --wait-final"
         } else {
             "deferred, not retried: without --wait-final nothing keeps it"
         };
         eprintln!("mxpipe: {what} not final at exit ({why}); see the report");
+    }
+    if interrupted {
+        return Ok(ExitCode::from(signal::INTERRUPTED));
     }
     Ok(if s.bounced + s.expired + list.invalid + not_final == 0 {
         ExitCode::SUCCESS
@@ -186,7 +215,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
 #[derive(Default)]
 struct Outcomes {
     deferred: HashMap<String, Event>,
-    finals: u64,
+    finals: HashSet<String>,
 }
 
 impl Outcomes {
@@ -198,29 +227,34 @@ impl Outcomes {
             return None;
         }
         self.deferred.remove(&recipient);
-        self.finals += 1;
+        self.finals.insert(recipient);
         Some(event_value(event).to_string())
     }
 
-    /// Recipients with a final outcome or a deferral.
-    fn seen(&self) -> u64 {
-        self.finals + self.deferred.len() as u64
-    }
-
-    /// A `not_final` line for each recipient still deferred, with its last reply.
-    fn not_final(&self) -> Vec<String> {
-        let mut lines: Vec<(&String, String)> = self
-            .deferred
-            .iter()
-            .map(|(recipient, event)| {
-                let mut value = event_value(event);
+    /// A `not_final` line for each of `all` without a final outcome: its last deferral's
+    /// reply, or none when it never had an attempt.
+    fn not_final(&self, all: &[String]) -> Vec<String> {
+        all.iter()
+            .filter(|r| !self.finals.contains(*r))
+            .map(|recipient| {
+                let mut value = match self.deferred.get(recipient) {
+                    Some(event) => event_value(event),
+                    None => serde_json::json!({
+                        "message_id": null,
+                        "recipient": recipient,
+                        "code": 0,
+                        "enhanced": null,
+                        "text": "no attempt finished before mxpipe stopped",
+                        "attempts": 0,
+                        "destination": "",
+                        "elapsed_ms": 0,
+                    }),
+                };
                 value["status"] = "not_final".into();
                 value["retry_after_s"] = serde_json::Value::Null;
-                (recipient, value.to_string())
+                value.to_string()
             })
-            .collect();
-        lines.sort();
-        lines.into_iter().map(|(_, line)| line).collect()
+            .collect()
     }
 }
 
