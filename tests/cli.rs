@@ -790,3 +790,62 @@ fn ctrl_c_in_message_mode_reports_what_is_not_final() {
     );
     tarpit.stop();
 }
+
+/// `mxpipe check` against a private Postfix with VRFY on and off, and against smtp-sink (which
+/// takes every address: a catch-all); never a DATA.
+#[test]
+fn check_asks_vrfy_or_rcpt_and_never_sends_data() {
+    let run_check = |server: std::net::SocketAddr, addresses: &[&str]| {
+        run(mxpipe()
+            .args(["check", "--per-second", "100", "--server"])
+            .arg(server.to_string())
+            .args(addresses))
+    };
+    let postfix = util::postfix::PrivatePostfix::start("disable_vrfy_command = no");
+    let out = run_check(
+        postfix.addr(),
+        &["root@example.test", "nosuch@example.test", "not-an-address"],
+    );
+    let at = postfix.addr();
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "root@example.test deliverable 250 2.1.5 Ok (RCPT at {at})\n\
+             nosuch@example.test rejected 550 5.1.1 <nosuch@example.test>: Recipient address rejected: User unknown in local recipient table (VRFY at {at})\n\
+             not-an-address rejected not an address: has no '@'\n"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let log = postfix.log();
+    assert!(log.contains(" vrfy=1/2 "), "both addresses were asked with VRFY: {log}");
+    assert!(!log.contains("data="), "{log}");
+    drop(postfix);
+
+    let postfix = util::postfix::PrivatePostfix::start("disable_vrfy_command = yes");
+    let at = postfix.addr();
+    let out = run_check(at, &["root@example.test", "nosuch@example.test"]);
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "root@example.test deliverable 250 2.1.5 Ok (RCPT at {at})\n\
+             nosuch@example.test rejected 550 5.1.1 <nosuch@example.test>: Recipient address rejected: User unknown in local recipient table (RCPT at {at})\n"
+        )
+    );
+    let log = postfix.log();
+    assert!(log.contains("vrfy=0/1"), "VRFY was tried once: {log}");
+    assert!(!log.contains("data="), "{log}");
+    drop(postfix);
+
+    let sink = util::SmtpSink::start_dumping("127.0.0.1", &["-f", "VRFY"]);
+    let out = run_check(sink.addr(), &["ann@example.net"]);
+    let at = sink.addr();
+    assert_eq!(
+        stdout(&out),
+        format!("ann@example.net catch-all 250 2.1.5 Ok (RCPT at {at})\n")
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // smtp-sink keeps a dump of every transaction that reached the end of DATA: none did.
+    assert!(sink.dumps().is_empty());
+}

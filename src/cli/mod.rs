@@ -16,6 +16,7 @@
 
 mod bench;
 mod campaign;
+mod check;
 mod demo;
 mod options;
 mod send;
@@ -173,6 +174,9 @@ enum Command {
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
+    /// Ask each address's mail server whether it would take mail for it (VRFY, else MAIL,
+    /// RCPT and RSET); nothing is sent. Prints deliverable, rejected, catch-all or unknown.
+    Check(check::CheckArgs),
     /// A real bulk send of a generated newsletter to the built-in sink, with no setup.
     Demo {
         #[arg(long, default_value_t = 10_000)]
@@ -345,6 +349,7 @@ pub fn main() -> ExitCode {
             tarpit: tarpit.map(|target| (target, tarpit_messages)),
             delivery,
         }),
+        Command::Check(args) => check::run_check(args),
         Command::Demo { recipients } => demo::run_demo(recipients),
         Command::BenchSink { tls } => sink::run_bench_sink(tls),
     };

@@ -22,6 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod dns;
+pub mod postfix;
 
 /// Where Debian's `postfix` package puts the sink.
 pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
