@@ -31,7 +31,7 @@ mod send;
 
 pub use recipients::{SkipKind, Skipped};
 pub use render::Rendered;
-pub use report::Outcome;
+pub use report::{Outcome, COLUMNS as REPORT_COLUMNS};
 pub use send::{SendOptions, Summary};
 
 use crate::engine::{Dispatcher, DispatcherBuilder};

@@ -18,6 +18,7 @@ mod bench;
 mod campaign;
 mod check;
 mod demo;
+mod keys;
 mod options;
 mod send;
 mod signal;
@@ -177,6 +178,18 @@ enum Command {
     /// Ask each address's mail server whether it would take mail for it (VRFY, else MAIL,
     /// RCPT and RSET); nothing is sent. Prints deliverable, rejected, catch-all or unknown.
     Check(check::CheckArgs),
+    /// Engine files: `mxpipe config keys` prints every key, the exit codes and the order in
+    /// which settings override each other.
+    Config {
+        #[command(subcommand)]
+        what: Reference,
+    },
+    /// Campaign files: `mxpipe campaign keys` prints every key, the report's columns, the exit
+    /// codes and the order in which settings override each other.
+    Campaign {
+        #[command(subcommand)]
+        what: Reference,
+    },
     /// A real bulk send of a generated newsletter to the built-in sink, with no setup.
     Demo {
         #[arg(long, default_value_t = 10_000)]
@@ -188,6 +201,13 @@ enum Command {
         #[arg(long)]
         tls: bool,
     },
+}
+
+/// What `config` and `campaign` print.
+#[derive(Subcommand)]
+enum Reference {
+    /// Every key, generated from the code.
+    Keys,
 }
 
 pub fn main() -> ExitCode {
@@ -350,6 +370,12 @@ pub fn main() -> ExitCode {
             delivery,
         }),
         Command::Check(args) => check::run_check(args),
+        Command::Config {
+            what: Reference::Keys,
+        } => keys::config_keys(),
+        Command::Campaign {
+            what: Reference::Keys,
+        } => keys::campaign_keys(),
         Command::Demo { recipients } => demo::run_demo(recipients),
         Command::BenchSink { tls } => sink::run_bench_sink(tls),
     };
