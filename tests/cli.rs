@@ -819,7 +819,10 @@ fn check_asks_vrfy_or_rcpt_and_never_sends_data() {
     );
     assert_eq!(out.status.code(), Some(1));
     let log = postfix.log();
-    assert!(log.contains(" vrfy=1/2 "), "both addresses were asked with VRFY: {log}");
+    assert!(
+        log.contains(" vrfy=1/2 "),
+        "both addresses were asked with VRFY: {log}"
+    );
     assert!(!log.contains("data="), "{log}");
     drop(postfix);
 

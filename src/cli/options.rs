@@ -74,6 +74,9 @@ pub(crate) struct DeliveryArgs {
     /// Serve Prometheus metrics over HTTP on this address while running.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<SocketAddr>,
+    // Options every delivering command shares go here, and into `apply` below, so that `send`,
+    // `bench` (and a later `queue` or `serve`) take them alike: a spool (`--spool DIR`, issue
+    // 15) belongs here, next to the settings it makes durable.
 }
 
 impl DeliveryArgs {
