@@ -852,3 +852,85 @@ fn check_asks_vrfy_or_rcpt_and_never_sends_data() {
     // smtp-sink keeps a dump of every transaction that reached the end of DATA: none did.
     assert!(sink.dumps().is_empty());
 }
+
+/// `--trace FILE`: the dialogue of every connection, with AUTH secrets and content redacted.
+#[test]
+fn trace_writes_the_dialogue_without_secrets_or_content() {
+    let d = Dir::new("cli-trace");
+    let sink = util::SmtpSink::start_dumping("127.0.0.1", &[]);
+    d.write(
+        "message.eml",
+        "From: news@example.org\r\nSubject: hi\r\n\r\nPRIVATE-BODY-LINE\r\n",
+    );
+    d.write("list.txt", "ann@example.net\n");
+    let send = |auth: bool| {
+        let mut command = mxpipe();
+        command
+            .args(["send", "--relay", &sink.addr().to_string()])
+            .args(["--from", "news@example.org", "--to-file"])
+            .arg(d.path("list.txt"))
+            .arg("--trace")
+            .arg(d.path("trace.txt"))
+            .arg(d.path("message.eml"));
+        if auth {
+            command
+                .args([
+                    "--auth-user",
+                    "bulk",
+                    "--auth-password-env",
+                    "MXPIPE_TEST_SECRET",
+                ])
+                .arg("--allow-plaintext-auth")
+                .env("MXPIPE_TEST_SECRET", "s3cret-Pa55");
+        }
+        let out = run(&mut command);
+        let trace = d.read("trace.txt");
+        // "1.234567 c1 > MAIL FROM:<...>": the time, the connection, the direction, the line.
+        let lines: Vec<String> = trace
+            .lines()
+            .map(|l| l.split_once(' ').expect("a timestamp").1.to_string())
+            .collect();
+        (out, trace, lines)
+    };
+    let at = sink.addr();
+
+    // smtp-sink answers AUTH with 250, not 235 (RFC 4954), so the login fails; the secret
+    // never shows.
+    let (out, trace, lines) = send(true);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        lines.contains(&"c1 > AUTH PLAIN [redacted]".to_string()),
+        "{trace}"
+    );
+    use base64::Engine as _;
+    let secret = base64::engine::general_purpose::STANDARD.encode("\0bulk\0s3cret-Pa55");
+    assert!(
+        !trace.contains(&secret) && !trace.contains("s3cret"),
+        "{trace}"
+    );
+
+    let (out, trace, lines) = send(false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for expected in [
+        format!("c1 = connect {at}"),
+        "c1 < 220 smtp-sink ESMTP".to_string(),
+        "c1 > EHLO localhost".to_string(),
+        "c1 < 250-PIPELINING".to_string(),
+        "c1 > MAIL FROM:<news@example.org>".to_string(),
+        "c1 > RCPT TO:<ann@example.net>".to_string(),
+        "c1 > DATA".to_string(),
+        "c1 < 354 End data with <CR><LF>.<CR><LF>".to_string(),
+        "c1 > .".to_string(),
+        "c1 = close".to_string(),
+    ] {
+        assert!(lines.contains(&expected), "{expected:?} not in:\n{trace}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("c1 > [message content: ")),
+        "{trace}"
+    );
+    assert!(!trace.contains("PRIVATE-BODY-LINE"), "{trace}");
+    assert_eq!(sink.dumps().len(), 1);
+}

@@ -64,6 +64,7 @@ const ENGINE_KEYS: &[(&str, &str)] = &[
     ("mx_max_addresses", "addresses kept per domain (default 10)"),
     ("mx_timeout", "duration: one DNS query (default 5s)"),
     ("mx_cache_capacity", "domains whose answers are remembered (default 100000; 0: none)"),
+    ("trace_file", "write every connection's SMTP dialogue here (secrets and content redacted)"),
 ];
 
 /// The order in which settings override each other, for every command that delivers.

@@ -74,6 +74,10 @@ pub(crate) struct DeliveryArgs {
     /// Serve Prometheus metrics over HTTP on this address while running.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Write every connection's SMTP dialogue to this file: client and server lines with
+    /// timestamps and connection numbers; AUTH secrets and message content are redacted.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trace: Option<PathBuf>,
     // Options every delivering command shares go here, and into `apply` below, so that `send`,
     // `bench` (and a later `queue` or `serve`) take them alike: a spool (`--spool DIR`, issue
     // 15) belongs here, next to the settings it makes durable.
@@ -168,6 +172,11 @@ impl DeliveryArgs {
         }
         for ip in &self.source_address {
             b = b.source_address(*ip);
+        }
+        if let Some(path) = &self.trace {
+            let trace = mxpipe::engine::Trace::create(path)
+                .map_err(|e| format!("--trace {}: cannot create: {e}", path.display()))?;
+            b = b.trace(trace);
         }
         Ok(b)
     }

@@ -12,6 +12,8 @@ mod pool;
 mod reactor;
 pub mod shaping;
 mod tls;
+mod trace;
+pub use trace::Trace;
 
 use crate::error::{Error, Result};
 use crate::message::{Address, Message};
@@ -231,6 +233,8 @@ pub struct Config {
     /// Local addresses to send from (egress IPs), used in turn for new connections of the
     /// same address family; empty: the system chooses.
     pub source_addresses: Vec<std::net::IpAddr>,
+    /// Write every connection's SMTP dialogue here (secrets and content redacted).
+    pub trace: Option<Arc<Trace>>,
 }
 
 impl Config {
@@ -293,6 +297,7 @@ impl Default for Config {
             adaptive: shaping::Adaptive::default(),
             mx: None,
             source_addresses: Vec::new(),
+            trace: None,
         }
     }
 }
@@ -417,6 +422,12 @@ impl DispatcherBuilder {
     /// instead of a relay). Lookups run on a resolver thread per loop.
     pub fn direct_mx(mut self, mx: crate::route::mx::MxConfig) -> Self {
         self.config.mx = Some(mx);
+        self
+    }
+
+    /// Writes every connection's SMTP dialogue to `trace` (see [`Trace`]).
+    pub fn trace(mut self, trace: Arc<Trace>) -> Self {
+        self.config.trace = Some(trace);
         self
     }
 
