@@ -439,6 +439,7 @@ fn ten_thousand_personalised_messages_through_the_sink() {
             report: Some(report.clone()),
             journal: None,
             progress: false,
+            ..SendOptions::default()
         })
         .unwrap_or_else(|e| panic!("send: {e}"));
     let stats = sink.stop();
@@ -496,6 +497,7 @@ fn deferrals_and_bounces_reach_the_report() {
             report: Some(report.clone()),
             journal: None,
             progress: false,
+            ..SendOptions::default()
         })
         .unwrap_or_else(|e| panic!("send: {e}"));
     assert_eq!(summary.delivered, N as u64 - 2, "{summary:?}");
@@ -629,7 +631,12 @@ fn killed_sends_resume_without_losing_anyone() {
     );
 
     let mut in_journal = HashSet::new();
-    for line in fs::read_to_string(&journal).unwrap().lines() {
+    let text = fs::read_to_string(&journal).unwrap();
+    let (header, outcomes) = text.split_once('\n').unwrap();
+    // The first line names the campaign the journal belongs to.
+    let header: serde_json::Value = serde_json::from_str(header).unwrap();
+    assert!(header["campaign"].is_string(), "{header}");
+    for line in outcomes.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(in_journal.insert(v["recipient"].as_str().unwrap().to_string()));
     }
@@ -922,6 +929,7 @@ fn an_engine_settings_file_shapes_a_campaign() {
             report: None,
             journal: None,
             progress: false,
+            ..SendOptions::default()
         })
         .unwrap_or_else(|e| panic!("send: {e}"));
     assert_eq!(summary.delivered, 70, "{summary:?}");
@@ -1012,6 +1020,7 @@ fn an_engine_file_requiring_tls_is_not_downgraded_by_the_campaign() {
         report: None,
         journal: None,
         progress: false,
+        ..SendOptions::default()
     });
     assert_eq!(
         sink.stop().messages,

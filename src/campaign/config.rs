@@ -45,6 +45,137 @@
 //! ```
 
 use serde::Deserialize;
+
+/// Every key of a campaign file, with what it takes: the reference `mxpipe campaign keys`
+/// prints. A unit test checks it against the keys the file's schema accepts, so it cannot drift.
+pub const KEYS: &[(&str, &str)] = &[
+    (
+        "from",
+        "the From mailbox, \"Name <address>\" or an address (required)",
+    ),
+    ("reply_to", "a Reply-To mailbox"),
+    (
+        "to_name",
+        "a template for the display name in To, e.g. \"{{first_name}} {{last_name}}\"",
+    ),
+    ("subject", "a template for the Subject (required)"),
+    ("text", "the plain-text body, a template written inline"),
+    (
+        "text_file",
+        "the plain-text body, a template in a UTF-8 file (a byte-order mark is dropped)",
+    ),
+    ("html", "the HTML body, a template written inline"),
+    ("html_file", "the HTML body, a template in a UTF-8 file"),
+    (
+        "recipients",
+        "the recipients CSV: a header row, one column named email (required)",
+    ),
+    (
+        "suppression",
+        "addresses or @domains never sent to, one a line, # comments",
+    ),
+    (
+        "return_path",
+        "the envelope sender, with {local} and {domain} for VERP",
+    ),
+    (
+        "headers",
+        "a table of extra header fields, each value a template",
+    ),
+    (
+        "attachments",
+        "a list of tables: file, content_type (guessed), name (the file's)",
+    ),
+    ("attachments.file", "the file to attach"),
+    (
+        "attachments.content_type",
+        "its media type (guessed from the name when missing)",
+    ),
+    ("attachments.name", "the name the reader sees"),
+    (
+        "list_unsubscribe",
+        "a table: List-Unsubscribe with RFC 8058 one-click",
+    ),
+    (
+        "list_unsubscribe.url",
+        "an https:// URL template (required in the table)",
+    ),
+    (
+        "list_unsubscribe.mailto",
+        "an address template for mailto: unsubscription",
+    ),
+    ("delivery", "a table: where and how to send (required)"),
+    (
+        "delivery.mode",
+        "\"relay\" (default) or \"mx\": straight to each domain's MX hosts",
+    ),
+    (
+        "delivery.relay",
+        "the smarthost, host:port, or smtps://host:port for implicit TLS",
+    ),
+    (
+        "delivery.ehlo_name",
+        "the name sent in EHLO (default localhost)",
+    ),
+    (
+        "delivery.nameservers",
+        "mode = \"mx\": DNS servers, ip:port each (default: the system's)",
+    ),
+    (
+        "delivery.mx_port",
+        "mode = \"mx\": the SMTP port of MX hosts (default 25)",
+    ),
+    (
+        "delivery.starttls",
+        "none, opportunistic (default) or required",
+    ),
+    (
+        "delivery.tls_verify",
+        "verify certificates (default: under required and implicit TLS)",
+    ),
+    ("delivery.tls_ca_file", "a PEM file of extra trust anchors"),
+    ("delivery.auth_user", "log in as this user (RFC 4954)"),
+    (
+        "delivery.auth_password_env",
+        "the environment variable holding the password",
+    ),
+    ("limits", "a table: how hard and how long to try"),
+    (
+        "limits.connections",
+        "connections per destination at most (default 20)",
+    ),
+    (
+        "limits.max_age_secs",
+        "give up on a recipient failing temporarily after this long (default 14400)",
+    ),
+    (
+        "limits.retry_after_secs",
+        "the first retry, doubling after (default 60)",
+    ),
+    (
+        "limits.lookahead",
+        "messages rendered ahead of delivery (default 1000)",
+    ),
+    (
+        "limits.render_threads",
+        "threads rendering and signing (default: the number of cores)",
+    ),
+    (
+        "limits.engine",
+        "an engine file (the keys of mxpipe config keys), relative to the campaign file",
+    ),
+    ("dkim", "a table: sign every message (RFC 6376)"),
+    (
+        "dkim.domain",
+        "the signing domain, d= (required in the table)",
+    ),
+    ("dkim.selector", "the selector, s= (required in the table)"),
+    (
+        "dkim.key_file",
+        "the private key, PEM (required in the table)",
+    ),
+    ("dkim.algorithm", "rsa-sha256 (default) or ed25519-sha256"),
+];
 use std::collections::BTreeMap;
 use toml::Spanned;
 
@@ -160,4 +291,47 @@ pub(super) struct Dkim {
 
 fn rsa_sha256() -> Spanned<String> {
     Spanned::new(0..0, "rsa-sha256".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields serde expects where `toml` puts an unknown key, from its error message.
+    fn expected_fields(toml: &str) -> Vec<String> {
+        let error = toml::from_str::<CampaignFile>(toml)
+            .unwrap_err()
+            .to_string();
+        let list = error
+            .split_once("expected ")
+            .unwrap_or_else(|| panic!("{error}"))
+            .1;
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_key_reference_names_every_key_the_schema_accepts() {
+        let mut from_schema: Vec<String> = expected_fields("zz_unknown = 1\n");
+        for (table, prefix) in [
+            ("[delivery]", "delivery."),
+            ("[limits]", "limits."),
+            ("[dkim]", "dkim."),
+            ("[list_unsubscribe]", "list_unsubscribe."),
+            ("[[attachments]]", "attachments."),
+        ] {
+            from_schema.extend(
+                expected_fields(&format!("{table}\nzz_unknown = 1\n"))
+                    .into_iter()
+                    .map(|f| format!("{prefix}{f}")),
+            );
+        }
+        from_schema.sort();
+        let mut documented: Vec<String> = KEYS.iter().map(|(k, _)| k.to_string()).collect();
+        documented.sort();
+        assert_eq!(documented, from_schema);
+    }
 }

@@ -5,8 +5,10 @@
 //! `fsync`ed at most once a second: a killed process loses nothing written, a machine crash at
 //! most the last second. What can be sent twice after a restart is what was in flight: a
 //! message the server accepted whose outcome had not reached the journal yet. A torn last line
-//! (the process died inside a write) is cut off when the journal is opened again. This module
-//! must not decide what is sent; it only remembers.
+//! (the process died inside a write) is cut off when the journal is opened again. The first line
+//! names the campaign (`{"campaign":"<identity>"}`, see [`super::Campaign::identity`]): a journal
+//! is refused by another campaign unless the caller says otherwise. This module must not decide
+//! what is sent; it only remembers.
 
 use super::report::Outcome;
 use super::CampaignError;
@@ -17,6 +19,13 @@ use std::time::{Duration, Instant};
 
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// The first line of a journal.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    campaign: String,
+}
+
 pub(crate) struct Journal {
     path: PathBuf,
     out: BufWriter<File>,
@@ -24,10 +33,14 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal at `path`, calls `seen` with each outcome already in it,
-    /// and positions it for appending.
+    /// Opens (or creates) the journal at `path` for the campaign `identity`, calls `seen` with
+    /// each outcome already in it, and positions it for appending. A journal of another
+    /// campaign (or of none: written before journals named their campaign) is refused unless
+    /// `any_campaign`.
     pub fn open(
         path: &Path,
+        identity: &str,
+        any_campaign: bool,
         mut seen: impl FnMut(Outcome) -> Result<(), CampaignError>,
     ) -> Result<Journal, CampaignError> {
         let fail = |line: Option<u64>, e: String| CampaignError::input(path, line, e);
@@ -50,6 +63,22 @@ impl Journal {
                 break;
             }
             number += 1;
+            if number == 1 {
+                let header = serde_json::from_slice::<Header>(&line).ok();
+                if !any_campaign && header.as_ref().map(|h| h.campaign.as_str()) != Some(identity) {
+                    return Err(fail(
+                        None,
+                        "the journal of another campaign (its campaign file, recipients or \
+                         templates differ); give another --journal, or --journal-any-campaign \
+                         to use it anyway"
+                            .into(),
+                    ));
+                }
+                if header.is_some() {
+                    complete += n as u64;
+                    continue;
+                }
+            }
             let outcome: Outcome = serde_json::from_slice(&line).map_err(|e| {
                 fail(
                     Some(number),
@@ -64,11 +93,22 @@ impl Journal {
         // final and is sent again.
         file.set_len(complete)
             .map_err(|e| fail(None, format!("cannot truncate a torn last line: {e}")))?;
-        Ok(Journal {
+        let mut journal = Journal {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
             last_sync: Instant::now(),
-        })
+        };
+        if complete == 0 {
+            let header = Header {
+                campaign: identity.to_string(),
+            };
+            serde_json::to_writer(&mut journal.out, &header)
+                .map_err(std::io::Error::from)
+                .and_then(|()| journal.out.write_all(b"\n"))
+                .map_err(|e| fail(None, format!("cannot write: {e}")))?;
+            journal.flush()?;
+        }
+        Ok(journal)
     }
 
     pub fn append(&mut self, outcome: &Outcome) -> Result<(), CampaignError> {

@@ -31,9 +31,10 @@ mod send;
 
 pub use recipients::{SkipKind, Skipped};
 pub use render::Rendered;
-pub use report::Outcome;
+pub use report::{Outcome, COLUMNS as REPORT_COLUMNS};
 pub use send::{SendOptions, Summary};
 
+use crate::engine::{Dispatcher, DispatcherBuilder};
 use crate::error::{Error, Field};
 use crate::message::dkim::{Algorithm, Signer};
 use crate::message::mime::{self, Attachment, Mailbox};
@@ -121,6 +122,8 @@ pub struct Campaign {
     recipients_path: PathBuf,
     skipped: Vec<Skipped>,
     delivery: Delivery,
+    /// What is sent and to whom, hashed: see [`Campaign::identity`].
+    identity: String,
 }
 
 impl fmt::Debug for Campaign {
@@ -222,7 +225,9 @@ impl Loader<'_> {
                 format!("{key}: not valid UTF-8"),
             )
         })?;
-        Template::parse(&text, |n| columns.find(n)).map_err(|e| {
+        // A byte-order mark (editors on Windows write one) is not part of the text.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        Template::parse(text, |n| columns.find(n)).map_err(|e| {
             CampaignError::input(
                 &file,
                 Some(e.line as u64),
@@ -275,6 +280,51 @@ impl Columns<'_> {
             _ => String::new(),
         }
     }
+}
+
+/// See [`Campaign::identity`].
+fn identity(
+    path: &Path,
+    source: &str,
+    recipients: &Path,
+    file: &CampaignFile,
+    loader: &Loader<'_>,
+) -> Result<String, CampaignError> {
+    use ring::digest::{Context, SHA256};
+    let mut table: toml::Table = toml::from_str(source)
+        .map_err(|e| CampaignError::input(path, None, e.message().trim().to_string()))?;
+    table.remove("delivery");
+    table.remove("limits");
+    let mut context = Context::new(&SHA256);
+    // Each part length-prefixed, so that no two different inputs hash alike.
+    let mut part = |bytes: &[u8]| {
+        context.update(&(bytes.len() as u64).to_be_bytes());
+        context.update(bytes);
+    };
+    part(table.to_string().as_bytes());
+    let mut files: Vec<PathBuf> = vec![recipients.to_path_buf()];
+    files.extend(
+        [&file.text_file, &file.html_file]
+            .into_iter()
+            .flatten()
+            .map(|f| loader.resolve(f.get_ref())),
+    );
+    files.extend(
+        file.attachments
+            .iter()
+            .map(|a| loader.resolve(a.file.get_ref())),
+    );
+    for f in files {
+        let bytes = std::fs::read(&f)
+            .map_err(|e| CampaignError::input(&f, None, format!("cannot read: {e}")))?;
+        part(&bytes);
+    }
+    Ok(context
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Header fields mxpipe writes itself: a campaign's `[headers]` must not repeat them.
@@ -506,6 +556,7 @@ impl Campaign {
             Ok(())
         })?;
 
+        let identity = identity(path, &source, &recipients_path, &file, &loader)?;
         Ok(Campaign {
             renderer: Renderer {
                 from,
@@ -524,7 +575,16 @@ impl Campaign {
             recipients_path,
             skipped,
             delivery,
+            identity,
         })
+    }
+
+    /// The campaign's identity: a SHA-256 over what is sent and to whom (the campaign file
+    /// without its `[delivery]` and `[limits]`, the recipients file, the template and attachment
+    /// files). A journal records it, so that it is never used to resume another campaign; how
+    /// the mail is sent (relay, TLS, limits) may change between runs.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Recipients to send to (rows that passed every check).
@@ -570,9 +630,66 @@ impl Campaign {
             .map_err(fail)
     }
 
-    /// Sends the campaign (see [`SendOptions`]); returns when every recipient is final.
+    /// Sends the campaign (see [`SendOptions`]) with the delivery settings of its file;
+    /// returns when every recipient is final.
     pub fn send(&self, options: &SendOptions) -> Result<Summary, CampaignError> {
-        send::send(self, options)
+        send::send(self, self.builder(None, false)?, options, &|_| Ok(()))
+    }
+
+    /// Sends the campaign through a dispatcher built from `builder` (start from
+    /// [`Campaign::builder`] and apply what overrides it); `started` is called once with the
+    /// dispatcher before anything is submitted (e.g. to serve its metrics). The campaign still
+    /// sets what it needs: events on, and its lookahead as the queue bounds.
+    pub fn send_with(
+        &self,
+        builder: DispatcherBuilder,
+        options: &SendOptions,
+        started: &dyn Fn(&std::sync::Arc<Dispatcher>) -> Result<(), String>,
+    ) -> Result<Summary, CampaignError> {
+        send::send(self, builder, options, started)
+    }
+
+    /// A dispatcher builder with this campaign's settings over an engine file's: `engine` is
+    /// the text of an engine file that replaces `limits.engine` (a `--config` given on the
+    /// command line), and with `route_given` the caller sets the relay or direct-MX routing
+    /// itself, so the campaign's `delivery.mode`/`relay` are left out.
+    pub fn builder(
+        &self,
+        engine: Option<&str>,
+        route_given: bool,
+    ) -> Result<DispatcherBuilder, CampaignError> {
+        let d = &self.delivery;
+        let mut builder = match engine.or(d.engine.as_deref()) {
+            Some(text) => crate::ffi::builder_from_toml(text).map_err(CampaignError::Engine)?,
+            None => Dispatcher::builder(),
+        };
+        if let Some(policy) = d.starttls {
+            builder = builder.starttls(policy);
+        }
+        if !route_given {
+            if let Some(relay) = &d.relay {
+                builder = builder.relay(relay);
+            }
+            if let Some(mx) = &d.mx {
+                builder = builder.direct_mx(mx.clone());
+            }
+        }
+        if let Some(verify) = d.tls_verify {
+            builder = builder.tls_verify(verify);
+        }
+        if let Some(ca) = &d.tls_ca_file {
+            builder = builder.tls_ca_file(ca);
+        }
+        if let Some(credentials) = &d.credentials {
+            builder = builder.credentials(credentials.clone());
+        }
+        let mut builder = builder
+            .ehlo_name(&d.ehlo_name)
+            .max_connections_per_destination(d.connections);
+        let retry = &mut builder.config_mut().retry;
+        retry.initial = d.retry_after;
+        retry.max_age = d.max_age;
+        Ok(builder)
     }
 
     /// Writes every message to `dir` as `<line>.eml` (the line of its row in the recipients

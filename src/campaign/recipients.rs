@@ -161,13 +161,94 @@ impl Suppression {
 pub(crate) struct CsvSource {
     path: PathBuf,
     reader: csv::Reader<std::fs::File>,
+    /// The same file read alongside, for physical line numbers (the csv crate counts a CRLF
+    /// line end as no line at all in some states, rust-csv #395) and for quotes left open.
+    lines: LineScanner,
     columns: Vec<String>,
     email: usize,
+}
+
+/// Reads a file forward, counting line ends and quotes between byte offsets.
+struct LineScanner {
+    reader: std::io::BufReader<std::fs::File>,
+    offset: u64,
+    /// Line ends before `offset`.
+    line_ends: u64,
+}
+
+/// What lies between two offsets of a file.
+struct Span {
+    line_ends: u64,
+    quotes: u64,
+    ends_with_line_end: bool,
+}
+
+impl LineScanner {
+    /// The 1-based line of byte `to`, which must not be before the last one asked for.
+    fn line_at(&mut self, to: u64) -> std::io::Result<u64> {
+        self.advance(to)?;
+        Ok(self.line_ends + 1)
+    }
+
+    /// The 1-based line where the record at byte `to` starts: the csv crate may place a record
+    /// on the LF of the CRLF before it, and a record never starts with a line end.
+    fn record_line(&mut self, to: u64) -> std::io::Result<u64> {
+        use std::io::BufRead;
+        self.advance(to)?;
+        loop {
+            let buffer = self.reader.fill_buf()?;
+            match buffer.first() {
+                Some(b'\r') | Some(b'\n') => {
+                    self.line_ends += u64::from(buffer[0] == b'\n');
+                    self.reader.consume(1);
+                    self.offset += 1;
+                }
+                _ => return Ok(self.line_ends + 1),
+            }
+        }
+    }
+
+    /// Moves forward to byte `to` and says what was passed.
+    fn advance(&mut self, to: u64) -> std::io::Result<Span> {
+        use std::io::BufRead;
+        let mut span = Span {
+            line_ends: 0,
+            quotes: 0,
+            ends_with_line_end: false,
+        };
+        while self.offset < to {
+            let buffer = self.reader.fill_buf()?;
+            if buffer.is_empty() {
+                break;
+            }
+            let take = buffer.len().min((to - self.offset) as usize);
+            for &b in &buffer[..take] {
+                span.line_ends += u64::from(b == b'\n');
+                span.quotes += u64::from(b == b'"');
+            }
+            span.ends_with_line_end = buffer[take - 1] == b'\n';
+            self.reader.consume(take);
+            self.offset += take as u64;
+        }
+        self.line_ends += span.line_ends;
+        Ok(span)
+    }
 }
 
 impl CsvSource {
     /// Opens the file and reads its header row.
     pub fn open(path: &Path) -> Result<CsvSource, CampaignError> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| CampaignError::input(path, None, format!("cannot read: {e}")))?;
+        let lines = LineScanner {
+            reader: std::io::BufReader::new(
+                file.try_clone()
+                    .map_err(|e| CampaignError::input(path, None, format!("cannot read: {e}")))?,
+            ),
+            offset: 0,
+            line_ends: 0,
+        };
+        // Both handles share one file position: the scanner reads through its own.
         let file = std::fs::File::open(path)
             .map_err(|e| CampaignError::input(path, None, format!("cannot read: {e}")))?;
         let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
@@ -218,6 +299,7 @@ impl CsvSource {
         Ok(CsvSource {
             path: path.to_path_buf(),
             reader,
+            lines,
             columns,
             email,
         })
@@ -246,15 +328,39 @@ impl CsvSource {
         let mut skipped = Vec::new();
         let mut record = csv::ByteRecord::new();
         loop {
+            let read_error = |e: std::io::Error| {
+                CampaignError::input(&self.path, None, format!("cannot read: {e}"))
+            };
             match self.reader.read_byte_record(&mut record) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    let line = e.position().map(|p| p.line());
+                    let line = match e.position() {
+                        Some(p) => Some(self.lines.line_at(p.byte()).map_err(read_error)?),
+                        None => None,
+                    };
                     return Err(CampaignError::input(&self.path, line, e.to_string()));
                 }
             }
-            let line = record.position().map_or(0, |p| p.line());
+            let start = record.position().map_or(0, |p| p.byte());
+            let line = self.lines.record_line(start).map_err(read_error)?;
+            // A well-formed record has its quotes in pairs; an odd count over several lines is
+            // a quote left open, which would make the rest of the file one field.
+            let span = self
+                .lines
+                .advance(self.reader.position().byte())
+                .map_err(read_error)?;
+            let inner_line_ends = span.line_ends - u64::from(span.ends_with_line_end);
+            if span.quotes % 2 == 1 && inner_line_ends > 0 {
+                return Err(CampaignError::input(
+                    &self.path,
+                    Some(line),
+                    format!(
+                        "a quote opened in this row is never closed: the {inner_line_ends} lines \
+                         after it would be one field"
+                    ),
+                ));
+            }
             let mut skip = |kind, recipient: &str, reason: String| {
                 skipped.push(Skipped {
                     line,

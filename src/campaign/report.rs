@@ -15,6 +15,22 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The columns of a report (and the fields of a journal line), with what they hold: the
+/// reference `mxpipe campaign keys` prints. A unit test checks it against [`Outcome`].
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("recipient", "the address"),
+    ("status", "delivered, bounced or expired (from the server or the engine); failed (could not be rendered); invalid or suppressed (never sent)"),
+    ("code", "the SMTP reply code; 0 when no server answered"),
+    ("enhanced", "the enhanced status code (RFC 3463), empty when the server gave none"),
+    ("text", "the server's reply text, or why mxpipe decided"),
+    ("attempts", "delivery attempts made"),
+    ("destination", "host:port of the last attempt, empty when never sent"),
+    ("time", "when the outcome was known, RFC 3339 UTC"),
+    ("tls", "for an outcome a server gave: TLSv1.3, TLSv1.2 or plaintext; empty otherwise"),
+    ("tls_verified", "for an outcome over TLS: yes when the certificate was verified, else no"),
+    ("tls_policy", "for an outcome a server gave: the destination's TLS policy (none, opportunistic, required, verify, secure)"),
+];
+
 /// What happened to one recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -152,5 +168,26 @@ impl Report {
             Sink::JsonLines(w) => w.flush(),
         };
         result.map_err(|e| CampaignError::input(&self.path, None, format!("cannot write: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_column_reference_names_every_field() {
+        let value =
+            serde_json::to_value(Outcome::local("a@example.org", "failed", String::new())).unwrap();
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        fields.sort_unstable();
+        let mut documented: Vec<&str> = COLUMNS.iter().map(|(c, _)| *c).collect();
+        documented.sort_unstable();
+        assert_eq!(documented, fields);
     }
 }

@@ -11,12 +11,12 @@ use super::progress::{Counts, Progress};
 use super::recipients::SkipKind;
 use super::report::{Outcome, Report};
 use super::{Campaign, CampaignError};
-use crate::engine::{Dispatcher, Event, EventKind};
+use crate::engine::{Dispatcher, DispatcherBuilder, Event, EventKind};
 use crate::error::Error;
 use crate::message::{Body, Message};
-use crate::queue::RetryPolicy;
 use crossbeam_channel::{select, Receiver, Sender};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +32,18 @@ pub struct SendOptions {
     pub journal: Option<PathBuf>,
     /// Draw the progress bar on standard error (when it is a terminal).
     pub progress: bool,
+    /// Send again to recipients the journal has as expired (e.g. after a relay was down).
+    pub retry_expired: bool,
+    /// Use a journal even if it was written for another campaign.
+    pub journal_any_campaign: bool,
+    /// When this becomes true (a signal handler sets it, say), the send stops taking new work:
+    /// no more rows are rendered or submitted, what was submitted gets `stop_grace` to become
+    /// final, and the send returns with [`Summary::interrupted`]. What is still in the
+    /// dispatcher then is abandoned with it (its loops run until the process ends); those
+    /// recipients are not in the journal, so a resumed send tries them again.
+    pub stop: Option<&'static AtomicBool>,
+    /// See `stop`.
+    pub stop_grace: Duration,
 }
 
 /// What a run did.
@@ -44,6 +56,8 @@ pub struct Summary {
     pub duplicates: u64,
     /// Recipients the journal already had a final outcome for (not sent again).
     pub already_final: u64,
+    /// Of those, recipients that had expired (sent again with `retry_expired`).
+    pub already_expired: u64,
     /// Messages handed to the dispatcher in this run (or written, in a dry run).
     pub submitted: u64,
     pub delivered: u64,
@@ -51,6 +65,10 @@ pub struct Summary {
     pub expired: u64,
     /// Messages that could not be rendered.
     pub failed: u64,
+    /// The send was stopped (see [`SendOptions::stop`]) before every recipient was final.
+    pub interrupted: bool,
+    /// Messages submitted in this run without a final outcome when it stopped.
+    pub not_final: u64,
     /// Temporary failures along the way (one recipient may have several).
     pub deferrals: u64,
     pub connections: u64,
@@ -83,7 +101,7 @@ impl Summary {
 
     /// Whether every recipient that could be sent to was delivered (the exit status).
     pub fn is_clean(&self) -> bool {
-        self.invalid + self.bounced + self.expired + self.failed == 0
+        !self.interrupted && self.invalid + self.bounced + self.expired + self.failed == 0
     }
 
     /// The summary as an aligned table, one count a line.
@@ -100,6 +118,7 @@ impl Summary {
             row("rendered", self.submitted.to_string());
         } else {
             row("already final", self.already_final.to_string());
+            row("  of which expired", self.already_expired.to_string());
             row("sent", self.submitted.to_string());
             row("delivered", self.delivered.to_string());
             row("bounced", self.bounced.to_string());
@@ -108,6 +127,10 @@ impl Summary {
             row("connections", self.connections.to_string());
         }
         row("failed", self.failed.to_string());
+        if self.interrupted {
+            row("not final", self.not_final.to_string());
+            row("interrupted", "yes".to_string());
+        }
         row("elapsed", format!("{:.1} s", self.elapsed_secs));
         row("rate", format!("{:.0} /s", self.per_second));
         out
@@ -306,18 +329,38 @@ fn prepare(
     }
     let mut todo = vec![true; campaign.recipients.len()];
     let journal = match &options.journal {
-        Some(path) => Some(Journal::open(path, |outcome| {
-            if let Some(i) = campaign.recipients.find(&outcome.recipient) {
-                if todo[i] {
-                    todo[i] = false;
-                    summary.already_final += 1;
-                    if let Some(r) = &mut report {
-                        r.write(&outcome)?;
+        Some(path) => {
+            // The last outcome of each row, except that an expiry never replaces another final
+            // outcome (a recipient retried after expiring may have been delivered since).
+            let mut known: BTreeMap<usize, Outcome> = BTreeMap::new();
+            let journal = Journal::open(
+                path,
+                campaign.identity(),
+                options.journal_any_campaign,
+                |outcome| {
+                    if let Some(i) = campaign.recipients.find(&outcome.recipient) {
+                        let keep = known.get(&i).is_some_and(|k| k.status != "expired");
+                        if !keep {
+                            known.insert(i, outcome);
+                        }
                     }
+                    Ok(())
+                },
+            )?;
+            for (i, outcome) in known {
+                let expired = outcome.status == "expired";
+                if expired && options.retry_expired {
+                    continue;
+                }
+                todo[i] = false;
+                summary.already_final += 1;
+                summary.already_expired += u64::from(expired);
+                if let Some(r) = &mut report {
+                    r.write(&outcome)?;
                 }
             }
-            Ok(())
-        })?),
+            Some(journal)
+        }
         None => None,
     };
     Ok(Prepared {
@@ -327,7 +370,12 @@ fn prepare(
     })
 }
 
-pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary, CampaignError> {
+pub(super) fn send(
+    campaign: &Campaign,
+    builder: DispatcherBuilder,
+    options: &SendOptions,
+    started: &dyn Fn(&Arc<Dispatcher>) -> Result<(), String>,
+) -> Result<Summary, CampaignError> {
     let start = Instant::now();
     let mut summary = Summary::new(campaign);
     let Prepared {
@@ -337,43 +385,16 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
     } = prepare(campaign, options, &mut summary)?;
     let to_send = todo.iter().filter(|&&t| t).count() as u64;
     let d = &campaign.delivery;
-    let base = match &d.engine {
-        Some(text) => crate::ffi::builder_from_toml(text).map_err(CampaignError::Engine)?,
-        None => Dispatcher::builder(),
-    };
-    // The events are how a campaign learns its outcomes: an engine file cannot turn them off.
-    let mut builder = base.record_events(true);
-    if let Some(policy) = d.starttls {
-        builder = builder.starttls(policy);
-    }
-    if let Some(relay) = &d.relay {
-        builder = builder.relay(relay);
-    }
-    if let Some(mx) = &d.mx {
-        builder = builder.direct_mx(mx.clone());
-    }
-    if let Some(verify) = d.tls_verify {
-        builder = builder.tls_verify(verify);
-    }
-    if let Some(ca) = &d.tls_ca_file {
-        builder = builder.tls_ca_file(ca);
-    }
-    if let Some(credentials) = &d.credentials {
-        builder = builder.credentials(credentials.clone());
-    }
     let dispatcher = builder
-        .ehlo_name(&d.ehlo_name)
-        .max_connections_per_destination(d.connections)
+        // The events are how a campaign learns its outcomes: an engine file cannot turn them off.
+        .record_events(true)
         // Both bound what is rendered but not yet delivered: the lookahead.
         .queue_capacity(d.lookahead)
         .max_queued_recipients(d.lookahead)
-        .retry(RetryPolicy {
-            initial: d.retry_after,
-            max_age: d.max_age,
-            ..RetryPolicy::default()
-        })
         .start()
         .map_err(CampaignError::Dispatcher)?;
+    let dispatcher = Arc::new(dispatcher);
+    started(&dispatcher).map_err(CampaignError::Engine)?;
     let events = dispatcher.events().expect("events are recorded");
     let (failures_tx, failures) = crossbeam_channel::unbounded();
     let work = Work {
@@ -398,14 +419,33 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
         for _ in 0..d.render_threads {
             scope.spawn(|| work.submit_all(&dispatcher, &submitted));
         }
-        let result = collect(&mut outcomes, &events, &failures, &progress, to_send);
-        if result.is_err() {
+        let result = collect(
+            &mut outcomes,
+            &events,
+            &failures,
+            &progress,
+            to_send,
+            Stop {
+                requested: options.stop,
+                grace: options.stop_grace,
+                work: &work,
+                submitted: &submitted,
+            },
+        );
+        if !matches!(result, Ok(Finished::All)) {
             work.stop.store(true, Ordering::Relaxed);
         }
         result
     });
     progress.finish();
-    dispatcher.shutdown();
+    let interrupted = matches!(result, Ok(Finished::Stopped));
+    if interrupted {
+        // Shutting down would wait for everything the dispatcher holds: it is abandoned
+        // instead, and ends with the process.
+        std::mem::forget(Arc::clone(&dispatcher));
+    } else {
+        dispatcher.shutdown();
+    }
     result?;
     outcomes.flush()?;
     let mut summary = outcomes.summary;
@@ -416,19 +456,55 @@ pub(super) fn send(campaign: &Campaign, options: &SendOptions) -> Result<Summary
     summary.expired = c.expired;
     summary.failed = c.failed;
     summary.connections = dispatcher.stats().connections_opened;
+    summary.interrupted = interrupted;
+    summary.not_final = summary
+        .submitted
+        .saturating_sub(c.delivered + c.bounced + c.expired);
     finish_timing(&mut summary, start, outcomes.finals);
     Ok(summary)
 }
 
-/// Takes outcomes until every row sent this run is final.
+/// How a send learns it should stop, and what it stops.
+struct Stop<'a> {
+    requested: Option<&'static AtomicBool>,
+    grace: Duration,
+    work: &'a Work<'a>,
+    submitted: &'a AtomicU64,
+}
+
+/// How [`collect`] ended.
+enum Finished {
+    /// Every row sent this run is final.
+    All,
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Takes outcomes until every row sent this run is final, or until a stop was requested and
+/// what was submitted is final or its grace period is over.
 fn collect(
     outcomes: &mut Outcomes<'_>,
     events: &Receiver<Event>,
     failures: &Receiver<(usize, String)>,
     progress: &Progress,
     to_send: u64,
-) -> Result<(), CampaignError> {
+    stop: Stop<'_>,
+) -> Result<Finished, CampaignError> {
+    let mut deadline = None;
     while outcomes.finals < to_send {
+        if deadline.is_none() && stop.requested.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            // No new work: the render threads stop at their next row.
+            stop.work.stop.store(true, Ordering::Relaxed);
+            deadline = Some(Instant::now() + stop.grace);
+        }
+        if let Some(deadline) = deadline {
+            let c = &outcomes.counts;
+            let finals = c.delivered + c.bounced + c.expired;
+            if finals >= stop.submitted.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                outcomes.flush()?;
+                return Ok(Finished::Stopped);
+            }
+        }
         select! {
             recv(events) -> event => {
                 if let Ok(event) = event {
@@ -450,7 +526,7 @@ fn collect(
         outcomes.flush()?;
         progress.update(&outcomes.counts);
     }
-    Ok(())
+    Ok(Finished::All)
 }
 
 pub(super) fn dry_run(campaign: &Campaign, dir: &Path) -> Result<Summary, CampaignError> {

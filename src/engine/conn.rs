@@ -38,6 +38,8 @@ pub struct Conn {
     pub tls: Option<ClientConnection>,
     /// The TLS handshake has completed.
     pub tls_ready: bool,
+    /// Where the dialogue is traced, when it is.
+    pub trace: Option<super::trace::ConnTrace>,
 }
 
 /// What a read produced.
@@ -68,6 +70,9 @@ impl Conn {
             match self.stream.read(buf) {
                 Ok(0) => return ReadOutcome::Closed,
                 Ok(n) => {
+                    if let Some(t) = &mut self.trace {
+                        t.server(&buf[..n]);
+                    }
                     session.handle_input(&buf[..n], now);
                     // Closed, or STARTTLS accepted: what follows is not plaintext SMTP.
                     if session.is_closed() || session.is_tls_handshake() {
@@ -110,7 +115,12 @@ impl Conn {
             loop {
                 match tls.reader().read(buf) {
                     Ok(0) => return ReadOutcome::Closed,
-                    Ok(n) => session.handle_input(&buf[..n], now),
+                    Ok(n) => {
+                        if let Some(t) = &mut self.trace {
+                            t.server(&buf[..n]);
+                        }
+                        session.handle_input(&buf[..n], now)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                         return ReadOutcome::Closed
@@ -138,6 +148,9 @@ impl Conn {
             let out = session.pending_output();
             if !out.is_empty() {
                 let n = out.len();
+                if let Some(t) = &mut self.trace {
+                    t.client(out);
+                }
                 tls.writer().write_all(out)?;
                 session.consume_output(n);
             }
@@ -159,7 +172,12 @@ impl Conn {
             }
             match self.stream.write(out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => session.consume_output(n),
+                Ok(n) => {
+                    if let Some(t) = &mut self.trace {
+                        t.client(&out[..n]);
+                    }
+                    session.consume_output(n)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),

@@ -13,6 +13,8 @@ mod reactor;
 pub mod shaping;
 mod tls;
 pub use tls::TlsPolicy;
+mod trace;
+pub use trace::Trace;
 
 use crate::error::{Error, Result};
 use crate::message::{Address, Message};
@@ -255,6 +257,8 @@ pub struct Config {
     /// Local addresses to send from (egress IPs), used in turn for new connections of the
     /// same address family; empty: the system chooses.
     pub source_addresses: Vec<std::net::IpAddr>,
+    /// Write every connection's SMTP dialogue here (secrets and content redacted).
+    pub trace: Option<Arc<Trace>>,
 }
 
 impl Config {
@@ -317,6 +321,7 @@ impl Default for Config {
             adaptive: shaping::Adaptive::default(),
             mx: None,
             source_addresses: Vec::new(),
+            trace: None,
         }
     }
 }
@@ -442,6 +447,12 @@ impl DispatcherBuilder {
     /// instead of a relay). Lookups run on a resolver thread per loop.
     pub fn direct_mx(mut self, mx: crate::route::mx::MxConfig) -> Self {
         self.config.mx = Some(mx);
+        self
+    }
+
+    /// Writes every connection's SMTP dialogue to `trace` (see [`Trace`]).
+    pub fn trace(mut self, trace: Arc<Trace>) -> Self {
+        self.config.trace = Some(trace);
         self
     }
 

@@ -636,6 +636,11 @@ impl Reactor {
             established: false,
             tls: None,
             tls_ready: false,
+            trace: self
+                .config
+                .trace
+                .as_ref()
+                .map(|t| t.connection(&addr.to_string())),
         };
         if let Err(e) = self.poll.registry().register(
             &mut conn.stream,

@@ -111,6 +111,7 @@ const KEYS: &[&str] = &[
     "mx_timeout",
     "mx_cache_capacity",
     "mx_allow_loopback",
+    "trace_file",
 ];
 
 fn bad_value(key: &str, value: &str, problem: &str) -> FfiError {
@@ -543,6 +544,11 @@ impl Settings {
             }
             "allow_plaintext_auth" => c.session.allow_plaintext_auth = parse_bool(key, value)?,
             "source_address" => c.source_addresses.push(parse_ip(key, value)?),
+            "trace_file" => {
+                let trace = crate::engine::Trace::create(std::path::Path::new(value))
+                    .map_err(|e| bad_value(key, value, &format!("cannot create: {e}")))?;
+                c.trace = Some(trace);
+            }
             "messages_per_second" => c.messages_per_second = Some(parse_rate(key, value)?),
             "messages_per_minute" => c.messages_per_minute = Some(parse_rate(key, value)?),
             "messages_per_hour" => c.messages_per_hour = Some(parse_rate(key, value)?),
@@ -824,6 +830,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
 /// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6) | direct MX settings; setting any turns direct MX on |
+/// | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
 ///
 /// A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
 /// "5m", "2h", "3d". A boolean is true/false, yes/no, on/off or 1/0.
@@ -957,6 +964,7 @@ mod tests {
             ("mx_timeout", "2s"),
             ("mx_cache_capacity", "0"),
             ("mx_allow_loopback", "true"),
+            ("trace_file", "/dev/null"),
         ];
         for (key, value) in examples {
             set(&mut s, key, value).unwrap();

@@ -1,13 +1,16 @@
-//! A private Postfix instance for the TLS and AUTH tests: `postfix -c DIR` with its own
-//! configuration, queue, data and log in a fresh directory, an `smtpd` on one loopback port
-//! with STARTTLS (the certificate the test gives) and Cyrus SASL (PLAIN and LOGIN against a
-//! sasldb the test fills), accepting mail only from authenticated clients and discarding it
-//! once queued. Started and stopped by the test; never touches /etc/postfix.
+//! A private Postfix instance for the tests: `postfix -c DIR` with its own configuration,
+//! queue, data and log in a fresh directory, `smtpd` on one loopback port. Started by the test
+//! and stopped (`postfix -c DIR stop`) when the handle drops; never touches /etc/postfix.
 //!
-//! Needs root (Postfix's master runs as root), Debian's `postfix`, `sasl2-bin` (saslpasswd2)
-//! and `libsasl2-modules`; `tests/run.sh` installs them.
+//! Two set-ups: [`Postfix::start`] is a relay that takes mail only from clients that
+//! authenticated over STARTTLS (Cyrus SASL, PLAIN and LOGIN against a sasldb the test fills)
+//! and discards it once queued; [`Postfix::start_local`] delivers locally for `example.test`,
+//! whose recipients are the system's users (so `root` exists and `nosuch` does not).
+//!
+//! Needs root (Postfix's master runs as root), Debian's `postfix`, and for the first set-up
+//! `sasl2-bin` (saslpasswd2) and `libsasl2-modules`; `tests/run.sh` installs them.
 
-use super::{free_port, fresh_temp_dir, is_listening, require_tool};
+use super::{free_port, fresh_temp_dir, is_listening, require_tool, running_as_root};
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,58 +23,68 @@ const SASLPASSWD2: &str = "/usr/sbin/saslpasswd2";
 /// The SASL realm: users log in as `user` and Postfix logs `user@postfix.test`.
 pub const REALM: &str = "postfix.test";
 
+/// A running private Postfix.
 pub struct Postfix {
     dir: PathBuf,
     addr: SocketAddr,
 }
 
+/// The `main.cf` lines every instance has: its own directories and log, loopback only.
+fn base_main_cf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "compatibility_level = 3.6\n\
+         queue_directory = {d}/queue\n\
+         data_directory = {d}/data\n\
+         mail_owner = postfix\n\
+         maillog_file = {d}/maillog\n\
+         maillog_file_prefixes = {d}\n\
+         inet_interfaces = 127.0.0.1\n\
+         inet_protocols = ipv4\n\
+         alias_maps =\n\
+         alias_database =\n"
+    )
+}
+
+fn chown_postfix(path: &Path) {
+    let ok = Command::new("chown")
+        .arg("postfix")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "chown postfix {}", path.display());
+}
+
 impl Postfix {
-    /// Starts an instance with STARTTLS (`cert`, `key`: PEM) and these SASL users.
+    /// Starts a relay with STARTTLS (`cert`, `key`: PEM) that takes mail only from these SASL
+    /// users and discards it.
     pub fn start(cert: &Path, key: &Path, users: &[(&str, &str)]) -> Postfix {
-        require_tool(POSTFIX);
         require_tool(SASLPASSWD2);
-        assert!(super::running_as_root(), "a private Postfix needs root");
-        let dir = fresh_temp_dir("postfix");
-        let port = free_port("127.0.0.1");
+        let (dir, port) = Self::prepare();
         let d = dir.display();
-        for sub in ["queue", "data", "sasl"] {
-            fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        fs::write(
-            dir.join("main.cf"),
-            format!(
-                "compatibility_level = 3.6\n\
-                 queue_directory = {d}/queue\n\
-                 data_directory = {d}/data\n\
-                 mail_owner = postfix\n\
-                 maillog_file = {d}/maillog\n\
-                 maillog_file_prefixes = {d}\n\
-                 inet_interfaces = 127.0.0.1\n\
-                 inet_protocols = ipv4\n\
-                 myhostname = {REALM}\n\
-                 mydomain = {REALM}\n\
-                 mydestination =\n\
-                 relay_domains =\n\
-                 mynetworks = 127.0.0.1/32\n\
-                 smtpd_relay_restrictions = permit_sasl_authenticated, reject\n\
-                 default_transport = discard:\n\
-                 alias_maps =\n\
-                 alias_database =\n\
-                 local_recipient_maps =\n\
-                 smtpd_tls_security_level = may\n\
-                 smtpd_tls_cert_file = {}\n\
-                 smtpd_tls_key_file = {}\n\
-                 smtpd_tls_auth_only = yes\n\
-                 smtpd_sasl_auth_enable = yes\n\
-                 smtpd_sasl_type = cyrus\n\
-                 smtpd_sasl_path = smtpd\n\
-                 cyrus_sasl_config_path = {d}/sasl\n\
-                 smtpd_sasl_local_domain = {REALM}\n",
-                cert.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
+        fs::create_dir_all(dir.join("sasl")).unwrap();
+        let main_cf = format!(
+            "{}myhostname = {REALM}\n\
+             mydomain = {REALM}\n\
+             mydestination =\n\
+             relay_domains =\n\
+             mynetworks = 127.0.0.1/32\n\
+             smtpd_relay_restrictions = permit_sasl_authenticated, reject\n\
+             default_transport = discard:\n\
+             local_recipient_maps =\n\
+             smtpd_tls_security_level = may\n\
+             smtpd_tls_cert_file = {}\n\
+             smtpd_tls_key_file = {}\n\
+             smtpd_tls_auth_only = yes\n\
+             smtpd_sasl_auth_enable = yes\n\
+             smtpd_sasl_type = cyrus\n\
+             smtpd_sasl_path = smtpd\n\
+             cyrus_sasl_config_path = {d}/sasl\n\
+             smtpd_sasl_local_domain = {REALM}\n",
+            base_main_cf(&dir),
+            cert.display(),
+            key.display()
+        );
         let services = [
             format!("127.0.0.1:{port} inet n - n - - smtpd"),
             "pickup unix n - n 60 1 pickup".into(),
@@ -93,7 +106,6 @@ impl Postfix {
             "scache unix - - n - 1 scache".into(),
             "postlog unix-dgram n - n - 1 postlogd".into(),
         ];
-        fs::write(dir.join("master.cf"), services.join("\n") + "\n").unwrap();
         fs::write(
             dir.join("sasl/smtpd.conf"),
             format!(
@@ -116,20 +128,64 @@ impl Postfix {
                 .unwrap();
             assert!(child.wait().unwrap().success(), "saslpasswd2 failed");
         }
-        // smtpd reads the sasldb as the mail owner; the data directory is its own.
-        let chown = |path: &str| {
-            let ok = Command::new("chown")
-                .args(["postfix", path])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "chown postfix {path}");
-        };
+        // smtpd reads the sasldb as the mail owner.
         if !users.is_empty() {
-            chown(&format!("{d}/sasldb2"));
+            chown_postfix(&dir.join("sasldb2"));
         }
-        chown(&format!("{d}/data"));
+        Self::launch(dir, port, main_cf, services.join("\n") + "\n")
+    }
+
+    /// Starts Postfix delivering locally for `example.test`, with the extra `main.cf` lines
+    /// given (e.g. "disable_vrfy_command = yes").
+    pub fn start_local(main_cf_extra: &str) -> Postfix {
+        let (dir, port) = Self::prepare();
+        let main_cf = format!(
+            "{}myhostname = mx.example.test\n\
+             mydestination = example.test\n\
+             smtpd_banner = $myhostname ESMTP\n\
+             {main_cf_extra}\n",
+            base_main_cf(&dir)
+        );
+        // Debian's master.cf with smtpd on our port and no chroot (the queue directory has no
+        // copy of /etc).
+        let master = fs::read_to_string("/etc/postfix/master.cf").expect("read master.cf");
+        let master: String = master
+            .lines()
+            .map(|line| {
+                let mut fields: Vec<&str> = line.split_whitespace().collect();
+                if line.starts_with(|c: char| c.is_ascii_alphanumeric()) && fields.len() >= 8 {
+                    let service = format!("127.0.0.1:{port}");
+                    if fields[0] == "smtp" && fields[1] == "inet" {
+                        fields[0] = &service;
+                    }
+                    fields[4] = "n";
+                    return fields.join(" ") + "\n";
+                }
+                format!("{line}\n")
+            })
+            .collect();
+        Self::launch(dir, port, main_cf, master)
+    }
+
+    /// A fresh directory with `queue` and `data`, and a free port.
+    fn prepare() -> (PathBuf, u16) {
+        require_tool(POSTFIX);
+        assert!(running_as_root(), "a private Postfix needs root");
+        let dir = fresh_temp_dir("postfix");
+        for sub in ["queue", "data"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        (dir, free_port("127.0.0.1"))
+    }
+
+    fn launch(dir: PathBuf, port: u16, main_cf: String, master_cf: String) -> Postfix {
+        fs::write(dir.join("main.cf"), main_cf).unwrap();
+        fs::write(dir.join("master.cf"), master_cf).unwrap();
+        chown_postfix(&dir.join("data"));
         let out = Command::new(POSTFIX)
-            .args(["-c", &d.to_string(), "start"])
+            .arg("-c")
+            .arg(&dir)
+            .arg("start")
             .stdin(Stdio::null())
             .output()
             .expect("run postfix start");
@@ -183,7 +239,9 @@ impl Postfix {
 impl Drop for Postfix {
     fn drop(&mut self) {
         let _ = Command::new(POSTFIX)
-            .args(["-c", &self.dir.display().to_string(), "stop"])
+            .arg("-c")
+            .arg(&self.dir)
+            .arg("stop")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,0 +1,412 @@
+//! `mxpipe send --from ... --to-file ... MESSAGE.eml`: one ready message to many recipients,
+//! with a per-recipient report.
+//!
+//! The message goes out as given, except that a missing `Date` or `Message-ID` is added (RFC
+//! 5322 3.6 requires both; Postfix's cleanup and swaks add them too). The report gets one line
+//! per final outcome as it happens, flushed, so a run that is stopped keeps what it learnt; a
+//! recipient still deferred when the run ends gets a `not_final` line and is named in the
+//! summary. This module must not build MIME; it only completes the header section.
+
+use super::options::{serve_metrics, DeliveryArgs};
+use super::{event_value, signal, CliResult};
+use mxpipe::engine::{Dispatcher, Event, EventKind};
+use mxpipe::message::mime::{format_date, is_valid_header_name, new_message_id};
+use mxpipe::message::{Address, Body, Message};
+use mxpipe::Error;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub(crate) struct SendArgs {
+    pub(crate) relay: Option<String>,
+    pub(crate) from: String,
+    pub(crate) to_file: PathBuf,
+    pub(crate) message: PathBuf,
+    pub(crate) connections: Option<usize>,
+    pub(crate) ehlo_name: Option<String>,
+    pub(crate) report: Option<PathBuf>,
+    pub(crate) wait_final: bool,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) delivery: DeliveryArgs,
+}
+
+pub(crate) fn run_send(args: SendArgs) -> CliResult {
+    signal::install()?;
+    let sender = if args.from.is_empty() {
+        Address::null()
+    } else {
+        Address::parse(&args.from, mxpipe::error::Field::Sender)
+            .map_err(|e| format!("--from: {e}"))?
+    };
+    let content = std::fs::read(&args.message)
+        .map_err(|e| format!("{}: cannot read: {e}", args.message.display()))?;
+    let id_domain = if sender.is_null() {
+        args.ehlo_name.as_deref().unwrap_or("localhost")
+    } else {
+        sender.domain()
+    };
+    let (content, has_headers) = complete_header(&content, SystemTime::now(), id_domain);
+    if !has_headers {
+        eprintln!(
+            "mxpipe: warning: {}: no header section (the first line is not a header field); it \
+             is sent as the body of a message with only Date and Message-ID",
+            args.message.display()
+        );
+    }
+    let body = Body::new(&content).map_err(|e| format!("{}: {e}", args.message.display()))?;
+    let list = RecipientList::read(&args.to_file)?;
+    if list.recipients.is_empty() {
+        return Err(format!("{}: no valid recipients", args.to_file.display()));
+    }
+    // Output paths are checked before anything is sent.
+    let mut report = args
+        .report
+        .as_ref()
+        .map(|path| {
+            File::create(path)
+                .map(BufWriter::new)
+                .map_err(|e| format!("--report {}: cannot create: {e}", path.display()))
+        })
+        .transpose()?;
+    let mut builder = args.delivery.base_builder()?;
+    if let Some(relay) = &args.relay {
+        builder = builder.relay(relay);
+    }
+    // What the command line gives replaces the --config file's settings; the rest stays.
+    let mut builder = args.delivery.apply(builder)?;
+    if let Some(name) = &args.ehlo_name {
+        builder = builder.ehlo_name(name);
+    }
+    if let Some(n) = args.connections {
+        builder = builder.max_connections_per_destination(n);
+    }
+    let retry = &mut builder.config_mut().retry;
+    if let Some(after) = args.retry_after {
+        retry.initial = after;
+    }
+    if let Some(age) = args.max_age {
+        retry.max_age = age;
+    }
+    let max_age = retry.max_age;
+    // This command reads every outcome: a --config file cannot turn them off.
+    let dispatcher = builder
+        .record_events(true)
+        .start()
+        .map_err(|e| e.to_string())?;
+    let dispatcher = Arc::new(dispatcher);
+    if let Some(addr) = args.delivery.metrics {
+        serve_metrics(addr, &dispatcher)?;
+    }
+    let events = dispatcher.events().expect("events are on");
+    let total = list.recipients.len() as u64;
+    let all: Vec<String> = list
+        .recipients
+        .iter()
+        .map(|a| a.as_str().to_string())
+        .collect();
+    let message =
+        Message::from_parts(sender, list.recipients, Arc::new(body)).map_err(|e| e.to_string())?;
+    dispatcher
+        .submit_timeout(message, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    // Another thread waits for the end of the run while this one writes the report.
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(2);
+    let wait = |dispatcher: Arc<Dispatcher>, wait_final: bool| {
+        let done_tx = done_tx.clone();
+        std::thread::spawn(move || {
+            if wait_final {
+                dispatcher.wait_final(max_age + Duration::from_secs(60));
+            } else {
+                dispatcher.flush();
+            }
+            let _ = done_tx.send(());
+        });
+    };
+    wait(Arc::clone(&dispatcher), args.wait_final);
+    let mut outcomes = Outcomes::default();
+    let mut write = |report: &mut Option<BufWriter<File>>, event: &Event| {
+        if let Some(line) = outcomes.take(event) {
+            if let Some(w) = report.as_mut() {
+                writeln!(w, "{line}")
+                    .and_then(|()| w.flush())
+                    .map_err(|e| format!("--report: cannot write: {e}"))?;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    let tick = crossbeam_channel::tick(Duration::from_millis(200));
+    let mut deadline = None;
+    loop {
+        crossbeam_channel::select! {
+            recv(events) -> event => match event {
+                Ok(event) => write(&mut report, &event)?,
+                Err(_) => break,
+            },
+            recv(done) -> _ => break,
+            recv(tick) -> _ => {}
+        }
+        if deadline.is_none() && signal::stop_requested() {
+            // Stop taking new work: what is in flight gets the grace period, and a recipient
+            // waiting for a retry is not waited for.
+            deadline = Some(Instant::now() + signal::GRACE);
+            wait(Arc::clone(&dispatcher), false);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    let interrupted = deadline.is_some();
+    if interrupted {
+        // Shutting down would wait for what is in flight: it is abandoned with the process.
+        std::mem::forget(Arc::clone(&dispatcher));
+    } else {
+        dispatcher.shutdown();
+    }
+    for event in events.try_iter() {
+        write(&mut report, &event)?;
+    }
+    // What is not final now is not retried by anyone: said in the report and the summary.
+    let not_final = outcomes.not_final(&all);
+    if let Some(w) = report.as_mut() {
+        for line in &not_final {
+            writeln!(w, "{line}").map_err(|e| format!("--report: cannot write: {e}"))?;
+        }
+        w.flush()
+            .map_err(|e| format!("--report: cannot write: {e}"))?;
+    }
+    let s = dispatcher.stats();
+    let not_final = not_final.len() as u64;
+    println!(
+        "recipients={total} delivered={} bounced={} expired={} not_final={not_final} invalid={} duplicates={} connections={}",
+        s.delivered, s.bounced, s.expired, list.invalid, list.duplicates, s.connections_opened
+    );
+    if not_final > 0 {
+        let what = if not_final == 1 {
+            "1 recipient".to_string()
+        } else {
+            format!("{not_final} recipients")
+        };
+        let why = if interrupted {
+            "interrupted; a message sent with --from/--to-file is not kept anywhere, so nothing \
+             retries it"
+        } else if args.wait_final {
+            "still deferred at the end of --wait-final"
+        } else {
+            "deferred, not retried: without --wait-final nothing keeps it"
+        };
+        eprintln!("mxpipe: {what} not final at exit ({why}); see the report");
+    }
+    if interrupted {
+        return Ok(ExitCode::from(signal::INTERRUPTED));
+    }
+    Ok(if s.bounced + s.expired + list.invalid + not_final == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Final outcomes as report lines, and the last deferral of each recipient not final yet.
+#[derive(Default)]
+struct Outcomes {
+    deferred: HashMap<String, Event>,
+    finals: HashSet<String>,
+}
+
+impl Outcomes {
+    /// The report line of a final outcome (a deferral is only remembered).
+    fn take(&mut self, event: &Event) -> Option<String> {
+        let recipient = event.recipient.as_str().to_string();
+        if event.kind == EventKind::Deferred {
+            self.deferred.insert(recipient, event.clone());
+            return None;
+        }
+        self.deferred.remove(&recipient);
+        self.finals.insert(recipient);
+        Some(event_value(event).to_string())
+    }
+
+    /// A `not_final` line for each of `all` without a final outcome: its last deferral's
+    /// reply, or none when it never had an attempt.
+    fn not_final(&self, all: &[String]) -> Vec<String> {
+        all.iter()
+            .filter(|r| !self.finals.contains(*r))
+            .map(|recipient| {
+                let mut value = match self.deferred.get(recipient) {
+                    Some(event) => event_value(event),
+                    None => serde_json::json!({
+                        "message_id": null,
+                        "recipient": recipient,
+                        "code": 0,
+                        "enhanced": null,
+                        "text": "no attempt finished before mxpipe stopped",
+                        "attempts": 0,
+                        "destination": "",
+                        "elapsed_ms": 0,
+                    }),
+                };
+                value["status"] = "not_final".into();
+                value["retry_after_s"] = serde_json::Value::Null;
+                value.to_string()
+            })
+            .collect()
+    }
+}
+
+/// The recipients of `--to-file`: one address a line; `#` at the start of a line or after a
+/// space starts a comment; blank lines are skipped. Duplicates (compared without case) and
+/// lines that are not addresses or not UTF-8 are skipped with their line number.
+struct RecipientList {
+    recipients: Vec<Address>,
+    invalid: u64,
+    duplicates: u64,
+}
+
+impl RecipientList {
+    fn read(path: &Path) -> Result<RecipientList, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let mut list = RecipientList {
+            recipients: Vec::new(),
+            invalid: 0,
+            duplicates: 0,
+        };
+        let mut first_line: HashMap<String, usize> = HashMap::new();
+        for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            let n = index + 1;
+            let Ok(line) = std::str::from_utf8(raw) else {
+                list.invalid += 1;
+                eprintln!("{}:{n}: line skipped: not valid UTF-8", path.display());
+                continue;
+            };
+            let text = strip_comment(line).trim();
+            if text.is_empty() {
+                continue;
+            }
+            let field = mxpipe::error::Field::Recipient(list.recipients.len());
+            match Address::parse(text, field) {
+                Ok(a) => match first_line.get(&a.as_str().to_lowercase()) {
+                    Some(first) => {
+                        list.duplicates += 1;
+                        eprintln!(
+                            "{}:{n}: recipient {text:?} skipped: a duplicate of line {first}",
+                            path.display()
+                        );
+                    }
+                    None => {
+                        first_line.insert(a.as_str().to_lowercase(), n);
+                        list.recipients.push(a);
+                    }
+                },
+                Err(Error::InvalidAddress { problem, .. }) => {
+                    list.invalid += 1;
+                    eprintln!(
+                        "{}:{n}: recipient {text:?} skipped: address {problem}",
+                        path.display()
+                    );
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(list)
+    }
+}
+
+/// The line without its comment: `#` at the start or after white space (a `#` inside an
+/// address, which RFC 5321 allows in a local part, stays).
+fn strip_comment(line: &str) -> &str {
+    let mut previous_is_space = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && previous_is_space {
+            return &line[..i];
+        }
+        previous_is_space = c.is_whitespace();
+    }
+    line
+}
+
+/// The message with `Date` and `Message-ID` added at the end of its header section when it has
+/// none, and whether it had a header section at all (without one, both are put before the
+/// content, followed by the empty line that ends a header section).
+fn complete_header(content: &[u8], now: SystemTime, id_domain: &str) -> (Vec<u8>, bool) {
+    let mut has_date = false;
+    let mut has_id = false;
+    let mut end = None;
+    let mut offset = 0;
+    let mut first = true;
+    while offset < content.len() {
+        let line_end = content[offset..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(content.len(), |p| offset + p + 1);
+        let line = &content[offset..line_end];
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if text.is_empty() {
+            end = Some(offset);
+            break;
+        }
+        let is_continuation = matches!(text[0], b' ' | b'\t');
+        if !is_continuation {
+            let name = text
+                .iter()
+                .position(|&b| b == b':')
+                .and_then(|colon| std::str::from_utf8(&text[..colon]).ok())
+                .filter(|name| is_valid_header_name(name));
+            match name {
+                Some(name) => {
+                    has_date |= name.eq_ignore_ascii_case("date");
+                    has_id |= name.eq_ignore_ascii_case("message-id");
+                }
+                None if first => break,
+                // Not a header field: the header section ends without its empty line.
+                None => {
+                    end = Some(offset);
+                    break;
+                }
+            }
+        } else if first {
+            break;
+        }
+        first = false;
+        offset = line_end;
+    }
+    if first {
+        let mut out = Vec::with_capacity(content.len() + 128);
+        out.extend_from_slice(format!("Date: {}\r\n", format_date(now)).as_bytes());
+        out.extend_from_slice(
+            format!("Message-ID: {}\r\n\r\n", new_message_id(id_domain)).as_bytes(),
+        );
+        out.extend_from_slice(content);
+        return (out, false);
+    }
+    let at = end.unwrap_or(content.len());
+    let mut added = Vec::new();
+    if at == content.len() && !content.ends_with(b"\n") {
+        added.extend_from_slice(b"\r\n");
+    }
+    if !has_date {
+        added.extend_from_slice(format!("Date: {}\r\n", format_date(now)).as_bytes());
+    }
+    if !has_id {
+        added
+            .extend_from_slice(format!("Message-ID: {}\r\n", new_message_id(id_domain)).as_bytes());
+    }
+    if !has_date || !has_id {
+        if end.is_none() {
+            added.extend_from_slice(b"\r\n");
+        }
+    } else {
+        added.clear();
+    }
+    let mut out = Vec::with_capacity(content.len() + added.len());
+    out.extend_from_slice(&content[..at]);
+    out.extend_from_slice(&added);
+    out.extend_from_slice(&content[at..]);
+    (out, true)
+}

@@ -1,0 +1,283 @@
+//! The README smoke test: every `mxpipe` command line in the README's code blocks (and `cargo
+//! run --release -- demo`) is run against servers on loopback, so that none can rot. Each line
+//! runs without its `[optional]` parts and once with each of them; the README's addresses
+//! (`127.0.0.X:2525`, `127.0.0.1:9464`) are mapped to free ports, `HOST:PORT` and `DIR` to a
+//! server and a directory of the test's, and message counts are scaled down (`--messages`
+//! 200, `--tarpit-messages` 20). `--direct-mx` gets a dnsmasq nameserver, the sink's port and
+//! `--mx-allow-loopback`.
+//! A command passes when it exits 0 (a sink: when it says where it listens).
+
+mod util;
+
+use mxpipe::sink::{Sink, SinkConfig, SinkHandle};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Every command line in a fenced block of the README: continuations joined, comments cut.
+fn readme_commands() -> Vec<String> {
+    let readme = fs::read_to_string(util::repo_root().join("README.md")).expect("README.md");
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        let text = line.split(" #").next().unwrap_or("").trim();
+        if pending.is_empty() && !(text.starts_with("mxpipe ") || text.starts_with("cargo run")) {
+            continue;
+        }
+        pending.push_str(text.trim_end_matches('\\').trim());
+        pending.push(' ');
+        if !text.ends_with('\\') {
+            commands.push(pending.trim().to_string());
+            pending.clear();
+        }
+    }
+    commands
+}
+
+/// The command without its `[...]` groups, then with each group alone.
+fn variants(command: &str) -> Vec<Vec<String>> {
+    let mut base = Vec::new();
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    let mut group: Option<Vec<String>> = None;
+    for token in command.split_whitespace() {
+        let opens = token.starts_with('[');
+        let closes = token.ends_with(']');
+        let word = token
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        match (&mut group, opens) {
+            (None, true) => group = Some(vec![word]),
+            (Some(g), _) => g.push(word),
+            (None, false) => base.push(word),
+        }
+        if closes {
+            groups.extend(group.take());
+        }
+    }
+    let mut all = vec![base.clone()];
+    for g in groups {
+        let mut v = base.clone();
+        v.extend(g);
+        all.push(v);
+    }
+    all
+}
+
+/// The servers and files one command runs against.
+struct World {
+    dir: std::path::PathBuf,
+    sinks: BTreeMap<String, SinkHandle>,
+    dns: util::dns::Dnsmasq,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = util::fresh_temp_dir("readme");
+        let dns = util::dns::Dnsmasq::builder()
+            .mx("example.test", "mx.example.test", 10)
+            .host("mx.example.test", "127.0.0.1")
+            .start();
+        World {
+            dir,
+            sinks: BTreeMap::new(),
+            dns,
+        }
+    }
+
+    /// A sink on `ip` (started on first use).
+    fn sink(&mut self, ip: &str) -> SocketAddr {
+        self.sinks
+            .entry(ip.to_string())
+            .or_insert_with(|| {
+                Sink::start(SinkConfig {
+                    listen: format!("{ip}:0").parse().unwrap(),
+                    ..SinkConfig::default()
+                })
+                .expect("sink starts")
+            })
+            .local_addr()
+    }
+
+    fn write_inputs(&mut self) {
+        let relay = self.sink("127.0.0.1");
+        let w = |name: &str, text: String| fs::write(self.dir.join(name), text).unwrap();
+        w("list.txt", "ann@example.test\nbob@example.test\n".into());
+        w(
+            "message.eml",
+            "From: news@example.org\r\nSubject: README\r\n\r\nHello.\r\n".into(),
+        );
+        w(
+            "recipients.csv",
+            "email,first_name\nann@example.test,Ann\n".into(),
+        );
+        w(
+            "campaign.toml",
+            format!(
+                "from = \"News <news@example.org>\"\nsubject = \"Hi {{{{first_name}}}}\"\n\
+                 text = \"Hello {{{{first_name}}}}.\"\nrecipients = \"recipients.csv\"\n\
+                 [delivery]\nrelay = \"{relay}\"\n"
+            ),
+        );
+    }
+
+    /// The README's words with this world's addresses, directories and smaller counts.
+    fn adapt(&mut self, words: &[String], is_sink: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut scale = None;
+        for word in words {
+            if let Some(n) = scale.take() {
+                out.push(n);
+                continue;
+            }
+            let adapted = match word.as_str() {
+                "--messages" => {
+                    scale = Some("200".to_string());
+                    word.clone()
+                }
+                "--tarpit-messages" => {
+                    scale = Some("20".to_string());
+                    word.clone()
+                }
+                "HOST:PORT" => self.sink("127.0.0.1").to_string(),
+                "DIR" => self.dir.join("out").display().to_string(),
+                "127.0.0.1:9464" => format!("127.0.0.1:{}", util::free_port("127.0.0.1")),
+                w if w.starts_with("127.0.0.") && w.ends_with(":2525") => {
+                    let ip = w.trim_end_matches(":2525");
+                    if is_sink {
+                        format!("{ip}:{}", util::free_port(ip))
+                    } else {
+                        self.sink(ip).to_string()
+                    }
+                }
+                _ => word.clone(),
+            };
+            out.push(adapted);
+        }
+        if out.iter().any(|w| w == "--direct-mx") {
+            let port = self.sink("127.0.0.1").port();
+            out.extend([
+                "--nameserver".to_string(),
+                self.dns.addr().to_string(),
+                "--mx-port".to_string(),
+                port.to_string(),
+                // The sink is on this machine, which direct MX refuses by default (a loop).
+                "--mx-allow-loopback".to_string(),
+            ]);
+        }
+        out
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs a sink command until it says where it listens.
+fn run_sink(args: &[String], dir: &Path) -> Result<(), String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let exited = child.try_wait().ok().flatten();
+    kill(child);
+    match (read, exited) {
+        (Ok(_), None) if line.starts_with("mxpipe sink listening on ") => Ok(()),
+        _ => Err(format!("printed {line:?}, exited {exited:?}")),
+    }
+}
+
+/// Runs a command to its end (at most two minutes).
+fn run_to_end(args: &[String], dir: &Path) -> Result<(), String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() > deadline {
+            kill(child);
+            return Err("still running after 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[test]
+fn every_readme_command_line_runs() {
+    let commands = readme_commands();
+    // The README shows these at least; a parser that finds fewer is broken.
+    for expected in [
+        "cargo run --release -- demo",
+        "mxpipe check",
+        "mxpipe config keys",
+    ] {
+        assert!(
+            commands.iter().any(|c| c.starts_with(expected)),
+            "{expected:?} not found in {commands:#?}"
+        );
+    }
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for command in &commands {
+        let command = command.replace("cargo run --release -- ", "mxpipe ");
+        let Some(rest) = command.strip_prefix("mxpipe ") else {
+            continue;
+        };
+        for words in variants(rest) {
+            let mut world = World::new();
+            world.write_inputs();
+            let is_sink = words.first().is_some_and(|w| w == "sink");
+            let args = world.adapt(&words, is_sink);
+            let result = if is_sink {
+                run_sink(&args, &world.dir)
+            } else {
+                run_to_end(&args, &world.dir)
+            };
+            ran += 1;
+            if let Err(e) = result {
+                failures.push(format!("mxpipe {}: {e}", args.join(" ")));
+            }
+        }
+    }
+    assert!(ran >= 15, "only {ran} command lines ran");
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
