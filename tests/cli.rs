@@ -471,6 +471,7 @@ fn direct_mx_nameserver_takes_a_host_name() {
         .args(["send", "--direct-mx", "--nameserver"])
         .arg(format!("localhost:{}", dns.addr().port()))
         .args(["--mx-port", &sink.addr().port().to_string()])
+        .arg("--mx-allow-loopback")
         .args(["--from", "news@example.org", "--to-file"])
         .arg(d.path("list.txt"))
         .arg(d.path("message.eml")));

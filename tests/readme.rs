@@ -2,9 +2,9 @@
 //! run --release -- demo`) is run against servers on loopback, so that none can rot. Each line
 //! runs without its `[optional]` parts and once with each of them; the README's addresses
 //! (`127.0.0.X:2525`, `127.0.0.1:9464`) are mapped to free ports, `HOST:PORT` and `DIR` to a
-//! server and a directory of the test's, and message counts are scaled down (`--messages`
-//! 200, `--tarpit-messages` 20). `--direct-mx` gets a dnsmasq nameserver, the sink's port and
-//! `--mx-allow-loopback`.
+//! server and a directory of the test's, and counts are scaled down (`--messages` 200,
+//! `--tarpit-messages` 20, `--recipients` 50). `--direct-mx` gets a dnsmasq nameserver, the
+//! sink's port and `--mx-allow-loopback`.
 //! A command passes when it exits 0 (a sink: when it says where it listens).
 
 mod util;
@@ -149,6 +149,10 @@ impl World {
                 }
                 "--tarpit-messages" => {
                     scale = Some("20".to_string());
+                    word.clone()
+                }
+                "--recipients" => {
+                    scale = Some("50".to_string());
                     word.clone()
                 }
                 "HOST:PORT" => self.sink("127.0.0.1").to_string(),
