@@ -7,6 +7,7 @@
 
 pub mod classify;
 mod conn;
+pub mod custody;
 pub mod metrics;
 mod pool;
 mod reactor;
@@ -15,7 +16,7 @@ mod tls;
 
 use crate::error::{Error, Result};
 use crate::message::{Address, Message};
-use crate::queue::{Ingress, RetryPolicy, Submission};
+use crate::queue::{RetryPolicy, Submission};
 use crate::route::{Routes, Target};
 use crate::smtp::{Credentials, Reply, SessionConfig, StartTls, Timeouts};
 use crossbeam_channel::Receiver;
@@ -231,6 +232,11 @@ pub struct Config {
     /// Local addresses to send from (egress IPs), used in turn for new connections of the
     /// same address family; empty: the system chooses.
     pub source_addresses: Vec<std::net::IpAddr>,
+    /// Keep custody of every submission in this spool (see [`crate::spool`]).
+    pub spool: Option<crate::spool::SpoolConfig>,
+    /// Who learns every deferral and final outcome (a source that keeps custody). Set by
+    /// `start` when `spool` is; a source of another kind may set its own.
+    pub custody: Option<Arc<dyn custody::Custody>>,
 }
 
 impl Config {
@@ -293,6 +299,8 @@ impl Default for Config {
             adaptive: shaping::Adaptive::default(),
             mx: None,
             source_addresses: Vec::new(),
+            spool: None,
+            custody: None,
         }
     }
 }
@@ -473,6 +481,15 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Takes custody of every submission in the spool at `dir` (created if missing): a
+    /// submission is acknowledged ([`Dispatcher::sync`], [`Dispatcher::durable_id`]) only once
+    /// it is on disk, and whatever is not final when the process ends is sent by the next one
+    /// that opens the spool.
+    pub fn spool(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.spool = Some(crate::spool::SpoolConfig::new(dir));
+        self
+    }
+
     /// The settings as they stand (before `start` checks them).
     pub fn config_mut(&mut self) -> &mut Config {
         &mut self.config
@@ -596,25 +613,21 @@ impl fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
-struct Loop {
-    ingress: Arc<Ingress>,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// The running dispatcher. Cheap to share by reference between threads (`Sync`).
 pub struct Dispatcher {
-    loops: Vec<Loop>,
+    intake: custody::Intake,
+    threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     events: Option<Receiver<Event>>,
     next_id: AtomicU64,
-    by_domain: bool,
     stopped: AtomicBool,
+    spool: Option<crate::spool::Spool>,
 }
 
 impl fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dispatcher")
-            .field("loops", &self.loops.len())
+            .field("loops", &self.threads.len())
             .field("stats", &self.shared.stats.snapshot())
             .finish()
     }
@@ -626,8 +639,17 @@ impl Dispatcher {
     }
 
     /// Starts with settings checked by the caller (the builder checks them).
-    pub fn start(config: Config) -> Result<Dispatcher> {
+    pub fn start(mut config: Config) -> Result<Dispatcher> {
         validate(&config)?;
+        // The spool is opened (and recovered) before the loops start, since they report to it.
+        let spool = match &config.spool {
+            Some(spool_config) => {
+                let spool = crate::spool::Spool::open(spool_config.clone())?;
+                config.custody = Some(spool.custody());
+                Some(spool)
+            }
+            None => None,
+        };
         let (events_tx, events_rx) = if config.record_events {
             let (tx, rx) = crossbeam_channel::unbounded();
             (Some(tx), Some(rx))
@@ -645,23 +667,33 @@ impl Dispatcher {
         let by_domain = !config.routes.is_single_target();
         let tls = tls::TlsConfigs::new(config.tls_ca_file.as_deref())?;
         let config = Arc::new(config);
-        let mut loops = Vec::with_capacity(config.loops);
+        let mut ingresses = Vec::with_capacity(config.loops);
+        let mut threads = Vec::with_capacity(config.loops);
         for index in 0..config.loops {
             let (ingress, thread) =
                 reactor::spawn(index, Arc::clone(&config), Arc::clone(&shared), tls.clone())?;
-            loops.push(Loop {
-                ingress,
-                thread: Some(thread),
-            });
+            ingresses.push(ingress);
+            threads.push(thread);
         }
-        Ok(Dispatcher {
-            loops,
+        let intake = custody::Intake {
+            ingresses: ingresses.into(),
+            shared: Arc::clone(&shared),
+            by_domain,
+        };
+        let mut dispatcher = Dispatcher {
+            intake,
+            threads,
             shared,
             events: events_rx,
             next_id: AtomicU64::new(1),
-            by_domain,
             stopped: AtomicBool::new(false),
-        })
+            spool: None,
+        };
+        if let Some(mut spool) = spool {
+            spool.start(dispatcher.intake.clone())?;
+            dispatcher.spool = Some(spool);
+        }
+        Ok(dispatcher)
     }
 
     /// Queues a message without waiting. Returns its identifier, or the message back with
@@ -690,40 +722,48 @@ impl Dispatcher {
                 message,
             });
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let n = message.recipients.len() as u64;
-        let loop_index = if self.loops.len() == 1 {
-            0
-        } else if self.by_domain {
-            domain_hash(message.recipients[0].domain()) as usize % self.loops.len()
-        } else {
-            id as usize % self.loops.len()
-        };
-        let stats = &self.shared.stats;
-        // Counted before the loop can see the message, so that flush never misses it.
-        stats.active.fetch_add(n, Ordering::AcqRel);
-        stats.unfinished.fetch_add(n, Ordering::AcqRel);
-        let ingress = &self.loops[loop_index].ingress;
-        let submission = Submission { id, message };
-        let result = match timeout {
-            None => ingress.try_submit(submission),
-            Some(t) => ingress.submit_timeout(submission, t),
-        };
-        match result {
-            Ok(()) => {
-                stats.submitted_messages.fetch_add(1, Ordering::Relaxed);
-                stats.submitted_recipients.fetch_add(n, Ordering::Relaxed);
-                Ok(id)
-            }
-            Err((error, submission)) => {
-                stats.active.fetch_sub(n, Ordering::AcqRel);
-                stats.unfinished.fetch_sub(n, Ordering::AcqRel);
-                Err(SubmitError {
-                    error,
-                    message: submission.message,
-                })
-            }
+        if let Some(spool) = &self.spool {
+            // The spool gives identifiers (persistent ones) and hands the message to the
+            // engine once it is on disk.
+            return spool
+                .submit(message, timeout)
+                .map_err(|(error, message)| SubmitError { error, message });
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.intake
+            .hand_over(Submission::new(id, message), timeout, custody::Counted::No)
+            .map(|()| id)
+            .map_err(|(error, submission)| SubmitError {
+                error,
+                message: submission.message,
+            })
+    }
+
+    /// With a spool: waits until every message submitted before the call is durable (written
+    /// and fsynced) and may be acknowledged upstream. Fails, naming the problem, when the spool
+    /// refused a batch or an fsync failed (the spool then takes nothing more); identifiers up
+    /// to [`Dispatcher::durable_id`] are durable all the same. Without a spool: returns at once.
+    pub fn sync(&self) -> Result<()> {
+        match &self.spool {
+            Some(spool) => spool.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// With a spool: what opening it found (work recovered, records torn or set aside).
+    pub fn spool_report(&self) -> Option<&crate::spool::RecoveryReport> {
+        self.spool.as_ref().map(|s| s.report())
+    }
+
+    /// With a spool: its writer's figures (fsyncs, messages made durable, checkpoints).
+    pub fn spool_stats(&self) -> Option<&crate::spool::SpoolStats> {
+        self.spool.as_ref().map(|s| s.stats())
+    }
+
+    /// With a spool: every message whose identifier is at most this is durable (the spool
+    /// gives identifiers in order, across restarts). Without a spool: 0.
+    pub fn durable_id(&self) -> u64 {
+        self.spool.as_ref().map_or(0, |s| s.durable_id())
     }
 
     /// The outcome events (a clone of the one receiver; each event is seen by one reader).
@@ -772,16 +812,18 @@ impl Dispatcher {
         }
         self.flush();
         self.shared.shutting_down.store(true, Ordering::Release);
-        for l in &self.loops {
-            let _ = l.ingress.wake_now();
+        for ingress in self.intake.ingresses.iter() {
+            let _ = ingress.wake_now();
         }
     }
 
     fn join(&mut self) {
-        for l in &mut self.loops {
-            if let Some(t) = l.thread.take() {
-                let _ = t.join();
-            }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // After the loops: their last outcomes are written before the spool closes.
+        if let Some(spool) = self.spool.take() {
+            spool.close();
         }
     }
 }
