@@ -97,6 +97,11 @@ struct DeliveryArgs {
     /// Serve Prometheus metrics over HTTP on this address while running.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Keep custody in this spool directory: submissions are acknowledged once fsynced, and
+    /// what is not final when the process ends (deferred, or cut short by a crash) is sent by
+    /// the next process that opens it (`send` with an empty --to-file sends only that).
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
 }
 
 impl DeliveryArgs {
@@ -112,6 +117,9 @@ impl DeliveryArgs {
 
     /// Applies these settings to a builder.
     fn apply(&self, mut b: DispatcherBuilder) -> Result<DispatcherBuilder, String> {
+        if let Some(dir) = &self.spool {
+            b = b.spool(dir);
+        }
         // Only what was given on the command line replaces the --config file's settings.
         if let Some(policy) = &self.starttls {
             b = b.starttls(match policy.as_str() {
@@ -324,9 +332,15 @@ enum Command {
         /// With --tarpit: how many messages go to the tarpit, spread over the submissions.
         #[arg(long, default_value_t = 100)]
         tarpit_messages: u64,
+        /// Every message gets a body of its own (default: one body shared by all).
+        #[arg(long)]
+        unique_bodies: bool,
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
+    /// Queue tools on a spool no process holds: list, show ID, retry [ID|--all], delete ID,
+    /// stats.
+    Queue(mxpipe::spool::admin::QueueArgs),
     /// A real bulk send of a generated newsletter to the built-in sink, with no setup.
     Demo {
         #[arg(long, default_value_t = 10_000)]
@@ -441,6 +455,7 @@ fn main() -> ExitCode {
             domains,
             tarpit,
             tarpit_messages,
+            unique_bodies,
             delivery,
         } => run_bench(BenchArgs {
             messages,
@@ -453,8 +468,10 @@ fn main() -> ExitCode {
             tls,
             domains,
             tarpit: tarpit.map(|target| (target, tarpit_messages)),
+            unique_bodies,
             delivery,
         }),
+        Command::Queue(args) => mxpipe::spool::admin::run_cli(args).map(|()| ExitCode::SUCCESS),
         Command::Demo { recipients } => run_demo(recipients),
         Command::BenchSink { tls } => run_bench_sink(tls),
     };
@@ -642,7 +659,7 @@ fn run_send(args: SendArgs) -> CliResult {
             Err(e) => return Err(e.to_string()),
         }
     }
-    if recipients.is_empty() {
+    if recipients.is_empty() && args.delivery.spool.is_none() {
         return Err(format!("{}: no valid recipients", args.to_file.display()));
     }
     let mut builder = args.delivery.base_builder()?;
@@ -675,12 +692,23 @@ fn run_send(args: SendArgs) -> CliResult {
         serve_metrics(addr, &dispatcher)?;
     }
     let events = dispatcher.events().expect("events are on");
+    if let Some(report) = dispatcher.spool_report() {
+        eprintln!("{report}");
+    }
     let total = recipients.len();
-    let message =
-        Message::from_parts(sender, recipients, Arc::new(body)).map_err(|e| e.to_string())?;
-    dispatcher
-        .submit_timeout(message, Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
+    if total > 0 {
+        let message =
+            Message::from_parts(sender, recipients, Arc::new(body)).map_err(|e| e.to_string())?;
+        let id = dispatcher
+            .submit_timeout(message, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        if args.delivery.spool.is_some() {
+            // Acknowledged only once on disk: a crash from here on loses nothing.
+            dispatcher.sync().map_err(|e| e.to_string())?;
+            println!("spooled id={id} recipients={total}");
+            std::io::stdout().flush().map_err(|e| e.to_string())?;
+        }
+    }
     let mut report = match &args.report {
         Some(path) => Some(std::io::BufWriter::new(
             std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
@@ -859,6 +887,7 @@ struct BenchArgs {
     domains: usize,
     /// A slow destination and how many messages go there beside the measured ones.
     tarpit: Option<(String, u64)>,
+    unique_bodies: bool,
     delivery: DeliveryArgs,
 }
 
@@ -1012,8 +1041,12 @@ fn run_bench(args: BenchArgs) -> CliResult {
             tarpit_submitted += 1;
         }
         let rcpts = lists[n as usize % lists.len()].clone();
-        let m = Message::from_parts(sender.clone(), rcpts, Arc::clone(&body))
-            .map_err(|e| e.to_string())?;
+        let body = if args.unique_bodies {
+            Arc::new(Body::new(&unique_body(&body, n)).map_err(|e| e.to_string())?)
+        } else {
+            Arc::clone(&body)
+        };
+        let m = Message::from_parts(sender.clone(), rcpts, body).map_err(|e| e.to_string())?;
         dispatcher
             .submit_timeout(m, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
@@ -1051,6 +1084,16 @@ fn run_bench(args: BenchArgs) -> CliResult {
     }
     let elapsed = start.elapsed();
     let (cpu1, peak_rss_kb) = rusage_self();
+    if let Some(spool) = dispatcher.spool_stats() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let fsyncs = spool.fsyncs.load(Relaxed);
+        println!(
+            "spool fsyncs={fsyncs} fsyncs_per_s={:.0} messages_per_fsync={:.1} checkpoints={}",
+            fsyncs as f64 / elapsed.as_secs_f64(),
+            spool.messages.load(Relaxed) as f64 / fsyncs.max(1) as f64,
+            spool.checkpoints.load(Relaxed)
+        );
+    }
     let (measured, at_tarpit) = tally(&dispatcher, tarpit);
     let s = dispatcher.stats();
     let destinations = dispatcher.destination_stats().len();
@@ -1104,6 +1147,13 @@ fn run_bench(args: BenchArgs) -> CliResult {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The shared bench body with a header naming message `n`: as large, but a body of its own.
+fn unique_body(shared: &Body, n: u64) -> Vec<u8> {
+    let mut content = format!("X-Bench-Message: {n}\r\n").into_bytes();
+    content.extend_from_slice(shared.as_bytes());
+    content
 }
 
 fn run_demo(recipients: usize) -> CliResult {

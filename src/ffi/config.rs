@@ -84,6 +84,7 @@ const KEYS: &[&str] = &[
     "starttls",
     "tls_verify",
     "tls_ca_file",
+    "spool_dir",
     "auth_user",
     "auth_password",
     "auth_oauth2_token",
@@ -479,6 +480,12 @@ impl Settings {
                 }
                 c.tls_ca_file = Some(value.into());
             }
+            "spool_dir" => {
+                if value.is_empty() {
+                    return Err(bad_value(key, value, "is not a directory name"));
+                }
+                c.spool = Some(crate::spool::SpoolConfig::new(value));
+            }
             "auth_user" | "auth_password" | "auth_oauth2_token" => {
                 // RFC 4954 mechanisms cannot carry CR or LF (NUL cannot reach here).
                 if value.is_empty() || value.bytes().any(|b| b == b'\r' || b == b'\n') {
@@ -869,6 +876,7 @@ mod tests {
             ("starttls", "required"),
             ("tls_verify", "no"),
             ("tls_ca_file", "/etc/ssl/ca.pem"),
+            ("spool_dir", "/var/spool/mxpipe"),
             ("auth_user", "bulk"),
             ("auth_password", "s3cret"),
             ("auth_oauth2_token", "token"),

@@ -150,3 +150,55 @@ fn retry(at_ms: u64, now_ms: u64) -> String {
         format!("in {}s", (at_ms - now_ms).div_ceil(1000))
     }
 }
+
+/// `mxpipe queue ...` on the command line.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QueueArgs {
+    #[command(subcommand)]
+    pub action: QueueAction,
+    /// The spool directory (no process may hold it).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub spool: Option<std::path::PathBuf>,
+}
+
+/// The queue tools.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum QueueAction {
+    /// One line per message with recipients pending: id, age, pending/total, next try, sender.
+    List,
+    /// A message's envelope and its pending recipients with attempts and next try.
+    Show { id: u64 },
+    /// Make deferred recipients due now: of message ID, or of all with --all.
+    Retry {
+        id: Option<u64>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Drop a message: nothing more is sent for it.
+    Delete { id: u64 },
+    /// Counts: messages, recipients pending and deferred, bodies, octets, segments.
+    Stats,
+}
+
+/// Runs a queue command, printing to stdout.
+pub fn run_cli(args: QueueArgs) -> Result<(), String> {
+    let dir = args
+        .spool
+        .ok_or("queue: --spool DIR is required (the spool directory)")?;
+    let command = match args.action {
+        QueueAction::List => QueueCommand::List,
+        QueueAction::Show { id } => QueueCommand::Show(id),
+        QueueAction::Retry { id: Some(id), .. } => QueueCommand::Retry(Some(id)),
+        QueueAction::Retry {
+            id: None,
+            all: true,
+        } => QueueCommand::Retry(None),
+        QueueAction::Retry {
+            id: None,
+            all: false,
+        } => return Err("queue retry: give a message ID or --all".into()),
+        QueueAction::Delete { id } => QueueCommand::Delete(id),
+        QueueAction::Stats => QueueCommand::Stats,
+    };
+    run(command, &dir, &mut std::io::stdout().lock()).map_err(|e| format!("queue: {e}"))
+}
