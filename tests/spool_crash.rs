@@ -1,0 +1,182 @@
+//! Custody across kill -9: `mxpipe send --spool` to Postfix's `smtp-sink` (which writes every
+//! transaction it accepts to a file), killed with SIGKILL at random moments, then restarted
+//! (also killed, at random moments of its recovery and sending) until it finishes. Every
+//! recipient of the acknowledged message must have arrived at least once, the spool must end
+//! empty, and recipients that arrived twice are counted and must stay within what the killed
+//! processes had in flight (connections x recipients per transaction, per kill).
+//!
+//! Size and repetitions: MXPIPE_SPOOL_CRASH_RECIPIENTS (default 10,000) and
+//! MXPIPE_SPOOL_CRASH_ROUNDS (default 20); `benches/spool_crash.sh` runs 100 rounds of 100,000.
+
+mod util;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use util::SmtpSink;
+
+const CONNECTIONS: usize = 20;
+const RECIPIENTS_PER_TRANSACTION: usize = 100;
+const BODY: &[u8] = b"Subject: custody\r\n\r\nsent exactly once, crash or not\r\n";
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn mxpipe_send(spool: &Path, relay: &str, list: &Path, message: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .arg("send")
+        .arg("--spool")
+        .arg(spool)
+        .args(["--relay", relay, "--from", "news@example.org", "--to-file"])
+        .arg(list)
+        .args([
+            "--connections",
+            &CONNECTIONS.to_string(),
+            "--starttls",
+            "none",
+            "--wait-final",
+            "--max-age",
+            "600",
+        ])
+        .arg(message)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mxpipe send")
+}
+
+/// Waits for the "spooled id=N" line: from then on the message is acknowledged.
+fn wait_acknowledged(child: &mut Child) {
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .next()
+        .expect("mxpipe send printed nothing")
+        .expect("read stdout");
+    assert!(line.starts_with("spooled id="), "{line}");
+    // The rest of the output is not needed; a reader keeps the pipe from filling.
+    std::thread::spawn(move || for _ in lines {});
+}
+
+fn kill9(child: &mut Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+}
+
+struct Round {
+    kills: usize,
+    once: usize,
+    twice_or_more: usize,
+}
+
+fn round(n: usize, dir: &Path, recipients: &[String]) -> Round {
+    let sink = SmtpSink::start_dumping("127.0.0.1", &[]);
+    let relay = sink.addr().to_string();
+    let spool = dir.join(format!("spool-{n}"));
+    let list = dir.join("list.txt");
+    let empty = dir.join("empty.txt");
+    let message = dir.join("message.eml");
+    let mut kills = 0;
+    // First process: killed at a random moment after it acknowledged the message.
+    let mut child = mxpipe_send(&spool, &relay, &list, &message);
+    wait_acknowledged(&mut child);
+    std::thread::sleep(Duration::from_millis(fastrand::u64(0..400)));
+    kill9(&mut child);
+    kills += 1;
+    // Restarts: up to three more killed at random moments (recovery, compaction, sending).
+    for _ in 0..fastrand::usize(0..=3) {
+        let mut child = mxpipe_send(&spool, &relay, &empty, &message);
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
+        kill9(&mut child);
+        kills += 1;
+    }
+    // The last one runs until everything is final.
+    let child = mxpipe_send(&spool, &relay, &empty, &message);
+    let out = child.wait_with_output().expect("wait for mxpipe send");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "round {n}: the last send failed: {stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("bounced=0 expired=0 deferred_now=0"),
+        "{stdout}"
+    );
+    let stats = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(["queue", "stats", "--spool"])
+        .arg(&spool)
+        .output()
+        .expect("mxpipe queue stats");
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    assert!(stats.contains("recipients_pending 0\n"), "round {n}: {stats}");
+    // What arrived, per recipient.
+    let mut arrived: HashMap<String, usize> = HashMap::new();
+    for dump in sink.dumps() {
+        assert_eq!(dump.content, b"Subject: custody\n\nsent exactly once, crash or not\n");
+        assert_eq!(dump.mail_args.split(' ').next(), Some("<news@example.org>"));
+        for rcpt in dump.rcpt_args {
+            let address = rcpt.trim_start_matches('<').split('>').next().unwrap_or("");
+            *arrived.entry(address.to_string()).or_default() += 1;
+        }
+    }
+    let never: Vec<&String> = recipients.iter().filter(|r| !arrived.contains_key(*r)).collect();
+    assert!(
+        never.is_empty(),
+        "round {n}: {} acknowledged recipients never arrived, e.g. {:?}",
+        never.len(),
+        &never[..never.len().min(5)]
+    );
+    assert_eq!(arrived.len(), recipients.len(), "round {n}: strangers arrived");
+    let twice_or_more = arrived.values().filter(|&&c| c >= 2).count();
+    let bound = kills * CONNECTIONS * RECIPIENTS_PER_TRANSACTION;
+    assert!(
+        twice_or_more <= bound,
+        "round {n}: {twice_or_more} recipients arrived twice or more; {kills} kills allow {bound}"
+    );
+    let _ = fs::remove_dir_all(&spool);
+    Round {
+        kills,
+        once: recipients.len() - twice_or_more,
+        twice_or_more,
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_no_acknowledged_recipient() {
+    let size = env_number("MXPIPE_SPOOL_CRASH_RECIPIENTS", 10_000);
+    let rounds = env_number("MXPIPE_SPOOL_CRASH_ROUNDS", 20);
+    let dir = util::fresh_temp_dir("spool-crash");
+    let recipients: Vec<String> = (0..size).map(|i| format!("user{i}@example.net")).collect();
+    let mut list = fs::File::create(dir.join("list.txt")).unwrap();
+    for r in &recipients {
+        writeln!(list, "{r}").unwrap();
+    }
+    drop(list);
+    fs::write(dir.join("empty.txt"), b"").unwrap();
+    fs::write(dir.join("message.eml"), BODY).unwrap();
+    let started = Instant::now();
+    let (mut kills, mut duplicated) = (0, 0);
+    for n in 0..rounds {
+        let r = round(n, &dir, &recipients);
+        println!(
+            "round {n}: kills={} recipients_once={} recipients_twice_or_more={}",
+            r.kills, r.once, r.twice_or_more
+        );
+        kills += r.kills;
+        duplicated += r.twice_or_more;
+    }
+    println!(
+        "spool crash: rounds={rounds} recipients={size} kills={kills} delivered_zero=0 duplicated={duplicated} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
