@@ -117,25 +117,38 @@ fn round(n: usize, dir: &Path, recipients: &[String]) -> Round {
         .output()
         .expect("mxpipe queue stats");
     let stats = String::from_utf8_lossy(&stats.stdout);
-    assert!(stats.contains("recipients_pending 0\n"), "round {n}: {stats}");
+    assert!(
+        stats.contains("recipients_pending 0\n"),
+        "round {n}: {stats}"
+    );
     // What arrived, per recipient.
     let mut arrived: HashMap<String, usize> = HashMap::new();
     for dump in sink.dumps() {
-        assert_eq!(dump.content, b"Subject: custody\n\nsent exactly once, crash or not\n");
+        assert_eq!(
+            dump.content,
+            b"Subject: custody\n\nsent exactly once, crash or not\n"
+        );
         assert_eq!(dump.mail_args.split(' ').next(), Some("<news@example.org>"));
         for rcpt in dump.rcpt_args {
             let address = rcpt.trim_start_matches('<').split('>').next().unwrap_or("");
             *arrived.entry(address.to_string()).or_default() += 1;
         }
     }
-    let never: Vec<&String> = recipients.iter().filter(|r| !arrived.contains_key(*r)).collect();
+    let never: Vec<&String> = recipients
+        .iter()
+        .filter(|r| !arrived.contains_key(*r))
+        .collect();
     assert!(
         never.is_empty(),
         "round {n}: {} acknowledged recipients never arrived, e.g. {:?}",
         never.len(),
         &never[..never.len().min(5)]
     );
-    assert_eq!(arrived.len(), recipients.len(), "round {n}: strangers arrived");
+    assert_eq!(
+        arrived.len(),
+        recipients.len(),
+        "round {n}: strangers arrived"
+    );
     let twice_or_more = arrived.values().filter(|&&c| c >= 2).count();
     let bound = kills * CONNECTIONS * RECIPIENTS_PER_TRANSACTION;
     assert!(

@@ -159,6 +159,8 @@ pub struct Spool {
     /// The next identifier, given under this lock together with the send, so that the writer
     /// sees identifiers in order and the watermark means "everything up to here".
     next_id: Mutex<u64>,
+    /// The last identifier given (read by `sync` without waiting for a blocked submitter).
+    given: AtomicU64,
     submit_tx: Sender<Pending>,
     submit_rx: Option<Receiver<Pending>>,
     work_tx: Sender<Work>,
@@ -235,6 +237,7 @@ impl Spool {
         });
         Ok(Spool {
             next_id: Mutex::new(state.next_id),
+            given: AtomicU64::new(state.next_id - 1),
             config,
             _lock: lock,
             shared,
@@ -352,6 +355,7 @@ impl Spool {
             Ok(()) => {
                 let id = *next;
                 *next += 1;
+                self.given.store(id, Ordering::Release);
                 Ok(id)
             }
             Err(pending) => {
@@ -369,7 +373,7 @@ impl Spool {
 
     /// Waits until every message submitted before the call is durable, or the spool failed.
     pub fn sync(&self) -> Result<()> {
-        let target = *self.next_id.lock().unwrap_or_else(|e| e.into_inner()) - 1;
+        let target = self.given.load(Ordering::Acquire);
         let mut failed = self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.shared.durable.load(Ordering::Acquire) >= target {

@@ -353,3 +353,75 @@ mod faults {
         let _ = fs::remove_dir_all(&dir);
     }
 }
+
+/// Recovery at scale, run by hand in release builds (two processes, so that writing the spool
+/// does not count in the peak memory of reading it):
+/// `MXPIPE_SPOOL_SCALE_DIR=/tmp/s cargo test --release --lib recovery_scale_write -- --ignored`,
+/// then the same with `recovery_scale_read`. 10,000 messages of 100 recipients (1,000,000
+/// pending, half of them with a deferral checkpoint) and one body.
+#[test]
+#[ignore]
+fn recovery_scale_write() {
+    use std::io::Write;
+    let dir = PathBuf::from(std::env::var("MXPIPE_SPOOL_SCALE_DIR").expect("set the directory"));
+    fs::create_dir_all(&dir).unwrap();
+    let mut file = fs::File::create(log::segment_path(&dir, 1)).unwrap();
+    let mut buf = Vec::new();
+    log::encode_body(1, &vec![b'x'; 2000], &mut buf);
+    let later = super::unix_ms(std::time::SystemTime::now()) + 3_600_000;
+    for id in 1..=10_000u64 {
+        let recipients: Vec<String> = (0..100)
+            .map(|i| format!("user{i}.{id}@example.net"))
+            .collect();
+        log::encode_message(
+            id,
+            1,
+            later - 3_600_000,
+            "news@example.org",
+            recipients.iter().map(String::as_str),
+            &mut buf,
+        );
+        for r in recipients.iter().step_by(2) {
+            log::encode(
+                &log::Record::Outcome {
+                    id,
+                    mark: log::Mark::Deferred,
+                    attempts: 1,
+                    retry_at_ms: later,
+                    recipient: r.clone(),
+                },
+                &mut buf,
+            );
+        }
+        file.write_all(&buf).unwrap();
+        buf.clear();
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+#[ignore]
+fn recovery_scale_read() {
+    let dir = PathBuf::from(std::env::var("MXPIPE_SPOOL_SCALE_DIR").expect("set the directory"));
+    let started = std::time::Instant::now();
+    let mut spool = super::Spool::open(super::SpoolConfig::new(&dir)).unwrap();
+    let (state, _, _) = spool.recovered.take().unwrap();
+    let recovered = super::recovered_submissions(state).unwrap();
+    let elapsed = started.elapsed();
+    let recipients: usize = recovered
+        .iter()
+        .map(|(_, s)| s.message.recipients.len())
+        .sum();
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let peak_kb = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u.ru_maxrss
+    };
+    println!(
+        "recovery recipients={recipients} submissions={} seconds={:.2} peak_rss_kb={peak_kb}",
+        recovered.len(),
+        elapsed.as_secs_f64()
+    );
+    assert_eq!(recipients, 1_000_000);
+}
