@@ -98,9 +98,9 @@ pub enum Error {
 /// trusted (the kernel may have dropped the dirty pages it reported on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpoolProblem {
-    /// The spool holds `spool_max_bytes` already.
+    /// The spool holds its `max_bytes` already.
     Full,
-    /// The file system has less free space than `spool_min_free_bytes`.
+    /// The file system has less free space than the spool's `min_free_bytes`.
     LowSpace,
     /// Writing a batch failed (ENOSPC, EIO...: the OS error number); what was written of it
     /// was removed.
@@ -115,9 +115,9 @@ pub enum SpoolProblem {
 impl fmt::Display for SpoolProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SpoolProblem::Full => f.write_str("is full (spool_max_bytes reached)"),
+            SpoolProblem::Full => f.write_str("full: its size limit (max_bytes) is reached"),
             SpoolProblem::LowSpace => {
-                f.write_str("file system below the free-space floor (spool_min_free_bytes)")
+                f.write_str("the file system has less free space than min_free_bytes")
             }
             SpoolProblem::WriteFailed(errno) => write!(
                 f,

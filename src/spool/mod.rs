@@ -43,11 +43,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub struct SpoolConfig {
     /// The spool directory (created if missing).
     pub dir: PathBuf,
-    /// Submissions are refused once the segments hold this many octets (C ABI key
-    /// `spool_max_bytes`; default 16 GiB).
+    /// Submissions are refused once the segments hold this many octets (default 16 GiB).
     pub max_bytes: u64,
-    /// Submissions are refused while the file system has less free space than this (C ABI
-    /// key `spool_min_free_bytes`; default 256 MiB).
+    /// Submissions are refused while the file system has less free space than this (default
+    /// 256 MiB).
     pub min_free_bytes: u64,
     /// A new segment is started past this size.
     pub segment_bytes: u64,
@@ -232,7 +231,9 @@ impl Spool {
             failed: Mutex::new(None),
             changed: Condvar::new(),
             bytes: AtomicU64::new(size),
-            low_space: AtomicBool::new(false),
+            low_space: AtomicBool::new(
+                free_bytes(&config.dir).is_some_and(|free| free < config.min_free_bytes),
+            ),
             stats: SpoolStats::default(),
         });
         Ok(Spool {

@@ -251,6 +251,42 @@ fn a_corrupt_record_is_set_aside_and_reported_once() {
 }
 
 #[test]
+fn at_the_size_limit_or_the_free_space_floor_submissions_are_refused() {
+    let dir = tempdir("full");
+    let s = sink(Faults::default());
+    let start = |max_bytes: u64, min_free_bytes: u64| {
+        let mut b = Dispatcher::builder()
+            .relay(&s.local_addr().to_string())
+            .spool(&dir);
+        let spool = b.config_mut().spool.as_mut().unwrap();
+        spool.max_bytes = max_bytes;
+        spool.min_free_bytes = min_free_bytes;
+        b.start().unwrap()
+    };
+    let m = || Message::new("a@example.org", ["b@example.net"], &b"x\r\n".repeat(500)).unwrap();
+    let d = start(1000, 0);
+    d.submit(m()).unwrap();
+    d.sync().unwrap();
+    let e = d.submit(m()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "spool: full: its size limit (max_bytes) is reached"
+    );
+    assert_eq!(e.message.recipients()[0].as_str(), "b@example.net");
+    assert!(d.wait_final(Duration::from_secs(20)));
+    drop(d);
+    let d = start(u64::MAX, u64::MAX);
+    let e = d.submit(m()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "spool: the file system has less free space than min_free_bytes"
+    );
+    drop(d);
+    assert_eq!(s.stats().recipients, 1);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn queue_delete_drops_a_message() {
     let dir = tempdir("delete");
     let id = spool_with_deferred(&dir);
