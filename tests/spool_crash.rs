@@ -66,18 +66,39 @@ fn wait_acknowledged(child: &mut Child) {
     std::thread::spawn(move || for _ in lines {});
 }
 
-fn kill9(child: &mut Child) {
-    child.kill().expect("SIGKILL");
+/// Kills with SIGKILL; returns whether the process was still running, and how many
+/// recipients it had found pending in the spool when it started (None if it was killed before
+/// it said).
+fn kill9(child: &mut Child) -> (bool, Option<usize>) {
+    let running = child.try_wait().expect("try_wait").is_none();
+    if running {
+        child.kill().expect("SIGKILL");
+    }
     child.wait().expect("reap");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+        .expect("read stderr");
+    (running, pending_at_start(&stderr))
+}
+
+/// The recipients pending at start, from "spool recovered: M messages, N recipients pending".
+fn pending_at_start(stderr: &str) -> Option<usize> {
+    let rest = stderr.split("spool recovered: ").nth(1)?;
+    let rest = rest.split(" messages, ").nth(1)?;
+    rest.split(' ').next()?.parse().ok()
 }
 
 struct Round {
     kills: usize,
+    /// Recipients each restart found pending.
+    pending: Vec<Option<usize>>,
     once: usize,
     twice_or_more: usize,
 }
 
-fn round(n: usize, dir: &Path, recipients: &[String]) -> Round {
+/// One round; kills fall at random moments within `window` (about as long as a whole send).
+fn round(n: usize, dir: &Path, recipients: &[String], window: Duration) -> Round {
+    let window_ms = window.as_millis().max(2) as u64;
     let sink = SmtpSink::start_dumping("127.0.0.1", &[]);
     let relay = sink.addr().to_string();
     let spool = dir.join(format!("spool-{n}"));
@@ -85,24 +106,26 @@ fn round(n: usize, dir: &Path, recipients: &[String]) -> Round {
     let empty = dir.join("empty.txt");
     let message = dir.join("message.eml");
     let mut kills = 0;
-    // First process: killed at a random moment after it acknowledged the message.
+    let mut pending = Vec::new();
+    // First process: killed at a random moment of its send, after it acknowledged the message.
     let mut child = mxpipe_send(&spool, &relay, &list, &message);
     wait_acknowledged(&mut child);
-    std::thread::sleep(Duration::from_millis(fastrand::u64(0..400)));
-    kill9(&mut child);
-    kills += 1;
+    std::thread::sleep(Duration::from_millis(fastrand::u64(0..window_ms)));
+    kills += usize::from(kill9(&mut child).0);
     // Restarts: up to three more killed at random moments (recovery, compaction, sending).
     for _ in 0..fastrand::usize(0..=3) {
         let mut child = mxpipe_send(&spool, &relay, &empty, &message);
-        std::thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
-        kill9(&mut child);
-        kills += 1;
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..window_ms)));
+        let (running, found) = kill9(&mut child);
+        kills += usize::from(running);
+        pending.push(found);
     }
     // The last one runs until everything is final.
     let child = mxpipe_send(&spool, &relay, &empty, &message);
     let out = child.wait_with_output().expect("wait for mxpipe send");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    pending.push(pending_at_start(&stderr));
     assert!(
         out.status.success(),
         "round {n}: the last send failed: {stdout}{stderr}"
@@ -158,6 +181,7 @@ fn round(n: usize, dir: &Path, recipients: &[String]) -> Round {
     let _ = fs::remove_dir_all(&spool);
     Round {
         kills,
+        pending,
         once: recipients.len() - twice_or_more,
         twice_or_more,
     }
@@ -176,13 +200,30 @@ fn kill_9_at_random_moments_loses_no_acknowledged_recipient() {
     drop(list);
     fs::write(dir.join("empty.txt"), b"").unwrap();
     fs::write(dir.join("message.eml"), BODY).unwrap();
+    // How long a send takes here from its acknowledgement to its end: the kills fall within.
+    let window = {
+        let sink = SmtpSink::start_dumping("127.0.0.1", &[]);
+        let spool = dir.join("spool-calibration");
+        let mut child = mxpipe_send(
+            &spool,
+            &sink.addr().to_string(),
+            &dir.join("list.txt"),
+            &dir.join("message.eml"),
+        );
+        wait_acknowledged(&mut child);
+        let acknowledged = Instant::now();
+        assert!(child.wait().expect("calibration send").success());
+        let _ = fs::remove_dir_all(&spool);
+        acknowledged.elapsed()
+    };
+    println!("one send of {size} recipients, acknowledgement to exit: {window:?}");
     let started = Instant::now();
     let (mut kills, mut duplicated) = (0, 0);
     for n in 0..rounds {
-        let r = round(n, &dir, &recipients);
+        let r = round(n, &dir, &recipients, window);
         println!(
-            "round {n}: kills={} recipients_once={} recipients_twice_or_more={}",
-            r.kills, r.once, r.twice_or_more
+            "round {n}: kills={} pending_at_restarts={:?} recipients_once={} recipients_twice_or_more={}",
+            r.kills, r.pending, r.once, r.twice_or_more
         );
         kills += r.kills;
         duplicated += r.twice_or_more;
