@@ -306,6 +306,7 @@ impl Spool {
             held_jobs: HashMap::new(),
             held_seq: 0,
             buf: Vec::with_capacity(1 << 20),
+            unsynced_since: None,
         };
         writer.segment_number = log::segments(&self.config.dir)?
             .last()
@@ -481,10 +482,16 @@ struct Writer {
     held_jobs: HashMap<u64, Submission>,
     held_seq: u64,
     buf: Vec<u8>,
+    /// Checkpoints were written (not yet fsynced) since then.
+    unsynced_since: Option<Instant>,
 }
 
 /// Messages one batch takes at most.
 const BATCH: usize = 8192;
+/// Checkpoints alone are written at once but fsynced at most this long after: a kill loses
+/// nothing written, only a power failure can lose them, and a lost checkpoint means a resend,
+/// never a loss. Submissions are always fsynced before they are acknowledged.
+const CHECKPOINT_SYNC: Duration = Duration::from_millis(100);
 
 impl Writer {
     fn run(mut self, recovered: Vec<(Option<Instant>, Submission)>) {
@@ -497,11 +504,17 @@ impl Writer {
         let mut batch: Vec<Pending> = Vec::new();
         let mut outcomes: Vec<Outcome> = Vec::new();
         loop {
-            let timeout = self
-                .held
-                .peek()
-                .map(|Reverse((t, _))| t.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_secs(3600));
+            let now = Instant::now();
+            let timeout = [
+                self.held.peek().map(|Reverse((t, _))| *t),
+                self.unsynced_since.map(|t| t + CHECKPOINT_SYNC),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(Duration::from_secs(3600), |t| {
+                t.saturating_duration_since(now)
+            });
             let mut stop = false;
             crossbeam_channel::select! {
                 recv(self.submissions) -> p => if let Ok(p) = p { batch.push(p) },
@@ -523,7 +536,7 @@ impl Writer {
                     Work::Stop => stop = true,
                 }
             }
-            self.commit(&mut batch, &mut outcomes);
+            self.commit(&mut batch, &mut outcomes, stop);
             self.release_due();
             if stop {
                 break;
@@ -542,8 +555,11 @@ impl Writer {
     }
 
     /// Writes and fsyncs one batch; then acknowledges and hands over its messages.
-    fn commit(&mut self, batch: &mut Vec<Pending>, outcomes: &mut Vec<Outcome>) {
-        if batch.is_empty() && outcomes.is_empty() {
+    fn commit(&mut self, batch: &mut Vec<Pending>, outcomes: &mut Vec<Outcome>, stop: bool) {
+        let sync_due = self
+            .unsynced_since
+            .is_some_and(|t| stop || t.elapsed() >= CHECKPOINT_SYNC);
+        if batch.is_empty() && outcomes.is_empty() && !sync_due {
             return;
         }
         if self.failed().is_some() {
@@ -609,6 +625,16 @@ impl Writer {
             self.refuse(batch);
             return;
         }
+        self.segment_size += self.buf.len() as u64;
+        self.shared
+            .bytes
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        let stats = &self.shared.stats;
+        stats.checkpoints.fetch_add(checkpoints, Ordering::Relaxed);
+        if batch.is_empty() && !sync_due && !stop {
+            self.unsynced_since.get_or_insert_with(Instant::now);
+            return;
+        }
         if let Err(e) = sync_file(&self.file) {
             // Never retried: the pages the kernel failed to write may be gone while the
             // cache says clean (fsyncgate). Nothing more is acknowledged.
@@ -616,6 +642,7 @@ impl Writer {
             self.refuse(batch);
             return;
         }
+        self.unsynced_since = None;
         if self.dir_dirty {
             if let Err(e) = log::sync_dir(&self.dir) {
                 self.fail(SpoolProblem::SyncFailed(errno(&e)));
@@ -624,16 +651,10 @@ impl Writer {
             }
             self.dir_dirty = false;
         }
-        let stats = &self.shared.stats;
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         stats
             .messages
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats.checkpoints.fetch_add(checkpoints, Ordering::Relaxed);
-        self.segment_size += self.buf.len() as u64;
-        self.shared
-            .bytes
-            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
         if let Some(last) = batch.last() {
             self.shared.durable.store(last.id, Ordering::Release);
             let _guard = self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -651,6 +672,12 @@ impl Writer {
 
     /// Starts a new segment (fsynced with the directory at the next batch).
     fn rotate(&mut self) {
+        if self.unsynced_since.take().is_some() {
+            if let Err(e) = sync_file(&self.file) {
+                self.fail(SpoolProblem::SyncFailed(errno(&e)));
+                return;
+            }
+        }
         let number = self.segment_number + 1;
         match std::fs::OpenOptions::new()
             .create_new(true)
