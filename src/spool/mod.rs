@@ -81,6 +81,9 @@ pub struct RecoveryReport {
     pub torn: usize,
     /// Corrupt records set aside.
     pub corrupt: usize,
+    /// Messages kept in the spool but not sent: their body was set aside as corrupt, or they
+    /// fail the checks of this version (see `mxpipe queue show`, `delete`).
+    pub unusable: usize,
     /// Where the corrupt records were copied.
     pub set_aside: Vec<PathBuf>,
 }
@@ -89,8 +92,8 @@ impl std::fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "spool recovered: {} messages, {} recipients pending ({} waiting for their retry time), {} finished messages removed, {} torn records dropped, {} corrupt records set aside",
-            self.messages, self.recipients, self.held, self.removed, self.torn, self.corrupt
+            "spool recovered: {} messages, {} recipients pending ({} waiting for their retry time), {} finished messages removed, {} torn records dropped, {} corrupt records set aside, {} messages unusable",
+            self.messages, self.recipients, self.held, self.removed, self.torn, self.corrupt, self.unusable
         )?;
         for p in &self.set_aside {
             write!(f, "\n  set aside: {}", p.display())?;
@@ -222,6 +225,7 @@ impl Spool {
             removed: state.removed,
             torn: state.issues.torn,
             corrupt: state.issues.corrupt,
+            unusable: 0,
             set_aside: state.issues.set_aside.clone(),
         };
         let (submit_tx, submit_rx) = crossbeam_channel::bounded(config.queue_capacity);
@@ -274,7 +278,7 @@ impl Spool {
     pub fn start(&mut self, intake: Intake) -> Result<()> {
         let (state, file, size) = self.recovered.take().expect("started once");
         let next_body_id = state.next_body_id;
-        let recovered = recovered_submissions(state)?;
+        let recovered = recovered_submissions(state, &mut self.report.unusable);
         self.report.held = recovered
             .iter()
             .filter(|(due, _)| due.is_some())
@@ -403,21 +407,43 @@ impl Spool {
 }
 
 /// The recovered messages as submissions, grouped by attempts and retry time; each with the
-/// instant it is due (`None`: now).
-fn recovered_submissions(state: store::State) -> Result<Vec<(Option<Instant>, Submission)>> {
+/// instant it is due (`None`: now). A message that can no longer be sent (its body record was
+/// set aside, or it fails today's checks) is skipped and counted in `unusable`, never an error:
+/// one bad message must not stop every later start.
+fn recovered_submissions(
+    state: store::State,
+    unusable: &mut usize,
+) -> Vec<(Option<Instant>, Submission)> {
     let now_ms = unix_ms(SystemTime::now());
     let now = Instant::now();
     let mut bodies: HashMap<u64, Arc<Body>> = HashMap::new();
     let mut out = Vec::new();
     for (id, m) in state.messages {
+        match recovered_message(id, m, &state.bodies, &mut bodies, now, now_ms) {
+            Some(mut list) => out.append(&mut list),
+            None => *unusable += 1,
+        }
+    }
+    out
+}
+
+/// One recovered message as submissions (see [`recovered_submissions`]).
+fn recovered_message(
+    id: u64,
+    m: store::StoredMessage,
+    stored: &HashMap<u64, Vec<u8>>,
+    bodies: &mut HashMap<u64, Arc<Body>>,
+    now: Instant,
+    now_ms: u64,
+) -> Option<Vec<(Option<Instant>, Submission)>> {
+    let mut out = Vec::new();
+    {
         let body = match bodies.get(&m.body_id) {
             Some(b) => Arc::clone(b),
             None => {
-                let Some(bytes) = state.bodies.get(&m.body_id) else {
-                    // The body's record was set aside as corrupt: the message cannot be sent.
-                    continue;
-                };
-                let body = Arc::new(Body::new(bytes)?);
+                // A body whose record was set aside as corrupt cannot be sent.
+                let bytes = stored.get(&m.body_id)?;
+                let body = Arc::new(Body::new(bytes).ok()?);
                 bodies.insert(m.body_id, Arc::clone(&body));
                 body
             }
@@ -425,7 +451,7 @@ fn recovered_submissions(state: store::State) -> Result<Vec<(Option<Instant>, Su
         let sender = if m.sender.is_empty() {
             Address::null()
         } else {
-            Address::parse(&m.sender, Field::Sender)?
+            Address::parse(&m.sender, Field::Sender).ok()?
         };
         let age = Duration::from_millis(now_ms.saturating_sub(m.submitted_ms));
         let submitted = now.checked_sub(age).unwrap_or(now);
@@ -437,13 +463,14 @@ fn recovered_submissions(state: store::State) -> Result<Vec<(Option<Instant>, Su
             groups
                 .entry((attempts, due_ms))
                 .or_default()
-                .push(Address::parse(recipient, Field::Recipient(i))?);
+                .push(Address::parse(recipient, Field::Recipient(i)).ok()?);
         }
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_by_key(|(k, _)| *k);
         for ((attempts, due_ms), recipients) in groups {
             let due = (due_ms > 0).then(|| now + Duration::from_millis(due_ms - now_ms));
-            let message = Message::from_parts(sender.clone(), recipients, Arc::clone(&body))?;
+            let message =
+                Message::from_parts(sender.clone(), recipients, Arc::clone(&body)).ok()?;
             out.push((
                 due,
                 Submission {
@@ -457,7 +484,7 @@ fn recovered_submissions(state: store::State) -> Result<Vec<(Option<Instant>, Su
             ));
         }
     }
-    Ok(out)
+    Some(out)
 }
 
 /// The writer thread's state.

@@ -287,6 +287,43 @@ fn at_the_size_limit_or_the_free_space_floor_submissions_are_refused() {
 }
 
 #[test]
+fn a_message_that_cannot_be_sent_any_more_does_not_stop_the_start() {
+    let dir = tempdir("unusable");
+    // Written by hand: a body this version refuses (a 2000-octet line), and a good message.
+    let mut buf = Vec::new();
+    log::encode_body(1, &[b'x'; 2000], &mut buf);
+    log::encode_body(2, b"Subject: ok\r\n\r\nok\r\n", &mut buf);
+    for (id, body_id) in [(1u64, 1u64), (2, 2)] {
+        log::encode_message(
+            id,
+            body_id,
+            1_700_000_000_000,
+            "news@example.org",
+            [format!("r{id}@example.net")].iter().map(String::as_str),
+            &mut buf,
+        );
+    }
+    fs::write(log::segment_path(&dir, 1), &buf).unwrap();
+    let s = sink(Faults::default());
+    let d = dispatcher(&dir, &s, quick_retry());
+    let report = d.spool_report().unwrap().clone();
+    assert_eq!(
+        (report.messages, report.unusable, report.recipients),
+        (2, 1, 1)
+    );
+    assert!(d.wait_final(Duration::from_secs(20)));
+    let seen: Vec<String> = events(&d)
+        .into_iter()
+        .map(|e| format!("{} {} {}", e.message_id, e.recipient, e.kind.as_str()))
+        .collect();
+    assert_eq!(seen, ["2 r2@example.net delivered"]);
+    drop(d);
+    // Kept for a person to look at: `queue show` and `queue delete` reach it.
+    assert!(queue(&dir, QueueCommand::Show(1)).contains("<r1@example.net> queued"));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn queue_delete_drops_a_message() {
     let dir = tempdir("delete");
     let id = spool_with_deferred(&dir);
@@ -403,7 +440,7 @@ fn recovery_scale_write() {
     fs::create_dir_all(&dir).unwrap();
     let mut file = fs::File::create(log::segment_path(&dir, 1)).unwrap();
     let mut buf = Vec::new();
-    log::encode_body(1, &vec![b'x'; 2000], &mut buf);
+    log::encode_body(1, &b"0123456789abcdefghi\r\n".repeat(100), &mut buf);
     let later = super::unix_ms(std::time::SystemTime::now()) + 3_600_000;
     for id in 1..=10_000u64 {
         let recipients: Vec<String> = (0..100)
@@ -442,7 +479,9 @@ fn recovery_scale_read() {
     let started = std::time::Instant::now();
     let mut spool = super::Spool::open(super::SpoolConfig::new(&dir)).unwrap();
     let (state, _, _) = spool.recovered.take().unwrap();
-    let recovered = super::recovered_submissions(state).unwrap();
+    let mut unusable = 0;
+    let recovered = super::recovered_submissions(state, &mut unusable);
+    assert_eq!(unusable, 0);
     let elapsed = started.elapsed();
     let recipients: usize = recovered
         .iter()
