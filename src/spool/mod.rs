@@ -125,6 +125,44 @@ struct Shared {
     bytes: AtomicU64,
     low_space: AtomicBool,
     stats: SpoolStats,
+    /// The segment being appended to, shared by the writer thread (submissions) and the loops
+    /// (checkpoints, written on the loop thread at the end of the turn that decided them, so
+    /// that a kill loses at most one turn's outcomes whatever the scheduler does).
+    segment: Mutex<Segment>,
+}
+
+/// The current segment file and its size.
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    size: u64,
+}
+
+impl Shared {
+    fn failed(&self) -> Option<SpoolProblem> {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, problem: SpoolProblem) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert(problem);
+        self.changed.notify_all();
+    }
+
+    /// Appends `buf` to the current segment; on error cuts the segment back and fails the
+    /// spool. Returns the file (for an fsync outside the lock).
+    fn append(&self, buf: &[u8]) -> Option<Arc<File>> {
+        let mut segment = self.segment.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = write_batch(&segment.file, buf) {
+            // Nothing partial may remain: cut the segment back to where the batch began.
+            let _ = segment.file.set_len(segment.size);
+            self.fail(SpoolProblem::WriteFailed(errno(&e)));
+            return None;
+        }
+        segment.size += buf.len() as u64;
+        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Some(Arc::clone(&segment.file))
+    }
 }
 
 /// A submission on its way to disk.
@@ -135,21 +173,52 @@ struct Pending {
 }
 
 enum Work {
-    Outcomes(Vec<Outcome>),
+    /// Checkpoints were written: the writer fsyncs them within `CHECKPOINT_SYNC`.
+    Written,
     Stop,
 }
 
-/// The engine's custody, as the spool implements it: outcomes go to the writer thread.
+/// The engine's custody, as the spool implements it: a loop turn's outcomes are appended to
+/// the segment at once (one write, no fsync: the writer thread fsyncs them soon after).
 #[derive(Debug)]
 struct SpoolCustody {
+    shared: Arc<Shared>,
     work: Sender<Work>,
 }
 
 impl Custody for SpoolCustody {
     fn record(&self, outcomes: Vec<Outcome>) {
-        // Unbounded: the loop never blocks here. After the writer stopped (a failed fsync)
-        // checkpoints are dropped: the spool acknowledges nothing more anyway.
-        let _ = self.work.send(Work::Outcomes(outcomes));
+        // After a failure the spool acknowledges nothing more: checkpoints are dropped (a
+        // lost checkpoint means a resend after restart, never a loss).
+        if self.shared.failed().is_some() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(outcomes.len() * 48);
+        for o in &outcomes {
+            let mark = match o.kind {
+                EventKind::Deferred => Mark::Deferred,
+                EventKind::Delivered => Mark::Delivered,
+                EventKind::Bounced => Mark::Bounced,
+                EventKind::Expired => Mark::Expired,
+            };
+            log::encode(
+                &Record::Outcome {
+                    id: o.message_id,
+                    mark,
+                    attempts: o.attempts,
+                    retry_at_ms: o.retry_at.map_or(0, unix_ms),
+                    recipient: o.recipient.as_str().to_string(),
+                },
+                &mut buf,
+            );
+        }
+        if self.shared.append(&buf).is_some() {
+            self.shared
+                .stats
+                .checkpoints
+                .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+            let _ = self.work.send(Work::Written);
+        }
     }
 }
 
@@ -167,7 +236,7 @@ pub struct Spool {
     submit_rx: Option<Receiver<Pending>>,
     work_tx: Sender<Work>,
     work_rx: Option<Receiver<Work>>,
-    recovered: Option<(store::State, File, u64)>,
+    recovered: Option<store::State>,
     report: RecoveryReport,
     intake: Option<Intake>,
     writer: Option<JoinHandle<()>>,
@@ -239,6 +308,10 @@ impl Spool {
                 free_bytes(&config.dir).is_some_and(|free| free < config.min_free_bytes),
             ),
             stats: SpoolStats::default(),
+            segment: Mutex::new(Segment {
+                file: Arc::new(file),
+                size,
+            }),
         });
         Ok(Spool {
             next_id: Mutex::new(state.next_id),
@@ -250,7 +323,7 @@ impl Spool {
             submit_rx: Some(submit_rx),
             work_tx,
             work_rx: Some(work_rx),
-            recovered: Some((state, file, size)),
+            recovered: Some(state),
             report,
             intake: None,
             writer: None,
@@ -260,6 +333,7 @@ impl Spool {
     /// The engine's view of this spool: where outcomes go.
     pub fn custody(&self) -> Arc<dyn Custody> {
         Arc::new(SpoolCustody {
+            shared: Arc::clone(&self.shared),
             work: self.work_tx.clone(),
         })
     }
@@ -276,7 +350,7 @@ impl Spool {
 
     /// Starts the writer, which first hands the recovered work to the engine.
     pub fn start(&mut self, intake: Intake) -> Result<()> {
-        let (state, file, size) = self.recovered.take().expect("started once");
+        let state = self.recovered.take().expect("started once");
         let next_body_id = state.next_body_id;
         let recovered = recovered_submissions(state, &mut self.report.unusable);
         self.report.held = recovered
@@ -300,8 +374,6 @@ impl Spool {
             intake: intake.clone(),
             submissions: self.submit_rx.take().expect("started once"),
             work: self.work_rx.take().expect("started once"),
-            file,
-            segment_size: size,
             segment_number: 0,
             dir_dirty: false,
             bodies: HashMap::new(),
@@ -495,8 +567,6 @@ struct Writer {
     intake: Intake,
     submissions: Receiver<Pending>,
     work: Receiver<Work>,
-    file: File,
-    segment_size: u64,
     segment_number: u64,
     /// A segment was created since the directory was last fsynced.
     dir_dirty: bool,
@@ -529,8 +599,8 @@ impl Writer {
             }
         }
         let mut batch: Vec<Pending> = Vec::new();
-        let mut outcomes: Vec<Outcome> = Vec::new();
         loop {
+            let mut written = false;
             let now = Instant::now();
             let timeout = [
                 self.held.peek().map(|Reverse((t, _))| *t),
@@ -546,7 +616,7 @@ impl Writer {
             crossbeam_channel::select! {
                 recv(self.submissions) -> p => if let Ok(p) = p { batch.push(p) },
                 recv(self.work) -> w => match w {
-                    Ok(Work::Outcomes(o)) => outcomes.extend(o),
+                    Ok(Work::Written) => written = true,
                     Ok(Work::Stop) | Err(_) => stop = true,
                 },
                 default(timeout) => {}
@@ -559,11 +629,14 @@ impl Writer {
             }
             while let Ok(w) = self.work.try_recv() {
                 match w {
-                    Work::Outcomes(o) => outcomes.extend(o),
+                    Work::Written => written = true,
                     Work::Stop => stop = true,
                 }
             }
-            self.commit(&mut batch, &mut outcomes, stop);
+            if written {
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            self.commit(&mut batch, stop);
             self.release_due();
             if stop {
                 break;
@@ -572,26 +645,23 @@ impl Writer {
     }
 
     fn failed(&self) -> Option<SpoolProblem> {
-        *self.shared.failed.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.failed()
     }
 
     fn fail(&self, problem: SpoolProblem) {
-        let mut failed = self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.get_or_insert(problem);
-        self.shared.changed.notify_all();
+        self.shared.fail(problem)
     }
 
     /// Writes and fsyncs one batch; then acknowledges and hands over its messages.
-    fn commit(&mut self, batch: &mut Vec<Pending>, outcomes: &mut Vec<Outcome>, stop: bool) {
+    fn commit(&mut self, batch: &mut Vec<Pending>, stop: bool) {
         let sync_due = self
             .unsynced_since
             .is_some_and(|t| stop || t.elapsed() >= CHECKPOINT_SYNC);
-        if batch.is_empty() && outcomes.is_empty() && !sync_due {
+        if batch.is_empty() && !sync_due {
             return;
         }
         if self.failed().is_some() {
             self.refuse(batch);
-            outcomes.clear();
             return;
         }
         self.buf.clear();
@@ -625,44 +695,26 @@ impl Writer {
                 &mut self.buf,
             );
         }
-        for o in outcomes.iter() {
-            let mark = match o.kind {
-                EventKind::Deferred => Mark::Deferred,
-                EventKind::Delivered => Mark::Delivered,
-                EventKind::Bounced => Mark::Bounced,
-                EventKind::Expired => Mark::Expired,
-            };
-            log::encode(
-                &Record::Outcome {
-                    id: o.message_id,
-                    mark,
-                    attempts: o.attempts,
-                    retry_at_ms: o.retry_at.map_or(0, unix_ms),
-                    recipient: o.recipient.as_str().to_string(),
-                },
-                &mut self.buf,
-            );
-        }
-        let checkpoints = outcomes.len() as u64;
-        outcomes.clear();
-        if let Err(e) = write_batch(&mut self.file, &self.buf) {
-            // Nothing partial may remain: cut the segment back to where the batch began.
-            let _ = self.file.set_len(self.segment_size);
-            self.fail(SpoolProblem::WriteFailed(errno(&e)));
-            self.refuse(batch);
-            return;
-        }
-        self.segment_size += self.buf.len() as u64;
-        self.shared
-            .bytes
-            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        let file = if self.buf.is_empty() {
+            Arc::clone(
+                &self
+                    .shared
+                    .segment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .file,
+            )
+        } else {
+            match self.shared.append(&self.buf) {
+                Some(file) => file,
+                None => {
+                    self.refuse(batch);
+                    return;
+                }
+            }
+        };
         let stats = &self.shared.stats;
-        stats.checkpoints.fetch_add(checkpoints, Ordering::Relaxed);
-        if batch.is_empty() && !sync_due && !stop {
-            self.unsynced_since.get_or_insert_with(Instant::now);
-            return;
-        }
-        if let Err(e) = sync_file(&self.file) {
+        if let Err(e) = sync_file(&file) {
             // Never retried: the pages the kernel failed to write may be gone while the
             // cache says clean (fsyncgate). Nothing more is acknowledged.
             self.fail(SpoolProblem::SyncFailed(errno(&e)));
@@ -692,19 +744,32 @@ impl Writer {
         for p in batch.drain(..) {
             self.hand_over(Submission::new(p.id, p.message), Counted::Both);
         }
-        if self.segment_size >= self.config.segment_bytes {
+        let size = self
+            .shared
+            .segment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .size;
+        if size >= self.config.segment_bytes {
             self.rotate();
         }
     }
 
     /// Starts a new segment (fsynced with the directory at the next batch).
     fn rotate(&mut self) {
-        if self.unsynced_since.take().is_some() {
-            if let Err(e) = sync_file(&self.file) {
-                self.fail(SpoolProblem::SyncFailed(errno(&e)));
-                return;
-            }
+        // Under the lock: checkpoints written to the old segment since its last fsync are
+        // synced before it is left (rotation is rare; the loops wait this once).
+        let mut segment = self
+            .shared
+            .segment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = sync_file(&segment.file) {
+            drop(segment);
+            self.fail(SpoolProblem::SyncFailed(errno(&e)));
+            return;
         }
+        self.unsynced_since = None;
         let number = self.segment_number + 1;
         match std::fs::OpenOptions::new()
             .create_new(true)
@@ -712,13 +777,18 @@ impl Writer {
             .open(log::segment_path(&self.dir, number))
         {
             Ok(file) => {
-                self.file = file;
+                *segment = Segment {
+                    file: Arc::new(file),
+                    size: 0,
+                };
                 self.segment_number = number;
-                self.segment_size = 0;
                 self.dir_dirty = true;
                 self.bodies.clear();
             }
-            Err(e) => self.fail(SpoolProblem::WriteFailed(errno(&e))),
+            Err(e) => {
+                drop(segment);
+                self.fail(SpoolProblem::WriteFailed(errno(&e)));
+            }
         }
     }
 
@@ -779,7 +849,7 @@ fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-fn write_batch(file: &mut File, buf: &[u8]) -> io::Result<()> {
+fn write_batch(mut file: &File, buf: &[u8]) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     fail::fail_point!("spool-write", |_| {
         // The disk fills halfway through the batch.

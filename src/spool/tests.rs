@@ -478,7 +478,7 @@ fn recovery_scale_read() {
     let dir = PathBuf::from(std::env::var("MXPIPE_SPOOL_SCALE_DIR").expect("set the directory"));
     let started = std::time::Instant::now();
     let mut spool = super::Spool::open(super::SpoolConfig::new(&dir)).unwrap();
-    let (state, _, _) = spool.recovered.take().unwrap();
+    let state = spool.recovered.take().unwrap();
     let mut unusable = 0;
     let recovered = super::recovered_submissions(state, &mut unusable);
     assert_eq!(unusable, 0);
