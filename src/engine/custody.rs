@@ -33,7 +33,9 @@ pub struct Outcome {
 /// Whoever keeps custody of submitted work and must learn what became of it.
 ///
 /// `record` is called on the loop thread at the end of every turn that decided something, with
-/// that turn's outcomes in order; it must not block (hand them to another thread).
+/// that turn's outcomes in order. It must not wait: one write to the page cache is fine (the
+/// spool does that, so that a kill loses at most one turn's checkpoints), an fsync or a network
+/// round trip is not (hand those to another thread).
 pub trait Custody: Send + Sync + fmt::Debug {
     fn record(&self, outcomes: Vec<Outcome>);
 }
