@@ -89,6 +89,49 @@ pub enum Error {
     },
     /// An operating-system error (socket, thread) while starting.
     Io(std::io::ErrorKind),
+    /// The spool cannot take (or could not keep) a submission; see [`SpoolProblem`].
+    Spool(SpoolProblem),
+}
+
+/// Why the spool refused a submission. Once writing or syncing failed, the spool takes nothing
+/// more until the process restarts and recovers it: an fsync that failed is never retried and
+/// trusted (the kernel may have dropped the dirty pages it reported on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolProblem {
+    /// The spool holds its `max_bytes` already.
+    Full,
+    /// The file system has less free space than the spool's `min_free_bytes`.
+    LowSpace,
+    /// Writing a batch failed (ENOSPC, EIO...: the OS error number); what was written of it
+    /// was removed.
+    WriteFailed(i32),
+    /// fsync failed (the OS error number): nothing written since the last good fsync is
+    /// acknowledged.
+    SyncFailed(i32),
+    /// Another process holds the spool directory.
+    Locked,
+}
+
+impl fmt::Display for SpoolProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpoolProblem::Full => f.write_str("full: its size limit (max_bytes) is reached"),
+            SpoolProblem::LowSpace => {
+                f.write_str("the file system has less free space than min_free_bytes")
+            }
+            SpoolProblem::WriteFailed(errno) => write!(
+                f,
+                "write failed ({}); the spool takes nothing more until restarted",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            SpoolProblem::SyncFailed(errno) => write!(
+                f,
+                "fsync failed ({}); the spool acknowledges nothing more until restarted",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            SpoolProblem::Locked => f.write_str("directory is held by another process"),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -106,6 +149,7 @@ impl fmt::Display for Error {
             Error::ShutDown => f.write_str("the dispatcher has been shut down"),
             Error::InvalidConfig { key, problem } => write!(f, "config {key}: {problem}"),
             Error::Io(kind) => write!(f, "I/O error: {kind}"),
+            Error::Spool(problem) => write!(f, "spool: {problem}"),
         }
     }
 }

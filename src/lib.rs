@@ -17,6 +17,9 @@
 //! - [`engine`]: the [`engine::Dispatcher`] handle and the `mio` event loop that owns every
 //!   connection, pools them per destination, hands jobs to sessions and turns results into
 //!   [`engine::Event`]s: Delivered, Deferred (with the retry time), Bounced, Expired.
+//! - [`spool`]: custody on disk: group-committed submissions, per-recipient checkpoints,
+//!   recovery after a crash, queue tools. The engine reports to it through
+//!   [`engine::custody`], the boundary every source of work uses.
 //! - [`sink`]: a fast, scriptable SMTP sink for benchmarks, demos and fault tests.
 //!
 //! # Example
@@ -57,5 +60,6 @@ pub mod queue;
 pub mod route;
 pub mod sink;
 pub mod smtp;
+pub mod spool;
 
 pub use error::{Error, Result};

@@ -111,6 +111,44 @@ impl World {
             .local_addr()
     }
 
+    /// The world's spool directory.
+    fn spool(&self) -> std::path::PathBuf {
+        self.dir.join("spool")
+    }
+
+    /// A spool holding message 1, whose two recipients were deferred (the relay refuses
+    /// connections), for the `queue` lines to look at.
+    fn seed_spool(&mut self) {
+        let refused = format!("127.0.0.1:{}", util::free_port("127.0.0.1"));
+        let args: Vec<String> = [
+            "send",
+            "--spool",
+            &self.spool().display().to_string(),
+            "--relay",
+            &refused,
+            "--from",
+            "news@example.org",
+            "--to-file",
+            "list.txt",
+            "message.eml",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Exits 1: the recipients are deferred, not final; the spool keeps them.
+        let out = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .args(&args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("run mxpipe send --spool");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("spooled id=1 recipients=2"),
+            "seeding the spool: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn write_inputs(&mut self) {
         let relay = self.sink("127.0.0.1");
         let w = |name: &str, text: String| fs::write(self.dir.join(name), text).unwrap();
@@ -157,6 +195,7 @@ impl World {
                 }
                 "HOST:PORT" => self.sink("127.0.0.1").to_string(),
                 "DIR" => self.dir.join("out").display().to_string(),
+                "/var/spool/mxpipe" | "/tmp/spool" => self.spool().display().to_string(),
                 "127.0.0.1:9464" => format!("127.0.0.1:{}", util::free_port("127.0.0.1")),
                 w if w.starts_with("127.0.0.") && w.ends_with(":2525") => {
                     let ip = w.trim_end_matches(":2525");
@@ -269,6 +308,9 @@ fn every_readme_command_line_runs() {
         for words in variants(rest) {
             let mut world = World::new();
             world.write_inputs();
+            if words.first().is_some_and(|w| w == "queue") {
+                world.seed_spool();
+            }
             let is_sink = words.first().is_some_and(|w| w == "sink");
             let args = world.adapt(&words, is_sink);
             let result = if is_sink {

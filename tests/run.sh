@@ -5,7 +5,8 @@
 #    dnsmasq, valgrind, pkg-config, g++, sasl2-bin and libsasl2-modules (a private Postfix with
 #    Cyrus SASL for the TLS tests) from Debian; a venv at tests/.venv with aiosmtpd, pytest,
 #    dkimpy, cryptography, pynacl and mypy from PyPI.
-# 2. Runs every step, even after one fails: cargo test --all-targets, cargo test --doc, the C
+# 2. Runs every step, even after one fails: cargo test --all-targets, cargo test --doc, the
+#    spool's fault-injection tests (--features failpoints), the C
 #    bindings' `make test` and the Python bindings' pytest suite (each when present).
 # 3. Ends with the line "N passed, M failed" counting those steps; exits non-zero if any failed.
 #
@@ -161,6 +162,8 @@ export -f python_bindings
 
 run_step "cargo test" cargo test --all-targets --no-fail-fast
 run_step "doc tests" cargo test --doc
+# The spool's injected faults (fsync EIO, ENOSPC on write) need the failpoints feature.
+run_step "spool faults" cargo test --features failpoints --lib spool
 if [[ -f bindings/c/Makefile ]]; then
     run_step "C bindings" make -C bindings/c test
 fi

@@ -123,6 +123,8 @@ pub(crate) struct BenchArgs {
     pub(crate) domains: usize,
     /// A slow destination and how many messages go there beside the measured ones.
     pub(crate) tarpit: Option<(String, u64)>,
+    /// Every message gets a body of its own (default: one body shared by all).
+    pub(crate) unique_bodies: bool,
     pub(crate) delivery: DeliveryArgs,
 }
 
@@ -274,8 +276,12 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
             tarpit_submitted += 1;
         }
         let rcpts = lists[n as usize % lists.len()].clone();
-        let m = Message::from_parts(sender.clone(), rcpts, Arc::clone(&body))
-            .map_err(|e| e.to_string())?;
+        let body = if args.unique_bodies {
+            Arc::new(Body::new(&unique_body(&body, n)).map_err(|e| e.to_string())?)
+        } else {
+            Arc::clone(&body)
+        };
+        let m = Message::from_parts(sender.clone(), rcpts, body).map_err(|e| e.to_string())?;
         dispatcher
             .submit_timeout(m, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
@@ -313,6 +319,16 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
     }
     let elapsed = start.elapsed();
     let (cpu1, peak_rss_kb) = rusage_self();
+    if let Some(spool) = dispatcher.spool_stats() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let fsyncs = spool.fsyncs.load(Relaxed);
+        println!(
+            "spool fsyncs={fsyncs} fsyncs_per_s={:.0} messages_per_fsync={:.1} checkpoints={}",
+            fsyncs as f64 / elapsed.as_secs_f64(),
+            spool.messages.load(Relaxed) as f64 / fsyncs.max(1) as f64,
+            spool.checkpoints.load(Relaxed)
+        );
+    }
     let (measured, at_tarpit) = tally(&dispatcher, tarpit);
     let s = dispatcher.stats();
     let destinations = dispatcher.destination_stats().len();
@@ -366,4 +382,11 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The shared bench body with a header naming message `n`: as large, but a body of its own.
+fn unique_body(shared: &Body, n: u64) -> Vec<u8> {
+    let mut content = format!("X-Bench-Message: {n}\r\n").into_bytes();
+    content.extend_from_slice(shared.as_bytes());
+    content
 }

@@ -43,6 +43,7 @@ const ENGINE_KEYS: &[(&str, &str)] = &[
     ("auth_oauth2_token", "an OAuth 2.0 bearer token for auth_user (AUTH XOAUTH2)"),
     ("allow_plaintext_auth", "boolean: allow AUTH without TLS (default false)"),
     ("source_address", "a local IP to send from; a list adds several (used in turn)"),
+    ("spool_dir", "a directory to keep custody in: submissions are acknowledged once fsynced, and what is not final survives restarts (see the README, Custody)"),
     ("messages_per_second", "number above zero, per destination (a burst of a tenth of the budget)"),
     ("messages_per_minute", "number above zero, per destination"),
     ("messages_per_hour", "number above zero, per destination"),

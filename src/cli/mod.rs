@@ -172,9 +172,15 @@ enum Command {
         /// With --tarpit: how many messages go to the tarpit, spread over the submissions.
         #[arg(long, default_value_t = 100)]
         tarpit_messages: u64,
+        /// Every message gets a body of its own (default: one body shared by all).
+        #[arg(long)]
+        unique_bodies: bool,
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
+    /// Queue tools on a spool no process holds: list, show ID, retry [ID|--all], delete ID,
+    /// stats.
+    Queue(mxpipe::spool::admin::QueueArgs),
     /// Ask each address's mail server whether it would take mail for it (VRFY, else MAIL,
     /// RCPT and RSET); nothing is sent. Prints deliverable, rejected, catch-all or unknown.
     Check(check::CheckArgs),
@@ -355,6 +361,7 @@ pub fn main() -> ExitCode {
             domains,
             tarpit,
             tarpit_messages,
+            unique_bodies,
             delivery,
         } => bench::run_bench(bench::BenchArgs {
             messages,
@@ -367,8 +374,10 @@ pub fn main() -> ExitCode {
             tls,
             domains,
             tarpit: tarpit.map(|target| (target, tarpit_messages)),
+            unique_bodies,
             delivery,
         }),
+        Command::Queue(args) => mxpipe::spool::admin::run_cli(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run_check(args),
         Command::Config {
             what: Reference::Keys,

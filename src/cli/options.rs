@@ -82,9 +82,13 @@ pub(crate) struct DeliveryArgs {
     /// timestamps and connection numbers; AUTH secrets and message content are redacted.
     #[arg(long, value_name = "FILE")]
     pub(crate) trace: Option<PathBuf>,
-    // Options every delivering command shares go here, and into `apply` below, so that `send`,
-    // `bench` (and a later `queue` or `serve`) take them alike: a spool (`--spool DIR`, issue
-    // 15) belongs here, next to the settings it makes durable.
+    /// Keep custody in this spool directory: submissions are acknowledged once fsynced, and
+    /// what is not final when the process ends (deferred, or cut short by a crash) is sent by
+    /// the next process that opens it (`send` with an empty --to-file sends only that).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) spool: Option<PathBuf>,
+    // Options every delivering command shares go here, and into `apply` below, so that `send`
+    // and `bench` (and a later `serve`) take them alike.
 }
 
 impl DeliveryArgs {
@@ -110,6 +114,9 @@ impl DeliveryArgs {
 
     /// Applies these settings to a builder.
     pub(crate) fn apply(&self, mut b: DispatcherBuilder) -> Result<DispatcherBuilder, String> {
+        if let Some(dir) = &self.spool {
+            b = b.spool(dir);
+        }
         // Only what was given on the command line replaces the --config file's settings.
         if let Some(policy) = &self.starttls {
             b = b.starttls(match policy.as_str() {

@@ -60,7 +60,8 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     }
     let body = Body::new(&content).map_err(|e| format!("{}: {e}", args.message.display()))?;
     let list = RecipientList::read(&args.to_file)?;
-    if list.recipients.is_empty() {
+    // With a spool, an empty list sends what the spool holds from earlier runs.
+    if list.recipients.is_empty() && args.delivery.spool.is_none() {
         return Err(format!("{}: no valid recipients", args.to_file.display()));
     }
     // Output paths are checked before anything is sent.
@@ -103,17 +104,28 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         serve_metrics(addr, &dispatcher)?;
     }
     let events = dispatcher.events().expect("events are on");
+    if let Some(recovered) = dispatcher.spool_report() {
+        eprintln!("{recovered}");
+    }
     let total = list.recipients.len() as u64;
     let all: Vec<String> = list
         .recipients
         .iter()
         .map(|a| a.as_str().to_string())
         .collect();
-    let message =
-        Message::from_parts(sender, list.recipients, Arc::new(body)).map_err(|e| e.to_string())?;
-    dispatcher
-        .submit_timeout(message, Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
+    if total > 0 {
+        let message = Message::from_parts(sender, list.recipients, Arc::new(body))
+            .map_err(|e| e.to_string())?;
+        let id = dispatcher
+            .submit_timeout(message, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        if args.delivery.spool.is_some() {
+            // Acknowledged only once on disk: a crash from here on loses nothing.
+            dispatcher.sync().map_err(|e| e.to_string())?;
+            println!("spooled id={id} recipients={total}");
+            std::io::stdout().flush().map_err(|e| e.to_string())?;
+        }
+    }
     // Another thread waits for the end of the run while this one writes the report.
     let (done_tx, done) = crossbeam_channel::bounded::<()>(2);
     let wait = |dispatcher: Arc<Dispatcher>, wait_final: bool| {
@@ -191,7 +203,12 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         } else {
             format!("{not_final} recipients")
         };
-        let why = if interrupted {
+        let why = if let Some(dir) = &args.delivery.spool {
+            &*format!(
+                "kept in the spool {}; the next `mxpipe send --spool` on it retries it",
+                dir.display()
+            )
+        } else if interrupted {
             "interrupted; a message sent with --from/--to-file is not kept anywhere, so nothing \
              retries it"
         } else if args.wait_final {

@@ -7,6 +7,7 @@
 
 pub mod classify;
 mod conn;
+pub mod custody;
 pub mod metrics;
 mod pool;
 mod reactor;
@@ -18,7 +19,7 @@ pub use trace::Trace;
 
 use crate::error::{Error, Result};
 use crate::message::{Address, Message};
-use crate::queue::{Ingress, RetryPolicy, Submission};
+use crate::queue::{RetryPolicy, Submission};
 use crate::route::{Routes, Target};
 use crate::smtp::{Credentials, Reply, SessionConfig, StartTls, Timeouts};
 use crossbeam_channel::Receiver;
@@ -259,6 +260,11 @@ pub struct Config {
     pub source_addresses: Vec<std::net::IpAddr>,
     /// Write every connection's SMTP dialogue here (secrets and content redacted).
     pub trace: Option<Arc<Trace>>,
+    /// Keep custody of every submission in this spool (see [`crate::spool`]).
+    pub spool: Option<crate::spool::SpoolConfig>,
+    /// Who learns every deferral and final outcome (a source that keeps custody). Set by
+    /// `start` when `spool` is; a source of another kind may set its own.
+    pub custody: Option<Arc<dyn custody::Custody>>,
 }
 
 impl Config {
@@ -322,6 +328,8 @@ impl Default for Config {
             mx: None,
             source_addresses: Vec::new(),
             trace: None,
+            spool: None,
+            custody: None,
         }
     }
 }
@@ -511,6 +519,15 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Takes custody of every submission in the spool at `dir` (created if missing): a
+    /// submission is acknowledged ([`Dispatcher::sync`], [`Dispatcher::durable_id`]) only once
+    /// it is on disk, and whatever is not final when the process ends is sent by the next one
+    /// that opens the spool.
+    pub fn spool(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.spool = Some(crate::spool::SpoolConfig::new(dir));
+        self
+    }
+
     /// The settings as they stand (before `start` checks them).
     pub fn config_mut(&mut self) -> &mut Config {
         &mut self.config
@@ -635,28 +652,24 @@ impl fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
-struct Loop {
-    ingress: Arc<Ingress>,
-    /// Behind a lock so that a shutdown through `&self` can join it.
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
 /// The running dispatcher. Cheap to share by reference between threads (`Sync`).
 pub struct Dispatcher {
-    loops: Vec<Loop>,
+    intake: custody::Intake,
+    /// The loops' threads, behind locks so that a shutdown through `&self` can join them.
+    threads: Vec<Mutex<Option<JoinHandle<()>>>>,
     shared: Arc<Shared>,
     events: Option<Receiver<Event>>,
     next_id: AtomicU64,
-    by_domain: bool,
     stopped: AtomicBool,
     /// New submissions are refused ([`Dispatcher::shutdown_timeout`] has begun).
     refusing: AtomicBool,
+    spool: Option<crate::spool::Spool>,
 }
 
 impl fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dispatcher")
-            .field("loops", &self.loops.len())
+            .field("loops", &self.threads.len())
             .field("stats", &self.shared.stats.snapshot())
             .finish()
     }
@@ -668,8 +681,17 @@ impl Dispatcher {
     }
 
     /// Starts with settings checked by the caller (the builder checks them).
-    pub fn start(config: Config) -> Result<Dispatcher> {
+    pub fn start(mut config: Config) -> Result<Dispatcher> {
         validate(&config)?;
+        // The spool is opened (and recovered) before the loops start, since they report to it.
+        let spool = match &config.spool {
+            Some(spool_config) => {
+                let spool = crate::spool::Spool::open(spool_config.clone())?;
+                config.custody = Some(spool.custody());
+                Some(spool)
+            }
+            None => None,
+        };
         let (events_tx, events_rx) = if config.record_events {
             let (tx, rx) = crossbeam_channel::unbounded();
             (Some(tx), Some(rx))
@@ -693,24 +715,34 @@ impl Dispatcher {
             .collect();
         let tls = tls::TlsConfigs::new(config.tls_ca_file.as_deref(), &override_ca_files)?;
         let config = Arc::new(config);
-        let mut loops = Vec::with_capacity(config.loops);
+        let mut ingresses = Vec::with_capacity(config.loops);
+        let mut threads = Vec::with_capacity(config.loops);
         for index in 0..config.loops {
             let (ingress, thread) =
                 reactor::spawn(index, Arc::clone(&config), Arc::clone(&shared), tls.clone())?;
-            loops.push(Loop {
-                ingress,
-                thread: Mutex::new(Some(thread)),
-            });
+            ingresses.push(ingress);
+            threads.push(Mutex::new(Some(thread)));
         }
-        Ok(Dispatcher {
-            loops,
+        let intake = custody::Intake {
+            ingresses: ingresses.into(),
+            shared: Arc::clone(&shared),
+            by_domain,
+        };
+        let mut dispatcher = Dispatcher {
+            intake,
+            threads,
             shared,
             events: events_rx,
             next_id: AtomicU64::new(1),
-            by_domain,
             stopped: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
-        })
+            spool: None,
+        };
+        if let Some(mut spool) = spool {
+            spool.start(dispatcher.intake.clone())?;
+            dispatcher.spool = Some(spool);
+        }
+        Ok(dispatcher)
     }
 
     /// Queues a message without waiting. Returns its identifier, or the message back with
@@ -741,40 +773,48 @@ impl Dispatcher {
                 message,
             });
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let n = message.recipients.len() as u64;
-        let loop_index = if self.loops.len() == 1 {
-            0
-        } else if self.by_domain {
-            domain_hash(message.recipients[0].domain()) as usize % self.loops.len()
-        } else {
-            id as usize % self.loops.len()
-        };
-        let stats = &self.shared.stats;
-        // Counted before the loop can see the message, so that flush never misses it.
-        stats.active.fetch_add(n, Ordering::AcqRel);
-        stats.unfinished.fetch_add(n, Ordering::AcqRel);
-        let ingress = &self.loops[loop_index].ingress;
-        let submission = Submission { id, message };
-        let result = match timeout {
-            None => ingress.try_submit(submission),
-            Some(t) => ingress.submit_timeout(submission, t),
-        };
-        match result {
-            Ok(()) => {
-                stats.submitted_messages.fetch_add(1, Ordering::Relaxed);
-                stats.submitted_recipients.fetch_add(n, Ordering::Relaxed);
-                Ok(id)
-            }
-            Err((error, submission)) => {
-                stats.active.fetch_sub(n, Ordering::AcqRel);
-                stats.unfinished.fetch_sub(n, Ordering::AcqRel);
-                Err(SubmitError {
-                    error,
-                    message: submission.message,
-                })
-            }
+        if let Some(spool) = &self.spool {
+            // The spool gives identifiers (persistent ones) and hands the message to the
+            // engine once it is on disk.
+            return spool
+                .submit(message, timeout)
+                .map_err(|(error, message)| SubmitError { error, message });
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.intake
+            .hand_over(Submission::new(id, message), timeout, custody::Counted::No)
+            .map(|()| id)
+            .map_err(|(error, submission)| SubmitError {
+                error,
+                message: submission.message,
+            })
+    }
+
+    /// With a spool: waits until every message submitted before the call is durable (written
+    /// and fsynced) and may be acknowledged upstream. Fails, naming the problem, when the spool
+    /// refused a batch or an fsync failed (the spool then takes nothing more); identifiers up
+    /// to [`Dispatcher::durable_id`] are durable all the same. Without a spool: returns at once.
+    pub fn sync(&self) -> Result<()> {
+        match &self.spool {
+            Some(spool) => spool.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// With a spool: what opening it found (work recovered, records torn or set aside).
+    pub fn spool_report(&self) -> Option<&crate::spool::RecoveryReport> {
+        self.spool.as_ref().map(|s| s.report())
+    }
+
+    /// With a spool: its writer's figures (fsyncs, messages made durable, checkpoints).
+    pub fn spool_stats(&self) -> Option<&crate::spool::SpoolStats> {
+        self.spool.as_ref().map(|s| s.stats())
+    }
+
+    /// With a spool: every message whose identifier is at most this is durable (the spool
+    /// gives identifiers in order, across restarts). Without a spool: 0.
+    pub fn durable_id(&self) -> u64 {
+        self.spool.as_ref().map_or(0, |s| s.durable_id())
     }
 
     /// The outcome events (a clone of the one receiver; each event is seen by one reader).
@@ -823,9 +863,7 @@ impl Dispatcher {
         }
         self.flush();
         self.shared.shutting_down.store(true, Ordering::Release);
-        for l in &self.loops {
-            let _ = l.ingress.wake_now();
-        }
+        self.wake_loops();
     }
 
     /// A shutdown with a deadline: refuses new submissions at once, lets the transactions
@@ -849,18 +887,14 @@ impl Dispatcher {
             self.shared.abandon.store(true, Ordering::Release);
         }
         self.shared.shutting_down.store(true, Ordering::Release);
-        for l in &self.loops {
-            let _ = l.ingress.wake_now();
-        }
+        self.wake_loops();
         // The loops end every session politely unless the deadline passes first.
         let mut clean = drained;
         while !self.loops_finished() {
             if clean && deadline.is_some_and(|d| Instant::now() >= d) {
                 clean = false;
                 self.shared.abandon.store(true, Ordering::Release);
-                for l in &self.loops {
-                    let _ = l.ingress.wake_now();
-                }
+                self.wake_loops();
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -870,9 +904,15 @@ impl Dispatcher {
         clean
     }
 
+    fn wake_loops(&self) {
+        for ingress in self.intake.ingresses.iter() {
+            let _ = ingress.wake_now();
+        }
+    }
+
     fn loops_finished(&self) -> bool {
-        self.loops.iter().all(|l| {
-            l.thread
+        self.threads.iter().all(|thread| {
+            thread
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
@@ -881,9 +921,9 @@ impl Dispatcher {
     }
 
     fn join(&self) {
-        for l in &self.loops {
+        for thread in &self.threads {
             // Held while joining, so a second caller returns only when the loop has ended.
-            let mut thread = l.thread.lock().unwrap_or_else(|e| e.into_inner());
+            let mut thread = thread.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = thread.take() {
                 let _ = t.join();
             }
@@ -895,6 +935,10 @@ impl Drop for Dispatcher {
     fn drop(&mut self) {
         self.shutdown();
         self.join();
+        // After the loops: their last outcomes are written before the spool closes.
+        if let Some(spool) = self.spool.take() {
+            spool.close();
+        }
     }
 }
 

@@ -134,6 +134,8 @@ struct Reactor {
     grouped: HashMap<(usize, usize), usize>,
     /// Some override is for recipient domains (`Config::has_domain_overrides`, read once).
     domain_overrides: bool,
+    /// This turn's deferrals and final outcomes for the custody (`Config::custody`), if any.
+    outcomes: Vec<super::custody::Outcome>,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -184,6 +186,7 @@ impl Reactor {
             idle: std::collections::VecDeque::new(),
             grouped: HashMap::new(),
             domain_overrides,
+            outcomes: Vec::new(),
         };
         for target in targets {
             reactor.add_destination(target, None);
@@ -224,6 +227,7 @@ impl Reactor {
             self.on_retries(now);
             self.dispatch(now);
             self.send_resolutions();
+            self.report_outcomes();
             let turn = now.elapsed().as_micros() as u64;
             self.shared
                 .stats
@@ -254,10 +258,40 @@ impl Reactor {
                 }
             }
         }
+        self.report_outcomes();
         self.shared
             .stats
             .connections_open
             .fetch_sub(self.conns.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Hands the turn's outcomes to the custody in one batch.
+    fn report_outcomes(&mut self) {
+        if let Some(custody) = &self.config.custody {
+            if !self.outcomes.is_empty() {
+                custody.record(std::mem::take(&mut self.outcomes));
+            }
+        }
+    }
+
+    /// Notes an outcome for the custody, when there is one.
+    fn custody_outcome(
+        &mut self,
+        envelope: &Envelope,
+        recipient: &Address,
+        kind: EventKind,
+        attempts: u32,
+        retry_after: Option<Duration>,
+    ) {
+        if self.config.custody.is_some() {
+            self.outcomes.push(super::custody::Outcome {
+                message_id: envelope.id,
+                recipient: recipient.clone(),
+                kind,
+                attempts,
+                retry_at: retry_after.map(|d| std::time::SystemTime::now() + d),
+            });
+        }
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -316,12 +350,17 @@ impl Reactor {
     }
 
     fn accept(&mut self, submission: Submission, now: Instant) {
-        let Submission { id, message } = submission;
+        let Submission {
+            id,
+            message,
+            resumed,
+        } = submission;
+        let (attempts, submitted) = resumed.map_or((0, now), |r| (r.attempts, r.submitted));
         let envelope = Arc::new(Envelope {
             id,
             sender: message.sender,
             body: message.body,
-            submitted: now,
+            submitted,
             tag: message.tag,
         });
         self.held += message.recipients.len();
@@ -329,7 +368,14 @@ impl Reactor {
         let routes = &config.routes;
         if routes.is_single_target() && !self.domain_overrides {
             if let Some(destination) = routes.lookup("") {
-                self.enqueue_split(&envelope, message.recipients, destination, 0, None, now);
+                self.enqueue_split(
+                    &envelope,
+                    message.recipients,
+                    destination,
+                    attempts,
+                    None,
+                    now,
+                );
                 return;
             }
         }
@@ -378,7 +424,7 @@ impl Reactor {
             );
         }
         for (domain, list) in by_domain {
-            let (choice, list) = self.route_mx(&envelope, &domain, list, 0, now);
+            let (choice, list) = self.route_mx(&envelope, &domain, list, attempts, now);
             if let mx::MxChoice::Ready(route) = choice {
                 let same = groups.iter_mut().find(|(_, mx, _)| {
                     mx.as_ref()
@@ -399,7 +445,7 @@ impl Reactor {
             }
         }
         for (destination, mx_job, list) in groups {
-            self.enqueue_split(&envelope, list, destination, 0, mx_job, now);
+            self.enqueue_split(&envelope, list, destination, attempts, mx_job, now);
         }
     }
 
@@ -1328,6 +1374,13 @@ impl Reactor {
         let n = failures.len() as u64;
         let mut recipients = Vec::with_capacity(failures.len());
         for (recipient, reply) in failures {
+            self.custody_outcome(
+                envelope,
+                &recipient,
+                EventKind::Deferred,
+                attempts,
+                Some(delay),
+            );
             let category = Some(self.config.classifier.classify(&reply));
             self.send_event(Event {
                 kind: EventKind::Deferred,
@@ -1428,6 +1481,7 @@ impl Reactor {
         stats.unfinished.fetch_sub(1, Ordering::AcqRel);
         self.held -= 1;
         self.changed = true;
+        self.custody_outcome(envelope, &recipient, kind, attempts, None);
         let category =
             (kind != EventKind::Delivered).then(|| self.config.classifier.classify(&reply));
         self.send_event(Event {

@@ -84,6 +84,7 @@ const KEYS: &[&str] = &[
     "starttls",
     "tls_verify",
     "tls_ca_file",
+    "spool_dir",
     "auth_user",
     "auth_password",
     "auth_oauth2_token",
@@ -526,6 +527,12 @@ impl Settings {
                 }
                 c.tls_ca_file = Some(value.into());
             }
+            "spool_dir" => {
+                if value.is_empty() {
+                    return Err(bad_value(key, value, "is not a directory name"));
+                }
+                c.spool = Some(crate::spool::SpoolConfig::new(value));
+            }
             "auth_user" | "auth_password" | "auth_oauth2_token" => {
                 // RFC 4954 mechanisms cannot carry CR or LF (NUL cannot reach here).
                 if value.is_empty() || value.bytes().any(|b| b == b'\r' || b == b'\n') {
@@ -831,6 +838,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
 /// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6) | direct MX settings; setting any turns direct MX on |
 /// | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
+/// | `spool_dir` | a directory to keep custody in: a submission is durable once fsynced there, and what is not final survives restarts and crashes |
 ///
 /// A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
 /// "5m", "2h", "3d". A boolean is true/false, yes/no, on/off or 1/0.
@@ -931,6 +939,7 @@ mod tests {
             ("starttls", "required"),
             ("tls_verify", "no"),
             ("tls_ca_file", "/etc/ssl/ca.pem"),
+            ("spool_dir", "/var/spool/mxpipe"),
             ("auth_user", "bulk"),
             ("auth_password", "s3cret"),
             ("auth_oauth2_token", "token"),

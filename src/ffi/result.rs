@@ -162,7 +162,7 @@ impl From<Error> for FfiError {
             Error::QueueFull => MXP_ERR_QUEUE_FULL,
             Error::ShutDown => MXP_ERR_SHUT_DOWN,
             Error::InvalidConfig { .. } => MXP_ERR_INVALID_CONFIG,
-            Error::Io(_) => MXP_ERR_IO,
+            Error::Io(_) | Error::Spool(_) => MXP_ERR_IO,
         };
         // The two errors a busy producer sees in a loop cost no allocation.
         let message = match error {

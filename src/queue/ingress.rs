@@ -17,6 +17,29 @@ use std::time::Duration;
 pub struct Submission {
     pub id: u64,
     pub message: Message,
+    /// For work a source resumes (recovered from a spool): what earlier processes did.
+    /// Boxed, since it is rare and the channel's slots stay small.
+    pub resumed: Option<Box<Resumed>>,
+}
+
+/// What earlier attempts left of a resumed submission.
+#[derive(Debug, Clone, Copy)]
+pub struct Resumed {
+    /// Delivery attempts already made.
+    pub attempts: u32,
+    /// When the message was first submitted: the maximum age counts from then.
+    pub submitted: std::time::Instant,
+}
+
+impl Submission {
+    /// A new message: no attempts yet, submitted now.
+    pub fn new(id: u64, message: Message) -> Self {
+        Submission {
+            id,
+            message,
+            resumed: None,
+        }
+    }
 }
 
 /// The sending side, shared by every caller thread.

@@ -7,7 +7,7 @@
 pub mod ingress;
 pub mod retry;
 
-pub use ingress::{Ingress, Submission};
+pub use ingress::{Ingress, Resumed, Submission};
 pub use retry::{RetryPolicy, RetrySchedule};
 
 use crate::message::{Address, Body};

@@ -1,0 +1,151 @@
+//! The boundary between the engine and the sources of its work (the in-process API, the
+//! spool, later an SMTP listener or a Redis stream).
+//!
+//! A source hands the engine submissions through an [`Intake`] once it may (for a durable
+//! source: once the submission is on disk; acknowledging it upstream is the source's business).
+//! The engine reports back through one [`Custody`] registered in the [`Config`](super::Config):
+//! every deferral and every final outcome, in batches of one loop turn. The loop never learns
+//! which source a message came from, and adding a source never touches the loop.
+
+use super::{EventKind, Shared};
+use crate::error::Error;
+use crate::message::Address;
+use crate::queue::{Ingress, Submission};
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// What the engine decided for one recipient: a deferral (with the attempts so far and when the
+/// next is due) or its final outcome.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The submission's identifier (a durable source's own, persistent one).
+    pub message_id: u64,
+    pub recipient: Address,
+    pub kind: EventKind,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// For a deferral: when the next attempt is due (wall clock, so that it survives a restart).
+    pub retry_at: Option<SystemTime>,
+}
+
+/// Whoever keeps custody of submitted work and must learn what became of it.
+///
+/// `record` is called on the loop thread at the end of every turn that decided something, with
+/// that turn's outcomes in order. It must not wait: one write to the page cache is fine (the
+/// spool does that, so that a kill loses at most one turn's checkpoints), an fsync or a network
+/// round trip is not (hand those to another thread).
+pub trait Custody: Send + Sync + fmt::Debug {
+    fn record(&self, outcomes: Vec<Outcome>);
+}
+
+/// The engine's door for sources: hands a submission to the loop that serves its recipients.
+#[derive(Clone)]
+pub struct Intake {
+    pub(super) ingresses: Arc<[Arc<Ingress>]>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) by_domain: bool,
+}
+
+impl fmt::Debug for Intake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Intake")
+            .field("loops", &self.ingresses.len())
+            .finish()
+    }
+}
+
+/// How a submission's recipients are already counted in the dispatcher's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Not at all (a new submission).
+    No,
+    /// As unfinished only (work a source held back until it was due).
+    Unfinished,
+    /// As unfinished and active (counted when the caller submitted it).
+    Both,
+}
+
+impl Intake {
+    /// Queues `submission` on its loop, waiting up to `wait` for room (`None`: not at all).
+    /// On error the submission is handed back and the counts are as they were.
+    pub fn hand_over(
+        &self,
+        submission: Submission,
+        wait: Option<Duration>,
+        counted: Counted,
+    ) -> Result<(), (Error, Submission)> {
+        let n = submission.message.recipients.len() as u64;
+        let loops = self.ingresses.len();
+        let index = if loops == 1 {
+            0
+        } else if self.by_domain {
+            super::domain_hash(submission.message.recipients[0].domain()) as usize % loops
+        } else {
+            submission.id as usize % loops
+        };
+        let stats = &self.shared.stats;
+        // Counted before the loop can see the message, so that flush never misses it.
+        if counted != Counted::Both {
+            stats.active.fetch_add(n, Ordering::AcqRel);
+        }
+        if counted == Counted::No {
+            stats.unfinished.fetch_add(n, Ordering::AcqRel);
+        }
+        let ingress = &self.ingresses[index];
+        let result = match wait {
+            None => ingress.try_submit(submission),
+            Some(t) => ingress.submit_timeout(submission, t),
+        };
+        match result {
+            Ok(()) => {
+                if counted != Counted::Unfinished {
+                    stats.submitted_messages.fetch_add(1, Ordering::Relaxed);
+                    stats.submitted_recipients.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if counted != Counted::Both {
+                    stats.active.fetch_sub(n, Ordering::AcqRel);
+                }
+                if counted == Counted::No {
+                    stats.unfinished.fetch_sub(n, Ordering::AcqRel);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts recipients a source holds for later (not active, not yet final), or stops
+    /// counting them (`add` false) when they are dropped.
+    pub fn count_held(&self, n: u64, add: bool) {
+        let unfinished = &self.shared.stats.unfinished;
+        if add {
+            unfinished.fetch_add(n, Ordering::AcqRel);
+        } else {
+            unfinished.fetch_sub(n, Ordering::AcqRel);
+            self.shared.notify();
+        }
+    }
+
+    /// Counts recipients a caller submitted (active and unfinished) before a durable source
+    /// has them on disk, or takes them back when it refused them.
+    pub fn count_submitted(&self, n: u64, add: bool) {
+        let stats = &self.shared.stats;
+        if add {
+            stats.active.fetch_add(n, Ordering::AcqRel);
+            stats.unfinished.fetch_add(n, Ordering::AcqRel);
+        } else {
+            stats.active.fetch_sub(n, Ordering::AcqRel);
+            stats.unfinished.fetch_sub(n, Ordering::AcqRel);
+            self.shared.notify();
+        }
+    }
+
+    /// The dispatcher is shutting down: a source stops handing over.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Acquire)
+    }
+}

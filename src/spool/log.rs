@@ -1,0 +1,486 @@
+//! The spool's on-disk format: numbered segment files of framed, checksummed records.
+//!
+//! A record is `[payload length: u32 LE][CRC-32 of the payload: u32 LE][payload]`, the payload
+//! starting with a tag byte. Records are only ever appended; a segment is never rewritten in
+//! place (recovery writes a fresh one and deletes the old). Reading tolerates a torn record
+//! (its length runs past the end of the file: a write the crash cut short) and sets aside a
+//! corrupt one (a checksum that does not match) into `corrupt/`, so that one bad record is
+//! reported once and never stops the next start. Nothing here knows about the engine.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// The largest payload a reader believes: a length above it is corruption, not a record.
+pub const MAX_RECORD: usize = 1 << 30;
+const HEADER: usize = 8;
+
+const TAG_BODY: u8 = 1;
+const TAG_MESSAGE: u8 = 2;
+const TAG_OUTCOME: u8 = 3;
+const TAG_RETRY: u8 = 4;
+const TAG_DELETE: u8 = 5;
+const TAG_ID_FLOOR: u8 = 6;
+
+/// What a checkpoint says about one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Deferred,
+    Delivered,
+    Bounced,
+    Expired,
+}
+
+impl Mark {
+    fn code(self) -> u8 {
+        match self {
+            Mark::Deferred => 0,
+            Mark::Delivered => 1,
+            Mark::Bounced => 2,
+            Mark::Expired => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Mark> {
+        Some(match code {
+            0 => Mark::Deferred,
+            1 => Mark::Delivered,
+            2 => Mark::Bounced,
+            3 => Mark::Expired,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        self != Mark::Deferred
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mark::Deferred => "deferred",
+            Mark::Delivered => "delivered",
+            Mark::Bounced => "bounced",
+            Mark::Expired => "expired",
+        }
+    }
+}
+
+/// One decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A body, stored once however many messages use it.
+    Body { body_id: u64, bytes: Vec<u8> },
+    /// A message's envelope; `submitted_ms` is wall-clock milliseconds since the Unix epoch.
+    Message {
+        id: u64,
+        body_id: u64,
+        submitted_ms: u64,
+        sender: String,
+        recipients: Vec<String>,
+    },
+    /// A checkpoint for one recipient (named by address within the message).
+    Outcome {
+        id: u64,
+        mark: Mark,
+        attempts: u32,
+        retry_at_ms: u64,
+        recipient: String,
+    },
+    /// `mxpipe queue retry`: every deferred recipient of `id` (0: of every message) is due now.
+    Retry { id: u64 },
+    /// `mxpipe queue delete`: the message is dropped without further attempts.
+    Delete { id: u64 },
+    /// Identifiers below this were given already (kept across compactions).
+    IdFloor { next_id: u64 },
+}
+
+/// Appends `record`, framed, to `out`.
+pub fn encode(record: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    match record {
+        Record::Body { body_id, bytes } => {
+            out.push(TAG_BODY);
+            out.extend_from_slice(&body_id.to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        Record::Message {
+            id,
+            body_id,
+            submitted_ms,
+            sender,
+            recipients,
+        } => {
+            out.push(TAG_MESSAGE);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&body_id.to_le_bytes());
+            out.extend_from_slice(&submitted_ms.to_le_bytes());
+            put_str(out, sender);
+            out.extend_from_slice(&(recipients.len() as u32).to_le_bytes());
+            for r in recipients {
+                put_str(out, r);
+            }
+        }
+        Record::Outcome {
+            id,
+            mark,
+            attempts,
+            retry_at_ms,
+            recipient,
+        } => {
+            out.push(TAG_OUTCOME);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.push(mark.code());
+            out.extend_from_slice(&attempts.to_le_bytes());
+            out.extend_from_slice(&retry_at_ms.to_le_bytes());
+            put_str(out, recipient);
+        }
+        Record::Retry { id } => {
+            out.push(TAG_RETRY);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        Record::Delete { id } => {
+            out.push(TAG_DELETE);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        Record::IdFloor { next_id } => {
+            out.push(TAG_ID_FLOOR);
+            out.extend_from_slice(&next_id.to_le_bytes());
+        }
+    }
+    frame(out, start);
+}
+
+/// Encodes a message record from borrowed parts (the writer's hot path: no copies).
+pub fn encode_message<'a>(
+    id: u64,
+    body_id: u64,
+    submitted_ms: u64,
+    sender: &str,
+    recipients: impl ExactSizeIterator<Item = &'a str>,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    out.push(TAG_MESSAGE);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&body_id.to_le_bytes());
+    out.extend_from_slice(&submitted_ms.to_le_bytes());
+    put_str(out, sender);
+    out.extend_from_slice(&(recipients.len() as u32).to_le_bytes());
+    for r in recipients {
+        put_str(out, r);
+    }
+    frame(out, start);
+}
+
+/// Encodes a body record from a borrowed body.
+pub fn encode_body(body_id: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    out.push(TAG_BODY);
+    out.extend_from_slice(&body_id.to_le_bytes());
+    out.extend_from_slice(bytes);
+    frame(out, start);
+}
+
+fn frame(out: &mut [u8], start: usize) {
+    let payload = &out[start + HEADER..];
+    let len = payload.len() as u32;
+    let crc = crc32fast::hash(payload);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A cursor over a payload; every read is bounds-checked (a payload that passed its checksum
+/// may still come from a newer, unknown format).
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+/// Decodes a payload whose checksum matched; `None` when it makes no sense.
+pub fn decode(payload: &[u8]) -> Option<Record> {
+    let mut c = Cursor(payload);
+    let record = match c.u8()? {
+        TAG_BODY => Record::Body {
+            body_id: c.u64()?,
+            bytes: c.take(c.0.len())?.to_vec(),
+        },
+        TAG_MESSAGE => {
+            let id = c.u64()?;
+            let body_id = c.u64()?;
+            let submitted_ms = c.u64()?;
+            let sender = c.string()?;
+            let n = c.u32()? as usize;
+            // Every recipient takes at least its 4-octet length.
+            if n > c.0.len() / 4 {
+                return None;
+            }
+            let mut recipients = Vec::with_capacity(n);
+            for _ in 0..n {
+                recipients.push(c.string()?);
+            }
+            Record::Message {
+                id,
+                body_id,
+                submitted_ms,
+                sender,
+                recipients,
+            }
+        }
+        TAG_OUTCOME => Record::Outcome {
+            id: c.u64()?,
+            mark: Mark::from_code(c.u8()?)?,
+            attempts: c.u32()?,
+            retry_at_ms: c.u64()?,
+            recipient: c.string()?,
+        },
+        TAG_RETRY => Record::Retry { id: c.u64()? },
+        TAG_DELETE => Record::Delete { id: c.u64()? },
+        TAG_ID_FLOOR => Record::IdFloor { next_id: c.u64()? },
+        _ => return None,
+    };
+    c.0.is_empty().then_some(record)
+}
+
+/// What reading the segments found wrong.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReadIssues {
+    /// Records cut short at the end of a segment (a write a crash interrupted): dropped.
+    pub torn: usize,
+    /// Records whose checksum or content was wrong: copied to `corrupt/` and skipped.
+    pub corrupt: usize,
+    /// Where the corrupt bytes were set aside.
+    pub set_aside: Vec<PathBuf>,
+}
+
+/// The segment files of a spool, in order.
+pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let number = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(number) = number {
+            found.push((number, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The path of segment `number`.
+pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:016}.log"))
+}
+
+/// Reads every record of one segment in order, handing each to `each`. Torn and corrupt
+/// records are counted in `issues`; corrupt bytes are copied under `dir/corrupt/`.
+pub fn read_segment(
+    dir: &Path,
+    path: &Path,
+    issues: &mut ReadIssues,
+    mut each: impl FnMut(Record),
+) -> io::Result<()> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut offset: u64 = 0;
+    let mut payload = Vec::new();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("segment");
+    while offset < size {
+        let mut header = [0u8; HEADER];
+        if size - offset < HEADER as u64 {
+            issues.torn += 1;
+            break;
+        }
+        reader.read_exact(&mut header)?;
+        let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
+        let rest = size - offset - HEADER as u64;
+        if len > MAX_RECORD || len as u64 > rest {
+            if len <= MAX_RECORD {
+                // A length that runs past the end: the last write was cut short.
+                issues.torn += 1;
+                break;
+            }
+            // A length no writer produced: nothing after it can be framed again. The rest of
+            // the segment is set aside whole.
+            let mut tail = header.to_vec();
+            reader.read_to_end(&mut tail)?;
+            set_aside(dir, name, offset, &tail, issues)?;
+            break;
+        }
+        payload.resize(len, 0);
+        reader.read_exact(&mut payload)?;
+        match (crc32fast::hash(&payload) == crc)
+            .then(|| decode(&payload))
+            .flatten()
+        {
+            Some(record) => each(record),
+            None => {
+                let mut raw = header.to_vec();
+                raw.extend_from_slice(&payload);
+                set_aside(dir, name, offset, &raw, issues)?;
+            }
+        }
+        offset += (HEADER + len) as u64;
+    }
+    Ok(())
+}
+
+fn set_aside(
+    dir: &Path,
+    segment: &str,
+    offset: u64,
+    bytes: &[u8],
+    issues: &mut ReadIssues,
+) -> io::Result<()> {
+    let corrupt = dir.join("corrupt");
+    fs::create_dir_all(&corrupt)?;
+    let path = corrupt.join(format!("{segment}@{offset}"));
+    fs::write(&path, bytes)?;
+    File::open(&path)?.sync_all()?;
+    File::open(&corrupt)?.sync_all()?;
+    issues.corrupt += 1;
+    issues.set_aside.push(path);
+    Ok(())
+}
+
+/// fsync of a directory, so that a file created or removed in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record::IdFloor { next_id: 7 },
+            Record::Body {
+                body_id: 1,
+                bytes: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+            },
+            Record::Message {
+                id: 7,
+                body_id: 1,
+                submitted_ms: 1_700_000_000_000,
+                sender: "a@b.example".into(),
+                recipients: vec!["c@d.example".into(), "e@f.example".into()],
+            },
+            Record::Outcome {
+                id: 7,
+                mark: Mark::Deferred,
+                attempts: 2,
+                retry_at_ms: 1_700_000_300_000,
+                recipient: "c@d.example".into(),
+            },
+            Record::Retry { id: 0 },
+            Record::Delete { id: 7 },
+        ]
+    }
+
+    fn read_all(dir: &Path, path: &Path) -> (Vec<Record>, ReadIssues) {
+        let mut issues = ReadIssues::default();
+        let mut out = Vec::new();
+        read_segment(dir, path, &mut issues, |r| out.push(r)).unwrap();
+        (out, issues)
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let dir = tempdir("round");
+        let mut buf = Vec::new();
+        for r in records() {
+            encode(&r, &mut buf);
+        }
+        let path = segment_path(&dir, 1);
+        fs::write(&path, &buf).unwrap();
+        let (read, issues) = read_all(&dir, &path);
+        assert_eq!(read, records());
+        assert_eq!(issues, ReadIssues::default());
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_a_corrupt_one_set_aside() {
+        let dir = tempdir("damage");
+        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        for r in records() {
+            encode(&r, &mut buf);
+            ends.push(buf.len());
+        }
+        // Torn: the last record cut in the middle.
+        let path = segment_path(&dir, 1);
+        fs::write(&path, &buf[..buf.len() - 3]).unwrap();
+        let (read, issues) = read_all(&dir, &path);
+        assert_eq!(read, records()[..records().len() - 1]);
+        assert_eq!((issues.torn, issues.corrupt), (1, 0));
+        // Corrupt: one octet of the message record (the third) flipped.
+        let mut bad = buf.clone();
+        bad[ends[1] + 20] ^= 0x40;
+        fs::write(&path, &bad).unwrap();
+        let (read, issues) = read_all(&dir, &path);
+        let mut expected = records();
+        let lost = expected.remove(2);
+        assert_eq!(read, expected);
+        assert_eq!((issues.torn, issues.corrupt), (0, 1));
+        let aside = fs::read(&issues.set_aside[0]).unwrap();
+        assert_eq!(aside, bad[ends[1]..ends[2]]);
+        assert!(matches!(lost, Record::Message { .. }));
+        // A length no writer produced: the rest of the segment is set aside.
+        let mut bad = buf.clone();
+        bad[ends[2]..ends[2] + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        fs::write(&path, &bad).unwrap();
+        let (read, issues) = read_all(&dir, &path);
+        assert_eq!(read, records()[..3]);
+        assert_eq!((issues.torn, issues.corrupt), (0, 1));
+    }
+
+    pub(crate) fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "mxpipe-spool-log-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,871 @@
+//! Custody on disk: a durable spool, so that nothing accepted is lost across restarts and
+//! crashes.
+//!
+//! The spool is a source of work for the engine (see [`crate::engine::custody`]). A submission
+//! goes to a writer thread, which takes everything waiting (group commit), appends it to the
+//! current segment ([`log`]), fsyncs the file (and the directory after creating one), and only
+//! then advances the durable watermark ([`Spool::durable_id`], [`Spool::sync`]) and hands the
+//! messages to the engine. The engine reports every deferral and final outcome back, once per
+//! loop turn; the writer appends them as checkpoints with its next batch. A body shared by
+//! many messages is written once per segment.
+//!
+//! Opening a spool ([`Spool::open`]) locks its directory (one process at a time), reads every
+//! segment ([`store::State::load`]), writes what is still pending into a fresh segment and
+//! deletes the old ones; the writer then re-queues every pending recipient with its attempts,
+//! holding back those whose retry is not yet due. A write or fsync error stops the spool
+//! taking anything more (an fsync that failed is never retried and trusted); the size limit
+//! and the free-space floor refuse new submissions at the door. Nothing here touches a socket.
+
+pub mod admin;
+pub mod log;
+pub mod store;
+
+use crate::engine::custody::{Counted, Custody, Intake, Outcome};
+use crate::engine::EventKind;
+use crate::error::{Error, Field, Result, SpoolProblem};
+use crate::message::{Address, Body, Message};
+use crate::queue::{Resumed, Submission};
+use crossbeam_channel::{Receiver, Sender};
+use log::{Mark, Record};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The spool's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// The spool directory (created if missing).
+    pub dir: PathBuf,
+    /// Submissions are refused once the segments hold this many octets (default 16 GiB).
+    pub max_bytes: u64,
+    /// Submissions are refused while the file system has less free space than this (default
+    /// 256 MiB).
+    pub min_free_bytes: u64,
+    /// A new segment is started past this size.
+    pub segment_bytes: u64,
+    /// Messages waiting for the writer at most; a full queue is backpressure (`QueueFull`).
+    pub queue_capacity: usize,
+}
+
+impl SpoolConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SpoolConfig {
+            dir: dir.into(),
+            max_bytes: 16 << 30,
+            min_free_bytes: 256 << 20,
+            segment_bytes: 256 << 20,
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+/// What opening the spool found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Messages with recipients still pending, re-queued.
+    pub messages: usize,
+    /// Recipients re-queued (pending), of which some wait for their retry time.
+    pub recipients: usize,
+    /// Of those, recipients whose retry is not due yet.
+    pub held: usize,
+    /// Messages dropped because every recipient was final (or they were deleted).
+    pub removed: usize,
+    /// Records cut short by a crash (dropped: they were never acknowledged).
+    pub torn: usize,
+    /// Corrupt records set aside.
+    pub corrupt: usize,
+    /// Messages kept in the spool but not sent: their body was set aside as corrupt, or they
+    /// fail the checks of this version (see `mxpipe queue show`, `delete`).
+    pub unusable: usize,
+    /// Where the corrupt records were copied.
+    pub set_aside: Vec<PathBuf>,
+}
+
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spool recovered: {} messages, {} recipients pending ({} waiting for their retry time), {} finished messages removed, {} torn records dropped, {} corrupt records set aside, {} messages unusable",
+            self.messages, self.recipients, self.held, self.removed, self.torn, self.corrupt, self.unusable
+        )?;
+        for p in &self.set_aside {
+            write!(f, "\n  set aside: {}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Figures of the writer, for the bench.
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    /// fsyncs of segment files.
+    pub fsyncs: AtomicU64,
+    /// Messages made durable.
+    pub messages: AtomicU64,
+    /// Checkpoint records written.
+    pub checkpoints: AtomicU64,
+}
+
+/// What the writer shares with submitters.
+#[derive(Debug)]
+struct Shared {
+    /// Every identifier up to this is durable.
+    durable: AtomicU64,
+    /// Set once a write or fsync failed; never cleared.
+    failed: Mutex<Option<SpoolProblem>>,
+    changed: Condvar,
+    /// Octets in the segments.
+    bytes: AtomicU64,
+    low_space: AtomicBool,
+    stats: SpoolStats,
+    /// The segment being appended to, shared by the writer thread (submissions) and the loops
+    /// (checkpoints, written on the loop thread at the end of the turn that decided them, so
+    /// that a kill loses at most one turn's outcomes whatever the scheduler does).
+    segment: Mutex<Segment>,
+}
+
+/// The current segment file and its size.
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    size: u64,
+}
+
+impl Shared {
+    fn failed(&self) -> Option<SpoolProblem> {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, problem: SpoolProblem) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert(problem);
+        self.changed.notify_all();
+    }
+
+    /// Appends `buf` to the current segment; on error cuts the segment back and fails the
+    /// spool. Returns the file (for an fsync outside the lock).
+    fn append(&self, buf: &[u8]) -> Option<Arc<File>> {
+        let mut segment = self.segment.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = write_batch(&segment.file, buf) {
+            // Nothing partial may remain: cut the segment back to where the batch began.
+            let _ = segment.file.set_len(segment.size);
+            self.fail(SpoolProblem::WriteFailed(errno(&e)));
+            return None;
+        }
+        segment.size += buf.len() as u64;
+        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Some(Arc::clone(&segment.file))
+    }
+}
+
+/// A submission on its way to disk.
+struct Pending {
+    id: u64,
+    message: Message,
+    submitted_ms: u64,
+}
+
+enum Work {
+    /// Checkpoints were written: the writer fsyncs them within `CHECKPOINT_SYNC`.
+    Written,
+    Stop,
+}
+
+/// The engine's custody, as the spool implements it: a loop turn's outcomes are appended to
+/// the segment at once (one write, no fsync: the writer thread fsyncs them soon after).
+#[derive(Debug)]
+struct SpoolCustody {
+    shared: Arc<Shared>,
+    work: Sender<Work>,
+}
+
+impl Custody for SpoolCustody {
+    fn record(&self, outcomes: Vec<Outcome>) {
+        // After a failure the spool acknowledges nothing more: checkpoints are dropped (a
+        // lost checkpoint means a resend after restart, never a loss).
+        if self.shared.failed().is_some() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(outcomes.len() * 48);
+        for o in &outcomes {
+            let mark = match o.kind {
+                EventKind::Deferred => Mark::Deferred,
+                EventKind::Delivered => Mark::Delivered,
+                EventKind::Bounced => Mark::Bounced,
+                EventKind::Expired => Mark::Expired,
+            };
+            log::encode(
+                &Record::Outcome {
+                    id: o.message_id,
+                    mark,
+                    attempts: o.attempts,
+                    retry_at_ms: o.retry_at.map_or(0, unix_ms),
+                    recipient: o.recipient.as_str().to_string(),
+                },
+                &mut buf,
+            );
+        }
+        if self.shared.append(&buf).is_some() {
+            self.shared
+                .stats
+                .checkpoints
+                .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+            let _ = self.work.send(Work::Written);
+        }
+    }
+}
+
+/// An open spool (its directory locked by this process).
+pub struct Spool {
+    config: SpoolConfig,
+    _lock: File,
+    shared: Arc<Shared>,
+    /// The next identifier, given under this lock together with the send, so that the writer
+    /// sees identifiers in order and the watermark means "everything up to here".
+    next_id: Mutex<u64>,
+    /// The last identifier given (read by `sync` without waiting for a blocked submitter).
+    given: AtomicU64,
+    submit_tx: Sender<Pending>,
+    submit_rx: Option<Receiver<Pending>>,
+    work_tx: Sender<Work>,
+    work_rx: Option<Receiver<Work>>,
+    recovered: Option<store::State>,
+    report: RecoveryReport,
+    intake: Option<Intake>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.config.dir)
+            .field("durable", &self.durable_id())
+            .finish()
+    }
+}
+
+/// Locks `dir` for this process (released when the file closes, also on a crash).
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Spool(SpoolProblem::Locked));
+    }
+    Ok(file)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct it is given; the path is NUL-terminated.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut s) == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}
+
+impl Spool {
+    /// Locks the directory, reads what it holds and compacts it. The engine gets the
+    /// recovered work when [`Spool::start`] runs.
+    pub fn open(config: SpoolConfig) -> Result<Spool> {
+        let lock = lock_dir(&config.dir)?;
+        let mut state = store::State::load(&config.dir)?;
+        let (_, file, size) = state.compact(&config.dir)?;
+        let report = RecoveryReport {
+            messages: state.messages.len(),
+            recipients: state.messages.values().map(|m| m.recipients.len()).sum(),
+            held: 0,
+            removed: state.removed,
+            torn: state.issues.torn,
+            corrupt: state.issues.corrupt,
+            unusable: 0,
+            set_aside: state.issues.set_aside.clone(),
+        };
+        let (submit_tx, submit_rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let (work_tx, work_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            durable: AtomicU64::new(state.next_id - 1),
+            failed: Mutex::new(None),
+            changed: Condvar::new(),
+            bytes: AtomicU64::new(size),
+            low_space: AtomicBool::new(
+                free_bytes(&config.dir).is_some_and(|free| free < config.min_free_bytes),
+            ),
+            stats: SpoolStats::default(),
+            segment: Mutex::new(Segment {
+                file: Arc::new(file),
+                size,
+            }),
+        });
+        Ok(Spool {
+            next_id: Mutex::new(state.next_id),
+            given: AtomicU64::new(state.next_id - 1),
+            config,
+            _lock: lock,
+            shared,
+            submit_tx,
+            submit_rx: Some(submit_rx),
+            work_tx,
+            work_rx: Some(work_rx),
+            recovered: Some(state),
+            report,
+            intake: None,
+            writer: None,
+        })
+    }
+
+    /// The engine's view of this spool: where outcomes go.
+    pub fn custody(&self) -> Arc<dyn Custody> {
+        Arc::new(SpoolCustody {
+            shared: Arc::clone(&self.shared),
+            work: self.work_tx.clone(),
+        })
+    }
+
+    /// What opening found (counts of recovered, removed, torn and corrupt records).
+    pub fn report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The writer's figures: fsyncs, messages made durable, checkpoints written.
+    pub fn stats(&self) -> &SpoolStats {
+        &self.shared.stats
+    }
+
+    /// Starts the writer, which first hands the recovered work to the engine.
+    pub fn start(&mut self, intake: Intake) -> Result<()> {
+        let state = self.recovered.take().expect("started once");
+        let next_body_id = state.next_body_id;
+        let recovered = recovered_submissions(state, &mut self.report.unusable);
+        self.report.held = recovered
+            .iter()
+            .filter(|(due, _)| due.is_some())
+            .map(|(_, s)| s.message.recipients.len())
+            .sum();
+        // Counted as unfinished before this returns, so that a caller's wait_final waits for
+        // the recovered work too.
+        self.report.recipients = recovered
+            .iter()
+            .map(|(_, s)| s.message.recipients.len())
+            .sum();
+        let due = self.report.recipients - self.report.held;
+        intake.count_submitted(due as u64, true);
+        intake.count_held(self.report.held as u64, true);
+        let mut writer = Writer {
+            dir: self.config.dir.clone(),
+            config: self.config.clone(),
+            shared: Arc::clone(&self.shared),
+            intake: intake.clone(),
+            submissions: self.submit_rx.take().expect("started once"),
+            work: self.work_rx.take().expect("started once"),
+            segment_number: 0,
+            dir_dirty: false,
+            bodies: HashMap::new(),
+            next_body_id,
+            held: BinaryHeap::new(),
+            held_jobs: HashMap::new(),
+            held_seq: 0,
+            buf: Vec::with_capacity(1 << 20),
+            unsynced_since: None,
+        };
+        writer.segment_number = log::segments(&self.config.dir)?
+            .last()
+            .map_or(1, |(n, _)| *n);
+        self.intake = Some(intake);
+        self.writer = Some(
+            std::thread::Builder::new()
+                .name("mxpipe-spool".into())
+                .spawn(move || writer.run(recovered))?,
+        );
+        Ok(())
+    }
+
+    /// Queues `message` for the writer; its identifier is returned at once, durability comes
+    /// with [`Spool::sync`] or [`Spool::durable_id`]. The counts of the dispatcher include it
+    /// from here on (a message refused later is taken out of them again).
+    pub fn submit(
+        &self,
+        message: Message,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<u64, (Error, Message)> {
+        if let Some(problem) = *self.shared.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Err((Error::Spool(problem), message));
+        }
+        if self.shared.bytes.load(Ordering::Relaxed) >= self.config.max_bytes {
+            return Err((Error::Spool(SpoolProblem::Full), message));
+        }
+        if self.shared.low_space.load(Ordering::Relaxed) {
+            return Err((Error::Spool(SpoolProblem::LowSpace), message));
+        }
+        let intake = self.intake.as_ref().expect("spool started");
+        let n = message.recipients.len() as u64;
+        intake.count_submitted(n, true);
+        let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = Pending {
+            id: *next,
+            message,
+            submitted_ms: unix_ms(SystemTime::now()),
+        };
+        let sent = match timeout {
+            None => self.submit_tx.try_send(pending).map_err(|e| e.into_inner()),
+            Some(t) => self
+                .submit_tx
+                .send_timeout(pending, t)
+                .map_err(|e| e.into_inner()),
+        };
+        match sent {
+            Ok(()) => {
+                let id = *next;
+                *next += 1;
+                self.given.store(id, Ordering::Release);
+                Ok(id)
+            }
+            Err(pending) => {
+                drop(next);
+                intake.count_submitted(n, false);
+                Err((Error::QueueFull, pending.message))
+            }
+        }
+    }
+
+    /// Every identifier up to this is durable.
+    pub fn durable_id(&self) -> u64 {
+        self.shared.durable.load(Ordering::Acquire)
+    }
+
+    /// Waits until every message submitted before the call is durable, or the spool failed.
+    pub fn sync(&self) -> Result<()> {
+        let target = self.given.load(Ordering::Acquire);
+        let mut failed = self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.shared.durable.load(Ordering::Acquire) >= target {
+                return Ok(());
+            }
+            if let Some(problem) = *failed {
+                return Err(Error::Spool(problem));
+            }
+            failed = self
+                .shared
+                .changed
+                .wait_timeout(failed, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Writes the last checkpoints and stops the writer (after the loops stopped).
+    pub fn close(mut self) {
+        let _ = self.work_tx.send(Work::Stop);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The recovered messages as submissions, grouped by attempts and retry time; each with the
+/// instant it is due (`None`: now). A message that can no longer be sent (its body record was
+/// set aside, or it fails today's checks) is skipped and counted in `unusable`, never an error:
+/// one bad message must not stop every later start.
+fn recovered_submissions(
+    state: store::State,
+    unusable: &mut usize,
+) -> Vec<(Option<Instant>, Submission)> {
+    let now_ms = unix_ms(SystemTime::now());
+    let now = Instant::now();
+    let mut bodies: HashMap<u64, Arc<Body>> = HashMap::new();
+    let mut out = Vec::new();
+    for (id, m) in state.messages {
+        match recovered_message(id, m, &state.bodies, &mut bodies, now, now_ms) {
+            Some(mut list) => out.append(&mut list),
+            None => *unusable += 1,
+        }
+    }
+    out
+}
+
+/// One recovered message as submissions (see [`recovered_submissions`]).
+fn recovered_message(
+    id: u64,
+    m: store::StoredMessage,
+    stored: &HashMap<u64, Vec<u8>>,
+    bodies: &mut HashMap<u64, Arc<Body>>,
+    now: Instant,
+    now_ms: u64,
+) -> Option<Vec<(Option<Instant>, Submission)>> {
+    let mut out = Vec::new();
+    {
+        let body = match bodies.get(&m.body_id) {
+            Some(b) => Arc::clone(b),
+            None => {
+                // A body whose record was set aside as corrupt cannot be sent.
+                let bytes = stored.get(&m.body_id)?;
+                let body = Arc::new(Body::new(bytes).ok()?);
+                bodies.insert(m.body_id, Arc::clone(&body));
+                body
+            }
+        };
+        let sender = if m.sender.is_empty() {
+            Address::null()
+        } else {
+            Address::parse(&m.sender, Field::Sender).ok()?
+        };
+        let age = Duration::from_millis(now_ms.saturating_sub(m.submitted_ms));
+        let submitted = now.checked_sub(age).unwrap_or(now);
+        let mut groups: HashMap<(u32, u64), Vec<Address>> = HashMap::new();
+        for (i, (recipient, checkpoint)) in m.pending().enumerate() {
+            let (attempts, retry_at_ms) =
+                checkpoint.map_or((0, 0), |c| (c.attempts, c.retry_at_ms));
+            let due_ms = if retry_at_ms > now_ms { retry_at_ms } else { 0 };
+            groups
+                .entry((attempts, due_ms))
+                .or_default()
+                .push(Address::parse(recipient, Field::Recipient(i)).ok()?);
+        }
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_by_key(|(k, _)| *k);
+        for ((attempts, due_ms), recipients) in groups {
+            let due = (due_ms > 0).then(|| now + Duration::from_millis(due_ms - now_ms));
+            let message =
+                Message::from_parts(sender.clone(), recipients, Arc::clone(&body)).ok()?;
+            out.push((
+                due,
+                Submission {
+                    id,
+                    message,
+                    resumed: Some(Box::new(Resumed {
+                        attempts,
+                        submitted,
+                    })),
+                },
+            ));
+        }
+    }
+    Some(out)
+}
+
+/// The writer thread's state.
+struct Writer {
+    dir: PathBuf,
+    config: SpoolConfig,
+    shared: Arc<Shared>,
+    intake: Intake,
+    submissions: Receiver<Pending>,
+    work: Receiver<Work>,
+    segment_number: u64,
+    /// A segment was created since the directory was last fsynced.
+    dir_dirty: bool,
+    /// Bodies written to the current segment, by the address of their allocation (checked
+    /// against the live `Arc`, so a reused address is never mistaken for the old body).
+    bodies: HashMap<usize, (Weak<Body>, u64)>,
+    next_body_id: u64,
+    /// Recovered work not yet due.
+    held: BinaryHeap<Reverse<(Instant, u64)>>,
+    held_jobs: HashMap<u64, Submission>,
+    held_seq: u64,
+    buf: Vec<u8>,
+    /// Checkpoints were written (not yet fsynced) since then.
+    unsynced_since: Option<Instant>,
+}
+
+/// Messages one batch takes at most.
+const BATCH: usize = 8192;
+/// Checkpoints alone are written at once but fsynced at most this long after: a kill loses
+/// nothing written, only a power failure can lose them, and a lost checkpoint means a resend,
+/// never a loss. Submissions are always fsynced before they are acknowledged.
+const CHECKPOINT_SYNC: Duration = Duration::from_millis(100);
+
+impl Writer {
+    fn run(mut self, recovered: Vec<(Option<Instant>, Submission)>) {
+        for (due, submission) in recovered {
+            match due {
+                Some(due) => self.hold(due, submission),
+                None => self.hand_over(submission, Counted::Both),
+            }
+        }
+        let mut batch: Vec<Pending> = Vec::new();
+        loop {
+            let mut written = false;
+            let now = Instant::now();
+            let timeout = [
+                self.held.peek().map(|Reverse((t, _))| *t),
+                self.unsynced_since.map(|t| t + CHECKPOINT_SYNC),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(Duration::from_secs(3600), |t| {
+                t.saturating_duration_since(now)
+            });
+            let mut stop = false;
+            crossbeam_channel::select! {
+                recv(self.submissions) -> p => if let Ok(p) = p { batch.push(p) },
+                recv(self.work) -> w => match w {
+                    Ok(Work::Written) => written = true,
+                    Ok(Work::Stop) | Err(_) => stop = true,
+                },
+                default(timeout) => {}
+            }
+            while batch.len() < BATCH {
+                match self.submissions.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(w) = self.work.try_recv() {
+                match w {
+                    Work::Written => written = true,
+                    Work::Stop => stop = true,
+                }
+            }
+            if written {
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            self.commit(&mut batch, stop);
+            self.release_due();
+            if stop {
+                break;
+            }
+        }
+    }
+
+    fn failed(&self) -> Option<SpoolProblem> {
+        self.shared.failed()
+    }
+
+    fn fail(&self, problem: SpoolProblem) {
+        self.shared.fail(problem)
+    }
+
+    /// Writes and fsyncs one batch; then acknowledges and hands over its messages.
+    fn commit(&mut self, batch: &mut Vec<Pending>, stop: bool) {
+        let sync_due = self
+            .unsynced_since
+            .is_some_and(|t| stop || t.elapsed() >= CHECKPOINT_SYNC);
+        if batch.is_empty() && !sync_due {
+            return;
+        }
+        if self.failed().is_some() {
+            self.refuse(batch);
+            return;
+        }
+        self.buf.clear();
+        for p in batch.iter() {
+            let body = p.message.body();
+            let key = Arc::as_ptr(body) as usize;
+            let known = self
+                .bodies
+                .get(&key)
+                .filter(|(weak, _)| weak.upgrade().is_some_and(|b| Arc::ptr_eq(&b, body)))
+                .map(|(_, id)| *id);
+            let body_id = match known {
+                Some(id) => id,
+                None => {
+                    let id = self.next_body_id;
+                    self.next_body_id += 1;
+                    log::encode_body(id, body.as_bytes(), &mut self.buf);
+                    if self.bodies.len() >= 4096 {
+                        self.bodies.retain(|_, (weak, _)| weak.strong_count() > 0);
+                    }
+                    self.bodies.insert(key, (Arc::downgrade(body), id));
+                    id
+                }
+            };
+            log::encode_message(
+                p.id,
+                body_id,
+                p.submitted_ms,
+                p.message.sender().as_str(),
+                p.message.recipients().iter().map(Address::as_str),
+                &mut self.buf,
+            );
+        }
+        let file = if self.buf.is_empty() {
+            Arc::clone(
+                &self
+                    .shared
+                    .segment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .file,
+            )
+        } else {
+            match self.shared.append(&self.buf) {
+                Some(file) => file,
+                None => {
+                    self.refuse(batch);
+                    return;
+                }
+            }
+        };
+        let stats = &self.shared.stats;
+        if let Err(e) = sync_file(&file) {
+            // Never retried: the pages the kernel failed to write may be gone while the
+            // cache says clean (fsyncgate). Nothing more is acknowledged.
+            self.fail(SpoolProblem::SyncFailed(errno(&e)));
+            self.refuse(batch);
+            return;
+        }
+        self.unsynced_since = None;
+        if self.dir_dirty {
+            if let Err(e) = log::sync_dir(&self.dir) {
+                self.fail(SpoolProblem::SyncFailed(errno(&e)));
+                self.refuse(batch);
+                return;
+            }
+            self.dir_dirty = false;
+        }
+        stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        stats
+            .messages
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Some(last) = batch.last() {
+            self.shared.durable.store(last.id, Ordering::Release);
+            let _guard = self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.changed.notify_all();
+        }
+        let low = free_bytes(&self.dir).is_some_and(|free| free < self.config.min_free_bytes);
+        self.shared.low_space.store(low, Ordering::Relaxed);
+        for p in batch.drain(..) {
+            self.hand_over(Submission::new(p.id, p.message), Counted::Both);
+        }
+        let size = self
+            .shared
+            .segment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .size;
+        if size >= self.config.segment_bytes {
+            self.rotate();
+        }
+    }
+
+    /// Starts a new segment (fsynced with the directory at the next batch).
+    fn rotate(&mut self) {
+        // Under the lock: checkpoints written to the old segment since its last fsync are
+        // synced before it is left (rotation is rare; the loops wait this once).
+        let mut segment = self
+            .shared
+            .segment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = sync_file(&segment.file) {
+            drop(segment);
+            self.fail(SpoolProblem::SyncFailed(errno(&e)));
+            return;
+        }
+        self.unsynced_since = None;
+        let number = self.segment_number + 1;
+        match std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(log::segment_path(&self.dir, number))
+        {
+            Ok(file) => {
+                *segment = Segment {
+                    file: Arc::new(file),
+                    size: 0,
+                };
+                self.segment_number = number;
+                self.dir_dirty = true;
+                self.bodies.clear();
+            }
+            Err(e) => {
+                drop(segment);
+                self.fail(SpoolProblem::WriteFailed(errno(&e)));
+            }
+        }
+    }
+
+    /// Messages of a batch that could not be made durable: out of the counts, never sent.
+    fn refuse(&self, batch: &mut Vec<Pending>) {
+        for p in batch.drain(..) {
+            self.intake
+                .count_submitted(p.message.recipients.len() as u64, false);
+        }
+    }
+
+    fn hold(&mut self, due: Instant, submission: Submission) {
+        self.held_seq += 1;
+        self.held.push(Reverse((due, self.held_seq)));
+        self.held_jobs.insert(self.held_seq, submission);
+    }
+
+    fn release_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((due, seq))) = self.held.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.held.pop();
+            if let Some(s) = self.held_jobs.remove(&seq) {
+                self.hand_over(s, Counted::Unfinished);
+            }
+        }
+    }
+
+    /// Hands a durable submission to the engine, waiting for room; when the engine is
+    /// shutting down it stays in the spool for the next process.
+    fn hand_over(&self, mut submission: Submission, counted: Counted) {
+        loop {
+            match self
+                .intake
+                .hand_over(submission, Some(Duration::from_millis(100)), counted)
+            {
+                Ok(()) => return,
+                Err((_, back)) => {
+                    if self.intake.is_shutting_down() {
+                        let n = back.message.recipients.len() as u64;
+                        match counted {
+                            Counted::Both => self.intake.count_submitted(n, false),
+                            Counted::Unfinished | Counted::No => self.intake.count_held(n, false),
+                        }
+                        return;
+                    }
+                    submission = back;
+                }
+            }
+        }
+    }
+}
+
+/// The OS error number of `e` (0 when it has none).
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn write_batch(mut file: &File, buf: &[u8]) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("spool-write", |_| {
+        // The disk fills halfway through the batch.
+        file.write_all(&buf[..buf.len() / 2])?;
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+    });
+    file.write_all(buf)
+}
+
+fn sync_file(file: &File) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("spool-fsync", |_| Err(io::Error::from_raw_os_error(
+        libc::EIO
+    )));
+    file.sync_data()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+//! What a spool holds, rebuilt from its segments: every message with at least one recipient
+//! that is not final, with each recipient's attempts and retry time.
+//!
+//! [`State::load`] reads the segments in order and applies the records; [`State::compact`]
+//! writes the live part into a fresh segment, fsyncs it and its directory, and only then
+//! deletes the old segments (a crash between the two leaves both, and reading both gives the
+//! same state: a message record met again replaces the recipient list, checkpoints stay).
+
+use super::log::{self, Mark, ReadIssues, Record};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// A recipient's last checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub mark: Mark,
+    pub attempts: u32,
+    /// For a deferral: when the next attempt is due (Unix milliseconds; 0: now).
+    pub retry_at_ms: u64,
+}
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub body_id: u64,
+    pub submitted_ms: u64,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    /// Checkpoints by recipient address (a recipient named twice in one message is one
+    /// recipient to the spool: the first final outcome ends both).
+    pub checkpoints: HashMap<String, Checkpoint>,
+}
+
+impl StoredMessage {
+    /// Recipients without a final outcome, with their last deferral if any.
+    pub fn pending(&self) -> impl Iterator<Item = (&str, Option<Checkpoint>)> {
+        self.recipients
+            .iter()
+            .filter_map(|r| match self.checkpoints.get(r) {
+                Some(c) if c.mark.is_final() => None,
+                c => Some((r.as_str(), c.copied())),
+            })
+    }
+
+    /// Whether every recipient is final.
+    pub fn is_done(&self) -> bool {
+        self.pending().next().is_none()
+    }
+}
+
+/// The spool's contents.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Messages by identifier, in order.
+    pub messages: BTreeMap<u64, StoredMessage>,
+    pub bodies: HashMap<u64, Vec<u8>>,
+    /// The next identifier to give.
+    pub next_id: u64,
+    /// The next body identifier to give.
+    pub next_body_id: u64,
+    pub issues: ReadIssues,
+    /// Messages read that were all final (or deleted): not kept.
+    pub removed: usize,
+    /// Segments read, in order.
+    pub segments: Vec<(u64, PathBuf)>,
+    /// Octets in those segments.
+    pub bytes: u64,
+}
+
+impl State {
+    /// Reads every segment of `dir`.
+    pub fn load(dir: &Path) -> io::Result<State> {
+        let mut state = State {
+            next_id: 1,
+            next_body_id: 1,
+            ..State::default()
+        };
+        state.segments = log::segments(dir)?;
+        let segments = state.segments.clone();
+        let mut issues = ReadIssues::default();
+        for (_, path) in &segments {
+            state.bytes += fs::metadata(path)?.len();
+            log::read_segment(dir, path, &mut issues, |r| state.apply(r))?;
+        }
+        state.issues = issues;
+        let before = state.messages.len();
+        let bodies_used: std::collections::HashSet<u64> = {
+            state.messages.retain(|_, m| !m.is_done());
+            state.messages.values().map(|m| m.body_id).collect()
+        };
+        state.removed += before - state.messages.len();
+        state.bodies.retain(|id, _| bodies_used.contains(id));
+        Ok(state)
+    }
+
+    fn apply(&mut self, record: Record) {
+        match record {
+            Record::Body { body_id, bytes } => {
+                self.next_body_id = self.next_body_id.max(body_id + 1);
+                self.bodies.insert(body_id, bytes);
+            }
+            Record::Message {
+                id,
+                body_id,
+                submitted_ms,
+                sender,
+                recipients,
+            } => {
+                self.next_id = self.next_id.max(id + 1);
+                match self.messages.get_mut(&id) {
+                    // Met again after a compaction that did not finish deleting: the newer
+                    // list holds the recipients that were still pending.
+                    Some(m) => m.recipients = recipients,
+                    None => {
+                        self.messages.insert(
+                            id,
+                            StoredMessage {
+                                body_id,
+                                submitted_ms,
+                                sender,
+                                recipients,
+                                checkpoints: HashMap::new(),
+                            },
+                        );
+                    }
+                }
+            }
+            Record::Outcome {
+                id,
+                mark,
+                attempts,
+                retry_at_ms,
+                recipient,
+            } => {
+                if let Some(m) = self.messages.get_mut(&id) {
+                    let checkpoint = Checkpoint {
+                        mark,
+                        attempts,
+                        retry_at_ms,
+                    };
+                    match m.checkpoints.get_mut(&recipient) {
+                        // A final outcome is never undone by a later deferral.
+                        Some(old) if old.mark.is_final() => {}
+                        Some(old) => *old = checkpoint,
+                        None => {
+                            m.checkpoints.insert(recipient, checkpoint);
+                        }
+                    }
+                }
+            }
+            Record::Retry { id } => {
+                let due_now = |m: &mut StoredMessage| {
+                    for c in m.checkpoints.values_mut() {
+                        c.retry_at_ms = 0;
+                    }
+                };
+                if id == 0 {
+                    self.messages.values_mut().for_each(due_now);
+                } else if let Some(m) = self.messages.get_mut(&id) {
+                    due_now(m);
+                }
+            }
+            Record::Delete { id } => {
+                if self.messages.remove(&id).is_some() {
+                    self.removed += 1;
+                }
+            }
+            Record::IdFloor { next_id } => self.next_id = self.next_id.max(next_id),
+        }
+    }
+
+    /// Writes the live state to segment `number` (fsynced, directory too) and deletes the
+    /// segments read. Returns the new segment, open for appending, and its size.
+    pub fn compact(&mut self, dir: &Path) -> io::Result<(u64, File, u64)> {
+        let number = self.segments.last().map_or(1, |(n, _)| n + 1);
+        let path = log::segment_path(dir, number);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        let mut size = 0u64;
+        log::encode(
+            &Record::IdFloor {
+                next_id: self.next_id,
+            },
+            &mut buf,
+        );
+        let mut written_bodies = std::collections::HashSet::new();
+        for (&id, m) in &self.messages {
+            if written_bodies.insert(m.body_id) {
+                if let Some(bytes) = self.bodies.get(&m.body_id) {
+                    log::encode_body(m.body_id, bytes, &mut buf);
+                }
+            }
+            let pending: Vec<(&str, Option<Checkpoint>)> = m.pending().collect();
+            log::encode_message(
+                id,
+                m.body_id,
+                m.submitted_ms,
+                &m.sender,
+                pending.iter().map(|(r, _)| *r),
+                &mut buf,
+            );
+            for (recipient, checkpoint) in &pending {
+                if let Some(c) = checkpoint {
+                    log::encode(
+                        &Record::Outcome {
+                            id,
+                            mark: c.mark,
+                            attempts: c.attempts,
+                            retry_at_ms: c.retry_at_ms,
+                            recipient: recipient.to_string(),
+                        },
+                        &mut buf,
+                    );
+                }
+            }
+            if buf.len() >= 1 << 20 {
+                file.write_all(&buf)?;
+                size += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        file.write_all(&buf)?;
+        size += buf.len() as u64;
+        file.sync_all()?;
+        log::sync_dir(dir)?;
+        for (_, old) in self.segments.drain(..) {
+            fs::remove_file(old)?;
+        }
+        log::sync_dir(dir)?;
+        // The live state is now what the new segment says: forget what was dropped.
+        for m in self.messages.values_mut() {
+            let StoredMessage {
+                recipients,
+                checkpoints,
+                ..
+            } = m;
+            recipients.retain(|r| !checkpoints.get(r).is_some_and(|c| c.mark.is_final()));
+            checkpoints.retain(|_, c| !c.mark.is_final());
+        }
+        self.segments.push((number, path));
+        self.bytes = size;
+        Ok((number, file, size))
+    }
+}
+
+/// Appends `records` to a new segment (the queue tools' way to write: they never append to a
+/// segment whose tail may be torn), fsyncing it and the directory.
+pub fn append_segment(dir: &Path, state: &State, records: &[Record]) -> io::Result<PathBuf> {
+    let number = state.segments.last().map_or(1, |(n, _)| n + 1);
+    let path = log::segment_path(dir, number);
+    let mut buf = Vec::new();
+    for r in records {
+        log::encode(r, &mut buf);
+    }
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)?;
+    file.write_all(&buf)?;
+    file.sync_all()?;
+    log::sync_dir(dir)?;
+    Ok(path)
+}
