@@ -132,7 +132,7 @@ fn round(n: usize, dir: &Path, recipients: &[String], window: Duration) -> Round
         "round {n}: the last send failed: {stdout}{stderr}"
     );
     assert!(
-        stdout.contains("bounced=0 expired=0 deferred_now=0"),
+        stdout.contains("bounced=0 expired=0 not_final=0"),
         "{stdout}"
     );
     let stats = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
