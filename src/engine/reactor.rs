@@ -691,6 +691,9 @@ impl Reactor {
             let d = conn.destination;
             let dest = &mut self.destinations[d];
             let mut session = Session::new(Arc::clone(&dest.tls.session), now);
+            if dest.no_pipelined_bdat {
+                session.forbid_pipelined_bdat();
+            }
             dest.connecting -= 1;
             if dest.target.implicit_tls {
                 session.set_implicit_tls(now);
@@ -830,6 +833,13 @@ impl Reactor {
             if let Some(closure) = closed {
                 let conn = self.remove(token);
                 let d = conn.destination;
+                if closure.pipelined_bdat_failed && !self.destinations[d].no_pipelined_bdat {
+                    self.destinations[d].no_pipelined_bdat = true;
+                    self.destinations[d]
+                        .metrics
+                        .bdat_fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 if !closure.graceful && self.is_throttle(&closure.reply) {
                     // The connection that got the throttle is gone already: the others
                     // are what the server accepts.
