@@ -139,6 +139,8 @@ struct Reactor {
 /// Where a connection event came from, decoded from the mio event.
 struct Readiness {
     readable: bool,
+    /// The peer's FIN is in: reads go on to it even after a short one.
+    read_closed: bool,
     writable: bool,
     error: bool,
 }
@@ -211,6 +213,7 @@ impl Reactor {
                 }
                 let readiness = Readiness {
                     readable: event.is_readable() || event.is_read_closed(),
+                    read_closed: event.is_read_closed(),
                     writable: event.is_writable() || event.is_write_closed(),
                     error: event.is_error(),
                 };
@@ -711,7 +714,7 @@ impl Reactor {
         }
         if readiness.readable || readiness.error {
             let conn = self.conns.get_mut(token).expect("connection exists");
-            let outcome = conn.read(&mut self.read_buf, now);
+            let outcome = conn.read(&mut self.read_buf, readiness.read_closed, now);
             let d = conn.destination;
             let Some(session) = conn.session.as_mut() else {
                 return;
