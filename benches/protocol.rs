@@ -66,8 +66,9 @@ fn session(c: &mut Criterion) {
     let sender = Address::parse("s@b.example", mxpipe::error::Field::Sender).unwrap();
     let rcpt = Address::parse("r@c.example", mxpipe::error::Field::Recipient(0)).unwrap();
     let mut g = c.benchmark_group("session");
-    g.throughput(Throughput::Elements(1));
-    // One pipelined DATA transaction per iteration on an established session.
+    // Per element: one transaction (100 per iteration).
+    g.throughput(Throughput::Elements(100));
+    // 100 pipelined DATA transactions per iteration on an established session.
     g.bench_function("pipelined_transaction", |b| {
         b.iter_batched_ref(
             || {
@@ -93,6 +94,50 @@ fn session(c: &mut Criterion) {
                     s.handle_input(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n", *now);
                     s.consume_output(s.pending_output().len());
                     s.handle_input(b"250 2.0.0 Ok: queued\r\n", *now);
+                    while let Some(e) = s.poll_event() {
+                        black_box(matches!(e, SessionEvent::TransactionDone { .. }));
+                    }
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // 100 pipelined BDAT transactions per iteration (CHUNKING + PIPELINING): each window of
+    // whole transactions is one write, and its replies arrive in one read.
+    let replies: Vec<u8> =
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n".repeat(config.bdat_window);
+    g.bench_function("pipelined_bdat_100", |b| {
+        b.iter_batched_ref(
+            || {
+                let now = Instant::now();
+                let mut s = Session::new(Arc::clone(&config), now);
+                s.handle_input(b"220 mx\r\n", now);
+                s.consume_output(s.pending_output().len());
+                s.handle_input(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n", now);
+                (s, now)
+            },
+            |(s, now)| {
+                let mut tag = 0u64;
+                while tag < 100 {
+                    let mut window = 0;
+                    while tag < 100 && s.can_accept() {
+                        s.start_transaction(
+                            Transaction {
+                                tag,
+                                sender: sender.clone(),
+                                recipients: vec![rcpt.clone()],
+                                body: Arc::clone(&body),
+                            },
+                            *now,
+                        );
+                        tag += 1;
+                        window += 1;
+                    }
+                    s.consume_output(s.pending_output().len());
+                    s.handle_input(
+                        &replies[..window * replies.len() / config.bdat_window],
+                        *now,
+                    );
                     while let Some(e) = s.poll_event() {
                         black_box(matches!(e, SessionEvent::TransactionDone { .. }));
                     }

@@ -58,8 +58,10 @@ pub enum ReadOutcome {
 }
 
 impl Conn {
-    /// Reads everything available and feeds it to the session.
-    pub fn read(&mut self, buf: &mut [u8], now: Instant) -> ReadOutcome {
+    /// Reads everything available and feeds it to the session. `peer_closed`: the event that
+    /// woke us also announced the peer's FIN (replies and close in one edge, as when a server
+    /// answers a pipelined batch and hangs up), so no later edge will: read on to the end.
+    pub fn read(&mut self, buf: &mut [u8], peer_closed: bool, now: Instant) -> ReadOutcome {
         if self.tls.is_some() {
             return self.read_tls(buf, now);
         }
@@ -79,7 +81,7 @@ impl Conn {
                         return ReadOutcome::Drained;
                     }
                     // A short read emptied the socket; the next arrival raises a new edge.
-                    if n < buf.len() {
+                    if n < buf.len() && !peer_closed {
                         return ReadOutcome::Drained;
                     }
                 }

@@ -26,6 +26,9 @@ pub struct DestinationMetrics {
     pub expired: AtomicU64,
     /// "Slow down" replies (421, or a 4xx classified as throttling) that shrank the window.
     pub throttled: AtomicU64,
+    /// Times a session broke with pipelined BDAT in flight and the destination fell back to
+    /// waiting for RCPT replies.
+    pub bdat_fallbacks: AtomicU64,
     pub connections_open: AtomicU64,
     /// The adaptive concurrency window now.
     pub concurrency_limit: AtomicU64,
@@ -48,6 +51,8 @@ pub struct DestinationStats {
     pub expired: u64,
     /// "Slow down" replies (421, or a 4xx classified as throttling) that shrank the window.
     pub throttled: u64,
+    /// Times the destination fell back from pipelined BDAT.
+    pub bdat_fallbacks: u64,
     pub connections_open: u64,
     pub concurrency_limit: u64,
     /// Messages per second, when limited.
@@ -76,6 +81,7 @@ impl DestinationMetrics {
             bounced: get(&self.bounced),
             expired: get(&self.expired),
             throttled: get(&self.throttled),
+            bdat_fallbacks: get(&self.bdat_fallbacks),
             connections_open: get(&self.connections_open),
             concurrency_limit: get(&self.concurrency_limit),
             rate_limit: (rate > 0).then(|| rate as f64 / 1000.0),
@@ -173,7 +179,7 @@ pub fn prometheus(global: &StatsSnapshot, destinations: &[DestinationStats]) -> 
         let _ = writeln!(out, "mxpipe_{name} {value}");
     }
     type Field = fn(&DestinationStats) -> f64;
-    let per_destination: [(&str, &str, &str, Field); 12] = [
+    let per_destination: [(&str, &str, &str, Field); 13] = [
         (
             "destination_queued",
             "gauge",
@@ -224,6 +230,12 @@ pub fn prometheus(global: &StatsSnapshot, destinations: &[DestinationStats]) -> 
             "counter",
             "Slow-down replies that shrank the connection window.",
             |d| d.throttled as f64,
+        ),
+        (
+            "destination_bdat_fallbacks_total",
+            "counter",
+            "Sessions that broke with pipelined BDAT in flight (the destination then waits for RCPT replies).",
+            |d| d.bdat_fallbacks as f64,
         ),
         (
             "destination_connections_open",

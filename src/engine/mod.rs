@@ -373,6 +373,16 @@ impl DispatcherBuilder {
         self
     }
 
+    /// With CHUNKING and PIPELINING, how many whole transactions (MAIL, RCPTs, BDAT LAST and
+    /// content, sent without waiting for replies) may be in flight on a connection, and how
+    /// many content octets (default 32 and 1 MiB). 0 transactions: BDAT content waits for the
+    /// RCPT replies.
+    pub fn bdat_window(mut self, transactions: usize, octets: usize) -> Self {
+        self.config.session.bdat_window = transactions;
+        self.config.session.bdat_window_bytes = octets;
+        self
+    }
+
     pub fn max_connections_per_destination(mut self, n: usize) -> Self {
         self.config.max_connections_per_destination = n;
         self

@@ -41,6 +41,9 @@ pub struct Destination {
     pub next_addr: usize,
     /// Opportunistic TLS failed here: connections until then skip STARTTLS.
     pub plaintext_until: Option<std::time::Instant>,
+    /// A session broke with pipelined BDAT in flight: this destination's connections wait
+    /// for the RCPT replies before BDAT content from now on.
+    pub no_pipelined_bdat: bool,
     /// Limits and the adaptive window.
     pub shaper: Shaper,
     /// Held back (rate limit, pause, dead) until then: nothing is dispatched before.
@@ -70,6 +73,7 @@ impl Destination {
             established: 0,
             next_addr: 0,
             plaintext_until: None,
+            no_pipelined_bdat: false,
             queued_recipients: 0,
             metrics,
             shaper,

@@ -141,6 +141,8 @@ struct Reactor {
 /// Where a connection event came from, decoded from the mio event.
 struct Readiness {
     readable: bool,
+    /// The peer's FIN is in: reads go on to it even after a short one.
+    read_closed: bool,
     writable: bool,
     error: bool,
 }
@@ -214,6 +216,7 @@ impl Reactor {
                 }
                 let readiness = Readiness {
                     readable: event.is_readable() || event.is_read_closed(),
+                    read_closed: event.is_read_closed(),
                     writable: event.is_writable() || event.is_write_closed(),
                     error: event.is_error(),
                 };
@@ -737,6 +740,9 @@ impl Reactor {
             let d = conn.destination;
             let dest = &mut self.destinations[d];
             let mut session = Session::new(Arc::clone(&dest.tls.session), now);
+            if dest.no_pipelined_bdat {
+                session.forbid_pipelined_bdat();
+            }
             dest.connecting -= 1;
             if dest.target.implicit_tls {
                 session.set_implicit_tls(now);
@@ -754,7 +760,7 @@ impl Reactor {
         }
         if readiness.readable || readiness.error {
             let conn = self.conns.get_mut(token).expect("connection exists");
-            let outcome = conn.read(&mut self.read_buf, now);
+            let outcome = conn.read(&mut self.read_buf, readiness.read_closed, now);
             let d = conn.destination;
             let Some(session) = conn.session.as_mut() else {
                 return;
@@ -876,6 +882,13 @@ impl Reactor {
             if let Some(closure) = closed {
                 let conn = self.remove(token);
                 let d = conn.destination;
+                if closure.pipelined_bdat_failed && !self.destinations[d].no_pipelined_bdat {
+                    self.destinations[d].no_pipelined_bdat = true;
+                    self.destinations[d]
+                        .metrics
+                        .bdat_fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 if !closure.graceful && self.is_throttle(&closure.reply) {
                     // The connection that got the throttle is gone already: the others
                     // are what the server accepts.

@@ -9,9 +9,14 @@
 //! Pipelining (RFC 2920) is two cursors over the commands: `unsent` holds what is queued but not
 //! yet written, `pending` what was written and awaits its reply. Replies are matched to
 //! `pending` strictly in order. The client only waits where RFC 2920 3.1 says it must: for the
-//! greeting, after EHLO, after DATA (for 354), and, before BDAT content, for the RCPT replies so
-//! that no content is sent when every recipient was refused. A reply that fits no command
-//! closes the session; nothing is counted as delivered on a guess.
+//! greeting, after EHLO, and after DATA (for 354). With CHUNKING and PIPELINING, MAIL, every
+//! RCPT, `BDAT <n> LAST` and the content go out together and further transactions follow right
+//! behind, up to a window: the chunk length is explicit, so content after a refused recipient
+//! list can never be read as commands, and RFC 3030 2 has a pipelining server discard chunks
+//! after a failure (a transaction whose recipients were all refused expects the BDAT to fail).
+//! With the window at 0, or a destination that showed it cannot take this, BDAT content waits
+//! for the RCPT replies so that no content is sent when every recipient was refused. A reply
+//! that fits no command closes the session; nothing is counted as delivered on a guess.
 
 use super::auth::{Credentials, Mechanism};
 use super::caps::Capabilities;
@@ -74,6 +79,13 @@ pub struct SessionConfig {
     pub reply_limits: ReplyLimits,
     /// Use BDAT when the server offers CHUNKING (RFC 3030).
     pub use_chunking: bool,
+    /// With CHUNKING and PIPELINING: how many transactions may be in flight on a connection,
+    /// each written whole (MAIL, RCPTs, BDAT LAST, content) without waiting for the RCPT
+    /// replies. 0: BDAT content waits for the RCPT replies (one transaction behind another).
+    pub bdat_window: usize,
+    /// With a BDAT window: at most this many content octets in flight on a connection (a
+    /// single larger message still goes, alone).
+    pub bdat_window_bytes: usize,
     /// A connection idle for longer than this gets an RSET first when reused, so that a server
     /// that dropped it costs nothing but a retry on a new connection.
     pub probe_after_idle: Duration,
@@ -92,6 +104,8 @@ impl Default for SessionConfig {
             timeouts: Timeouts::default(),
             reply_limits: ReplyLimits::default(),
             use_chunking: true,
+            bdat_window: 32,
+            bdat_window_bytes: 1 << 20,
             probe_after_idle: Duration::from_secs(2),
             starttls: StartTls::default(),
             credentials: None,
@@ -132,6 +146,9 @@ pub struct Closure {
     pub established: bool,
     /// Ended by QUIT as planned.
     pub graceful: bool,
+    /// The session broke (a reply out of order, the connection lost, a timeout) while
+    /// pipelined BDAT transactions were in flight: the destination may not handle them.
+    pub pipelined_bdat_failed: bool,
 }
 
 /// Something the engine must act on.
@@ -225,6 +242,8 @@ struct TxnState {
     id: u32,
     txn: Transaction,
     bdat: bool,
+    /// Pipelined BDAT: the content went out with the envelope, before any reply.
+    eager: bool,
     /// `None` until answered; a refused MAIL decides every recipient.
     mail: Option<Result<(), Reply>>,
     results: Vec<Option<RcptResult>>,
@@ -290,6 +309,13 @@ pub struct Session {
     /// Implicit TLS: the handshake runs before the greeting, under the handshake timeout.
     implicit_handshake: bool,
     starttls_forbidden: bool,
+    /// The destination showed it cannot take pipelined BDAT: content waits for RCPT replies.
+    pipelined_bdat_forbidden: bool,
+    /// Set when the session breaks with pipelined BDAT in flight, or gets out of step after
+    /// using it; reported in the closure.
+    pipelined_bdat_failed: bool,
+    /// Pipelined BDAT was written on this connection.
+    pipelined_bdat_sent: bool,
     mechanism: Option<Mechanism>,
     /// Why the session is ending when it failed while still in sync with the server: QUIT is
     /// sent first (RFC 5321 4.1.1.10), and the closure reports this, not the reply to QUIT.
@@ -332,6 +358,9 @@ impl Session {
             certificate_verified: false,
             implicit_handshake: false,
             starttls_forbidden: false,
+            pipelined_bdat_forbidden: false,
+            pipelined_bdat_failed: false,
+            pipelined_bdat_sent: false,
             mechanism: None,
             quit_reason: None,
         }
@@ -359,6 +388,22 @@ impl Session {
 
     /// Do not use STARTTLS on this connection even when offered (a destination whose TLS
     /// failed under the opportunistic policy is tried in plaintext).
+    /// The destination showed it cannot take pipelined BDAT (a desync or a reset with it in
+    /// flight): BDAT content waits for the RCPT replies on this connection.
+    pub fn forbid_pipelined_bdat(&mut self) {
+        self.pipelined_bdat_forbidden = true;
+    }
+
+    /// Transactions go out whole (MAIL, RCPTs, BDAT LAST, content) without waiting for
+    /// replies: the server offers CHUNKING and PIPELINING and nothing forbids it.
+    fn pipelined_bdat(&self) -> bool {
+        self.config.use_chunking
+            && self.config.bdat_window > 0
+            && self.caps.chunking
+            && self.caps.pipelining
+            && !self.pipelined_bdat_forbidden
+    }
+
     pub fn forbid_starttls(&mut self) {
         self.starttls_forbidden = true;
     }
@@ -450,8 +495,16 @@ impl Session {
         if self.phase != Phase::Ready {
             return false;
         }
-        if self.caps.pipelining {
-            self.txns.len() < 2 && self.txns.iter().all(|t| t.content_sent || t.doomed)
+        if !self.txns.iter().all(|t| t.content_sent || t.doomed) {
+            return false;
+        }
+        if self.pipelined_bdat() {
+            let in_flight: usize = self.txns.iter().map(|t| t.txn.body.len()).sum();
+            self.txns.is_empty()
+                || (self.txns.len() < self.config.bdat_window
+                    && in_flight < self.config.bdat_window_bytes)
+        } else if self.caps.pipelining {
+            self.txns.len() < 2
         } else {
             self.txns.is_empty()
         }
@@ -493,11 +546,14 @@ impl Session {
         }
         self.transactions_started += 1;
         let bdat = self.config.use_chunking && self.caps.chunking;
+        let eager = bdat && self.pipelined_bdat();
         self.unsent.push_back(Expect::Mail { txn: id });
         for index in 0..txn.recipients.len() as u32 {
             self.unsent.push_back(Expect::Rcpt { txn: id, index });
         }
-        if !bdat {
+        if eager {
+            self.unsent.push_back(Expect::Bdat { txn: id });
+        } else if !bdat {
             self.unsent.push_back(Expect::Data { txn: id });
         }
         let n = txn.recipients.len();
@@ -505,6 +561,7 @@ impl Session {
             id,
             txn,
             bdat,
+            eager,
             mail: None,
             results: vec![None; n],
             rcpt_answered: 0,
@@ -604,6 +661,7 @@ impl Session {
             2,
             format!("connection lost while waiting for reply to {name}: {why}"),
         );
+        self.note_pipelined_bdat_failure();
         if waiting_for == Some(Expect::Rset { probe: true }) {
             // The reused connection had died while idle: nothing was attempted.
             self.fail_with_retry(reply);
@@ -626,6 +684,7 @@ impl Session {
                 let waiting_for = self.pending.front().copied();
                 let name = waiting_for.map_or("nothing", |e| e.name());
                 let reply = local_reply(4, 4, 2, format!("timed out waiting for reply to {name}"));
+                self.note_pipelined_bdat_failure();
                 if waiting_for == Some(Expect::Rset { probe: true }) {
                     // A reused connection whose peer went silent while idle: the connection
                     // failed, not the transactions queued behind the probe.
@@ -740,8 +799,18 @@ impl Session {
                 command::rcpt_to(out, &t.txn.recipients[index as usize]);
             }
             Expect::Data { .. } => command::data(out),
-            // Content follows these; they are written by `send_content`.
-            Expect::DataEnd { .. } | Expect::Bdat { .. } => {}
+            Expect::Bdat { txn } => {
+                // Pipelined BDAT is queued with its envelope and written here with its
+                // content; otherwise `send_content` writes it once the RCPT replies are in.
+                if let Some(t) = self.txns.iter_mut().find(|t| t.id == txn && t.eager) {
+                    t.content_sent = true;
+                    self.pipelined_bdat_sent = true;
+                    command::bdat(out, t.txn.body.len(), true);
+                    out.extend_from_slice(t.txn.body.as_bytes());
+                }
+            }
+            // Content follows this; it is written by `send_content`.
+            Expect::DataEnd { .. } => {}
         }
     }
 
@@ -981,7 +1050,7 @@ impl Session {
             t.doomed = true;
         }
         let (all_answered, bdat, doomed) = (t.rcpt_answered == t.results.len(), t.bdat, t.doomed);
-        if all_answered && bdat && !doomed {
+        if all_answered && bdat && !doomed && !t.eager {
             self.send_content(txn, now);
         }
         self.after_txn_reply(txn);
@@ -1097,7 +1166,19 @@ impl Session {
     }
 
     fn protocol_error_text(&mut self, text: String) {
+        // A server that read a chunk as commands answers too often, possibly only after the
+        // transaction ended.
+        self.pipelined_bdat_failed |= self.pipelined_bdat_sent;
+        self.note_pipelined_bdat_failure();
         self.fail(local_reply(4, 5, 0, text));
+    }
+
+    /// The session is breaking: if pipelined BDAT was in flight, the closure says so, and the
+    /// engine stops using it for this destination.
+    fn note_pipelined_bdat_failure(&mut self) {
+        if self.txns.iter().any(|t| t.eager) {
+            self.pipelined_bdat_failed = true;
+        }
     }
 
     /// Ends the session: every transaction in flight fails with `reply` (transient, since the
@@ -1202,6 +1283,7 @@ impl Session {
             reply,
             established: self.established,
             graceful,
+            pipelined_bdat_failed: self.pipelined_bdat_failed,
         }));
     }
 }
@@ -1249,11 +1331,14 @@ mod tests {
 
     impl Script {
         fn new(chunking: bool) -> Self {
-            let config = SessionConfig {
+            Script::configured(SessionConfig {
                 ehlo_name: "client.example".into(),
                 use_chunking: chunking,
                 ..SessionConfig::default()
-            };
+            })
+        }
+
+        fn configured(config: SessionConfig) -> Self {
             let now = Instant::now();
             Script {
                 session: Session::new(Arc::new(config), now),
@@ -1266,7 +1351,22 @@ mod tests {
 
         /// Greeting and EHLO with these capability lines.
         fn connected(chunking: bool, caps: &str) -> Self {
-            let mut s = Script::new(chunking);
+            Script::connected_with(Script::new(chunking), caps)
+        }
+
+        /// BDAT content waits for the RCPT replies (no pipelined BDAT window).
+        fn connected_lockstep_bdat(caps: &str) -> Self {
+            Script::connected_with(
+                Script::configured(SessionConfig {
+                    ehlo_name: "client.example".into(),
+                    bdat_window: 0,
+                    ..SessionConfig::default()
+                }),
+                caps,
+            )
+        }
+
+        fn connected_with(mut s: Script, caps: &str) -> Self {
             s.server("220 mx.example ESMTP\r\n");
             s.expect("EHLO client.example\r\n");
             let mut ehlo = String::from("250-mx.example\r\n");
@@ -1426,7 +1526,7 @@ mod tests {
 
     #[test]
     fn chunking_waits_for_rcpt_replies_then_sends_bdat() {
-        let mut s = Script::connected(true, "PIPELINING,CHUNKING");
+        let mut s = Script::connected_lockstep_bdat("PIPELINING,CHUNKING");
         s.start(txn(1, &["a@r.example", "b@r.example"], b".x\nlast"));
         s.expect(
             "MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\nRCPT TO:<b@r.example>\r\n",
@@ -1442,6 +1542,145 @@ mod tests {
         assert_eq!(codes(&s.done[0].1), ["D250", "P550"]);
         assert_eq!(codes(&s.done[1].1), ["P550"]);
         s.expect("RSET\r\n");
+    }
+
+    #[test]
+    fn pipelined_bdat_sends_whole_transactions_in_one_write() {
+        let mut s = Script::connected(true, "PIPELINING,CHUNKING,8BITMIME");
+        s.start(txn(1, &["a@r.example"], b".x\nend"));
+        s.start(txn(2, &["b@r.example", "bad@r.example"], b"two"));
+        s.start(txn(3, &["gone@r.example"], b"three"));
+        s.start(txn(4, &["c@r.example"], b"four"));
+        s.expect(concat!(
+            "MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\nBDAT 9 LAST\r\n.x\r\nend\r\n",
+            "MAIL FROM:<from@s.example>\r\nRCPT TO:<b@r.example>\r\nRCPT TO:<bad@r.example>\r\n",
+            "BDAT 5 LAST\r\ntwo\r\n",
+            "MAIL FROM:<from@s.example>\r\nRCPT TO:<gone@r.example>\r\nBDAT 7 LAST\r\nthree\r\n",
+            "MAIL FROM:<from@s.example>\r\nRCPT TO:<c@r.example>\r\nBDAT 6 LAST\r\nfour\r\n",
+        ));
+        s.server(concat!(
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued as A1\r\n",
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <bad@r.example>: unknown\r\n",
+            "250 2.0.0 Ok: queued as A2\r\n",
+            "250 2.1.0 Ok\r\n550 5.1.1 <gone@r.example>: unknown\r\n",
+        ));
+        assert_eq!(s.done.len(), 2);
+        // Every recipient of the third was refused: its BDAT's failure is expected, no desync.
+        s.server("554 5.5.1 Error: no valid recipients\r\n");
+        s.server("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n451 4.3.0 try later\r\n");
+        assert!(s.closed.is_none());
+        let got: Vec<(u64, Vec<String>)> = s.done.iter().map(|(t, r)| (*t, codes(r))).collect();
+        assert_eq!(
+            got,
+            [
+                (1, vec!["D250".to_string()]),
+                (2, vec!["D250".into(), "P550".into()]),
+                (3, vec!["P550".into()]),
+                (4, vec!["T451".into()]),
+            ]
+        );
+        match &s.done[1].1[..] {
+            [RcptResult::Delivered(ok), RcptResult::Failed { reply, .. }] => {
+                assert_eq!(ok.text, "Ok: queued as A2");
+                assert_eq!(reply.text, "<bad@r.example>: unknown");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &s.done[2].1[..] {
+            [RcptResult::Failed { reply, permanent }] => {
+                assert!(*permanent);
+                assert_eq!(reply.text, "<gone@r.example>: unknown");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The BDAT LAST replies ended every transaction on the server: no RSET.
+        s.expect("");
+        assert!(s.session.is_idle());
+    }
+
+    #[test]
+    fn pipelined_bdat_after_refused_mail_keeps_in_step() {
+        let mut s = Script::connected(true, "PIPELINING,CHUNKING");
+        s.start(txn(1, &["a@r.example", "b@r.example"], b"one"));
+        s.start(txn(2, &["c@r.example"], b"two"));
+        s.written();
+        s.server(concat!(
+            "553 5.7.1 sender rejected\r\n503 5.5.1 Error: need MAIL command\r\n",
+            "503 5.5.1 Error: need MAIL command\r\n503 5.5.1 Error: need MAIL command\r\n",
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n",
+        ));
+        assert!(s.closed.is_none());
+        assert_eq!(codes(&s.done[0].1), ["P553", "P553"]);
+        assert_eq!(codes(&s.done[1].1), ["D250"]);
+        s.expect("");
+    }
+
+    #[test]
+    fn pipelined_bdat_window_limits_transactions_and_octets() {
+        let mut s = Script::connected_with(
+            Script::configured(SessionConfig {
+                ehlo_name: "client.example".into(),
+                bdat_window: 2,
+                bdat_window_bytes: 8,
+                ..SessionConfig::default()
+            }),
+            "PIPELINING,CHUNKING",
+        );
+        s.start(txn(1, &["a@r.example"], b"abc"));
+        s.start(txn(2, &["b@r.example"], b"def"));
+        assert!(!s.session.can_accept(), "two transactions fill the window");
+        s.server("250 Ok\r\n250 Ok\r\n250 Ok\r\n");
+        s.start(txn(3, &["c@r.example"], b"0123456789"));
+        assert!(
+            !s.session.can_accept(),
+            "the octets in flight fill the window"
+        );
+        s.server("250 Ok\r\n250 Ok\r\n250 Ok\r\n");
+        assert!(!s.session.can_accept(), "a larger message goes alone");
+        s.server("250 Ok\r\n250 Ok\r\n250 Ok\r\n");
+        assert!(s.session.can_accept());
+        assert_eq!(s.done.len(), 3);
+        assert!(s.session.is_idle());
+    }
+
+    #[test]
+    fn pipelined_bdat_desync_is_reported_and_can_be_forbidden() {
+        let mut s = Script::connected(true, "PIPELINING,CHUNKING");
+        s.start(txn(1, &["a@r.example"], b"one"));
+        s.written();
+        // A server that took the content for commands answers too often.
+        s.server("250 Ok\r\n250 Ok\r\n500 5.5.2 Error: command not recognized\r\n");
+        s.server("500 5.5.2 Error: command not recognized\r\n");
+        let closure = s.closed.take().expect("closed");
+        assert!(closure.pipelined_bdat_failed);
+        assert!(
+            closure.reply.text.contains("before its command"),
+            "{closure:?}"
+        );
+        assert_eq!(codes(&s.done[0].1), ["P500"]);
+
+        // A session that forbids it waits for the RCPT replies, as without a window.
+        let mut s = Script::new(true);
+        s.session.forbid_pipelined_bdat();
+        let mut s = Script::connected_with(s, "PIPELINING,CHUNKING");
+        s.start(txn(1, &["a@r.example"], b"one"));
+        s.expect("MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\n");
+        s.server("250 Ok\r\n250 Ok\r\n");
+        s.expect("BDAT 5 LAST\r\none\r\n");
+        s.server("250 Ok\r\n");
+        assert_eq!(codes(&s.done[0].1), ["D250"]);
+
+        // A connection lost with pipelined BDAT in flight is reported too; one lost while
+        // idle is not.
+        let mut s = Script::connected(true, "PIPELINING,CHUNKING");
+        s.start(txn(1, &["a@r.example"], b"one"));
+        s.session.handle_close("reset by peer");
+        s.drain();
+        assert!(s.closed.unwrap().pipelined_bdat_failed);
+        let mut s = Script::connected(true, "PIPELINING,CHUNKING");
+        s.session.handle_close("reset by peer");
+        s.drain();
+        assert!(!s.closed.unwrap().pipelined_bdat_failed);
     }
 
     #[test]
