@@ -375,7 +375,7 @@ impl DispatcherBuilder {
 
     /// With CHUNKING and PIPELINING, how many whole transactions (MAIL, RCPTs, BDAT LAST and
     /// content, sent without waiting for replies) may be in flight on a connection, and how
-    /// many content octets (default 32 and 1 MiB). 0 transactions: BDAT content waits for the
+    /// many content octets (default 4 and 1 MiB). 0 transactions: BDAT content waits for the
     /// RCPT replies.
     pub fn bdat_window(mut self, transactions: usize, octets: usize) -> Self {
         self.config.session.bdat_window = transactions;

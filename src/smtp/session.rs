@@ -104,7 +104,10 @@ impl Default for SessionConfig {
             timeouts: Timeouts::default(),
             reply_limits: ReplyLimits::default(),
             use_chunking: true,
-            bdat_window: 32,
+            // A deep window halves the cost per message against mxpipe's own sink, but against
+            // Postfix smtpd (which answers a pipelined burst only once it has read it all) 32
+            // was measured at 0.7x the unpipelined rate with 20 connections; 4 was on par.
+            bdat_window: 4,
             bdat_window_bytes: 1 << 20,
             probe_after_idle: Duration::from_secs(2),
             starttls: StartTls::default(),
