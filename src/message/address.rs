@@ -128,16 +128,18 @@ fn valid_domain(domain: &str) -> bool {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-'))
         });
     }
-    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    // Bytes rather than chars: a non-ASCII character is non-ASCII in every one of its bytes.
+    let domain = domain.as_bytes();
+    let domain = domain.strip_suffix(b".").unwrap_or(domain);
     !domain.is_empty()
-        && domain.split('.').all(|label| {
+        && domain.split(|&b| b == b'.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
+                && label[0] != b'-'
+                && label[label.len() - 1] != b'-'
                 && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || !b.is_ascii())
         })
 }
 
