@@ -336,6 +336,12 @@ impl Reactor {
             let out_of_time = taken % 64 == 63 && started.elapsed() >= SUBMISSION_TIME_PER_TURN;
             if taken == SUBMISSIONS_PER_TURN || out_of_time {
                 self.backlog = !self.receiver.is_empty();
+                if self.backlog {
+                    // The next turn comes at once (see next_timeout): waking for more is
+                    // useless. Not when the queue is empty, or a submission could wait for
+                    // the next deadline.
+                    self.ingress.expect_next_turn();
+                }
                 break;
             }
             // At the bound, one more message is still taken when everything held is only
@@ -343,6 +349,10 @@ impl Reactor {
             // with it) for work that is not in progress.
             let working = self.held - self.retries.recipients();
             if self.held >= self.config.max_queued_recipients && working > 0 {
+                if !self.receiver.is_empty() {
+                    // Retried on every turn (see next_timeout): waking for more is useless.
+                    self.ingress.expect_next_turn();
+                }
                 break;
             }
             match self.receiver.try_recv() {

@@ -37,26 +37,13 @@ impl Address {
             return Err(problem(AddressProblem::PathTooLong));
         }
         let bytes = text.as_bytes();
-        let mut in_quotes = false;
-        let mut escaped = false;
-        let mut at = None;
-        for (i, &b) in bytes.iter().enumerate() {
-            if b < 0x20 || b == 0x7f {
-                return Err(problem(AddressProblem::ControlCharacter));
-            }
-            if escaped {
-                escaped = false;
-                continue;
-            }
-            match b {
-                b'\\' if in_quotes => escaped = true,
-                b'"' if at.is_none() => in_quotes = !in_quotes,
-                b' ' if !in_quotes => return Err(problem(AddressProblem::Whitespace)),
-                b'<' | b'>' => return Err(problem(AddressProblem::AngleBracket)),
-                b'@' if !in_quotes => at = Some(i),
-                _ => {}
-            }
-        }
+        // Most addresses have no quoting and nothing to refuse: then the separating '@' is the
+        // last one, as the full scan would find.
+        let at = if bytes.iter().all(|&b| PLAIN[b as usize]) {
+            memchr::memrchr(b'@', bytes)
+        } else {
+            scan(bytes).map_err(problem)?
+        };
         let Some(at) = at else {
             return Err(problem(AddressProblem::MissingAt));
         };
@@ -117,6 +104,50 @@ impl Address {
     }
 }
 
+/// Octets that need no further thought in an address: not a control character, space, angle
+/// bracket, quote or backslash.
+const PLAIN: [bool; 256] = {
+    let mut plain = [true; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        plain[b] = false;
+        b += 1;
+    }
+    plain[0x7f] = false;
+    plain[b' ' as usize] = false;
+    plain[b'<' as usize] = false;
+    plain[b'>' as usize] = false;
+    plain[b'"' as usize] = false;
+    plain[b'\\' as usize] = false;
+    plain
+};
+
+/// The full scan of an address: the offset of the last '@' outside quotes, or the first
+/// problem found.
+fn scan(bytes: &[u8]) -> std::result::Result<Option<usize>, AddressProblem> {
+    let mut in_quotes = false;
+    let mut escaped = false;
+    let mut at = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b < 0x20 || b == 0x7f {
+            return Err(AddressProblem::ControlCharacter);
+        }
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'\\' if in_quotes => escaped = true,
+            b'"' if at.is_none() => in_quotes = !in_quotes,
+            b' ' if !in_quotes => return Err(AddressProblem::Whitespace),
+            b'<' | b'>' => return Err(AddressProblem::AngleBracket),
+            b'@' if !in_quotes => at = Some(i),
+            _ => {}
+        }
+    }
+    Ok(at)
+}
+
 /// A domain name of dot-separated labels (letters, digits, hyphens, or non-ASCII U-labels), or
 /// an address literal in brackets (RFC 5321 4.1.3).
 fn valid_domain(domain: &str) -> bool {
@@ -128,16 +159,18 @@ fn valid_domain(domain: &str) -> bool {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-'))
         });
     }
-    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    // Bytes rather than chars: a non-ASCII character is non-ASCII in every one of its bytes.
+    let domain = domain.as_bytes();
+    let domain = domain.strip_suffix(b".").unwrap_or(domain);
     !domain.is_empty()
-        && domain.split('.').all(|label| {
+        && domain.split(|&b| b == b'.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
+                && label[0] != b'-'
+                && label[label.len() - 1] != b'-'
                 && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || !b.is_ascii())
         })
 }
 
@@ -230,5 +263,16 @@ mod tests {
         let label = "d".repeat(60);
         let domain = [label.as_str(); 5].join(".");
         assert_eq!(problem(&format!("a@{domain}")), AddressProblem::PathTooLong);
+    }
+
+    proptest::proptest! {
+        /// The shortcut for plain addresses finds the '@' the full scan finds.
+        #[test]
+        fn plain_shortcut_agrees_with_the_scan(text in "[a-z@.\"\\\\ <>\t-]{0,12}") {
+            let bytes = text.as_bytes();
+            if bytes.iter().all(|&b| PLAIN[b as usize]) {
+                proptest::prop_assert_eq!(scan(bytes), Ok(memchr::memrchr(b'@', bytes)));
+            }
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! A bounded `crossbeam` channel (a lock-free ring buffer) carries submissions; a full channel is
 //! backpressure, reported at once or after a caller's timeout. The loop is woken through
 //! `mio::Waker` only when it is not already due to look, so a burst of submissions costs one
-//! wake-up syscall, not one each.
+//! wake-up syscall, not one each, and submissions the loop has left queued for its next turn
+//! cost none.
 
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -106,7 +107,11 @@ impl Ingress {
 
     /// Wakes the loop unless a wake-up is already pending.
     pub fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        // The load keeps the common case (a wake-up already pending) free of a write to the
+        // shared flag.
+        if !self.wake_pending.load(Ordering::Acquire)
+            && !self.wake_pending.swap(true, Ordering::AcqRel)
+        {
             // A failed wake means the loop is gone; submissions then stay unread and the
             // dispatcher reports ShutDown on the next call.
             let _ = self.waker.wake();
@@ -117,6 +122,13 @@ impl Ingress {
     /// it again.
     pub fn clear_wake(&self) {
         self.wake_pending.store(false, Ordering::Release);
+    }
+
+    /// Called by the loop when it leaves submissions queued that it will come back for on its
+    /// next turn anyway (a slice of a burst, or the bound on held recipients): submitters then
+    /// skip the wake-up syscall, which would cost each of them more than the submission itself.
+    pub fn expect_next_turn(&self) {
+        self.wake_pending.store(true, Ordering::Release);
     }
 
     /// Forces a wake-up (shutdown, flush).

@@ -29,46 +29,86 @@ pub struct LineTooLong {
 }
 
 /// Normalises line endings and checks line lengths.
+///
+/// Content from a caller usually has CRLF line endings already, so the work is split in two: a
+/// scan (memchr over the line endings) checks every line and counts what normalising adds, then
+/// the output is written into one allocation of exactly that size, by a single copy when nothing
+/// changes.
 pub fn normalize(input: &[u8]) -> Result<Normalized, LineTooLong> {
-    let mut bytes = Vec::with_capacity(input.len() + input.len() / 64 + 2);
-    let mut eight_bit = false;
+    let scan = scan(input)?;
+    let mut bytes = Vec::with_capacity(input.len() + scan.added);
+    if scan.added == 0 {
+        bytes.extend_from_slice(input);
+    } else {
+        let mut start = 0;
+        for end in memchr::memchr2_iter(b'\r', b'\n', input) {
+            if end < start {
+                // The LF of a CRLF, copied with its CR.
+                continue;
+            }
+            bytes.extend_from_slice(&input[start..end]);
+            bytes.extend_from_slice(b"\r\n");
+            start = end + 1;
+            if input[end] == b'\r' && input.get(end + 1) == Some(&b'\n') {
+                start += 1;
+            }
+        }
+        if start < input.len() {
+            bytes.extend_from_slice(&input[start..]);
+            bytes.extend_from_slice(b"\r\n");
+        }
+    }
+    debug_assert_eq!(bytes.len(), bytes.capacity());
+    Ok(Normalized {
+        bytes,
+        eight_bit: scan.eight_bit,
+        needs_stuffing: scan.needs_stuffing,
+    })
+}
+
+/// What [`normalize`] learns before writing anything.
+struct Scan {
+    /// Octets normalising adds: one for each bare LF or bare CR, two for a missing final CRLF.
+    added: usize,
+    eight_bit: bool,
+    needs_stuffing: bool,
+}
+
+fn scan(input: &[u8]) -> Result<Scan, LineTooLong> {
+    let mut added = 0;
     let mut needs_stuffing = false;
     let mut line_no = 1usize;
-    let mut i = 0;
-    while i < input.len() {
-        // Find the end of this line: the first CR or LF.
-        let rest = &input[i..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n' || b == b'\r')
-            .unwrap_or(rest.len());
-        let line = &rest[..end];
-        if line.len() > MAX_LINE {
+    let mut start = 0;
+    let mut check = |start: usize, end: usize, line_no: usize| {
+        if end - start > MAX_LINE {
             return Err(LineTooLong {
                 line: line_no,
-                length: line.len(),
+                length: end - start,
             });
         }
-        if line.first() == Some(&b'.') {
-            needs_stuffing = true;
+        needs_stuffing |= input.get(start) == Some(&b'.') && start < end;
+        Ok(())
+    };
+    for end in memchr::memchr2_iter(b'\r', b'\n', input) {
+        if end < start {
+            continue;
         }
-        if !eight_bit && line.iter().any(|&b| b >= 0x80) {
-            eight_bit = true;
-        }
-        bytes.extend_from_slice(line);
-        bytes.extend_from_slice(b"\r\n");
-        i += end;
-        // Consume one line ending: CRLF, a bare LF or a bare CR.
-        match input.get(i) {
-            Some(b'\r') if input.get(i + 1) == Some(&b'\n') => i += 2,
-            Some(_) => i += 1,
-            None => {}
+        check(start, end, line_no)?;
+        start = end + 1;
+        if input[end] == b'\r' && input.get(end + 1) == Some(&b'\n') {
+            start += 1;
+        } else {
+            added += 1;
         }
         line_no += 1;
     }
-    Ok(Normalized {
-        bytes,
-        eight_bit,
+    if start < input.len() {
+        check(start, input.len(), line_no)?;
+        added += 2;
+    }
+    Ok(Scan {
+        added,
+        eight_bit: !input.is_ascii(),
         needs_stuffing,
     })
 }
@@ -154,7 +194,62 @@ mod tests {
         );
     }
 
+    /// The rule, one byte at a time: what `normalize` must give for any input.
+    fn reference(input: &[u8]) -> Result<Normalized, LineTooLong> {
+        let (mut bytes, mut line, mut length) = (Vec::new(), 1, 0);
+        let (mut eight_bit, mut needs_stuffing) = (false, false);
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            if b == b'\r' || b == b'\n' {
+                bytes.extend_from_slice(b"\r\n");
+                i += if b == b'\r' && input.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                (line, length) = (line + 1, 0);
+                continue;
+            }
+            needs_stuffing |= length == 0 && b == b'.';
+            eight_bit |= b >= 0x80;
+            length += 1;
+            if length > MAX_LINE {
+                let rest = &input[i..];
+                let end = rest.iter().position(|&b| b == b'\r' || b == b'\n');
+                let length = length - 1 + end.unwrap_or(rest.len());
+                return Err(LineTooLong { line, length });
+            }
+            bytes.push(b);
+            i += 1;
+        }
+        if length > 0 {
+            bytes.extend_from_slice(b"\r\n");
+        }
+        Ok(Normalized {
+            bytes,
+            eight_bit,
+            needs_stuffing,
+        })
+    }
+
     proptest! {
+        #[test]
+        fn normalize_follows_the_rule(
+            parts in proptest::collection::vec(prop_oneof![
+                Just(&b"."[..]), Just(&b"\r"[..]), Just(&b"\n"[..]), Just(&b"\r\n"[..]),
+                Just(&b"a"[..]), Just(&b"\xc3\xa9"[..]), Just(&[b'x'; 500][..]),
+            ], 0..40)
+        ) {
+            let input = parts.concat();
+            let got = normalize(&input);
+            prop_assert_eq!(&got, &reference(&input));
+            if let Ok(n) = got {
+                // One allocation of exactly the right size.
+                prop_assert_eq!(n.bytes.capacity(), n.bytes.len());
+            }
+        }
+
         #[test]
         fn data_never_ends_early(body in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..64)) {
             let n = normalize(&body).unwrap();
