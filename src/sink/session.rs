@@ -641,7 +641,11 @@ impl Session {
                 out.extend_from_slice(b"503 5.5.1 Error: need MAIL command\r\n");
             }
             ChunkVerdict::NoRecipients => {
+                // RFC 3030 2: a failed chunk fails the transaction (as Postfix's smtpd does):
+                // a pipelined MAIL that follows starts a new one.
                 out.extend_from_slice(b"554 5.5.1 No valid recipients\r\n");
+                self.transaction.clear();
+                self.transactions += 1;
             }
             ChunkVerdict::TooLarge => {
                 // RFC 3030 2: a failed chunk fails the transaction; the client must not

@@ -1017,7 +1017,9 @@ impl Session {
         if reply.is_positive() {
             t.mail = Some(Ok(()));
         } else {
-            let permanent = reply.is_permanent();
+            // 503 "bad sequence of commands" is about the server's state (a transaction it
+            // kept open after a failed BDAT, say), not the sender: never a bounce.
+            let permanent = reply.is_permanent() && reply.code != 503;
             t.settle_rest(|| RcptResult::Failed {
                 reply: reply.clone(),
                 permanent,
@@ -1800,6 +1802,17 @@ mod tests {
         s.server("250 Ok\r\n250 Ok\r\n354 go\r\n451 4.3.0 later\r\n");
         assert_eq!(s.written(), "");
         assert_eq!(codes(&s.done[0].1), ["T451"]);
+    }
+
+    /// A 503 to MAIL (a server that kept the last transaction open) is the server's state,
+    /// not the recipients': deferred, never bounced.
+    #[test]
+    fn bad_sequence_reply_to_mail_defers() {
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(txn(1, &["a@r.example"], b"body\n"));
+        s.written();
+        s.server("503 5.5.1 Error: nested MAIL command\r\n554 5.5.1 no valid recipients\r\n554 5.5.1 no valid recipients\r\n");
+        assert_eq!(codes(&s.done[0].1), ["T503"]);
     }
 
     #[test]
