@@ -65,7 +65,11 @@ pub(super) fn spawn(
     let (ingress, receiver) = Ingress::new(config.queue_capacity, Arc::clone(&waker));
     let ingress = Arc::new(ingress);
     let resolver = match &config.mx {
-        Some(mx) => Some(MxResolver::start(mx.clone(), Arc::clone(&waker))?),
+        Some(mx) => Some(MxResolver::start_with_https(
+            mx.clone(),
+            Arc::clone(&waker),
+            Arc::clone(&tls.verifying),
+        )?),
         None => None,
     };
     let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared, tls);
