@@ -196,7 +196,8 @@ fn common_port(ips: &[&str]) -> u16 {
 
 /// The servers of one test: `domains` maps a recipient domain to (its MX host, the policy
 /// answer served for it or `None` for no `_mta-sts` TXT record). `mx.tls.test` is the STARTTLS
-/// exchanger, `mx.plain.test` the plaintext one.
+/// exchanger, `mx.plain.test` the plaintext one, `mx.misnamed.test` the STARTTLS one under a
+/// name its certificate does not hold.
 struct World {
     tls_mx: CaptureServer,
     plain_mx: CaptureServer,
@@ -228,7 +229,9 @@ impl World {
         let https = PolicyServer::start(&pki, answers);
         let mut dns = Dnsmasq::builder()
             .host("mx.tls.test", TLS_MX)
-            .host("mx.plain.test", PLAIN_MX);
+            .host("mx.plain.test", PLAIN_MX)
+            // The STARTTLS exchanger again, under a name its certificate does not hold.
+            .host("mx.misnamed.test", TLS_MX);
         for (domain, mx, answer) in domains {
             dns = dns
                 .mx(domain, mx, 10)
@@ -308,6 +311,11 @@ fn enforce_delivers_only_over_verified_tls_to_named_exchangers() {
                 Some(policy("enforce", &["mx.plain.test"])),
             ),
             (
+                "misnamed.test",
+                "mx.misnamed.test",
+                Some(policy("enforce", &["mx.misnamed.test"])),
+            ),
+            (
                 "elsewhere.test",
                 "mx.plain.test",
                 Some(policy("enforce", &["*.other.test"])),
@@ -315,7 +323,15 @@ fn enforce_delivers_only_over_verified_tls_to_named_exchangers() {
         ],
     );
     let d = world.dispatcher();
-    let f = send(&d, &["a@good.test", "b@plain.test", "c@elsewhere.test"]);
+    let f = send(
+        &d,
+        &[
+            "a@good.test",
+            "b@plain.test",
+            "m@misnamed.test",
+            "c@elsewhere.test",
+        ],
+    );
 
     let good = &f["a@good.test"];
     assert_eq!(good.kind, EventKind::Delivered, "{good:?}");
@@ -339,6 +355,16 @@ fn enforce_delivers_only_over_verified_tls_to_named_exchangers() {
         "{}",
         plain.reply.text
     );
+    // STARTTLS, but the certificate does not name the exchanger: deferred, not delivered.
+    let misnamed = &f["m@misnamed.test"];
+    assert_eq!(misnamed.kind, EventKind::Expired, "{misnamed:?}");
+    assert!(
+        misnamed.reply.text.contains("under MTA-STS enforce")
+            && misnamed.reply.text.contains("mx.misnamed.test")
+            && misnamed.reply.text.contains("certificate"),
+        "{}",
+        misnamed.reply.text
+    );
     // The policy names no exchanger of the domain: not even a connection.
     let elsewhere = &f["c@elsewhere.test"];
     assert_eq!(elsewhere.kind, EventKind::Expired, "{elsewhere:?}");
@@ -356,7 +382,7 @@ fn enforce_delivers_only_over_verified_tls_to_named_exchangers() {
 
     // Each policy was fetched once, from its well-known path, and then reused from the cache
     // for the retries (its TXT id did not change).
-    for domain in ["good.test", "plain.test", "elsewhere.test"] {
+    for domain in ["good.test", "plain.test", "misnamed.test", "elsewhere.test"] {
         assert_eq!(
             world.https.fetches_of(&format!("mta-sts.{domain}")),
             1,

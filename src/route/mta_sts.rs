@@ -181,25 +181,25 @@ pub fn txt_policy_id(records: &[String]) -> Option<String> {
     id
 }
 
-/// Fetches `https://mta-sts.<domain>/.well-known/mta-sts.txt` from `addrs` (tried in order) on
-/// `port`, all within `timeout`. The certificate must verify under `tls` for the policy host;
+/// Fetches `https://<host>/.well-known/mta-sts.txt` (`host` is the policy host
+/// `mta-sts.<domain>`, in A-labels) from `addrs` (tried in order) on `port`, all within
+/// `timeout`. The certificate must verify under `tls` for the policy host;
 /// only a 200 answer counts (a redirect is a failure, RFC 8461 section 3.3), and a body over
 /// [`MAX_POLICY_BYTES`] is refused. Blocking. The error says what failed, in words.
 pub fn fetch(
-    domain: &str,
+    host: &str,
     addrs: &[SocketAddr],
     port: u16,
     tls: &Arc<ClientConfig>,
     timeout: Duration,
 ) -> Result<String, String> {
-    let host = format!("mta-sts.{domain}");
-    let name = ServerName::try_from(host.clone())
+    let name = ServerName::try_from(host.to_string())
         .map_err(|_| format!("{host} is not a valid host name"))?;
     let deadline = Instant::now() + timeout;
     let mut failure = format!("{host} has no address");
     for addr in addrs {
         let addr = SocketAddr::new(addr.ip(), port);
-        match fetch_from(addr, &host, name.clone(), tls, deadline) {
+        match fetch_from(addr, host, name.clone(), tls, deadline) {
             Ok(body) => return Ok(body),
             Err(why) => failure = format!("https://{host}:{port} ({}): {why}", addr.ip()),
         }

@@ -87,9 +87,10 @@ impl Sts {
         };
         let now = Instant::now();
         let cached = self.cached(domain, now);
-        let policy = match (announced, cached) {
-            (Some(id), Some((cached, until))) if cached.id == id => Some((cached.policy, until)),
-            (Some(id), cached) => match self.fetch(dns, families, domain).await {
+        let policy = match choose(announced, cached) {
+            Choice::Cached(cached, until) => Some((cached.policy, until)),
+            Choice::None => None,
+            Choice::Fetch(id, cached) => match self.fetch(dns, families, domain).await {
                 Ok(policy) => {
                     let policy = Arc::new(policy);
                     let until = now + policy.max_age;
@@ -105,7 +106,6 @@ impl Sts {
                 // with none, delivery goes on as without MTA-STS.
                 Err(_) => cached.map(|(c, until)| (c.policy, until)),
             },
-            (None, cached) => cached.map(|(c, until)| (c.policy, until)),
         };
         let Some((policy, until)) = policy else {
             return answer;
@@ -172,12 +172,68 @@ impl Sts {
                 }));
             }
         }
-        let (domain, port, https) = (domain.to_string(), self.port, Arc::clone(&self.https));
+        // In A-labels, as SNI, the certificate and the Host header need it.
+        let host = host.to_ascii().trim_end_matches('.').to_string();
+        let (port, https) = (self.port, Arc::clone(&self.https));
         let body = tokio::task::spawn_blocking(move || {
-            mta_sts::fetch(&domain, &addrs, port, &https, FETCH_TIMEOUT)
+            mta_sts::fetch(&host, &addrs, port, &https, FETCH_TIMEOUT)
         })
         .await
         .map_err(|_| "the policy fetch failed unexpectedly".to_string())??;
         StsPolicy::parse(&body)
+    }
+}
+
+/// What to do about a domain's policy, from its TXT record's id and the cached policy.
+#[derive(Debug)]
+enum Choice {
+    /// The cached policy: its id is the one announced, or no id could be read (section 5.1:
+    /// a policy stays in force until its `max_age`, TXT record or not).
+    Cached(Cached, Instant),
+    /// A new id: fetch the policy; should that fail, the cached one (if any) still holds.
+    Fetch(String, Option<(Cached, Instant)>),
+    /// No policy announced and none cached.
+    None,
+}
+
+fn choose(announced: Option<String>, cached: Option<(Cached, Instant)>) -> Choice {
+    match (announced, cached) {
+        (Some(id), Some((cached, until))) if cached.id == id => Choice::Cached(cached, until),
+        (Some(id), cached) => Choice::Fetch(id, cached),
+        (None, Some((cached, until))) => Choice::Cached(cached, until),
+        (None, None) => Choice::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_is_fetched_only_for_a_new_id_and_kept_without_a_txt_record() {
+        let until = Instant::now() + Duration::from_secs(60);
+        let cached = |id: &str| {
+            let policy = StsPolicy {
+                mode: StsMode::Enforce,
+                mx: vec!["mx.example.com".into()],
+                max_age: Duration::from_secs(60),
+            };
+            Some((
+                Cached {
+                    id: id.into(),
+                    policy: Arc::new(policy),
+                },
+                until,
+            ))
+        };
+        assert!(
+            matches!(choose(Some("1".into()), cached("1")), Choice::Cached(c, _) if c.id == "1")
+        );
+        assert!(
+            matches!(choose(Some("2".into()), cached("1")), Choice::Fetch(id, Some((c, _))) if id == "2" && c.id == "1")
+        );
+        assert!(matches!(choose(Some("1".into()), None), Choice::Fetch(id, None) if id == "1"));
+        assert!(matches!(choose(None, cached("1")), Choice::Cached(c, _) if c.id == "1"));
+        assert!(matches!(choose(None, None), Choice::None));
     }
 }
