@@ -414,6 +414,11 @@ fn testing_none_and_unusable_policies_deliver_as_usual() {
                 "mx.tls.test",
                 Some(policy("testing", &["*.tls.test"])),
             ),
+            (
+                "testing-misnamed.test",
+                "mx.misnamed.test",
+                Some(policy("testing", &["mx.misnamed.test"])),
+            ),
             ("none.test", "mx.plain.test", Some(policy("none", &[]))),
             ("moved.test", "mx.plain.test", Some(moved)),
             // The TXT record is there, the policy host answers 404.
@@ -426,6 +431,7 @@ fn testing_none_and_unusable_policies_deliver_as_usual() {
     let rcpts = [
         "t@testing.test",
         "k@testing-ok.test",
+        "w@testing-misnamed.test",
         "n@none.test",
         "m@moved.test",
         "x@missing.test",
@@ -446,6 +452,24 @@ fn testing_none_and_unusable_policies_deliver_as_usual() {
         "mta-sts-testing-mx-mismatch"
     );
     assert_eq!(policy_of("k@testing-ok.test"), TlsPolicy::MtaStsTesting);
+    assert_eq!(
+        policy_of("w@testing-misnamed.test"),
+        TlsPolicy::MtaStsTesting
+    );
+    // Testing checks the certificate after the fact: whether enforce would have taken it.
+    let tls_of = |r: &str| f[r].tls.expect("a server's outcome");
+    let ok = tls_of("k@testing-ok.test");
+    assert!(ok.version.is_some() && ok.verified, "{ok:?}");
+    let misnamed = tls_of("w@testing-misnamed.test");
+    assert!(
+        misnamed.version.is_some() && !misnamed.verified,
+        "{misnamed:?}"
+    );
+    let plaintext = tls_of("t@testing.test");
+    assert!(
+        plaintext.version.is_none() && !plaintext.verified,
+        "{plaintext:?}"
+    );
     for r in [
         "n@none.test",
         "m@moved.test",
@@ -471,13 +495,14 @@ fn testing_none_and_unusable_policies_deliver_as_usual() {
             "x@missing.test"
         ]
     );
-    let tls: Vec<String> = world
+    let mut tls: Vec<String> = world
         .tls_mx
         .messages()
         .into_iter()
         .flat_map(|m| m.rcpt_tos)
         .collect();
-    assert_eq!(tls, ["k@testing-ok.test"]);
+    tls.sort();
+    assert_eq!(tls, ["k@testing-ok.test", "w@testing-misnamed.test"]);
     // No TXT record, no fetch; a redirect is not followed.
     assert_eq!(world.https.fetches_of("mta-sts.quiet.test"), 0);
     assert_eq!(world.https.fetches_of("mta-sts.moved.test"), 1);

@@ -14,6 +14,7 @@ use crate::route::mta_sts::StsHost;
 use crate::route::Target;
 use crate::smtp::{SessionConfig, StartTls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -236,6 +237,9 @@ pub struct TlsConfigs {
     pub encrypt_only: Arc<ClientConfig>,
     /// Verifying, with an override's CA file as well, by file.
     pub with_ca: Vec<(PathBuf, Arc<ClientConfig>)>,
+    /// The verifier of `verifying`, to check after the fact a certificate that a session did
+    /// not verify (what MTA-STS `testing` reports).
+    pub verifier: Arc<WebPkiServerVerifier>,
 }
 
 /// Reads the CA certificates of a PEM file into `roots`; `key` names the setting.
@@ -286,6 +290,15 @@ impl TlsConfigs {
                 .with_no_client_auth();
             with_ca.push((path.to_path_buf(), Arc::new(config)));
         }
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots.clone()),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|_| Error::InvalidConfig {
+            key: "tls_ca_file",
+            problem: "no usable trust anchor",
+        })?;
         let verifying = builder()?
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -299,6 +312,7 @@ impl TlsConfigs {
             verifying: Arc::new(verifying),
             encrypt_only: Arc::new(encrypt_only),
             with_ca,
+            verifier,
         })
     }
 }
