@@ -402,7 +402,7 @@ enum mxp_result mxp_config_from_toml(const char *toml, struct mxp_config **out);
  * | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
  * | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
  * | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
- * | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6) | direct MX settings; setting any turns direct MX on |
+ * | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6), `mta_sts` (boolean, default true: apply the recipient domains' MTA-STS policies, RFC 8461), `mta_sts_port` (the HTTPS port of policy hosts, default 443; for tests) | direct MX settings; setting any turns direct MX on |
  * | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
  * | `spool_dir` | a directory to keep custody in: a submission is durable once fsynced there, and what is not final survives restarts and crashes |
  *

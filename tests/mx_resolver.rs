@@ -135,6 +135,7 @@ fn host(name: &str, preference: u16, ips: &[&str]) -> MxHost {
         name: name.to_string(),
         preference,
         addrs: ips.iter().map(|ip| addr(ip)).collect(),
+        mta_sts: None,
     }
 }
 

@@ -28,7 +28,7 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("time", "when the outcome was known, RFC 3339 UTC"),
     ("tls", "for an outcome a server gave: TLSv1.3, TLSv1.2 or plaintext; empty otherwise"),
     ("tls_verified", "for an outcome over TLS: yes when the certificate was verified, else no"),
-    ("tls_policy", "for an outcome a server gave: the destination's TLS policy (none, opportunistic, required, verify, secure)"),
+    ("tls_policy", "for an outcome a server gave: the destination's TLS policy (none, opportunistic, required, verify, secure; mta-sts, mta-sts-testing, mta-sts-testing-mx-mismatch under a domain's MTA-STS policy)"),
 ];
 
 /// What happened to one recipient.
@@ -55,7 +55,7 @@ pub struct Outcome {
     #[serde(default)]
     pub tls_verified: String,
     /// For an outcome a server gave: the destination's TLS policy (none, opportunistic,
-    /// required, verify, secure).
+    /// required, verify, secure, or an MTA-STS one).
     #[serde(default)]
     pub tls_policy: String,
 }

@@ -280,7 +280,9 @@ impl Resolver {
                             ),
                         )),
                         Resolution::NoSuchDomain(text) => Err(("rejected", text)),
-                        Resolution::TempFail(text) => Err(("unknown", text)),
+                        Resolution::TempFail(text) | Resolution::MtaStsRefused(text) => {
+                            Err(("unknown", text))
+                        }
                     };
                 }
                 Ok(_) => {}

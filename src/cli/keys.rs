@@ -66,6 +66,8 @@ const ENGINE_KEYS: &[(&str, &str)] = &[
     ("mx_timeout", "duration: one DNS query (default 5s)"),
     ("mx_cache_capacity", "domains whose answers are remembered (default 100000; 0: none)"),
     ("mx_allow_loopback", "boolean: deliver to MX hosts on this machine (loopback, 0.0.0.0, its own addresses); off: such mail bounces 5.4.6 as a loop (default false)"),
+    ("mta_sts", "boolean: apply the recipient domains' MTA-STS policies (RFC 8461): under enforce, only the MX hosts the policy names, over verified TLS (default true)"),
+    ("mta_sts_port", "the HTTPS port of MTA-STS policy hosts (default 443; another only for tests)"),
     ("trace_file", "write every connection's SMTP dialogue here (secrets and content redacted)"),
 ];
 

@@ -12,7 +12,7 @@ pub mod metrics;
 mod pool;
 mod reactor;
 pub mod shaping;
-mod tls;
+pub(crate) mod tls;
 pub use tls::TlsPolicy;
 mod trace;
 pub use trace::Trace;

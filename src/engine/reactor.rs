@@ -14,7 +14,7 @@ mod mx;
 use super::conn::{Conn, ReadOutcome};
 use super::metrics::DestinationMetrics;
 use super::pool::{ConnRef, Destination};
-use super::tls::{server_name, TlsConfigs};
+use super::tls::{server_name, TlsConfigs, TlsPolicy};
 use super::{Config, Event, EventKind, Shared, TlsUse};
 use crate::error::Result;
 use crate::message::Address;
@@ -65,7 +65,11 @@ pub(super) fn spawn(
     let (ingress, receiver) = Ingress::new(config.queue_capacity, Arc::clone(&waker));
     let ingress = Arc::new(ingress);
     let resolver = match &config.mx {
-        Some(mx) => Some(MxResolver::start(mx.clone(), Arc::clone(&waker))?),
+        Some(mx) => Some(MxResolver::start_with_https(
+            mx.clone(),
+            Arc::clone(&waker),
+            Arc::clone(&tls.verifying),
+        )?),
         None => None,
     };
     let mut reactor = Reactor::new(poll, receiver, Arc::clone(&ingress), config, shared, tls);
@@ -1206,12 +1210,46 @@ impl Reactor {
                 rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
                 _ => "TLS (other version)",
             });
+        let verified = match dest.policy {
+            // MTA-STS testing reports whether enforce would have taken this certificate.
+            TlsPolicy::MtaStsTesting | TlsPolicy::MtaStsTestingMismatch if !dest.verify => {
+                version.is_some() && self.would_verify(token)
+            }
+            // The handshake completes only with a valid certificate when it verifies.
+            _ => version.is_some() && dest.verify,
+        };
         TlsUse {
             version,
-            // The handshake completes only with a valid certificate when it verifies.
-            verified: version.is_some() && dest.verify,
+            verified,
             policy: dest.policy,
         }
+    }
+
+    /// Whether connection `token`'s server certificate verifies for the destination's TLS name
+    /// (the Mozilla roots and `tls_ca_file`), although the session did not ask.
+    fn would_verify(&self, token: usize) -> bool {
+        let conn = &self.conns[token];
+        let dest = &self.destinations[conn.destination].tls;
+        let (Some(certs), Some(name)) = (
+            conn.tls.as_ref().and_then(|t| t.peer_certificates()),
+            server_name(&dest.name),
+        ) else {
+            return false;
+        };
+        let Some((end_entity, intermediates)) = certs.split_first() else {
+            return false;
+        };
+        use rustls::client::danger::ServerCertVerifier;
+        self.tls
+            .verifier
+            .verify_server_cert(
+                end_entity,
+                intermediates,
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .is_ok()
     }
 
     fn on_transaction(

@@ -10,9 +10,11 @@
 
 use super::shaping::LimitOverride;
 use crate::error::{Error, Result};
+use crate::route::mta_sts::StsHost;
 use crate::route::Target;
 use crate::smtp::{SessionConfig, StartTls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -37,6 +39,15 @@ pub enum TlsPolicy {
     /// As `Verify`, but the certificate must name the recipient domain (RFC 7817-style
     /// "secure" matching; only for an exact `@domain` override).
     Secure,
+    /// The recipient domain's MTA-STS policy is `enforce` (RFC 8461): as `Verify`. Never
+    /// configured, only found.
+    MtaSts,
+    /// The recipient domain's MTA-STS policy is `testing` and names this MX host: delivered
+    /// under the configured level. Never configured, only found.
+    MtaStsTesting,
+    /// The recipient domain's MTA-STS policy is `testing` and does not name this MX host:
+    /// delivered under the configured level, where `enforce` would have refused it.
+    MtaStsTestingMismatch,
 }
 
 impl TlsPolicy {
@@ -58,6 +69,9 @@ impl TlsPolicy {
             TlsPolicy::Required => "required",
             TlsPolicy::Verify => "verify",
             TlsPolicy::Secure => "secure",
+            TlsPolicy::MtaSts => "mta-sts",
+            TlsPolicy::MtaStsTesting => "mta-sts-testing",
+            TlsPolicy::MtaStsTestingMismatch => "mta-sts-testing-mx-mismatch",
         }
     }
 }
@@ -130,9 +144,15 @@ impl DestinationTls {
             Some(p @ TlsPolicy::None) => {
                 (StartTls::Disabled, target.implicit_tls && by_credentials, p)
             }
-            Some(p @ TlsPolicy::Opportunistic) => (StartTls::Opportunistic, by_credentials, p),
+            Some(
+                p @ (TlsPolicy::Opportunistic
+                | TlsPolicy::MtaStsTesting
+                | TlsPolicy::MtaStsTestingMismatch),
+            ) => (StartTls::Opportunistic, by_credentials, p),
             Some(p @ TlsPolicy::Required) => (StartTls::Required, by_credentials, p),
-            Some(p @ (TlsPolicy::Verify | TlsPolicy::Secure)) => (StartTls::Required, true, p),
+            Some(p @ (TlsPolicy::Verify | TlsPolicy::Secure | TlsPolicy::MtaSts)) => {
+                (StartTls::Required, true, p)
+            }
         };
         let name = match (policy, secure_name) {
             (TlsPolicy::Secure, Some(domain)) => domain,
@@ -153,6 +173,42 @@ impl DestinationTls {
             name,
             ca: ca_file.and_then(|f| configs.with_ca.iter().position(|(p, _)| p == f)),
             policy,
+        }
+    }
+}
+
+impl DestinationTls {
+    /// The TLS of MX host `host` under its recipient domain's MTA-STS verdict (RFC 8461
+    /// section 5): `enforce` requires STARTTLS with a certificate verified for the MX host
+    /// name, whatever level was configured (an override's CA file and credentials stay);
+    /// `testing` changes nothing but the name of the policy that events report.
+    pub fn under_mta_sts(self, sts: StsHost, host: &str) -> DestinationTls {
+        match sts {
+            StsHost::Enforce => {
+                let session = if self.session.starttls == StartTls::Required {
+                    self.session
+                } else {
+                    Arc::new(SessionConfig {
+                        starttls: StartTls::Required,
+                        ..(*self.session).clone()
+                    })
+                };
+                DestinationTls {
+                    session,
+                    verify: true,
+                    name: host.to_string(),
+                    ca: self.ca,
+                    policy: TlsPolicy::MtaSts,
+                }
+            }
+            StsHost::Testing { allowed } => DestinationTls {
+                policy: if allowed {
+                    TlsPolicy::MtaStsTesting
+                } else {
+                    TlsPolicy::MtaStsTestingMismatch
+                },
+                ..self
+            },
         }
     }
 }
@@ -181,6 +237,9 @@ pub struct TlsConfigs {
     pub encrypt_only: Arc<ClientConfig>,
     /// Verifying, with an override's CA file as well, by file.
     pub with_ca: Vec<(PathBuf, Arc<ClientConfig>)>,
+    /// The verifier of `verifying`, to check after the fact a certificate that a session did
+    /// not verify (what MTA-STS `testing` reports).
+    pub verifier: Arc<WebPkiServerVerifier>,
 }
 
 /// Reads the CA certificates of a PEM file into `roots`; `key` names the setting.
@@ -231,6 +290,15 @@ impl TlsConfigs {
                 .with_no_client_auth();
             with_ca.push((path.to_path_buf(), Arc::new(config)));
         }
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots.clone()),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|_| Error::InvalidConfig {
+            key: "tls_ca_file",
+            problem: "no usable trust anchor",
+        })?;
         let verifying = builder()?
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -244,6 +312,7 @@ impl TlsConfigs {
             verifying: Arc::new(verifying),
             encrypt_only: Arc::new(encrypt_only),
             with_ca,
+            verifier,
         })
     }
 }

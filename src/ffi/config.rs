@@ -112,6 +112,8 @@ const KEYS: &[&str] = &[
     "mx_timeout",
     "mx_cache_capacity",
     "mx_allow_loopback",
+    "mta_sts",
+    "mta_sts_port",
     "trace_file",
 ];
 
@@ -575,7 +577,8 @@ impl Settings {
             "classify_rule" => self.classify_rules.push(parse_classify_rule(key, value)?),
             "direct_mx" => c.mx = parse_bool(key, value)?.then(|| c.mx.clone().unwrap_or_default()),
             "mx_nameservers" | "mx_smtp_port" | "mx_ipv4" | "mx_ipv6" | "mx_max_hosts"
-            | "mx_max_addresses" | "mx_timeout" | "mx_cache_capacity" | "mx_allow_loopback" => {
+            | "mx_max_addresses" | "mx_timeout" | "mx_cache_capacity" | "mx_allow_loopback"
+            | "mta_sts" | "mta_sts_port" => {
                 // Any MX setting turns direct MX delivery on.
                 let mut mx = c.mx.clone().unwrap_or_default();
                 match key {
@@ -587,6 +590,8 @@ impl Settings {
                     "mx_max_addresses" => mx.max_addresses = count(1, 1 << 16)? as usize,
                     "mx_timeout" => mx.timeout = parse_duration(key, value, false)?,
                     "mx_allow_loopback" => mx.allow_loopback = parse_bool(key, value)?,
+                    "mta_sts" => mx.mta_sts = parse_bool(key, value)?,
+                    "mta_sts_port" => mx.mta_sts_port = count(1, 65535)? as u16,
                     _ => mx.cache_capacity = count(0, 1 << 30)? as usize,
                 }
                 c.mx = Some(mx);
@@ -836,7 +841,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `adaptive_initial_concurrency` (number >= 1), `adaptive_pause`, `adaptive_max_pause`, `adaptive_dead_after` (whole number), `adaptive_dead_for`, `adaptive_throttle_memory` | slow start, backoff, dead-destination settings, and how long a throttle caps the window |
 /// | `classify_rule` | `category: class=5, code=550, enhanced=7.1, text=phrase, text=phrase` (any of the conditions; categories as `mxp_category`, lower case: `bad_mailbox`, `policy_block`, ...); tried before the built-in table; each call adds one |
 /// | `direct_mx` | boolean: deliver to each domain's MX hosts when no relay or route applies |
-/// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6) | direct MX settings; setting any turns direct MX on |
+/// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6), `mta_sts` (boolean, default true: apply the recipient domains' MTA-STS policies, RFC 8461), `mta_sts_port` (the HTTPS port of policy hosts, default 443; for tests) | direct MX settings; setting any turns direct MX on |
 /// | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
 /// | `spool_dir` | a directory to keep custody in: a submission is durable once fsynced there, and what is not final survives restarts and crashes |
 ///
@@ -973,6 +978,8 @@ mod tests {
             ("mx_timeout", "2s"),
             ("mx_cache_capacity", "0"),
             ("mx_allow_loopback", "true"),
+            ("mta_sts", "false"),
+            ("mta_sts_port", "8443"),
             ("trace_file", "/dev/null"),
         ];
         for (key, value) in examples {
@@ -999,6 +1006,7 @@ mod tests {
         let mx = c.mx.as_ref().unwrap();
         assert_eq!(mx.nameservers.as_ref().unwrap().len(), 2);
         assert_eq!((mx.smtp_port, mx.ipv6, mx.cache_capacity), (2525, false, 0));
+        assert_eq!((mx.mta_sts, mx.mta_sts_port), (false, 8443));
         assert_eq!(s.classify_rules[0].enhanced, Some((7, Some(1))));
         assert_eq!(s.classify_rules[0].text, ["listed at"]);
         assert_eq!(s.routes, [("example.org".into(), "127.0.0.1:2526".into())]);

@@ -6,6 +6,7 @@
 //! routed to the same host shares that host's connections and limits. The static routes perform
 //! no I/O after start-up; MX lookups run on the resolver's own thread, never on the loop's.
 
+pub mod mta_sts;
 pub mod mx;
 
 use crate::error::{Error, Result};

@@ -11,8 +11,10 @@
 
 mod cache;
 mod lookup;
+mod sts;
 mod stub;
 
+use crate::route::mta_sts::StsHost;
 use cache::ResolutionCache;
 use crossbeam_channel::{Receiver, Sender};
 use hickory_resolver::config::{
@@ -72,6 +74,11 @@ pub struct MxConfig {
     /// with none gets [`Resolution::LoopsBack`], as Postfix does. Tests and local setups
     /// with exchangers on loopback turn it on.
     pub allow_loopback: bool,
+    /// Apply the recipient domains' MTA-STS policies (RFC 8461; default on): the
+    /// `_mta-sts` TXT record is asked with the MX records, and the policy fetched over HTTPS.
+    pub mta_sts: bool,
+    /// The HTTPS port of MTA-STS policy hosts (default 443; another only for tests).
+    pub mta_sts_port: u16,
 }
 
 impl Default for MxConfig {
@@ -86,6 +93,8 @@ impl Default for MxConfig {
             timeout: Duration::from_secs(5),
             cache_capacity: 100_000,
             allow_loopback: false,
+            mta_sts: true,
+            mta_sts_port: 443,
         }
     }
 }
@@ -100,6 +109,8 @@ pub struct MxHost {
     pub preference: u16,
     /// Its addresses to connect to, with `MxConfig::smtp_port`: IPv4 first, then IPv6.
     pub addrs: Vec<SocketAddr>,
+    /// What the domain's MTA-STS policy says about this host; `None`: no policy applies.
+    pub mta_sts: Option<StsHost>,
 }
 
 /// What a domain resolves to.
@@ -120,6 +131,9 @@ pub enum Resolution {
     /// NXDOMAIN, no MX and no A/AAAA records, an invalid domain name or address literal: bounce;
     /// the text says which.
     NoSuchDomain(String),
+    /// The domain's MTA-STS policy is `enforce` and names none of its MX hosts: defer with
+    /// this text.
+    MtaStsRefused(String),
     /// SERVFAIL, timeout, refused, a malformed answer, MX hosts that resolve to no address:
     /// defer with this text.
     TempFail(String),
@@ -162,7 +176,27 @@ impl MxResolver {
         config: MxConfig,
         waker: Arc<mio::Waker>,
     ) -> io::Result<(MxResolver, Receiver<MxAnswer>)> {
+        let https = crate::engine::tls::TlsConfigs::new(None, &[])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+            .verifying;
+        MxResolver::start_with_https(config, waker, https)
+    }
+
+    /// [`MxResolver::start`], fetching MTA-STS policies with `https` (verifying client
+    /// settings: the engine passes its own, with the configured `tls_ca_file`).
+    pub fn start_with_https(
+        config: MxConfig,
+        waker: Arc<mio::Waker>,
+        https: Arc<rustls::ClientConfig>,
+    ) -> io::Result<(MxResolver, Receiver<MxAnswer>)> {
         let dns = Arc::new(dns(&config)?);
+        let sts = config.mta_sts.then(|| {
+            Arc::new(sts::Sts::new(
+                config.mta_sts_port,
+                https,
+                config.cache_capacity,
+            ))
+        });
         // Every nameserver gets a try, so more servers may take longer.
         let deadline = config.timeout * dns.tries() as u32 * QUERY_ROUNDS_PER_LOOKUP;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -173,6 +207,7 @@ impl MxResolver {
         let (finished, finished_rx) = mpsc::unbounded_channel();
         let worker = Worker {
             dns,
+            sts,
             policy: Policy {
                 smtp_port: config.smtp_port,
                 ipv4: config.ipv4,
@@ -194,7 +229,12 @@ impl MxResolver {
         };
         let thread = std::thread::Builder::new()
             .name("mxpipe-mx".into())
-            .spawn(move || runtime.block_on(worker.run(request_rx, finished_rx)))?;
+            .spawn(move || {
+                runtime.block_on(worker.run(request_rx, finished_rx));
+                // A policy fetch still running on a blocking thread ends by its own timeout;
+                // shutting down does not wait for it.
+                runtime.shutdown_background();
+            })?;
         let shared = Arc::new(Shared {
             requests,
             thread: Mutex::new(Some(thread)),
@@ -383,6 +423,8 @@ impl Drop for Completion {
 /// The resolver thread's state; all of it lives on that thread.
 struct Worker {
     dns: Arc<Dns>,
+    /// MTA-STS, when on.
+    sts: Option<Arc<sts::Sts>>,
     policy: Policy,
     /// The most a domain's lookup may take in all.
     deadline: Duration,
@@ -466,14 +508,27 @@ impl Worker {
     fn spawn(&mut self, domain: String) {
         self.running += 1;
         let (dns, policy, deadline) = (self.dns.clone(), self.policy, self.deadline);
+        let sts = self.sts.clone();
         let completion = Completion {
             domain: Some(domain.clone()),
             finished: self.finished.clone(),
         };
         tokio::spawn(async move {
-            let lookup = lookup::resolve(&dns, &policy, &domain);
+            // The `_mta-sts` TXT record is asked beside the MX records, not after them.
+            let lookup = async {
+                let announced = async {
+                    match &sts {
+                        Some(_) => sts::Sts::announced_id(&dns, &domain).await,
+                        None => None,
+                    }
+                };
+                tokio::join!(lookup::resolve(&dns, &policy, &domain), announced)
+            };
             let answer = match tokio::time::timeout(deadline, lookup).await {
-                Ok(answer) => answer,
+                Ok((answer, announced)) => match &sts {
+                    Some(sts) => sts.apply(&dns, &policy, &domain, announced, answer).await,
+                    None => answer,
+                },
                 Err(_) => Answer::temporary(format!(
                     "{domain}: the DNS lookup did not finish within {} s",
                     deadline.as_secs_f32()
@@ -621,6 +676,7 @@ mod tests {
             name: name.into(),
             preference,
             addrs: vec![SocketAddr::new(ip.parse().unwrap(), 25)],
+            mta_sts: None,
         };
         let own: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap()];
         let hosts = |list: Vec<MxHost>| Resolution::Hosts(list.into());
@@ -661,6 +717,7 @@ mod tests {
             name: name.into(),
             preference,
             addrs: Vec::new(),
+            mta_sts: None,
         };
         let hosts: Arc<[MxHost]> = Arc::from([host("a", 10), host("b", 10), host("c", 20)]);
         let mut firsts = HashSet::new();

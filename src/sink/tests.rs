@@ -369,10 +369,9 @@ fn bdat_without_a_valid_recipient_consumes_its_octets() {
     // The "RSET" and "XXXX" lines were chunk octets, not commands.
     assert_eq!(client.reply(), "554 5.5.1 No valid recipients\r\n");
     assert_eq!(client.reply(), "250 2.0.0 Ok\r\n");
-    assert_eq!(
-        client.ask("MAIL FROM:<s@example.org>"),
-        "503 5.5.1 Error: nested MAIL command"
-    );
+    // The failed chunk ended the transaction (RFC 3030 2, as Postfix's smtpd does): a
+    // pipelined MAIL behind it starts the next one.
+    assert_eq!(client.ask("MAIL FROM:<s@example.org>"), "250 2.1.0 Ok");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! DNS servers for the tests: a real `dnsmasq` (Debian's `dnsmasq-base`) serving MX, A, AAAA and
+//! DNS servers for the tests: a real `dnsmasq` (Debian's `dnsmasq-base`) serving MX, A, AAAA, TXT and
 //! CNAME records for names under `.test` on a loopback port, and a nameserver that never answers.
 //!
 //! Like the rest of `tests/util`, nothing here uses the mxpipe crate. dnsmasq answers only from
@@ -25,6 +25,7 @@ pub struct DnsmasqBuilder {
     mx: Vec<String>,
     hosts: BTreeMap<String, Vec<IpAddr>>,
     cnames: Vec<String>,
+    txts: Vec<String>,
     ttl: u32,
 }
 
@@ -50,6 +51,14 @@ impl DnsmasqBuilder {
     /// `alias CNAME target`; dnsmasq serves it only when it knows `target` (from `host`).
     pub fn cname(mut self, alias: &str, target: &str) -> Self {
         self.cnames.push(format!("{alias},{target}"));
+        self
+    }
+
+    /// A TXT record of `name` holding `text` as one string (dnsmasq `--txt-record`; `text`
+    /// must not contain a comma, which would split it into several strings).
+    pub fn txt(mut self, name: &str, text: &str) -> Self {
+        assert!(!text.contains(','), "one TXT string: {text:?}");
+        self.txts.push(format!("{name},{text}"));
         self
     }
 
@@ -98,6 +107,9 @@ impl DnsmasqBuilder {
             }
             for cname in &self.cnames {
                 cmd.arg(format!("--cname={cname}"));
+            }
+            for txt in &self.txts {
+                cmd.arg(format!("--txt-record={txt}"));
             }
             let _ = fs::remove_file(&log_path);
             let stderr = fs::File::create(dir.join("stderr.log")).expect("create dnsmasq stderr");

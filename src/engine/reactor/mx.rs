@@ -10,7 +10,8 @@ use crate::engine::shaping::Shaper;
 use crate::engine::EventKind;
 use crate::message::Address;
 use crate::queue::{Envelope, Job, MxJob, MxRoute};
-use crate::route::mx::{MxAnswer, MxResolver, Resolution};
+use crate::route::mta_sts::StsHost;
+use crate::route::mx::{MxAnswer, MxHost, MxResolver, Resolution};
 use crate::route::Target;
 use crate::smtp::{EnhancedCode, Reply};
 use crossbeam_channel::Receiver;
@@ -37,8 +38,8 @@ pub(super) struct MxState {
     resolver: MxResolver,
     answers: Receiver<MxAnswer>,
     domains: HashMap<Arc<str>, DomainRoute>,
-    /// Destinations by (recipient-domain override group, MX host, address).
-    by_host: HashMap<(Option<usize>, String, SocketAddr), usize>,
+    /// Destinations by (recipient-domain override group, MX host, address, MTA-STS verdict).
+    by_host: HashMap<(Option<usize>, String, SocketAddr, Option<StsHost>), usize>,
     /// The pseudo-destination that DNS failures are accounted to.
     pub(super) resolver_destination: usize,
     capacity: usize,
@@ -198,7 +199,7 @@ impl Reactor {
                 let mut preferences = Vec::new();
                 for host in hosts.iter() {
                     for &addr in &host.addrs {
-                        candidates.push(self.mx_destination(group, &host.name, addr));
+                        candidates.push(self.mx_destination(group, host, addr));
                         preferences.push(host.preference);
                     }
                 }
@@ -244,21 +245,38 @@ impl Reactor {
                     Some(EnhancedCode::new(4, 4, 3)),
                     format!("DNS lookup for {domain} failed: {text}"),
                 );
-                let d = self
-                    .mx
-                    .as_ref()
-                    .expect("MX routing is on")
-                    .resolver_destination;
-                for (envelope, recipients, attempts) in waiting {
-                    let failures = recipients.into_iter().map(|r| (r, reply.clone())).collect();
-                    let job_mx = MxJob {
-                        domain: Arc::clone(&key),
-                        route: None,
-                        candidate: 0,
-                    };
-                    self.defer(&envelope, failures, d, attempts + 1, Some(job_mx), now);
-                }
+                self.defer_waiting(&key, waiting, &reply, now);
             }
+            Resolution::MtaStsRefused(text) => {
+                // RFC 8461 section 5: the mail waits rather than go to a host the policy does
+                // not name.
+                let reply = Reply::new(0, Some(EnhancedCode::new(4, 7, 0)), text);
+                self.defer_waiting(&key, waiting, &reply, now);
+            }
+        }
+    }
+
+    /// Defers recipients that waited for a resolution that gives no host to try now.
+    fn defer_waiting(
+        &mut self,
+        domain: &Arc<str>,
+        waiting: Vec<(Arc<Envelope>, Vec<Address>, u32)>,
+        reply: &Reply,
+        now: Instant,
+    ) {
+        let d = self
+            .mx
+            .as_ref()
+            .expect("MX routing is on")
+            .resolver_destination;
+        for (envelope, recipients, attempts) in waiting {
+            let failures = recipients.into_iter().map(|r| (r, reply.clone())).collect();
+            let job_mx = MxJob {
+                domain: Arc::clone(domain),
+                route: None,
+                candidate: 0,
+            };
+            self.defer(&envelope, failures, d, attempts + 1, Some(job_mx), now);
         }
     }
 
@@ -283,24 +301,32 @@ impl Reactor {
         }
     }
 
-    /// The destination of one MX host and address, created on first use.
-    fn mx_destination(&mut self, group: Option<usize>, host: &str, addr: SocketAddr) -> usize {
+    /// The destination of one MX host and address (under its domain's MTA-STS verdict for
+    /// it), created on first use.
+    fn mx_destination(&mut self, group: Option<usize>, host: &MxHost, addr: SocketAddr) -> usize {
         let mx = self.mx.as_mut().expect("MX routing is on");
-        let key = (group, host.to_string(), addr);
+        let key = (group, host.name.clone(), addr, host.mta_sts);
         if let Some(&d) = mx.by_host.get(&key) {
             return d;
         }
-        let mut name = format!("{host}[{}]:{}", addr.ip(), addr.port());
+        let mut name = format!("{}[{}]:{}", host.name, addr.ip(), addr.port());
         if let Some(o) = group.and_then(|g| self.config.limit_overrides.get(g)) {
             name = format!("{name} for @{}", o.pattern);
         }
+        if let Some(sts) = host.mta_sts {
+            name = format!("{name} under MTA-STS {}", sts.as_str());
+        }
         let target = Target {
             name,
-            host: host.to_string(),
+            host: host.name.clone(),
             addrs: vec![addr],
             implicit_tls: false,
         };
         let d = self.add_destination(target, group);
+        if let Some(sts) = host.mta_sts {
+            let dest = &mut self.destinations[d];
+            dest.tls = dest.tls.clone().under_mta_sts(sts, &host.name);
+        }
         self.mx
             .as_mut()
             .expect("MX routing is on")

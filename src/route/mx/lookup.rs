@@ -285,6 +285,7 @@ pub(super) fn address_literal(domain: &str, policy: &Policy) -> Option<Resolutio
         name: ip.to_string(),
         preference: 0,
         addrs: vec![SocketAddr::new(ip, policy.smtp_port)],
+        mta_sts: None,
     }])))
 }
 
@@ -429,6 +430,7 @@ async fn exchangers_of(
                 name,
                 preference: *preference,
                 addrs,
+                mta_sts: None,
             });
         }
     }
@@ -478,6 +480,7 @@ async fn implicit_mx(
                 name: host_name(name),
                 preference: 0,
                 addrs,
+                mta_sts: None,
             }])),
             expires,
         };

@@ -69,3 +69,5 @@ class Settings(TypedDict, total=False):
     mx_max_addresses: int
     mx_timeout: Duration
     mx_cache_capacity: int
+    mta_sts: bool
+    mta_sts_port: int
