@@ -3,13 +3,12 @@
 //!
 //! This module only drives [`mxpipe::campaign`]; loading, rendering and sending are its.
 
-use super::options::{serve_metrics, DeliveryArgs};
+use super::options::{serve_metrics, Overrides};
 use super::{signal, CliResult};
 use mxpipe::campaign::{Campaign, SendOptions};
 use mxpipe::engine::DispatcherBuilder;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 pub(crate) struct CampaignArgs {
     pub(crate) campaign: PathBuf,
@@ -23,16 +22,6 @@ pub(crate) struct CampaignArgs {
     pub(crate) overrides: Overrides,
 }
 
-/// What the command line sets over the campaign file's `[delivery]` and `[limits]`.
-pub(crate) struct Overrides {
-    pub(crate) relay: Option<String>,
-    pub(crate) connections: Option<usize>,
-    pub(crate) ehlo_name: Option<String>,
-    pub(crate) max_age: Option<Duration>,
-    pub(crate) retry_after: Option<Duration>,
-    pub(crate) delivery: DeliveryArgs,
-}
-
 impl Overrides {
     /// The campaign's builder with the command line's settings applied, in the documented
     /// order: the command line over the campaign file over the engine file (`--config`
@@ -42,27 +31,10 @@ impl Overrides {
         self.delivery.base_builder()?;
         let engine = self.delivery.config_text()?;
         let route_given = self.relay.is_some() || self.delivery.direct_mx;
-        let mut builder = campaign
+        let builder = campaign
             .builder(engine.as_deref(), route_given)
             .map_err(|e| e.to_string())?;
-        if let Some(relay) = &self.relay {
-            builder = builder.relay(relay);
-        }
-        let mut builder = self.delivery.apply(builder)?;
-        if let Some(name) = &self.ehlo_name {
-            builder = builder.ehlo_name(name);
-        }
-        if let Some(n) = self.connections {
-            builder = builder.max_connections_per_destination(n);
-        }
-        let retry = &mut builder.config_mut().retry;
-        if let Some(after) = self.retry_after {
-            retry.initial = after;
-        }
-        if let Some(age) = self.max_age {
-            retry.max_age = age;
-        }
-        Ok(builder)
+        self.apply(builder)
     }
 }
 

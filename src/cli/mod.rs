@@ -264,7 +264,7 @@ pub fn main() -> ExitCode {
                 journal_any_campaign,
                 quiet,
                 json,
-                overrides: campaign::Overrides {
+                overrides: options::Overrides {
                     relay,
                     connections,
                     ehlo_name,
@@ -294,17 +294,19 @@ pub fn main() -> ExitCode {
             delivery,
         } if relay.is_some() || delivery.direct_mx || delivery.config.is_some() => {
             send::run_send(send::SendArgs {
-                relay,
                 from,
                 to_file,
                 message,
-                connections,
-                ehlo_name,
                 report,
                 wait_final,
-                max_age: max_age.map(Duration::from_secs),
-                retry_after: retry_after.map(Duration::from_secs),
-                delivery,
+                overrides: options::Overrides {
+                    relay,
+                    connections,
+                    ehlo_name,
+                    max_age: max_age.map(Duration::from_secs),
+                    retry_after: retry_after.map(Duration::from_secs),
+                    delivery,
+                },
             })
         }
         Command::Send {

@@ -91,6 +91,44 @@ pub(crate) struct DeliveryArgs {
     // and `bench` (and a later `serve`) take them alike.
 }
 
+/// What the command line of `send` sets over a campaign file's `[delivery]` and `[limits]` or
+/// over a `--config` file: the delivery options and the few settings of `send` alone.
+pub(crate) struct Overrides {
+    pub(crate) relay: Option<String>,
+    pub(crate) connections: Option<usize>,
+    pub(crate) ehlo_name: Option<String>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) delivery: DeliveryArgs,
+}
+
+impl Overrides {
+    /// Applies what the command line gives over `builder`; the rest of its settings stay.
+    pub(crate) fn apply(
+        &self,
+        mut builder: DispatcherBuilder,
+    ) -> Result<DispatcherBuilder, String> {
+        if let Some(relay) = &self.relay {
+            builder = builder.relay(relay);
+        }
+        let mut builder = self.delivery.apply(builder)?;
+        if let Some(name) = &self.ehlo_name {
+            builder = builder.ehlo_name(name);
+        }
+        if let Some(n) = self.connections {
+            builder = builder.max_connections_per_destination(n);
+        }
+        let retry = &mut builder.config_mut().retry;
+        if let Some(after) = self.retry_after {
+            retry.initial = after;
+        }
+        if let Some(age) = self.max_age {
+            retry.max_age = age;
+        }
+        Ok(builder)
+    }
+}
+
 impl DeliveryArgs {
     /// A builder with the `--config` file's settings, or the defaults.
     pub(crate) fn base_builder(&self) -> Result<DispatcherBuilder, String> {

@@ -7,7 +7,7 @@
 //! recipient still deferred when the run ends gets a `not_final` line and is named in the
 //! summary. This module must not build MIME; it only completes the header section.
 
-use super::options::{serve_metrics, DeliveryArgs};
+use super::options::{serve_metrics, Overrides};
 use super::{event_value, signal, CliResult};
 use mxpipe::engine::{Dispatcher, Event, EventKind};
 use mxpipe::message::mime::{format_date, is_valid_header_name, new_message_id};
@@ -22,17 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub(crate) struct SendArgs {
-    pub(crate) relay: Option<String>,
     pub(crate) from: String,
     pub(crate) to_file: PathBuf,
     pub(crate) message: PathBuf,
-    pub(crate) connections: Option<usize>,
-    pub(crate) ehlo_name: Option<String>,
     pub(crate) report: Option<PathBuf>,
     pub(crate) wait_final: bool,
-    pub(crate) max_age: Option<Duration>,
-    pub(crate) retry_after: Option<Duration>,
-    pub(crate) delivery: DeliveryArgs,
+    pub(crate) overrides: Overrides,
 }
 
 pub(crate) fn run_send(args: SendArgs) -> CliResult {
@@ -46,7 +41,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     let content = std::fs::read(&args.message)
         .map_err(|e| format!("{}: cannot read: {e}", args.message.display()))?;
     let id_domain = if sender.is_null() {
-        args.ehlo_name.as_deref().unwrap_or("localhost")
+        args.overrides.ehlo_name.as_deref().unwrap_or("localhost")
     } else {
         sender.domain()
     };
@@ -61,7 +56,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     let body = Body::new(&content).map_err(|e| format!("{}: {e}", args.message.display()))?;
     let list = RecipientList::read(&args.to_file)?;
     // With a spool, an empty list sends what the spool holds from earlier runs.
-    if list.recipients.is_empty() && args.delivery.spool.is_none() {
+    if list.recipients.is_empty() && args.overrides.delivery.spool.is_none() {
         return Err(format!("{}: no valid recipients", args.to_file.display()));
     }
     // Output paths are checked before anything is sent.
@@ -74,33 +69,17 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
                 .map_err(|e| format!("--report {}: cannot create: {e}", path.display()))
         })
         .transpose()?;
-    let mut builder = args.delivery.base_builder()?;
-    if let Some(relay) = &args.relay {
-        builder = builder.relay(relay);
-    }
+    let delivery = &args.overrides.delivery;
     // What the command line gives replaces the --config file's settings; the rest stays.
-    let mut builder = args.delivery.apply(builder)?;
-    if let Some(name) = &args.ehlo_name {
-        builder = builder.ehlo_name(name);
-    }
-    if let Some(n) = args.connections {
-        builder = builder.max_connections_per_destination(n);
-    }
-    let retry = &mut builder.config_mut().retry;
-    if let Some(after) = args.retry_after {
-        retry.initial = after;
-    }
-    if let Some(age) = args.max_age {
-        retry.max_age = age;
-    }
-    let max_age = retry.max_age;
+    let mut builder = args.overrides.apply(delivery.base_builder()?)?;
+    let max_age = builder.config_mut().retry.max_age;
     // This command reads every outcome: a --config file cannot turn them off.
     let dispatcher = builder
         .record_events(true)
         .start()
         .map_err(|e| e.to_string())?;
     let dispatcher = Arc::new(dispatcher);
-    if let Some(addr) = args.delivery.metrics {
+    if let Some(addr) = delivery.metrics {
         serve_metrics(addr, &dispatcher)?;
     }
     let events = dispatcher.events().expect("events are on");
@@ -119,7 +98,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         let id = dispatcher
             .submit_timeout(message, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
-        if args.delivery.spool.is_some() {
+        if delivery.spool.is_some() {
             // Acknowledged only once on disk: a crash from here on loses nothing.
             dispatcher.sync().map_err(|e| e.to_string())?;
             println!("spooled id={id} recipients={total}");
@@ -203,7 +182,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         } else {
             format!("{not_final} recipients")
         };
-        let why = if let Some(dir) = &args.delivery.spool {
+        let why = if let Some(dir) = &delivery.spool {
             &*format!(
                 "kept in the spool {}; the next `mxpipe send --spool` on it retries it",
                 dir.display()
