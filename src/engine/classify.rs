@@ -51,22 +51,23 @@ impl Category {
 
     /// Parses the names [`Category::as_str`] gives.
     pub fn from_name(name: &str) -> Option<Category> {
-        ALL.iter().copied().find(|c| c.as_str() == name)
+        Self::ALL.iter().copied().find(|c| c.as_str() == name)
     }
-}
 
-const ALL: [Category; 10] = [
-    Category::BadMailbox,
-    Category::MailboxFull,
-    Category::NoSuchDomain,
-    Category::PolicyBlock,
-    Category::Throttled,
-    Category::Tls,
-    Category::Dns,
-    Category::Connection,
-    Category::Protocol,
-    Category::Other,
-];
+    /// Every category, in the order of the C ABI's `mxp_category` (after its "none").
+    pub const ALL: [Category; 10] = [
+        Category::BadMailbox,
+        Category::MailboxFull,
+        Category::NoSuchDomain,
+        Category::PolicyBlock,
+        Category::Throttled,
+        Category::Tls,
+        Category::Dns,
+        Category::Connection,
+        Category::Protocol,
+        Category::Other,
+    ];
+}
 
 impl fmt::Display for Category {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

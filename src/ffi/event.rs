@@ -442,18 +442,7 @@ mod tests {
         assert_eq!(name(mxp_event_kind_str(4)), "unknown");
         assert_eq!(name(mxp_event_kind_str(-1)), "unknown");
         assert_eq!(name(mxp_category_str(0)), "none");
-        for category in [
-            Category::BadMailbox,
-            Category::MailboxFull,
-            Category::NoSuchDomain,
-            Category::PolicyBlock,
-            Category::Throttled,
-            Category::Tls,
-            Category::Dns,
-            Category::Connection,
-            Category::Protocol,
-            Category::Other,
-        ] {
+        for category in Category::ALL {
             let value = mxp_category::from(Some(category)) as c_int;
             assert_eq!(name(mxp_category_str(value)), category.as_str());
         }
