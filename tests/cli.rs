@@ -935,3 +935,70 @@ fn trace_writes_the_dialogue_without_secrets_or_content() {
     assert!(!trace.contains("PRIVATE-BODY-LINE"), "{trace}");
     assert_eq!(sink.dumps().len(), 1);
 }
+
+/// `--bdat-window N`: with the default window MAIL, RCPT and `BDAT LAST` with its content go
+/// out before any reply; with 0, BDAT waits for the RCPT replies. Out of range: refused,
+/// naming the option.
+#[test]
+fn bdat_window_option_sets_how_bdat_is_pipelined() {
+    let d = Dir::new("cli-bdat-window");
+    let sink = Sink::start(SinkConfig::default()).expect("sink starts");
+    d.write(
+        "message.eml",
+        "From: news@example.org\r\nSubject: hi\r\n\r\nhello\r\n",
+    );
+    d.write("list.txt", "ann@example.net\n");
+    // The replies the client had read when it wrote BDAT.
+    let replies_before_bdat = |window: Option<&str>| -> usize {
+        let mut command = mxpipe();
+        command
+            .args(["send", "--relay", &sink.local_addr().to_string()])
+            .args(["--from", "news@example.org", "--to-file"])
+            .arg(d.path("list.txt"))
+            .arg("--trace")
+            .arg(d.path("trace.txt"))
+            .arg(d.path("message.eml"));
+        if let Some(n) = window {
+            command.args(["--bdat-window", n]);
+        }
+        let out = run(&mut command);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let trace = d.read("trace.txt");
+        let lines: Vec<&str> = trace
+            .lines()
+            .map(|l| l.split_once(' ').expect("a timestamp").1)
+            .collect();
+        let mail = lines
+            .iter()
+            .position(|l| l.starts_with("c1 > MAIL FROM:"))
+            .unwrap_or_else(|| panic!("no MAIL in:\n{trace}"));
+        let bdat = lines
+            .iter()
+            .position(|l| l.starts_with("c1 > BDAT "))
+            .unwrap_or_else(|| panic!("no BDAT in:\n{trace}"));
+        assert!(mail < bdat, "{trace}");
+        lines[mail..bdat]
+            .iter()
+            .filter(|l| l.starts_with("c1 < "))
+            .count()
+    };
+    assert_eq!(replies_before_bdat(None), 0);
+    assert_eq!(replies_before_bdat(Some("8")), 0);
+    // The replies to MAIL and RCPT.
+    assert_eq!(replies_before_bdat(Some("0")), 2);
+
+    let out = run(mxpipe().args([
+        "send",
+        "--relay",
+        "127.0.0.1:9",
+        "--from",
+        "news@example.org",
+        "--to-file",
+        "list.txt",
+        "--bdat-window",
+        "1025",
+        "message.eml",
+    ]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--bdat-window"), "{}", stderr(&out));
+}

@@ -87,6 +87,11 @@ pub(crate) struct DeliveryArgs {
     /// the next process that opens it (`send` with an empty --to-file sends only that).
     #[arg(long, value_name = "DIR")]
     pub(crate) spool: Option<PathBuf>,
+    /// With CHUNKING and PIPELINING: at most this many whole transactions (MAIL, RCPTs,
+    /// BDAT LAST and content) in flight per connection, 0 to 1024 (default 4; 0: BDAT content
+    /// waits for the RCPT replies).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub(crate) bdat_window: Option<u16>,
     // Options every delivering command shares go here, and into `apply` below, so that `send`
     // and `bench` (and a later `serve`) take them alike.
 }
@@ -212,6 +217,9 @@ impl DeliveryArgs {
                 mx.allow_loopback = true;
             }
             b = b.direct_mx(mx);
+        }
+        if let Some(n) = self.bdat_window {
+            b.config_mut().session.bdat_window = n.into();
         }
         if let Some(rate) = self.messages_per_second {
             b = b.messages_per_second(rate);

@@ -56,6 +56,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The deepest BDAT window a setting may ask for (transactions in flight on one connection).
+const MAX_BDAT_WINDOW: u64 = 1024;
+
 /// Every key, with the form of its value, for the unknown-key message and the header.
 const KEYS: &[&str] = &[
     "relay",
@@ -66,6 +69,8 @@ const KEYS: &[&str] = &[
     "command_timeout",
     "data_end_timeout",
     "chunking",
+    "bdat_window",
+    "bdat_window_bytes",
     "max_connections_per_destination",
     "max_connections",
     "tls_handshake_timeout",
@@ -475,6 +480,8 @@ impl Settings {
             "command_timeout" => c.session.timeouts.command = parse_duration(key, value, false)?,
             "data_end_timeout" => c.session.timeouts.data_end = parse_duration(key, value, false)?,
             "chunking" => c.session.use_chunking = parse_bool(key, value)?,
+            "bdat_window" => c.session.bdat_window = count(0, MAX_BDAT_WINDOW)? as usize,
+            "bdat_window_bytes" => c.session.bdat_window_bytes = count(1, 1 << 30)? as usize,
             "max_connections_per_destination" => {
                 c.max_connections_per_destination = count(1, 1 << 20)? as usize
             }
@@ -818,6 +825,8 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `ehlo_name` | the name sent in EHLO (default `localhost`) |
 /// | `connect_timeout`, `greeting_timeout`, `command_timeout`, `data_end_timeout` | durations above zero |
 /// | `chunking` | boolean: use BDAT when offered (default true) |
+/// | `bdat_window` | whole number 0 to 1024: with CHUNKING and PIPELINING, whole transactions in flight per connection (default 4; 0: BDAT waits for the RCPT replies) |
+/// | `bdat_window_bytes` | whole number 1 to 1073741824: content octets in flight per connection with a BDAT window (default 1048576) |
 /// | `max_connections_per_destination` | whole number >= 1 (default 20) |
 /// | `max_connections` | whole number >= 1: connections per loop over all destinations (default 8192) |
 /// | `tls_handshake_timeout` | duration above zero (default 30s) |
@@ -926,6 +935,8 @@ mod tests {
             ("command_timeout", "1.5"),
             ("data_end_timeout", "3m"),
             ("chunking", "off"),
+            ("bdat_window", "16"),
+            ("bdat_window_bytes", "65536"),
             ("max_connections_per_destination", "4"),
             ("max_connections", "512"),
             ("tls_handshake_timeout", "10s"),
@@ -995,6 +1006,10 @@ mod tests {
         assert_eq!(c.session.timeouts.command, Duration::from_millis(1500));
         assert_eq!(c.session.timeouts.data_end, Duration::from_secs(180));
         assert!(!c.session.use_chunking);
+        assert_eq!(
+            (c.session.bdat_window, c.session.bdat_window_bytes),
+            (16, 65536)
+        );
         assert_eq!(c.max_recipients_per_transaction, 50);
         assert_eq!(c.retry.max_age, Duration::from_secs(2 * 86400));
         assert_eq!(c.loops, 2);
@@ -1058,6 +1073,15 @@ mod tests {
         assert!(set(&mut s, "relay", "host:0").is_err());
         assert!(set(&mut s, "route", "example.org").is_err());
         assert!(set(&mut s, "chunking", "maybe").is_err());
+        assert_eq!(
+            set(&mut s, "bdat_window", "1025").unwrap_err(),
+            "config bdat_window: \"1025\" is not a whole number from 0 to 1024"
+        );
+        assert_eq!(
+            set(&mut s, "bdat_window_bytes", "0").unwrap_err(),
+            "config bdat_window_bytes: \"0\" is not a whole number from 1 to 1073741824"
+        );
+        assert_eq!(s.config.session.bdat_window, 4);
         assert!(set(&mut s, "retry_jitter", "1").is_err());
         assert!(set(&mut s, "ehlo_name", "bad name").is_err());
         assert!(set(&mut s, "loops", "65").is_err());

@@ -27,6 +27,8 @@ class Settings(TypedDict, total=False):
     tls_handshake_timeout: Duration
     idle_timeout: Duration
     chunking: bool
+    bdat_window: int
+    bdat_window_bytes: int
     max_connections_per_destination: int
     max_connections: int
     max_messages_per_connection: int
