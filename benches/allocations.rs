@@ -1,0 +1,208 @@
+//! Heap allocations per message on the send path of a shared-body bulk send, counted by a
+//! global allocator that wraps the system's: through the SMTP session alone (no I/O; pipelined
+//! BDAT and pipelined DATA, with the transactions built beforehand so that only the session's
+//! own allocations count), and through the event loop to mxpipe's sink in a child process
+//! (every thread but the submitting one counts, so enqueueing is left out).
+//!
+//! Run: `cargo bench --bench allocations` (prints one `allocs_per_msg` line per case).
+
+use mxpipe::engine::Dispatcher;
+use mxpipe::error::Field;
+use mxpipe::message::{Address, Body, Message};
+use mxpipe::smtp::{Session, SessionConfig, SessionEvent, Transaction};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::hint::black_box;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Counts every allocation and reallocation, in total and per thread.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static THREAD_ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count() {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    // `with` can fail while the thread is being torn down; such an allocation still counts
+    // in the total.
+    let _ = THREAD_ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+}
+
+// SAFETY: every call is passed on unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn total() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+fn this_thread() -> u64 {
+    THREAD_ALLOCATIONS.with(Cell::get)
+}
+
+/// A 2 KB newsletter-like body.
+fn body() -> Arc<Body> {
+    let mut content = b"From: news@b.example\r\nSubject: bench\r\n\r\n".to_vec();
+    while content.len() < 2048 {
+        content.extend_from_slice(b"The quick brown fox jumps over the lazy dog, again.\r\n");
+    }
+    Arc::new(Body::new(&content).expect("a valid body"))
+}
+
+/// Drives `n` single-recipient transactions through an established session, answering every
+/// write at once; returns the allocations made by the session per transaction, after
+/// `warmup` transactions.
+fn session_allocations(caps: &str, n: usize, warmup: usize) -> f64 {
+    let config = Arc::new(SessionConfig::default());
+    let body = body();
+    let sender = Address::parse("s@b.example", Field::Sender).expect("sender");
+    let rcpt = Address::parse("r@c.example", Field::Recipient(0)).expect("recipient");
+    let mut txns: Vec<Transaction> = (0..n as u64)
+        .map(|tag| Transaction {
+            tag,
+            sender: sender.clone(),
+            recipients: vec![rcpt.clone()],
+            body: Arc::clone(&body),
+        })
+        .collect();
+    txns.reverse();
+    let now = Instant::now();
+    let mut s = Session::new(config, now);
+    s.handle_input(b"220 mx\r\n", now);
+    s.consume_output(s.pending_output().len());
+    s.handle_input(caps.as_bytes(), now);
+    let bdat = caps.contains("CHUNKING");
+    let (mut done, mut before) = (0, 0);
+    while done < n {
+        if done >= warmup && before == 0 {
+            before = total();
+        }
+        let mut started = 0;
+        while s.can_accept() {
+            let Some(t) = txns.pop() else { break };
+            s.start_transaction(t, now);
+            started += 1;
+        }
+        s.consume_output(s.pending_output().len());
+        if bdat {
+            for _ in 0..started {
+                s.handle_input(
+                    b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n",
+                    now,
+                );
+            }
+        } else {
+            s.handle_input(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n", now);
+            s.consume_output(s.pending_output().len());
+            s.handle_input(b"250 2.0.0 Ok: queued\r\n", now);
+        }
+        while let Some(e) = s.poll_event() {
+            if let SessionEvent::TransactionDone { results, .. } = e {
+                done += 1;
+                black_box(results);
+            }
+        }
+    }
+    (total() - before) as f64 / (n - warmup) as f64
+}
+
+/// A free loopback port (bound, then released for the child to take).
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local addr")
+}
+
+struct ChildSink(Child);
+
+impl Drop for ChildSink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `n` messages with one shared body through the engine to `mxpipe sink` in a child
+/// process; returns the allocations of every thread but this one per message.
+fn loop_allocations(n: u64, connections: usize) -> f64 {
+    let addr = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(["sink", "--listen", &addr.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mxpipe sink");
+    let _sink = ChildSink(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the sink did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let d = Dispatcher::builder()
+        .relay(&addr.to_string())
+        .max_connections_per_destination(connections)
+        .record_events(false)
+        .start()
+        .expect("dispatcher starts");
+    let body = body();
+    let sender = Address::parse("news@b.example", Field::Sender).expect("sender");
+    let send = |from: u64, to: u64| {
+        for i in from..to {
+            let rcpt =
+                Address::parse(&format!("u{i}@c.example"), Field::Recipient(0)).expect("recipient");
+            let m = Message::from_parts(sender.clone(), vec![rcpt], Arc::clone(&body))
+                .expect("message");
+            d.submit_timeout(m, Duration::from_secs(60))
+                .expect("submitted");
+        }
+        d.flush();
+    };
+    // Warm up: connections open, buffers and queues at their steady size.
+    send(0, n / 10);
+    let (all, mine) = (total(), this_thread());
+    send(n / 10, n + n / 10);
+    let others = (total() - all) - (this_thread() - mine);
+    let stats = d.stats();
+    assert_eq!(stats.delivered, n + n / 10, "{stats:?}");
+    others as f64 / n as f64
+}
+
+fn main() {
+    // `cargo bench` passes --bench; a filter is not supported, every case runs.
+    let bdat = session_allocations(
+        "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+        20_000,
+        2_000,
+    );
+    println!("session pipelined_bdat allocs_per_msg={bdat:.2}");
+    let data = session_allocations("250-mx\r\n250 PIPELINING\r\n", 20_000, 2_000);
+    println!("session pipelined_data allocs_per_msg={data:.2}");
+    for connections in [1, 20] {
+        let looped = loop_allocations(50_000, connections);
+        println!("loop_to_sink connections={connections} allocs_per_msg={looped:.2}");
+    }
+}
