@@ -8,6 +8,7 @@ pub mod command;
 pub mod data;
 pub mod reply;
 pub mod session;
+mod window;
 
 pub use auth::Credentials;
 pub use caps::Capabilities;
