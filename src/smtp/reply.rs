@@ -225,10 +225,28 @@ impl ReplyParser {
 
     /// Feeds bytes; every completed reply is pushed to `out`. Once an error is returned, every
     /// later call returns it too.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut VecDeque<Reply>) -> Result<(), ReplyError> {
+    pub fn feed(&mut self, input: &[u8], out: &mut VecDeque<Reply>) -> Result<(), ReplyError> {
+        self.feed_with(input, out, |_, _| true)
+    }
+
+    /// Like [`ReplyParser::feed`], but a reply for which `text_needed(n, code)` is false (`n`
+    /// counts the replies completed in this call from 0, `code` is the reply's) gets an empty
+    /// text: a client that only needs to know that MAIL and RCPT succeeded saves copying it.
+    pub fn feed_with(
+        &mut self,
+        mut input: &[u8],
+        out: &mut VecDeque<Reply>,
+        mut text_needed: impl FnMut(usize, u16) -> bool,
+    ) -> Result<(), ReplyError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
+        let mut replies = 0;
+        let mut text_needed = |code| {
+            let needed = text_needed(replies, code);
+            replies += 1;
+            needed
+        };
         while !input.is_empty() {
             match memchr_newline(input) {
                 Some(pos) => {
@@ -236,13 +254,13 @@ impl ReplyParser {
                     input = rest;
                     let result = if self.partial.is_empty() {
                         self.check_length(line.len())
-                            .and_then(|_| self.line(line, out))
+                            .and_then(|_| self.line(line, out, &mut text_needed))
                     } else {
                         let mut joined = std::mem::take(&mut self.partial);
                         joined.extend_from_slice(line);
                         let r = self
                             .check_length(joined.len())
-                            .and_then(|_| self.line(&joined, out));
+                            .and_then(|_| self.line(&joined, out, &mut text_needed));
                         joined.clear();
                         self.partial = joined;
                         r
@@ -275,7 +293,12 @@ impl ReplyParser {
 
     /// One line including its LF. A bare LF line ending is tolerated (many servers are lax);
     /// the CR before it, if present, is dropped.
-    fn line(&mut self, line: &[u8], out: &mut VecDeque<Reply>) -> Result<(), ReplyError> {
+    fn line(
+        &mut self,
+        line: &[u8],
+        out: &mut VecDeque<Reply>,
+        text_needed: &mut impl FnMut(u16) -> bool,
+    ) -> Result<(), ReplyError> {
         let mut body = &line[..line.len() - 1];
         if let [rest @ .., b'\r'] = body {
             body = rest;
@@ -306,6 +329,21 @@ impl ReplyParser {
                     text = &text[used..];
                 }
             }
+            if last {
+                // The common case, a single-line reply ("250 2.1.5 Ok"): straight out, with
+                // its text copied once if at all.
+                let text = if text_needed(code) {
+                    text_string(text)
+                } else {
+                    String::new()
+                };
+                out.push_back(Reply {
+                    code,
+                    enhanced: self.enhanced,
+                    text,
+                });
+                return Ok(());
+            }
         } else {
             if code != self.code {
                 return Err(ReplyError::CodeMismatch);
@@ -329,15 +367,25 @@ impl ReplyParser {
             Err(_) => self.text.push_str(&String::from_utf8_lossy(text)),
         }
         if last {
+            let text = std::mem::take(&mut self.text);
             out.push_back(Reply {
                 code: self.code,
                 enhanced: self.enhanced,
-                text: std::mem::take(&mut self.text),
+                text: if text_needed(self.code) {
+                    text
+                } else {
+                    String::new()
+                },
             });
             self.lines = 0;
         }
         Ok(())
     }
+}
+
+/// Reply text should be ASCII (RFC 5321 4.2); anything else is kept, lossily decoded.
+fn text_string(text: &[u8]) -> String {
+    String::from_utf8_lossy(text).into_owned()
 }
 
 fn memchr_newline(haystack: &[u8]) -> Option<usize> {

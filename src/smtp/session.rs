@@ -276,20 +276,25 @@ impl TxnState {
     }
 
     /// The recipients accepted at RCPT all get the reply to the content.
-    fn settle_accepted(&mut self, reply: &Reply) {
+    /// The last of them gets `reply` itself, the others a copy.
+    fn settle_accepted(&mut self, reply: Reply) {
         let permanent = reply.is_permanent();
-        for r in &mut self.results {
-            if let Some(RcptResult::Delivered(_)) = r {
-                *r = Some(if reply.is_positive() {
-                    RcptResult::Delivered(reply.clone())
-                } else {
-                    RcptResult::Failed {
-                        reply: reply.clone(),
-                        permanent,
-                    }
-                });
-            }
+        let positive = reply.is_positive();
+        let outcome = |reply| {
+            Some(if positive {
+                RcptResult::Delivered(reply)
+            } else {
+                RcptResult::Failed { reply, permanent }
+            })
+        };
+        let provisional = |r: &Option<RcptResult>| matches!(r, Some(RcptResult::Delivered(_)));
+        let Some(last) = self.results.iter().rposition(provisional) else {
+            return;
+        };
+        for r in self.results[..last].iter_mut().filter(|r| provisional(r)) {
+            *r = outcome(reply.clone());
         }
+        self.results[last] = outcome(reply);
     }
 }
 
@@ -620,7 +625,16 @@ impl Session {
         // beyond that was sent before the server saw its command (a spoofed or injected one).
         let mut answerable = self.pending.len();
         let mut replies = std::mem::take(&mut self.replies);
-        let parsed = self.parser.feed(data, &mut replies);
+        // The text of a positive reply to MAIL or RCPT is never reported (an accepted
+        // recipient's outcome is the reply to the content): not copied.
+        let pending = &self.pending;
+        let parsed = self.parser.feed_with(data, &mut replies, |n, code| {
+            !(code / 100 == 2
+                && matches!(
+                    pending.get(n),
+                    Some(Expect::Mail { .. } | Expect::Rcpt { .. })
+                ))
+        });
         while let Some(reply) = replies.pop_front() {
             if answerable == 0 {
                 replies.clear();
@@ -851,6 +865,7 @@ impl Session {
         self.deadline = self.pending.front().map(|&e| now + self.timeout_for(e));
         // RFC 5321 3.8: 421 means the server is shutting the connection, whatever it answers.
         let closing = reply.code == 421;
+        let closing_reply = closing.then(|| reply.clone());
         match expect {
             Expect::Greeting => {
                 if reply.code == 220 {
@@ -936,13 +951,13 @@ impl Session {
                 return;
             }
             Expect::Mail { txn } => {
-                if !self.on_mail(txn, reply.clone()) {
+                if !self.on_mail(txn, reply) {
                     return;
                 }
             }
-            Expect::Rcpt { txn, index } => self.on_rcpt(txn, index, reply.clone(), now),
+            Expect::Rcpt { txn, index } => self.on_rcpt(txn, index, reply, now),
             Expect::Data { txn } => {
-                if !self.on_data(txn, reply.clone(), now) {
+                if !self.on_data(txn, reply, now) {
                     return;
                 }
             }
@@ -964,13 +979,15 @@ impl Session {
                             window.on_reply(now.saturating_duration_since(sent_at));
                         }
                     }
-                    t.settle_accepted(&reply);
+                    t.settle_accepted(reply);
                 }
                 self.finish(txn);
             }
         }
-        if closing && self.phase != Phase::Closed {
-            return self.fail(reply);
+        if let Some(reply) = closing_reply {
+            if self.phase != Phase::Closed {
+                return self.fail(reply);
+            }
         }
         self.pump(now);
     }
@@ -1115,7 +1132,7 @@ impl Session {
             true
         } else if reply.is_transient() || reply.is_permanent() {
             if !t.doomed {
-                t.settle_accepted(&reply);
+                t.settle_accepted(reply);
                 t.doomed = true;
             }
             self.after_txn_reply(txn);
@@ -1284,7 +1301,7 @@ impl Session {
     fn premature_refusal(&mut self, txn: u32, refusal: Reply) {
         self.pending.retain(|e| *e != Expect::Data { txn });
         if let Some(t) = self.txn_mut(txn) {
-            t.settle_accepted(&refusal);
+            t.settle_accepted(refusal.clone());
         }
         self.finish(txn);
         let text = format!("premature reply after 354 to DATA: {refusal}");
