@@ -82,7 +82,7 @@ pub struct SessionConfig {
     pub use_chunking: bool,
     /// With CHUNKING and PIPELINING: at most how many transactions may be in flight on a
     /// connection, each written whole (MAIL, RCPTs, BDAT LAST, content) without waiting for
-    /// the RCPT replies. The window starts at one and adapts up to this (see `window.rs`):
+    /// the RCPT replies. The window starts at four and adapts up to this (see `window.rs`):
     /// it grows while the server keeps up and shrinks when its replies lag or it fails
     /// temporarily. 0: BDAT content waits for the RCPT replies (one transaction behind
     /// another).
@@ -1683,7 +1683,7 @@ mod tests {
             s.now += Duration::from_micros(100);
             s.server(&ok.repeat(n as usize));
         }
-        assert_eq!(windows, [1, 2, 4, 8, 8]);
+        assert_eq!(windows, [4, 8, 8, 8, 8]);
         // Replies that take far longer than the least seen: one fewer in flight.
         let n = fill(&mut s, tag);
         tag += n;
