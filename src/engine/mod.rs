@@ -373,10 +373,10 @@ impl DispatcherBuilder {
         self
     }
 
-    /// With CHUNKING and PIPELINING, how many whole transactions (MAIL, RCPTs, BDAT LAST and
-    /// content, sent without waiting for replies) may be in flight on a connection, and how
-    /// many content octets (default 4 and 1 MiB). 0 transactions: BDAT content waits for the
-    /// RCPT replies.
+    /// With CHUNKING and PIPELINING, at most how many whole transactions (MAIL, RCPTs, BDAT
+    /// LAST and content, sent without waiting for replies) may be in flight on a connection,
+    /// and how many content octets (default 32 and 1 MiB; the window adapts from 4 up to
+    /// this). 0 transactions: BDAT content waits for the RCPT replies.
     pub fn bdat_window(mut self, transactions: usize, octets: usize) -> Self {
         self.config.session.bdat_window = transactions;
         self.config.session.bdat_window_bytes = octets;
