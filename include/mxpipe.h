@@ -379,7 +379,7 @@ enum mxp_result mxp_config_from_toml(const char *toml, struct mxp_config **out);
  * | `ehlo_name` | the name sent in EHLO (default `localhost`) |
  * | `connect_timeout`, `greeting_timeout`, `command_timeout`, `data_end_timeout` | durations above zero |
  * | `chunking` | boolean: use BDAT when offered (default true) |
- * | `bdat_window` | whole number 0 to 1024: with CHUNKING and PIPELINING, whole transactions in flight per connection (default 4; 0: BDAT waits for the RCPT replies) |
+ * | `bdat_window` | whole number 0 to 1024: with CHUNKING and PIPELINING, at most this many whole transactions in flight per connection; the window adapts from 4 up to this (default 32; 0: BDAT waits for the RCPT replies) |
  * | `bdat_window_bytes` | whole number 1 to 1073741824: content octets in flight per connection with a BDAT window (default 1048576) |
  * | `max_connections_per_destination` | whole number >= 1 (default 20) |
  * | `max_connections` | whole number >= 1: connections per loop over all destinations (default 8192) |

@@ -88,8 +88,8 @@ pub(crate) struct DeliveryArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) spool: Option<PathBuf>,
     /// With CHUNKING and PIPELINING: at most this many whole transactions (MAIL, RCPTs,
-    /// BDAT LAST and content) in flight per connection, 0 to 1024 (default 4; 0: BDAT content
-    /// waits for the RCPT replies).
+    /// BDAT LAST and content) in flight per connection, 0 to 1024; the window adapts from 4 up
+    /// to this (default 32; 0: BDAT content waits for the RCPT replies).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub(crate) bdat_window: Option<u16>,
     // Options every delivering command shares go here, and into `apply` below, so that `send`
