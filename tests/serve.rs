@@ -252,12 +252,16 @@ fn killed_during_flow(protocol: &str, mode: &str) {
     let dir = fresh_temp_dir("serve-kill");
     let port = free_port("127.0.0.1");
     let config = serve_config(&dir, port, protocol, mode, sink.addr());
-    let mut serve = ServeProcess::start(&config, 1);
+    // Postfix queues everything while mxpipe is down, so that the kills below fall in the
+    // middle of the flow.
     let postfix = Postfix::start_local(&postfix_to_mxpipe(protocol, port));
     inject_into_postfix(&postfix, 0..N);
+    let mut serve = ServeProcess::start(&config, 1);
     for at in [N / 4, N / 2] {
-        wait_for_dumps(&sink, at, Duration::from_secs(300));
+        let before = wait_for_dumps(&sink, at, Duration::from_secs(300));
         serve.kill();
+        eprintln!("{mode}: killed at {before} of {N} arrivals");
+        assert!(before < N, "the flow was over before the kill");
         std::thread::sleep(Duration::from_millis(500));
         serve = ServeProcess::start(&config, 1);
     }
@@ -267,6 +271,7 @@ fn killed_during_flow(protocol: &str, mode: &str) {
     std::thread::sleep(Duration::from_secs(3));
     let seen = check_arrivals(&sink, N);
     let duplicates: usize = seen.values().map(|&c| c - 1).sum();
+    eprintln!("{mode}: {duplicates} duplicates");
     // In flight at a kill: at most the engine's connections' transactions and the client's
     // unanswered ones, per kill.
     assert!(duplicates <= 2 * 200, "{duplicates} duplicates");
