@@ -12,6 +12,8 @@
 pub(crate) mod listener;
 mod scan;
 pub(crate) mod session;
+#[cfg(test)]
+mod tests;
 pub(crate) mod tls;
 
 use std::net::SocketAddr;
