@@ -12,15 +12,18 @@ use super::*;
 #[derive(Default)]
 struct Script {
     pending: bool,
-    messages: Vec<(
-        String,
-        Vec<Parameter>,
-        Vec<(String, Vec<Parameter>)>,
-        Vec<u8>,
-    )>,
+    messages: Vec<Handed>,
 }
 
 type Parameter = (String, Option<String>);
+
+/// What a message handed the policy: sender, MAIL parameters, recipients with theirs, content.
+type Handed = (
+    String,
+    Vec<Parameter>,
+    Vec<(String, Vec<Parameter>)>,
+    Vec<u8>,
+);
 
 impl Policy for Script {
     fn rcpt(&mut self, _peer: &Peer, _t: &Transaction, address: &[u8]) -> Option<Vec<u8>> {
