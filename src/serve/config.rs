@@ -195,3 +195,67 @@ impl ListenerConfig {
         Duration::from_secs(self.pass_through_deadline_seconds)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LISTENER: &str = "[[listener]]\nprotocol = \"smtp\"\naddress = \"127.0.0.1:2526\"\n";
+
+    fn error(text: &str) -> String {
+        ServeConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_file_parses_with_its_defaults() {
+        let config = ServeConfig::parse(&format!(
+            "spool = \"/tmp/s\"\n{LISTENER}mode = \"custody\"\nallow_networks = [\"127.0.0.0/8\"]\n\
+             [delivery]\nrelay = \"127.0.0.1:25\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.hostname, "localhost");
+        assert_eq!(config.limits.max_recipients, 1000);
+        assert_eq!(config.listeners[0].mode, Mode::Custody);
+        assert_eq!(config.listeners[0].deadline(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(error("").contains("no [[listener]]"));
+        let e = error(&format!(
+            "{LISTENER}mode = \"custody\"\nallow_networks = [\"127.0.0.0/8\"]\n"
+        ));
+        assert!(e.contains("needs the top-level key spool"), "{e}");
+        let e = error(&format!("{LISTENER}mode = \"pass-through\"\n"));
+        assert!(
+            e.contains("neither allow_networks nor auth_password_file"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{LISTENER}mode = \"pass-through\"\nallow_networks = [\"127.0.0.0/33\"]\n"
+        ));
+        assert!(e.contains("line 5") && e.contains("invalid"), "{e}");
+        let e = error(&format!(
+            "{LISTENER}mode = \"relay\"\nallow_networks = []\n"
+        ));
+        assert!(e.contains("unknown variant `relay`"), "{e}");
+        let e = error(&format!(
+            "{LISTENER}mode = \"pass-through\"\nallow_networks = [\"10.0.0.0/8\"]\nmax_conns = 1\n"
+        ));
+        assert!(e.contains("unknown field `max_conns`"), "{e}");
+        let e = error(&format!(
+            "{LISTENER}mode = \"pass-through\"\nallow_networks = [\"10.0.0.0/8\"]\n\
+             [limits]\nmax_recipients = 0\n"
+        ));
+        assert!(e.contains("limits.max_recipients must be above 0"), "{e}");
+        let e = error(&format!(
+            "{LISTENER}mode = \"pass-through\"\nallow_networks = [\"10.0.0.0/8\"]\n\
+             [delivery]\nrelays = \"x\"\n"
+        ));
+        assert!(e.contains("[delivery]") && e.contains("\"relays\""), "{e}");
+        let e = error(&format!(
+            "{LISTENER}mode = \"pass-through\"\nauth_password_file = \"/p\"\n"
+        ));
+        assert!(e.contains("auth_password_file needs tls_cert"), "{e}");
+    }
+}
