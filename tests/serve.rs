@@ -469,3 +469,58 @@ fn smuggling_attempts_are_refused_and_nothing_is_delivered() {
     assert!(sink.dumps().is_empty());
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pass_through_smtp_answers_with_each_outcome_and_takes_one_recipient_per_transaction() {
+    use mxpipe::sink::{Faults, Sink, SinkConfig};
+    // mxpipe's own sink, for the scripted refusals.
+    let sink = Sink::start(SinkConfig {
+        faults: Faults {
+            reject_rcpt: vec!["unknown".into()],
+            tempfail_rcpt: vec!["busy".into()],
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let dir = fresh_temp_dir("serve-pass");
+    let port = free_port("127.0.0.1");
+    let path = serve_config(&dir, port, "smtp", "pass-through", sink.local_addr());
+    let config =
+        mxpipe::serve::config::ServeConfig::parse(&fs::read_to_string(path).unwrap()).unwrap();
+    let handle = mxpipe::serve::start(&config).unwrap();
+    let addr = handle.local_addrs()[0];
+    let mut c = BufReader::new(TcpStream::connect(addr).unwrap());
+    assert_eq!(read_reply(&mut c), "220 mxpipe.test ESMTP mxpipe\r\n");
+    say(&mut c, b"EHLO client.test\r\n");
+    let mut send = |rcpt: &str| {
+        say(&mut c, b"MAIL FROM:<a@example.org>\r\n");
+        assert_eq!(
+            say(&mut c, format!("RCPT TO:<{rcpt}>\r\n").as_bytes()),
+            "250 2.1.5 Ok\r\n"
+        );
+        assert_eq!(
+            say(&mut c, b"RCPT TO:<second@remote.test>\r\n"),
+            "452 4.5.3 Too many recipients\r\n"
+        );
+        say(&mut c, b"DATA\r\n");
+        say(&mut c, b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    };
+    let delivered = send("ok@remote.test");
+    assert!(
+        delivered.starts_with("250 2.0.0 <ok@remote.test> delivered via 127.0.0.1:"),
+        "{delivered}"
+    );
+    assert_eq!(
+        send("unknown@remote.test"),
+        "550 5.1.1 <unknown@remote.test>: Recipient address rejected: User unknown\r\n"
+    );
+    assert_eq!(
+        send("busy@remote.test"),
+        "450 4.2.1 <busy@remote.test>: Mailbox busy, try again later\r\n"
+    );
+    assert_eq!(say(&mut c, b"QUIT\r\n"), "221 2.0.0 Bye\r\n");
+    handle.stop(Duration::from_secs(5));
+    assert_eq!(sink.stats().messages, 1);
+    let _ = fs::remove_dir_all(&dir);
+}
