@@ -30,7 +30,10 @@ struct ServeProcess {
 impl ServeProcess {
     /// Starts `mxpipe serve --config CONFIG` and waits for its "listening" lines.
     fn start(config: &Path, listeners: usize) -> ServeProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        // A benchmark points this at a release build.
+        let binary = std::env::var_os("MXPIPE_SERVE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_mxpipe").into());
+        let mut child = Command::new(binary)
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -48,6 +51,22 @@ impl ServeProcess {
             assert!(line.starts_with("mxpipe serve listening on"), "{line}");
         }
         ServeProcess { child }
+    }
+
+    /// CPU time (user + system) the process has used, from /proc.
+    fn cpu(&self) -> Duration {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // Fields 14 and 15 of stat(5) (utime, stime), counted after the command name.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Duration::from_secs_f64(ticks as f64 / hz as f64)
     }
 
     fn kill(mut self) {
@@ -523,4 +542,71 @@ fn pass_through_smtp_answers_with_each_outcome_and_takes_one_recipient_per_trans
     handle.stop(Duration::from_secs(5));
     assert_eq!(sink.stats().messages, 1);
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Postfix relaying `MXPIPE_BENCH_MESSAGES` (default 20,000) queued messages to a counting sink
+/// directly, then through `mxpipe serve` in custody (SMTP) and pass-through (LMTP) mode:
+/// prints the wall time of each flush and mxpipe's CPU per message. A measurement, run by hand:
+/// `MXPIPE_SERVE_BIN=target/release/mxpipe cargo test --test serve -- --ignored --nocapture bench_`
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn bench_postfix_relay_direct_and_through_mxpipe() {
+    use mxpipe::sink::{Sink, SinkConfig};
+    let n: usize = std::env::var("MXPIPE_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    for (label, protocol, mode) in [
+        ("direct", "smtp", ""),
+        ("custody", "smtp", "custody"),
+        ("pass-through", "lmtp", "pass-through"),
+    ] {
+        let sink = Sink::start(SinkConfig::default()).unwrap();
+        let dir = fresh_temp_dir("serve-bench");
+        let port = free_port("127.0.0.1");
+        let serve = (!mode.is_empty()).then(|| {
+            ServeProcess::start(
+                &serve_config(&dir, port, protocol, mode, sink.local_addr()),
+                1,
+            )
+        });
+        let target = if mode.is_empty() {
+            sink.local_addr().port()
+        } else {
+            port
+        };
+        let transport = if protocol == "smtp" { "smtp" } else { "lmtp" };
+        // Everything is queued first (deferred), then released at once and timed.
+        let postfix = Postfix::start_local(&format!(
+            "{}\ndefer_transports = {transport}\nsmtp_destination_concurrency_limit = 20\n\
+             lmtp_destination_concurrency_limit = 20",
+            postfix_to_mxpipe(protocol, target)
+        ));
+        inject_into_postfix(&postfix, 0..n);
+        let cpu_before = serve.as_ref().map(ServeProcess::cpu);
+        let start = Instant::now();
+        postfix.release_deferred();
+        let deadline = start + Duration::from_secs(1800);
+        while (sink.stats().messages as usize) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let wall = start.elapsed();
+        let arrived = sink.stats().messages;
+        let cpu = serve
+            .as_ref()
+            .zip(cpu_before)
+            .map(|(s, before)| s.cpu() - before);
+        eprintln!(
+            "BENCH {label}: {arrived} of {n} messages in {:.2} s ({:.0} msg/s){}",
+            wall.as_secs_f64(),
+            arrived as f64 / wall.as_secs_f64(),
+            cpu.map_or(String::new(), |cpu| format!(
+                ", mxpipe serve CPU {:.1} us/message",
+                cpu.as_secs_f64() * 1e6 / n as f64
+            ))
+        );
+        drop(postfix);
+        drop(serve);
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
