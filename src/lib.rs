@@ -58,6 +58,8 @@ pub mod ffi;
 pub mod message;
 pub mod queue;
 pub mod route;
+pub mod serve;
+pub(crate) mod server;
 pub mod sink;
 pub mod smtp;
 pub mod spool;

@@ -12,7 +12,7 @@ mod util;
 use mxpipe::sink::{Sink, SinkConfig, SinkHandle};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -169,6 +169,15 @@ impl World {
                  [delivery]\nrelay = \"{relay}\"\n"
             ),
         );
+        let port = util::free_port("127.0.0.1");
+        w(
+            "serve.toml",
+            format!(
+                "spool = \"spool\"\n[[listener]]\nprotocol = \"smtp\"\n\
+                 address = \"127.0.0.1:{port}\"\nmode = \"custody\"\n\
+                 allow_networks = [\"127.0.0.0/8\"]\n[delivery]\nrelay = \"{relay}\"\n"
+            ),
+        );
     }
 
     /// The README's words with this world's addresses, directories and smaller counts.
@@ -249,20 +258,27 @@ fn run_sink(args: &[String], dir: &Path) -> Result<(), String> {
     let exited = child.try_wait().ok().flatten();
     kill(child);
     match (read, exited) {
-        (Ok(_), None) if line.starts_with("mxpipe sink listening on ") => Ok(()),
+        (Ok(_), None)
+            if line.starts_with("mxpipe sink listening on ")
+                || line.starts_with("mxpipe serve listening on ") =>
+        {
+            Ok(())
+        }
         _ => Err(format!("printed {line:?}, exited {exited:?}")),
     }
 }
 
-/// Runs a command to its end (at most two minutes).
-fn run_to_end(args: &[String], dir: &Path) -> Result<(), String> {
+/// Runs a command to its end (at most two minutes), with `input` on its standard input.
+fn run_to_end(args: &[String], dir: &Path, input: &[u8]) -> Result<(), String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
         .args(args)
         .current_dir(dir)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
+    let _ = child.stdin.take().unwrap().write_all(input);
     let deadline = Instant::now() + Duration::from_secs(120);
     while child.try_wait().map_err(|e| e.to_string())?.is_none() {
         if Instant::now() > deadline {
@@ -311,12 +327,17 @@ fn every_readme_command_line_runs() {
             if words.first().is_some_and(|w| w == "queue") {
                 world.seed_spool();
             }
+            // Daemons pass when they say where they listen.
             let is_sink = words.first().is_some_and(|w| w == "sink");
+            let is_daemon = is_sink
+                || (words.first().is_some_and(|w| w == "serve")
+                    && words.get(1).is_some_and(|w| w == "--config"));
             let args = world.adapt(&words, is_sink);
-            let result = if is_sink {
+            let result = if is_daemon {
                 run_sink(&args, &world.dir)
             } else {
-                run_to_end(&args, &world.dir)
+                // `serve hash-password` reads the password from its standard input.
+                run_to_end(&args, &world.dir, b"readme-password\n")
             };
             ran += 1;
             if let Err(e) = result {

@@ -4,6 +4,7 @@
 //! ```text
 //! mxpipe demo                                   # a bulk send to the built-in sink, no setup
 //! mxpipe sink --listen 127.0.0.1:2525           # a fast SMTP sink
+//! mxpipe serve --config serve.toml              # take mail from an MTA over SMTP/LMTP
 //! mxpipe send --relay 127.0.0.1:2525 --from news@example.org --to-file list.txt msg.eml
 //! mxpipe send campaign.toml --report report.csv --journal campaign.journal
 //! mxpipe send campaign.toml --dry-run rendered/
@@ -21,6 +22,7 @@ mod demo;
 mod keys;
 mod options;
 mod send;
+mod serve;
 mod signal;
 mod sink;
 
@@ -201,6 +203,8 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         recipients: usize,
     },
+    /// Take mail from existing MTAs over SMTP or LMTP and deliver it (custody or pass-through).
+    Serve(serve::ServeArgs),
     /// Internal: a built-in sink for `bench`, printing its address on the first line.
     #[command(hide = true)]
     BenchSink {
@@ -389,6 +393,7 @@ pub fn main() -> ExitCode {
         } => keys::campaign_keys(),
         Command::Demo { recipients } => demo::run_demo(recipients),
         Command::BenchSink { tls } => sink::run_bench_sink(tls),
+        Command::Serve(args) => serve::run_serve(args),
     };
     match result {
         Ok(code) => code,

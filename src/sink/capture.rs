@@ -11,21 +11,12 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-/// How the content arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Via {
-    /// DATA with dot-stuffing (RFC 5321 4.1.1.4).
-    Data,
-    /// BDAT chunks (RFC 3030).
-    Bdat,
-}
+use crate::server::Via;
 
-impl Via {
-    fn as_str(self) -> &'static str {
-        match self {
-            Via::Data => "DATA",
-            Via::Bdat => "BDAT",
-        }
+fn via_name(via: Via) -> &'static str {
+    match via {
+        Via::Data => "DATA",
+        Via::Bdat => "BDAT",
     }
 }
 
@@ -72,7 +63,7 @@ impl Capture {
             mail_from: envelope.mail_from,
             rcpt_to: envelope.rcpt_to,
             mail_params: envelope.mail_params,
-            via: envelope.via.as_str(),
+            via: via_name(envelope.via),
             size: content.len(),
         };
         let json = serde_json::to_vec(&record).map_err(io::Error::other)?;

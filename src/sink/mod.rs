@@ -21,12 +21,9 @@
 //! ```
 
 mod capture;
-mod scan;
-mod server;
-mod session;
+mod policy;
 #[cfg(test)]
 mod tests;
-mod tls;
 
 use std::fmt;
 use std::io;
@@ -40,7 +37,9 @@ use std::time::Duration;
 
 use mio::Waker;
 
-use server::Server;
+use crate::server::listener::Server;
+use crate::server::{tls, Counters, Settings};
+use policy::SinkPolicy;
 
 /// How a sink listens and what it advertises.
 #[derive(Debug, Clone)]
@@ -189,30 +188,52 @@ pub struct SinkStats {
     pub rejected_recipients: u64,
 }
 
-/// The statistics, shared between the loop thread (writer) and the handle (reader).
-#[derive(Debug, Default)]
-struct Counters {
-    connections: AtomicU64,
-    refused_connections: AtomicU64,
-    tls_handshakes: AtomicU64,
-    messages: AtomicU64,
-    recipients: AtomicU64,
-    bytes: AtomicU64,
-    rejected_recipients: AtomicU64,
-}
-
-impl Counters {
-    fn snapshot(&self) -> SinkStats {
+impl SinkStats {
+    fn of(counters: &Counters) -> SinkStats {
         SinkStats {
-            connections: self.connections.load(Ordering::Relaxed),
-            refused_connections: self.refused_connections.load(Ordering::Relaxed),
-            tls_handshakes: self.tls_handshakes.load(Ordering::Relaxed),
-            messages: self.messages.load(Ordering::Relaxed),
-            recipients: self.recipients.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            rejected_recipients: self.rejected_recipients.load(Ordering::Relaxed),
+            connections: counters.connections.load(Ordering::Relaxed),
+            refused_connections: counters.refused_connections.load(Ordering::Relaxed),
+            tls_handshakes: counters.tls_handshakes.load(Ordering::Relaxed),
+            messages: counters.messages.load(Ordering::Relaxed),
+            recipients: counters.recipients.load(Ordering::Relaxed),
+            bytes: counters.bytes.load(Ordering::Relaxed),
+            rejected_recipients: counters.rejected_recipients.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The shared server, set up as this sink's configuration says.
+fn bind(config: SinkConfig, counters: Arc<Counters>) -> io::Result<Server<SinkPolicy>> {
+    let mut settings = Settings::new(&config.hostname, config.max_size as u64);
+    settings.pipelining = config.pipelining;
+    settings.chunking = config.chunking;
+    if let Some(sink_tls) = &config.tls {
+        settings.tls = Some(tls::server_config(
+            "sink",
+            &sink_tls.cert_chain_pem,
+            &sink_tls.key_pem,
+        )?);
+        settings.implicit_tls = sink_tls.implicit;
+    }
+    let faults = &config.faults;
+    settings.greeting = Some(
+        faults
+            .greeting
+            .clone()
+            .unwrap_or_else(|| format!("220 {} ESMTP mxpipe-sink", config.hostname)),
+    );
+    settings.after_greeting = faults.after_greeting.clone();
+    settings.no_ehlo = faults.no_ehlo;
+    settings.max_recipients = faults.max_recipients;
+    settings.close_after_transactions = faults.close_after_transactions;
+    settings.drop_during_data = faults.drop_during_data;
+    settings.reply_delay = faults.reply_delay;
+    settings.max_connections = faults.max_connections;
+    settings.keep_content = config.capture_dir.is_some();
+    let mut addrs = vec![config.listen];
+    addrs.extend_from_slice(&config.also_listen);
+    let policy = SinkPolicy::new(&config, Arc::clone(&counters))?;
+    Server::bind(&addrs, settings, policy, counters)
 }
 
 /// Starts sinks.
@@ -224,7 +245,7 @@ impl Sink {
     /// directory, or (`InvalidInput`) of a TLS certificate or key that cannot be used.
     pub fn start(cfg: SinkConfig) -> io::Result<SinkHandle> {
         let counters = Arc::new(Counters::default());
-        let server = Server::bind(cfg, Arc::clone(&counters))?;
+        let server = bind(cfg, Arc::clone(&counters))?;
         let local_addr = server.local_addr()?;
         let waker = server.waker();
         let stop = Arc::new(AtomicBool::new(false));
@@ -272,7 +293,7 @@ impl SinkHandle {
 
     /// The statistics so far.
     pub fn stats(&self) -> SinkStats {
-        self.counters.snapshot()
+        SinkStats::of(&self.counters)
     }
 
     /// CPU time (user + system) the sink's thread has used so far, so that a benchmark can
@@ -321,7 +342,7 @@ impl Drop for SinkHandle {
 /// Serves on the calling thread until an IO error ends the loop; prints nothing itself.
 /// For `mxpipe sink`.
 pub fn run_forever(cfg: SinkConfig) -> io::Result<()> {
-    let server = Server::bind(cfg, Arc::new(Counters::default()))?;
+    let server = bind(cfg, Arc::new(Counters::default()))?;
     server.run(&AtomicBool::new(false))
 }
 

@@ -217,6 +217,29 @@ impl Postfix {
         self.addr
     }
 
+    /// Drops `defer_transports` from `main.cf`, reloads, and flushes the queue: what was
+    /// deferred is delivered now (for benchmarks that queue first and time the flush).
+    pub fn release_deferred(&self) {
+        let main_cf = self.dir.join("main.cf");
+        let text = fs::read_to_string(&main_cf).unwrap();
+        let text: String = text
+            .lines()
+            .filter(|line| !line.starts_with("defer_transports"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        fs::write(&main_cf, text).unwrap();
+        for (program, verb) in [(POSTFIX, "reload"), ("/usr/sbin/postqueue", "-f")] {
+            let ok = Command::new(program)
+                .arg("-c")
+                .arg(&self.dir)
+                .arg(verb)
+                .stdin(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "{program} {verb}");
+        }
+    }
+
     /// The instance's mail log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()

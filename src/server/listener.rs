@@ -1,17 +1,18 @@
-//! The sink's event loop: one `mio::Poll` thread that accepts connections and moves octets
-//! between sockets and [`Session`]s.
+//! The server's event loop: one `mio::Poll` thread that accepts connections and moves octets
+//! between sockets and [`Session`]s, for the sink and for `serve` alike.
 //!
 //! Per readable socket it does one read into a large buffer, lets the session answer every
 //! complete command, and writes all the replies with one call, so a pipelining client costs
 //! about two syscalls per round trip however many commands it batches; over TLS (see
 //! [`TlsLayer`]) it is the same two. The reply delay fault is a deadline in a timer heap that
-//! bounds the poll timeout. This must never block or sleep: one slow client would stall every
+//! bounds the poll timeout; pending verdicts of the policy are asked for after every turn, and
+//! at the policy's check interval while any is pending. This must never block or sleep: one slow client would stall every
 //! other connection.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,13 +23,14 @@ use rustls::ServerConfig;
 use slab::Slab;
 
 use super::session::{Context, End, Session, MAX_LINE};
-use super::tls::{self, TlsLayer};
-use super::{Counters, SinkConfig};
+use super::tls::TlsLayer;
+use super::{ConnectionId, Counters, Policy, Settings};
 
+/// Wakes the loop: to stop (with the stop flag set), or because a policy has verdicts ready.
 const WAKER: Token = Token(0);
 /// Listener `i` has token `FIRST_LISTENER + i`.
 const FIRST_LISTENER: usize = 1;
-/// Addresses one sink may listen on.
+/// Addresses one server may listen on.
 const MAX_LISTENERS: usize = 64;
 /// Connection `key` has token `FIRST_CONNECTION + key`.
 const FIRST_CONNECTION: usize = FIRST_LISTENER + MAX_LISTENERS;
@@ -54,6 +56,8 @@ struct Connection {
     held_until: Option<Instant>,
     /// Tells this connection's timers from those of an earlier one with the same slab key.
     generation: u64,
+    /// The client's address, for per-client limits and the policy.
+    peer: IpAddr,
 }
 
 /// Connections the kernel may complete before the sink accepts them (capped by
@@ -78,38 +82,42 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// The listening socket, the connections and the loop that drives them.
-pub(super) struct Server {
+pub(crate) struct Server<P> {
     poll: Poll,
-    /// `SinkConfig::listen` first, then `also_listen`.
+    /// The first address first: its port is the one [`Server::local_addr`] gives.
     listeners: Vec<TcpListener>,
     waker: Arc<Waker>,
     connections: Slab<Connection>,
-    context: Context,
-    /// Present when the sink speaks TLS.
+    context: Context<P>,
+    /// Present when the server speaks TLS.
     tls_config: Option<Arc<ServerConfig>>,
     implicit_tls: bool,
+    /// Open connections per client address (for `Settings::max_connections_per_client`).
+    per_client: HashMap<IpAddr, usize>,
     /// Held replies, earliest first: (release time, slab key, generation).
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     generations: u64,
 }
 
-impl Server {
-    /// Binds the listening socket, so that an address in use is reported to the caller.
-    pub(super) fn bind(config: SinkConfig, counters: Arc<Counters>) -> io::Result<Server> {
-        let tls_config = config.tls.as_ref().map(tls::server_config).transpose()?;
-        let implicit_tls = config.tls.as_ref().is_some_and(|tls| tls.implicit);
+impl<P: Policy> Server<P> {
+    /// Binds the listening sockets, so that an address in use is reported to the caller.
+    pub(crate) fn bind(
+        addrs: &[SocketAddr],
+        settings: Settings,
+        policy: P,
+        counters: Arc<Counters>,
+    ) -> io::Result<Server<P>> {
+        let tls_config = settings.tls.clone();
+        let implicit_tls = settings.implicit_tls;
         let poll = Poll::new()?;
-        if config.also_listen.len() >= MAX_LISTENERS {
+        if addrs.is_empty() || addrs.len() > MAX_LISTENERS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("a sink listens on at most {MAX_LISTENERS} addresses"),
+                format!("a server listens on 1 to {MAX_LISTENERS} addresses"),
             ));
         }
         let mut listeners = Vec::new();
-        for (index, addr) in std::iter::once(config.listen)
-            .chain(config.also_listen.iter().copied())
-            .enumerate()
-        {
+        for (index, &addr) in addrs.iter().enumerate() {
             let mut listener = listen(addr)?;
             poll.registry().register(
                 &mut listener,
@@ -120,7 +128,8 @@ impl Server {
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         Ok(Server {
-            context: Context::new(config, counters)?,
+            context: Context::new(settings, policy, counters),
+            per_client: HashMap::new(),
             tls_config,
             implicit_tls,
             poll,
@@ -132,22 +141,27 @@ impl Server {
         })
     }
 
-    pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listeners[0].local_addr()
     }
 
-    pub(super) fn waker(&self) -> Arc<Waker> {
+    pub(crate) fn waker(&self) -> Arc<Waker> {
         Arc::clone(&self.waker)
     }
 
     /// Serves until `stop` is set and the waker is woken. Connections still open are closed.
-    pub(super) fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+    pub(crate) fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self
+            let timer = self
                 .timers
                 .peek()
                 .map(|Reverse((due, _, _))| due.saturating_duration_since(Instant::now()));
+            let check = self.context.policy.check_interval();
+            let timeout = match (timer, check) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -169,6 +183,25 @@ impl Server {
             if !self.timers.is_empty() {
                 self.release_held_replies();
             }
+            self.deliver_verdicts();
+        }
+    }
+
+    /// Gives the verdicts the policy has reached to their sessions, and carries on with those
+    /// connections.
+    fn deliver_verdicts(&mut self) {
+        for ready in self.context.policy.take_ready() {
+            let ConnectionId { key, generation } = ready.connection;
+            let Some(connection) = self.connections.get_mut(key) else {
+                continue;
+            };
+            if connection.generation != generation {
+                continue;
+            }
+            connection
+                .session
+                .resume(&ready.replies, &mut connection.output);
+            self.drive(key);
         }
     }
 
@@ -203,10 +236,17 @@ impl Server {
                 },
                 _ => None,
             };
-            let over_limit = self
-                .context
-                .max_connections()
-                .is_some_and(|max| self.connections.len() >= max);
+            let Ok(peer) = stream.peer_addr() else {
+                continue;
+            };
+            let settings = &self.context.settings;
+            let from_client = self.per_client.get(&peer.ip()).copied().unwrap_or(0);
+            let over_limit = settings
+                .max_connections
+                .is_some_and(|max| self.connections.len() >= max)
+                || settings
+                    .max_connections_per_client
+                    .is_some_and(|max| from_client >= max);
             let entry = self.connections.vacant_entry();
             let key = entry.key();
             // Writable interest from the start costs nothing with edge triggering and saves a
@@ -225,14 +265,19 @@ impl Server {
             }
             let mut output = Vec::with_capacity(4096);
             let counters = self.context.counters();
+            self.generations += 1;
+            let id = ConnectionId {
+                key,
+                generation: self.generations,
+            };
             let session = if over_limit {
                 counters.refused_connections.fetch_add(1, Ordering::Relaxed);
-                Session::refuse(&self.context, &mut output)
+                Session::refuse(&self.context, id, peer, &mut output)
             } else {
-                Session::start(&self.context, &mut output)
+                Session::start(&self.context, id, peer, &mut output)
             };
             counters.connections.fetch_add(1, Ordering::Relaxed);
-            self.generations += 1;
+            *self.per_client.entry(peer.ip()).or_insert(0) += 1;
             entry.insert(Connection {
                 stream,
                 tls,
@@ -243,6 +288,7 @@ impl Server {
                 written: 0,
                 held_until: None,
                 generation: self.generations,
+                peer: peer.ip(),
             });
             self.drive(key);
         }
@@ -264,6 +310,16 @@ impl Server {
             Progress::Close => {
                 let mut connection = self.connections.remove(key);
                 let _ = self.poll.registry().deregister(&mut connection.stream);
+                if let Some(count) = self.per_client.get_mut(&connection.peer) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.per_client.remove(&connection.peer);
+                    }
+                }
+                self.context.policy.closed(ConnectionId {
+                    key,
+                    generation: connection.generation,
+                });
                 if connection.session.end() == End::Close {
                     if let Some(tls) = &mut connection.tls {
                         tls.close(&mut connection.stream);
@@ -279,7 +335,7 @@ impl Server {
 
     fn advance(
         connection: &mut Connection,
-        context: &mut Context,
+        context: &mut Context<P>,
         tls_config: Option<&Arc<ServerConfig>>,
     ) -> Progress {
         if connection.held_until.is_some() {
@@ -330,7 +386,7 @@ impl Server {
                 connection.input.copy_within(consumed..connection.filled, 0);
                 connection.filled -= consumed;
                 if !connection.output.is_empty() {
-                    if let Some(delay) = context.reply_delay() {
+                    if let Some(delay) = context.settings.reply_delay {
                         return Progress::Hold(Instant::now() + delay);
                     }
                     continue;
@@ -340,6 +396,11 @@ impl Server {
                 }
             }
 
+            if connection.session.is_waiting() {
+                // Nothing more is read until the policy answers: what the client pipelined
+                // behind the content waits in the socket, which bounds the input buffer.
+                return Progress::Wait;
+            }
             match connection.receive(&mut may_read, context.counters()) {
                 Received::Input(_) => {}
                 Received::Wait => return Progress::Wait,
@@ -421,7 +482,7 @@ impl Connection {
 }
 
 /// How far [`Connection::send`] got.
-pub(super) enum Sent {
+pub(crate) enum Sent {
     /// Every reply is on the wire (with TLS: or waits inside rustls for the handshake).
     All,
     /// The socket is full: wait until it is writable.
@@ -431,7 +492,7 @@ pub(super) enum Sent {
 }
 
 /// What [`Connection::receive`] found.
-pub(super) enum Received {
+pub(crate) enum Received {
     /// This many new octets of input, possibly none when TLS has handshake records to send
     /// first.
     Input(usize),

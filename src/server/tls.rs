@@ -1,7 +1,8 @@
-//! The sink's TLS layer: the rustls server configuration built from [`SinkTls`], and the
-//! per-connection state that moves octets between the socket, rustls and the session's buffers.
+//! The server's TLS layer: the rustls server configuration built from a PEM certificate and
+//! key, and the per-connection state that moves octets between the socket, rustls and the
+//! session's buffers.
 //!
-//! It keeps the sink's batching over TLS: the socket is read into a large ciphertext buffer with
+//! It keeps the server's batching over TLS: the socket is read into a large ciphertext buffer with
 //! one call, rustls decrypts all of it (it takes at most 4 KB per `read_tls`, so it is fed from
 //! memory rather than from the socket) before the session sees any, and the replies to a batch
 //! are encrypted together and leave in one vectored write. It makes no protocol decisions and
@@ -16,34 +17,39 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection};
 
-use super::server::{Received, Sent};
-use super::{Counters, SinkTls};
+use super::listener::{Received, Sent};
+use super::Counters;
 
 /// Ciphertext read from the socket at once: as much as the session's plaintext buffer holds, so
 /// that one read can carry a whole pipelined batch.
 const CIPHERTEXT_CAPACITY: usize = 64 * 1024;
 
 /// Builds the server configuration once, at start, so that a certificate or key that cannot be
-/// used is reported to the caller of `Sink::start` rather than to each client.
-pub(super) fn server_config(tls: &SinkTls) -> io::Result<Arc<ServerConfig>> {
+/// used is reported to whoever starts the server rather than to each client. `what` names the
+/// server in errors ("sink", "serve listener 127.0.0.1:2525").
+pub(crate) fn server_config(
+    what: &str,
+    cert_chain_pem: &[u8],
+    key_pem: &[u8],
+) -> io::Result<Arc<ServerConfig>> {
     let invalid = |problem: String| io::Error::new(io::ErrorKind::InvalidInput, problem);
-    let chain = CertificateDer::pem_slice_iter(&tls.cert_chain_pem)
+    let chain = CertificateDer::pem_slice_iter(cert_chain_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| invalid(format!("sink TLS certificate chain: {error}")))?;
+        .map_err(|error| invalid(format!("{what} TLS certificate chain: {error}")))?;
     if chain.is_empty() {
-        return Err(invalid(
-            "sink TLS certificate chain: no CERTIFICATE in the PEM".to_owned(),
-        ));
+        return Err(invalid(format!(
+            "{what} TLS certificate chain: no CERTIFICATE in the PEM"
+        )));
     }
-    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
-        .map_err(|error| invalid(format!("sink TLS private key: {error}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|error| invalid(format!("{what} TLS private key: {error}")))?;
     let config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|error| invalid(format!("sink TLS: {error}")))?
+            .map_err(|error| invalid(format!("{what} TLS: {error}")))?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|error| invalid(format!("sink TLS certificate and key: {error}")))?;
+            .map_err(|error| invalid(format!("{what} TLS certificate and key: {error}")))?;
     Ok(Arc::new(config))
 }
 
