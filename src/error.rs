@@ -91,6 +91,13 @@ pub enum Error {
     Io(std::io::ErrorKind),
     /// The spool cannot take (or could not keep) a submission; see [`SpoolProblem`].
     Spool(SpoolProblem),
+    /// An ESMTP parameter (RFC 3461's RET, ENVID, NOTIFY, ORCPT) is malformed; `recipient`:
+    /// the index of the recipient it came with.
+    InvalidParameter {
+        parameter: &'static str,
+        recipient: Option<usize>,
+        problem: &'static str,
+    },
 }
 
 /// Why the spool refused a submission. Once writing or syncing failed, the spool takes nothing
@@ -150,6 +157,16 @@ impl fmt::Display for Error {
             Error::InvalidConfig { key, problem } => write!(f, "config {key}: {problem}"),
             Error::Io(kind) => write!(f, "I/O error: {kind}"),
             Error::Spool(problem) => write!(f, "spool: {problem}"),
+            Error::InvalidParameter {
+                parameter,
+                recipient: None,
+                problem,
+            } => write!(f, "ESMTP parameter {parameter}: {problem}"),
+            Error::InvalidParameter {
+                parameter,
+                recipient: Some(i),
+                problem,
+            } => write!(f, "ESMTP parameter {parameter} (recipient {i}): {problem}"),
         }
     }
 }

@@ -379,6 +379,7 @@ impl Reactor {
             body: message.body,
             submitted,
             tag: message.tag,
+            dsn: message.dsn,
         });
         self.held += message.recipients.len();
         let config = Arc::clone(&self.config);
@@ -952,6 +953,7 @@ impl Reactor {
                         sender: job.envelope.sender.clone(),
                         recipients: job.recipients.clone(),
                         body: Arc::clone(&job.envelope.body),
+                        dsn: job.envelope.dsn.clone(),
                     };
                     self.destinations[d]
                         .metrics
