@@ -94,10 +94,30 @@ pub enum Error {
     /// An ESMTP parameter (RFC 3461's RET, ENVID, NOTIFY, ORCPT) is malformed; `recipient`:
     /// the index of the recipient it came with.
     InvalidParameter {
-        parameter: &'static str,
-        recipient: Option<usize>,
+        parameter: DsnParameter,
+        recipient: Option<u32>,
         problem: &'static str,
     },
+}
+
+/// The ESMTP parameters of RFC 3461 (an enum, so that [`Error`] stays small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DsnParameter {
+    Ret,
+    Envid,
+    Notify,
+    Orcpt,
+}
+
+impl fmt::Display for DsnParameter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DsnParameter::Ret => "RET",
+            DsnParameter::Envid => "ENVID",
+            DsnParameter::Notify => "NOTIFY",
+            DsnParameter::Orcpt => "ORCPT",
+        })
+    }
 }
 
 /// Why the spool refused a submission. Once writing or syncing failed, the spool takes nothing

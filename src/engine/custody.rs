@@ -70,6 +70,9 @@ pub enum Counted {
 impl Intake {
     /// Queues `submission` on its loop, waiting up to `wait` for room (`None`: not at all).
     /// On error the submission is handed back and the counts are as they were.
+    // The refused submission comes back by value (nothing is lost); boxing it would cost an
+    // allocation per submission on the hot path.
+    #[allow(clippy::result_large_err)]
     pub fn hand_over(
         &self,
         submission: Submission,

@@ -8,7 +8,7 @@
 //! `RCPT ... NOTIFY= ORCPT=`), which the client session does only when that hop offers DSN.
 //! This module neither sends nor generates reports (see [`super::report`]).
 
-use crate::error::{Error, Result};
+use crate::error::{DsnParameter as P, Error, Result};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -139,13 +139,16 @@ const MAX_ENVID: usize = 100;
 /// RFC 3461 4.2: the whole ORCPT parameter is at most 500 characters.
 const MAX_ORCPT: usize = 500;
 
-fn invalid(parameter: &'static str, recipient: Option<usize>, problem: &'static str) -> Error {
+fn invalid(parameter: P, recipient: Option<usize>, problem: &'static str) -> Error {
     Error::InvalidParameter {
         parameter,
-        recipient,
+        recipient: recipient.map(|i| i as u32),
         problem,
     }
 }
+
+/// ESMTP parameters as a server session received them: `(keyword, value)` pairs.
+pub type EsmtpParams<S> = Vec<(S, Option<S>)>;
 
 impl DsnEnvelope {
     /// Builds the request from the ESMTP parameters of MAIL (`mail`) and of each RCPT
@@ -155,28 +158,28 @@ impl DsnEnvelope {
     /// refused naming it (and the recipient's index).
     pub fn from_params<S: AsRef<str>>(
         mail: &[(S, Option<S>)],
-        rcpts: &[(S, Vec<(S, Option<S>)>)],
+        rcpts: &[(S, EsmtpParams<S>)],
     ) -> Result<DsnEnvelope> {
         let mut dsn = DsnEnvelope::default();
         for (keyword, value) in mail {
             let keyword = keyword.as_ref();
             let value = value.as_ref().map(AsRef::as_ref);
             if keyword.eq_ignore_ascii_case("RET") {
-                let v = value.ok_or_else(|| invalid("RET", None, "needs a value"))?;
+                let v = value.ok_or_else(|| invalid(P::Ret, None, "needs a value"))?;
                 if dsn.ret.is_some() {
-                    return Err(invalid("RET", None, "given twice"));
+                    return Err(invalid(P::Ret, None, "given twice"));
                 }
                 dsn.ret = Some(if v.eq_ignore_ascii_case("FULL") {
                     Ret::Full
                 } else if v.eq_ignore_ascii_case("HDRS") {
                     Ret::Headers
                 } else {
-                    return Err(invalid("RET", None, "expected FULL or HDRS"));
+                    return Err(invalid(P::Ret, None, "expected FULL or HDRS"));
                 });
             } else if keyword.eq_ignore_ascii_case("ENVID") {
-                let v = value.ok_or_else(|| invalid("ENVID", None, "needs a value"))?;
+                let v = value.ok_or_else(|| invalid(P::Envid, None, "needs a value"))?;
                 if dsn.envid.is_some() {
-                    return Err(invalid("ENVID", None, "given twice"));
+                    return Err(invalid(P::Envid, None, "given twice"));
                 }
                 dsn.envid = Some(parse_envid(v)?);
             }
@@ -187,18 +190,19 @@ impl DsnEnvelope {
                 let keyword = keyword.as_ref();
                 let value = value.as_ref().map(AsRef::as_ref);
                 if keyword.eq_ignore_ascii_case("NOTIFY") {
-                    let v = value.ok_or_else(|| invalid("NOTIFY", Some(index), "needs a value"))?;
+                    let v =
+                        value.ok_or_else(|| invalid(P::Notify, Some(index), "needs a value"))?;
                     if r.notify.is_some() {
-                        return Err(invalid("NOTIFY", Some(index), "given twice"));
+                        return Err(invalid(P::Notify, Some(index), "given twice"));
                     }
                     r.notify =
-                        Some(Notify::parse(v).map_err(|p| invalid("NOTIFY", Some(index), p))?);
+                        Some(Notify::parse(v).map_err(|p| invalid(P::Notify, Some(index), p))?);
                 } else if keyword.eq_ignore_ascii_case("ORCPT") {
-                    let v = value.ok_or_else(|| invalid("ORCPT", Some(index), "needs a value"))?;
+                    let v = value.ok_or_else(|| invalid(P::Orcpt, Some(index), "needs a value"))?;
                     if r.orcpt.is_some() {
-                        return Err(invalid("ORCPT", Some(index), "given twice"));
+                        return Err(invalid(P::Orcpt, Some(index), "given twice"));
                     }
-                    r.orcpt = Some(parse_orcpt(v).map_err(|p| invalid("ORCPT", Some(index), p))?);
+                    r.orcpt = Some(parse_orcpt(v).map_err(|p| invalid(P::Orcpt, Some(index), p))?);
                 }
             }
             if r != RecipientDsn::default() {
@@ -217,10 +221,10 @@ impl DsnEnvelope {
     /// Sets ENVID (the decoded value: at most 100 octets of printable ASCII, RFC 3461 4.4).
     pub fn with_envid(mut self, envid: &str) -> Result<Self> {
         if envid.is_empty() || envid.len() > MAX_ENVID {
-            return Err(invalid("ENVID", None, "must be 1 to 100 characters"));
+            return Err(invalid(P::Envid, None, "must be 1 to 100 characters"));
         }
         if !envid.bytes().all(|b| (b' '..=b'~').contains(&b)) {
-            return Err(invalid("ENVID", None, "must be printable ASCII"));
+            return Err(invalid(P::Envid, None, "must be printable ASCII"));
         }
         self.envid = Some(envid.as_bytes().to_vec());
         Ok(self)
@@ -299,16 +303,16 @@ impl DsnEnvelope {
                 })
                 .collect()
         }
-        let rcpts: Vec<(&str, Vec<(&str, Option<&str>)>)> =
+        let rcpts: Vec<(&str, EsmtpParams<&str>)> =
             rcpts.iter().map(|(a, p)| (a.as_str(), split(p))).collect();
         DsnEnvelope::from_params(&split(mail), &rcpts)
     }
 }
 
 fn parse_envid(value: &str) -> Result<Vec<u8>> {
-    let decoded = xtext_decode(value).map_err(|p| invalid("ENVID", None, p))?;
+    let decoded = xtext_decode(value).map_err(|p| invalid(P::Envid, None, p))?;
     if decoded.is_empty() || decoded.len() > MAX_ENVID {
-        return Err(invalid("ENVID", None, "must be 1 to 100 characters"));
+        return Err(invalid(P::Envid, None, "must be 1 to 100 characters"));
     }
     Ok(decoded)
 }
@@ -474,7 +478,7 @@ mod tests {
 
     #[test]
     fn malformed_parameters_are_refused_by_name() {
-        let none: Vec<(&str, Vec<(&str, Option<&str>)>)> = vec![];
+        let none: Vec<(&str, EsmtpParams<&str>)> = vec![];
         let err = |mail: &[(&str, Option<&str>)]| {
             DsnEnvelope::from_params(mail, &none)
                 .unwrap_err()
