@@ -8,6 +8,7 @@ pub mod address;
 pub mod dkim;
 pub mod dsn;
 pub mod mime;
+pub mod report;
 pub mod template;
 
 pub use address::Address;
