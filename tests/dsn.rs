@@ -220,3 +220,60 @@ fn ret_full_returns_the_whole_message_and_an_expiry_is_reported() {
     assert!(parsed["per_message"].get("Original-Envelope-Id").is_none());
     d.shutdown();
 }
+
+#[test]
+fn dsn_parameters_reach_a_postfix_that_offers_dsn() {
+    // Postfix relays everything to aiosmtpd (which offers no DSN), so for NOTIFY=SUCCESS it
+    // sends the sender a "relayed" notice: its Original-Envelope-Id and Original-Recipient
+    // show how it decoded what mxpipe sent.
+    let capture = CaptureServer::start();
+    let postfix = util::postfix::Postfix::start_local(&format!(
+        "relayhost = [127.0.0.1]:{}\n\
+         mynetworks = 127.0.0.0/8\n\
+         smtpd_recipient_restrictions = permit_mynetworks, reject",
+        capture.addr().port()
+    ));
+    let d = Dispatcher::builder()
+        .relay(&postfix.addr().to_string())
+        .ehlo_name("mxpipe.test")
+        .start()
+        .unwrap();
+    let dsn = DsnEnvelope::from_params(
+        &[("RET", Some("HDRS")), ("ENVID", Some("Q+2B1+3D2"))],
+        &[(
+            "ann@relay.test",
+            vec![
+                ("NOTIFY", Some("SUCCESS,FAILURE")),
+                ("ORCPT", Some("rfc822;Ann+2Borig@relay.test")),
+            ],
+        )],
+    )
+    .unwrap();
+    d.submit(
+        Message::new(
+            "sender@relay.test",
+            ["ann@relay.test"],
+            b"Subject: via postfix\r\n\r\nhello\r\n",
+        )
+        .unwrap()
+        .with_dsn(dsn),
+    )
+    .unwrap();
+    assert!(d.wait_final(Duration::from_secs(30)), "{:?}", d.stats());
+    let kinds: Vec<EventKind> = d.events().unwrap().try_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Delivered], "{}", postfix.log());
+    let messages = capture.wait_for_messages(2, Duration::from_secs(60));
+    let notice = messages
+        .iter()
+        .find(|m| m.mail_from == "<>")
+        .unwrap_or_else(|| panic!("no notice: {messages:?}\n{}", postfix.log()));
+    assert_eq!(notice.rcpt_tos, ["sender@relay.test"]);
+    let parsed = read_report(&notice.data);
+    assert_eq!(parsed["content_type"], "multipart/report", "{parsed}");
+    assert_eq!(parsed["per_message"]["Original-Envelope-Id"], "Q+1=2");
+    let r = &parsed["per_recipient"][0];
+    assert_eq!(r["Original-Recipient"], "rfc822;Ann+orig@relay.test", "{r}");
+    assert_eq!(r["Action"], "relayed", "{r}");
+    // RET=HDRS: the notice returns the headers only.
+    assert_eq!(parsed["returned_type"], "text/rfc822-headers");
+}
