@@ -5,7 +5,7 @@
 //! server and a directory of the test's, and counts are scaled down (`--messages` 200,
 //! `--tarpit-messages` 20, `--recipients` 50). `--direct-mx` gets a dnsmasq nameserver, the
 //! sink's port and `--mx-allow-loopback`.
-//! A command passes when it exits 0 (a sink: when it says where it listens).
+//! A command passes when it exits 0 (a sink or `http`: when it says where it listens).
 
 mod util;
 
@@ -196,7 +196,9 @@ impl World {
                 "HOST:PORT" => self.sink("127.0.0.1").to_string(),
                 "DIR" => self.dir.join("out").display().to_string(),
                 "/var/spool/mxpipe" | "/tmp/spool" => self.spool().display().to_string(),
-                "127.0.0.1:9464" => format!("127.0.0.1:{}", util::free_port("127.0.0.1")),
+                "127.0.0.1:9464" | "127.0.0.1:8025" => {
+                    format!("127.0.0.1:{}", util::free_port("127.0.0.1"))
+                }
                 w if w.starts_with("127.0.0.") && w.ends_with(":2525") => {
                     let ip = w.trim_end_matches(":2525");
                     if is_sink {
@@ -250,6 +252,7 @@ fn run_sink(args: &[String], dir: &Path) -> Result<(), String> {
     kill(child);
     match (read, exited) {
         (Ok(_), None) if line.starts_with("mxpipe sink listening on ") => Ok(()),
+        (Ok(_), None) if line.starts_with("mxpipe http listening on ") => Ok(()),
         _ => Err(format!("printed {line:?}, exited {exited:?}")),
     }
 }
@@ -312,8 +315,9 @@ fn every_readme_command_line_runs() {
                 world.seed_spool();
             }
             let is_sink = words.first().is_some_and(|w| w == "sink");
+            let is_server = is_sink || words.first().is_some_and(|w| w == "http");
             let args = world.adapt(&words, is_sink);
-            let result = if is_sink {
+            let result = if is_server {
                 run_sink(&args, &world.dir)
             } else {
                 run_to_end(&args, &world.dir)
