@@ -277,3 +277,47 @@ fn dsn_parameters_reach_a_postfix_that_offers_dsn() {
     // RET=HDRS: the notice returns the headers only.
     assert_eq!(parsed["returned_type"], "text/rfc822-headers");
 }
+
+#[test]
+fn send_with_a_spool_counts_only_its_own_recipients_not_the_report() {
+    let capture = CaptureServer::builder().reject_rcpt("nosuch").start();
+    let dir = util::fresh_temp_dir("dsn-cli");
+    std::fs::write(dir.join("list.txt"), "ok@example.net\nnosuch@example.net\n").unwrap();
+    std::fs::write(dir.join("message.eml"), "Subject: cli\r\n\r\nbody\r\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .current_dir(&dir)
+        .args(["send", "--spool", "spool", "--relay"])
+        .arg(capture.addr().to_string())
+        .args([
+            "--from",
+            "sender@example.org",
+            "--to-file",
+            "list.txt",
+            "message.eml",
+            "--report",
+            "report.jsonl",
+            "--wait-final",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("recipients=2 delivered=1 bounced=1 expired=0 not_final=0"),
+        "{stdout}"
+    );
+    let report = std::fs::read_to_string(dir.join("report.jsonl")).unwrap();
+    let recipients: Vec<String> = report
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["recipient"].to_string())
+        .collect();
+    assert_eq!(
+        recipients,
+        ["\"ok@example.net\"", "\"nosuch@example.net\""],
+        "{report}"
+    );
+    // The report itself went to the sender all the same.
+    let messages = capture.messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[1].rcpt_tos, ["sender@example.org"]);
+}
