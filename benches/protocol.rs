@@ -87,6 +87,7 @@ fn session(c: &mut Criterion) {
                             sender: sender.clone(),
                             recipients: vec![rcpt.clone()],
                             body: Arc::clone(&body),
+                            dsn: None,
                         },
                         *now,
                     );
@@ -127,6 +128,7 @@ fn session(c: &mut Criterion) {
                                 sender: sender.clone(),
                                 recipients: vec![rcpt.clone()],
                                 body: Arc::clone(&body),
+                                dsn: None,
                             },
                             *now,
                         );

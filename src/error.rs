@@ -91,6 +91,33 @@ pub enum Error {
     Io(std::io::ErrorKind),
     /// The spool cannot take (or could not keep) a submission; see [`SpoolProblem`].
     Spool(SpoolProblem),
+    /// An ESMTP parameter (RFC 3461's RET, ENVID, NOTIFY, ORCPT) is malformed; `recipient`:
+    /// the index of the recipient it came with.
+    InvalidParameter {
+        parameter: DsnParameter,
+        recipient: Option<u32>,
+        problem: &'static str,
+    },
+}
+
+/// The ESMTP parameters of RFC 3461 (an enum, so that [`Error`] stays small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DsnParameter {
+    Ret,
+    Envid,
+    Notify,
+    Orcpt,
+}
+
+impl fmt::Display for DsnParameter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DsnParameter::Ret => "RET",
+            DsnParameter::Envid => "ENVID",
+            DsnParameter::Notify => "NOTIFY",
+            DsnParameter::Orcpt => "ORCPT",
+        })
+    }
 }
 
 /// Why the spool refused a submission. Once writing or syncing failed, the spool takes nothing
@@ -150,6 +177,16 @@ impl fmt::Display for Error {
             Error::InvalidConfig { key, problem } => write!(f, "config {key}: {problem}"),
             Error::Io(kind) => write!(f, "I/O error: {kind}"),
             Error::Spool(problem) => write!(f, "spool: {problem}"),
+            Error::InvalidParameter {
+                parameter,
+                recipient: None,
+                problem,
+            } => write!(f, "ESMTP parameter {parameter}: {problem}"),
+            Error::InvalidParameter {
+                parameter,
+                recipient: Some(i),
+                problem,
+            } => write!(f, "ESMTP parameter {parameter} (recipient {i}): {problem}"),
         }
     }
 }

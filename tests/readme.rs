@@ -5,7 +5,7 @@
 //! server and a directory of the test's, and counts are scaled down (`--messages` 200,
 //! `--tarpit-messages` 20, `--recipients` 50). `--direct-mx` gets a dnsmasq nameserver, the
 //! sink's port and `--mx-allow-loopback`.
-//! A command passes when it exits 0 (a sink: when it says where it listens).
+//! A command passes when it exits 0 (a sink or `http`: when it says where it listens).
 
 mod util;
 
@@ -205,7 +205,9 @@ impl World {
                 "HOST:PORT" => self.sink("127.0.0.1").to_string(),
                 "DIR" => self.dir.join("out").display().to_string(),
                 "/var/spool/mxpipe" | "/tmp/spool" => self.spool().display().to_string(),
-                "127.0.0.1:9464" => format!("127.0.0.1:{}", util::free_port("127.0.0.1")),
+                "127.0.0.1:9464" | "127.0.0.1:8025" => {
+                    format!("127.0.0.1:{}", util::free_port("127.0.0.1"))
+                }
                 w if w.starts_with("127.0.0.") && w.ends_with(":2525") => {
                     let ip = w.trim_end_matches(":2525");
                     if is_sink {
@@ -260,7 +262,8 @@ fn run_sink(args: &[String], dir: &Path) -> Result<(), String> {
     match (read, exited) {
         (Ok(_), None)
             if line.starts_with("mxpipe sink listening on ")
-                || line.starts_with("mxpipe serve listening on ") =>
+                || line.starts_with("mxpipe serve listening on ")
+                || line.starts_with("mxpipe http listening on ") =>
         {
             Ok(())
         }
@@ -330,6 +333,7 @@ fn every_readme_command_line_runs() {
             // Daemons pass when they say where they listen.
             let is_sink = words.first().is_some_and(|w| w == "sink");
             let is_daemon = is_sink
+                || words.first().is_some_and(|w| w == "http")
                 || (words.first().is_some_and(|w| w == "serve")
                     && words.get(1).is_some_and(|w| w == "--config"));
             let args = world.adapt(&words, is_sink);

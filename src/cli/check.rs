@@ -429,7 +429,7 @@ impl Conversation {
             }
         }
         let mut out = Vec::new();
-        command::mail_from(&mut out, sender, Default::default());
+        command::mail_from(&mut out, sender, Default::default(), None);
         let mail = self.ask(&out)?;
         if !mail.is_positive() {
             self.reset()?;
@@ -447,7 +447,7 @@ impl Conversation {
             ));
         }
         out.clear();
-        command::rcpt_to(&mut out, address);
+        command::rcpt_to(&mut out, address, None);
         let rcpt = self.ask(&out)?;
         let verdict = if rcpt.is_positive() {
             if self.accepts_anything(domain)? {
@@ -479,7 +479,7 @@ impl Conversation {
         let made_up = format!("mxpipe-check-{:016x}@{domain}", fastrand::u64(..));
         let made_up = Address::parse(&made_up, Field::Recipient(0)).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
-        command::rcpt_to(&mut out, &made_up);
+        command::rcpt_to(&mut out, &made_up, None);
         let accepted = self.ask(&out)?.is_positive();
         self.catch_all.insert(domain.to_string(), accepted);
         Ok(accepted)

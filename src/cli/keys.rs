@@ -46,6 +46,7 @@ const ENGINE_KEYS: &[(&str, &str)] = &[
     ("allow_plaintext_auth", "boolean: allow AUTH without TLS (default false)"),
     ("source_address", "a local IP to send from; a list adds several (used in turn)"),
     ("spool_dir", "a directory to keep custody in: submissions are acknowledged once fsynced, and what is not final survives restarts (see the README, Custody)"),
+    ("dsn_reports", "boolean, default true: with spool_dir, a delivery status notification (RFC 3464) to the sender for each recipient that bounces or expires, as its NOTIFY asks"),
     ("messages_per_second", "number above zero, per destination (a burst of a tenth of the budget)"),
     ("messages_per_minute", "number above zero, per destination"),
     ("messages_per_hour", "number above zero, per destination"),

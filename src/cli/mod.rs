@@ -19,6 +19,7 @@ mod bench;
 mod campaign;
 mod check;
 mod demo;
+mod http;
 mod keys;
 mod options;
 mod send;
@@ -177,6 +178,22 @@ enum Command {
         /// Every message gets a body of its own (default: one body shared by all).
         #[arg(long)]
         unique_bodies: bool,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+    },
+    /// Take messages over HTTP (POST /v1/messages, JSON) and deliver them; GET /metrics.
+    /// With --spool, a message is acknowledged (202) once fsynced.
+    Http {
+        /// Address to listen on, HOST[:PORT] (port 8025 by default; port 0 picks one; the
+        /// address is printed).
+        #[arg(long, value_name = "HOST[:PORT]", value_parser = http::listen_addr)]
+        listen: SocketAddr,
+        /// The smarthost, host:port (or --direct-mx).
+        #[arg(long)]
+        relay: Option<String>,
+        /// The name this host gives in EHLO (and in DSN reports).
+        #[arg(long)]
+        ehlo_name: Option<String>,
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
@@ -383,6 +400,22 @@ pub fn main() -> ExitCode {
             unique_bodies,
             delivery,
         }),
+        Command::Http {
+            listen,
+            relay,
+            ehlo_name,
+            delivery,
+        } => http::run_http(
+            listen,
+            options::Overrides {
+                relay,
+                connections: None,
+                ehlo_name,
+                max_age: None,
+                retry_after: None,
+                delivery,
+            },
+        ),
         Command::Queue(args) => mxpipe::spool::admin::run_cli(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run_check(args),
         Command::Config {

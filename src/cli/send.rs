@@ -170,7 +170,11 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         w.flush()
             .map_err(|e| format!("--report: cannot write: {e}"))?;
     }
-    let s = dispatcher.stats();
+    let mut s = dispatcher.stats();
+    // The counters include the reports sent to the sender; the summary is about the list.
+    s.delivered -= outcomes.reports[0].min(s.delivered);
+    s.bounced -= outcomes.reports[1].min(s.bounced);
+    s.expired -= outcomes.reports[2].min(s.expired);
     let not_final = not_final.len() as u64;
     println!(
         "recipients={total} delivered={} bounced={} expired={} not_final={not_final} invalid={} duplicates={} connections={}",
@@ -212,11 +216,23 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
 struct Outcomes {
     deferred: HashMap<String, Event>,
     finals: HashSet<String>,
+    /// Final outcomes of the delivery status notifications the spool's custody sent
+    /// (delivered, bounced, expired): not this send's recipients.
+    reports: [u64; 3],
 }
 
 impl Outcomes {
     /// The report line of a final outcome (a deferral is only remembered).
     fn take(&mut self, event: &Event) -> Option<String> {
+        if event.message_id >= mxpipe::engine::reports::REPORT_IDS {
+            match event.kind {
+                EventKind::Delivered => self.reports[0] += 1,
+                EventKind::Bounced => self.reports[1] += 1,
+                EventKind::Expired => self.reports[2] += 1,
+                EventKind::Deferred => {}
+            }
+            return None;
+        }
         let recipient = event.recipient.as_str().to_string();
         if event.kind == EventKind::Deferred {
             self.deferred.insert(recipient, event.clone());

@@ -10,7 +10,8 @@
 use super::{EventKind, Shared};
 use crate::error::Error;
 use crate::message::Address;
-use crate::queue::{Ingress, Submission};
+use crate::queue::{Envelope, Ingress, Submission};
+use crate::smtp::reply::Reply;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,6 +29,19 @@ pub struct Outcome {
     pub attempts: u32,
     /// For a deferral: when the next attempt is due (wall clock, so that it survives a restart).
     pub retry_at: Option<SystemTime>,
+    /// For a bounce or an expiry, when the custody [`Custody::wants_failures`]: what a report
+    /// to the sender needs.
+    pub failure: Option<Box<Failure>>,
+}
+
+/// The message, last reply and destination of a recipient that bounced or expired.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub envelope: Arc<Envelope>,
+    /// The last reply (code 0: decided without a server's reply, the reason in its text).
+    pub reply: Reply,
+    /// The destination of the last attempt (empty when none was made).
+    pub destination: Arc<str>,
 }
 
 /// Whoever keeps custody of submitted work and must learn what became of it.
@@ -38,6 +52,16 @@ pub struct Outcome {
 /// round trip is not (hand those to another thread).
 pub trait Custody: Send + Sync + fmt::Debug {
     fn record(&self, outcomes: Vec<Outcome>);
+
+    /// Called on the loop thread for each outcome as it is decided (before `record`, and
+    /// before the dispatcher's counts change): a custody that will answer it with new work
+    /// counts that work here. Must be cheap.
+    fn decided(&self, _outcome: &Outcome) {}
+
+    /// Whether outcomes of bounced and expired recipients should carry their [`Failure`].
+    fn wants_failures(&self) -> bool {
+        false
+    }
 }
 
 /// The engine's door for sources: hands a submission to the loop that serves its recipients.
@@ -70,6 +94,9 @@ pub enum Counted {
 impl Intake {
     /// Queues `submission` on its loop, waiting up to `wait` for room (`None`: not at all).
     /// On error the submission is handed back and the counts are as they were.
+    // The refused submission comes back by value (nothing is lost); boxing it would cost an
+    // allocation per submission on the hot path.
+    #[allow(clippy::result_large_err)]
     pub fn hand_over(
         &self,
         submission: Submission,

@@ -11,6 +11,7 @@ pub mod custody;
 pub mod metrics;
 mod pool;
 mod reactor;
+pub mod reports;
 pub mod shaping;
 pub(crate) mod tls;
 pub use tls::TlsPolicy;
@@ -265,6 +266,9 @@ pub struct Config {
     /// Who learns every deferral and final outcome (a source that keeps custody). Set by
     /// `start` when `spool` is; a source of another kind may set its own.
     pub custody: Option<Arc<dyn custody::Custody>>,
+    /// With a spool: send the sender a delivery status notification (RFC 3464) for every
+    /// recipient that bounces or expires, as its NOTIFY asks (see [`reports`]). On by default.
+    pub dsn_reports: bool,
 }
 
 impl Config {
@@ -330,6 +334,7 @@ impl Default for Config {
             trace: None,
             spool: None,
             custody: None,
+            dsn_reports: true,
         }
     }
 }
@@ -538,6 +543,14 @@ impl DispatcherBuilder {
         self
     }
 
+    /// With a spool: whether senders get a delivery status notification (RFC 3464) for
+    /// recipients that bounce or expire (default true; NOTIFY=NEVER and the null sender never
+    /// get one).
+    pub fn dsn_reports(mut self, on: bool) -> Self {
+        self.config.dsn_reports = on;
+        self
+    }
+
     /// The settings as they stand (before `start` checks them).
     pub fn config_mut(&mut self) -> &mut Config {
         &mut self.config
@@ -702,6 +715,15 @@ impl Dispatcher {
             }
             None => None,
         };
+        let reports = match &config.custody {
+            Some(inner) if config.dsn_reports && spool.is_some() => {
+                let reports =
+                    reports::DsnReports::new(Arc::clone(inner), &config.session.ehlo_name);
+                config.custody = Some(Arc::clone(&reports) as Arc<dyn custody::Custody>);
+                Some(reports)
+            }
+            _ => None,
+        };
         let (events_tx, events_rx) = if config.record_events {
             let (tx, rx) = crossbeam_channel::unbounded();
             (Some(tx), Some(rx))
@@ -748,6 +770,9 @@ impl Dispatcher {
             refusing: AtomicBool::new(false),
             spool: None,
         };
+        if let Some(reports) = reports {
+            reports.start(dispatcher.intake.clone())?;
+        }
         if let Some(mut spool) = spool {
             spool.start(dispatcher.intake.clone())?;
             dispatcher.spool = Some(spool);

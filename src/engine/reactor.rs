@@ -281,23 +281,38 @@ impl Reactor {
         }
     }
 
-    /// Notes an outcome for the custody, when there is one.
+    /// Notes an outcome for the custody, when there is one; `failure`: the last reply and
+    /// destination of a recipient that bounced or expired.
     fn custody_outcome(
         &mut self,
-        envelope: &Envelope,
+        envelope: &Arc<Envelope>,
         recipient: &Address,
         kind: EventKind,
         attempts: u32,
         retry_after: Option<Duration>,
+        failure: Option<(&Reply, &Arc<str>)>,
     ) {
-        if self.config.custody.is_some() {
-            self.outcomes.push(super::custody::Outcome {
+        if let Some(custody) = &self.config.custody {
+            let failure =
+                failure
+                    .filter(|_| custody.wants_failures())
+                    .map(|(reply, destination)| {
+                        Box::new(super::custody::Failure {
+                            envelope: Arc::clone(envelope),
+                            reply: reply.clone(),
+                            destination: Arc::clone(destination),
+                        })
+                    });
+            let outcome = super::custody::Outcome {
                 message_id: envelope.id,
                 recipient: recipient.clone(),
                 kind,
                 attempts,
                 retry_at: retry_after.map(|d| std::time::SystemTime::now() + d),
-            });
+                failure,
+            };
+            custody.decided(&outcome);
+            self.outcomes.push(outcome);
         }
     }
 
@@ -379,6 +394,7 @@ impl Reactor {
             body: message.body,
             submitted,
             tag: message.tag,
+            dsn: message.dsn,
         });
         self.held += message.recipients.len();
         let config = Arc::clone(&self.config);
@@ -952,6 +968,7 @@ impl Reactor {
                         sender: job.envelope.sender.clone(),
                         recipients: job.recipients.clone(),
                         body: Arc::clone(&job.envelope.body),
+                        dsn: job.envelope.dsn.clone(),
                     };
                     self.destinations[d]
                         .metrics
@@ -1441,6 +1458,7 @@ impl Reactor {
                 EventKind::Deferred,
                 attempts,
                 Some(delay),
+                None,
             );
             let category = Some(self.config.classifier.classify(&reply));
             self.send_event(Event {
@@ -1514,12 +1532,11 @@ impl Reactor {
         tls: Option<TlsUse>,
         now: Instant,
     ) {
-        let stats = &self.shared.stats;
         type Field = fn(&DestinationMetrics) -> &std::sync::atomic::AtomicU64;
-        let (counter, per_destination): (_, Field) = match kind {
-            EventKind::Delivered => (&stats.delivered, |m: &DestinationMetrics| &m.delivered),
-            EventKind::Bounced => (&stats.bounced, |m: &DestinationMetrics| &m.bounced),
-            EventKind::Expired => (&stats.expired, |m: &DestinationMetrics| &m.expired),
+        let per_destination: Field = match kind {
+            EventKind::Delivered => |m: &DestinationMetrics| &m.delivered,
+            EventKind::Bounced => |m: &DestinationMetrics| &m.bounced,
+            EventKind::Expired => |m: &DestinationMetrics| &m.expired,
             EventKind::Deferred => unreachable!("deferrals are not final"),
         };
         let name = match destination {
@@ -1537,12 +1554,21 @@ impl Reactor {
             }
             None => Arc::from(""),
         };
+        // Before the counts drop: a custody that answers the outcome with new work (a DSN)
+        // counts it in `decided`, so that waiters never see zero in between.
+        let failure = (kind != EventKind::Delivered).then_some((&reply, &name));
+        self.custody_outcome(envelope, &recipient, kind, attempts, None, failure);
+        let stats = &self.shared.stats;
+        let counter = match kind {
+            EventKind::Delivered => &stats.delivered,
+            EventKind::Bounced => &stats.bounced,
+            EventKind::Expired | EventKind::Deferred => &stats.expired,
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         stats.active.fetch_sub(1, Ordering::AcqRel);
         stats.unfinished.fetch_sub(1, Ordering::AcqRel);
         self.held -= 1;
         self.changed = true;
-        self.custody_outcome(envelope, &recipient, kind, attempts, None);
         let category =
             (kind != EventKind::Delivered).then(|| self.config.classifier.classify(&reply));
         self.send_event(Event {

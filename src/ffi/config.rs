@@ -90,6 +90,7 @@ const KEYS: &[&str] = &[
     "tls_verify",
     "tls_ca_file",
     "spool_dir",
+    "dsn_reports",
     "auth_user",
     "auth_password",
     "auth_oauth2_token",
@@ -536,6 +537,7 @@ impl Settings {
                 }
                 c.tls_ca_file = Some(value.into());
             }
+            "dsn_reports" => c.dsn_reports = parse_bool(key, value)?,
             "spool_dir" => {
                 if value.is_empty() {
                     return Err(bad_value(key, value, "is not a directory name"));
@@ -853,6 +855,7 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6), `mta_sts` (boolean, default true: apply the recipient domains' MTA-STS policies, RFC 8461), `mta_sts_port` (the HTTPS port of policy hosts, default 443; for tests) | direct MX settings; setting any turns direct MX on |
 /// | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
 /// | `spool_dir` | a directory to keep custody in: a submission is durable once fsynced there, and what is not final survives restarts and crashes |
+/// | `dsn_reports` | boolean, default true: with `spool_dir`, send the envelope sender a delivery status notification (RFC 3464) for each recipient that bounces or expires, as its NOTIFY asks (never to the null sender) |
 ///
 /// A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
 /// "5m", "2h", "3d". A boolean is true/false, yes/no, on/off or 1/0.
@@ -956,6 +959,7 @@ mod tests {
             ("tls_verify", "no"),
             ("tls_ca_file", "/etc/ssl/ca.pem"),
             ("spool_dir", "/var/spool/mxpipe"),
+            ("dsn_reports", "off"),
             ("auth_user", "bulk"),
             ("auth_password", "s3cret"),
             ("auth_oauth2_token", "token"),
@@ -1014,6 +1018,7 @@ mod tests {
         assert_eq!(c.retry.max_age, Duration::from_secs(2 * 86400));
         assert_eq!(c.loops, 2);
         assert!(!c.record_events);
+        assert!(!c.dsn_reports);
         assert_eq!(c.session.starttls, StartTls::Required);
         assert_eq!(c.limit_overrides[0].pattern, ".example.com");
         assert_eq!(c.limit_overrides[0].max_connections, Some(2));

@@ -163,6 +163,7 @@ impl From<Error> for FfiError {
             Error::ShutDown => MXP_ERR_SHUT_DOWN,
             Error::InvalidConfig { .. } => MXP_ERR_INVALID_CONFIG,
             Error::Io(_) | Error::Spool(_) => MXP_ERR_IO,
+            Error::InvalidParameter { .. } => MXP_ERR_INVALID_ARGUMENT,
         };
         // The two errors a busy producer sees in a loop cost no allocation.
         let message = match error {

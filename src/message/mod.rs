@@ -6,7 +6,9 @@
 
 pub mod address;
 pub mod dkim;
+pub mod dsn;
 pub mod mime;
+pub mod report;
 pub mod template;
 
 pub use address::Address;
@@ -82,6 +84,8 @@ pub struct Message {
     pub(crate) body: Arc<Body>,
     /// The caller's tag, echoed in every outcome event of the message.
     pub(crate) tag: u64,
+    /// What the sender asked for in delivery status notifications (RFC 3461), if anything.
+    pub(crate) dsn: Option<Arc<dsn::DsnEnvelope>>,
 }
 
 impl Message {
@@ -125,6 +129,7 @@ impl Message {
             recipients,
             body,
             tag: 0,
+            dsn: None,
         })
     }
 
@@ -133,6 +138,17 @@ impl Message {
     pub fn with_tag(mut self, tag: u64) -> Self {
         self.tag = tag;
         self
+    }
+
+    /// Sets the DSN request (RFC 3461: RET, ENVID, NOTIFY and ORCPT per recipient), passed to
+    /// the next hop when it offers DSN and honoured when mxpipe reports a failure itself.
+    pub fn with_dsn(mut self, dsn: dsn::DsnEnvelope) -> Self {
+        self.dsn = Some(Arc::new(dsn));
+        self
+    }
+
+    pub fn dsn(&self) -> Option<&Arc<dsn::DsnEnvelope>> {
+        self.dsn.as_ref()
     }
 
     pub fn tag(&self) -> u64 {

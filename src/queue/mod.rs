@@ -10,6 +10,7 @@ pub mod retry;
 pub use ingress::{Ingress, Resumed, Submission};
 pub use retry::{RetryPolicy, RetrySchedule};
 
+use crate::message::dsn::DsnEnvelope;
 use crate::message::{Address, Body};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +24,8 @@ pub struct Envelope {
     pub submitted: Instant,
     /// The caller's tag ([`crate::message::Message::with_tag`]).
     pub tag: u64,
+    /// The DSN request ([`crate::message::Message::with_dsn`]).
+    pub dsn: Option<Arc<DsnEnvelope>>,
 }
 
 /// Recipients of one message bound for one destination: the unit of a transaction.

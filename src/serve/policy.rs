@@ -24,8 +24,10 @@ use super::auth::PasswordFile;
 use super::config::{Mode, Protocol};
 use crate::engine::{Dispatcher, Event, EventKind};
 use crate::error::{Error, SpoolProblem};
+use crate::message::dsn::{DsnEnvelope, EsmtpParams};
 use crate::message::mime::format_date;
 use crate::message::Message;
+use crate::server::session::Parameter;
 use crate::server::{ConnectionId, Peer, Policy, Ready, Transaction, Verdict};
 
 /// How often the loop asks for pending replies while some are waiting: about one spool group
@@ -306,6 +308,16 @@ impl Policy for ServePolicy {
                 return Verdict::Reply(self.replies(&format!("554 5.6.0 {text}"), n));
             }
         };
+        // The DSN request (RFC 3461) travels with the message to the next hop and into the
+        // spool; a malformed one is refused by name, never passed on.
+        let message = match dsn_request(transaction) {
+            Ok(Some(dsn)) => message.with_dsn(dsn),
+            Ok(None) => message,
+            Err(error) => {
+                let text = error.to_string().replace(['\r', '\n'], " ");
+                return Verdict::Reply(self.replies(&format!("501 5.5.4 {text}"), n));
+            }
+        };
         match self.dispatcher.submit(message) {
             Ok(id) => {
                 match self.mode {
@@ -373,4 +385,39 @@ impl Policy for ServePolicy {
         self.outcome_wait
             .retain(|_, held| held.connection != connection);
     }
+}
+
+/// The transaction's DSN request, if its MAIL or any RCPT asked for one.
+fn dsn_request(transaction: &Transaction) -> crate::Result<Option<DsnEnvelope>> {
+    let is_dsn = |(keyword, _): &Parameter| {
+        ["RET", "ENVID", "NOTIFY", "ORCPT"]
+            .iter()
+            .any(|k| keyword.eq_ignore_ascii_case(k))
+    };
+    let asked = transaction.mail_params.iter().any(is_dsn)
+        || transaction
+            .recipients
+            .iter()
+            .any(|r| r.parameters.iter().any(is_dsn));
+    if !asked {
+        return Ok(None);
+    }
+    let rcpts: Vec<(&str, EsmtpParams<&str>)> = transaction
+        .recipients
+        .iter()
+        .map(|r| {
+            let params = r
+                .parameters
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect();
+            (r.address.as_str(), params)
+        })
+        .collect();
+    let mail: EsmtpParams<&str> = transaction
+        .mail_params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    DsnEnvelope::from_params(&mail, &rcpts).map(Some)
 }

@@ -213,8 +213,7 @@ pub(crate) type Parameter = (String, Option<String>);
 #[derive(Debug, Clone)]
 pub(crate) struct Recipient {
     pub(crate) address: String,
-    // Handed on for the DSN work of issue 16 (NOTIFY, ORCPT), which turns them into types.
-    #[allow(dead_code)]
+    /// Its RCPT parameters (NOTIFY, ORCPT for a DSN request).
     pub(crate) parameters: Vec<Parameter>,
 }
 

@@ -3,6 +3,7 @@
 //! Addresses arrive here already validated (see [`crate::message::address`]), so nothing a
 //! caller supplied can add a line to the stream; this module only formats.
 
+use crate::message::dsn::DsnEnvelope;
 use crate::message::Address;
 use std::io::Write;
 
@@ -22,7 +23,13 @@ pub fn helo(out: &mut Vec<u8>, name: &str) {
     line(out, &[b"HELO ", name.as_bytes()]);
 }
 
-pub fn mail_from(out: &mut Vec<u8>, sender: &Address, params: MailParams) {
+/// `dsn`: RET and ENVID, for a server that offers DSN (RFC 3461 4.3, 4.4).
+pub fn mail_from(
+    out: &mut Vec<u8>,
+    sender: &Address,
+    params: MailParams,
+    dsn: Option<&DsnEnvelope>,
+) {
     out.extend_from_slice(b"MAIL FROM:<");
     out.extend_from_slice(sender.as_str().as_bytes());
     out.push(b'>');
@@ -36,11 +43,21 @@ pub fn mail_from(out: &mut Vec<u8>, sender: &Address, params: MailParams) {
     if params.smtputf8 {
         out.extend_from_slice(b" SMTPUTF8");
     }
+    if let Some(dsn) = dsn {
+        dsn.write_mail_params(out);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
-pub fn rcpt_to(out: &mut Vec<u8>, recipient: &Address) {
-    line(out, &[b"RCPT TO:<", recipient.as_str().as_bytes(), b">"]);
+/// `dsn`: the recipient's NOTIFY and ORCPT, for a server that offers DSN (RFC 3461 4.1, 4.2).
+pub fn rcpt_to(out: &mut Vec<u8>, recipient: &Address, dsn: Option<&DsnEnvelope>) {
+    out.extend_from_slice(b"RCPT TO:<");
+    out.extend_from_slice(recipient.as_str().as_bytes());
+    out.push(b'>');
+    if let Some(dsn) = dsn {
+        dsn.write_rcpt_params(recipient.as_str(), out);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 pub fn data(out: &mut Vec<u8>) {
@@ -84,9 +101,10 @@ mod tests {
                 eight_bit: true,
                 smtputf8: true,
             },
+            None,
         );
-        mail_from(&mut out, &Address::null(), MailParams::default());
-        rcpt_to(&mut out, &a);
+        mail_from(&mut out, &Address::null(), MailParams::default(), None);
+        rcpt_to(&mut out, &a, None);
         bdat(&mut out, 10, true);
         assert_eq!(
             out,

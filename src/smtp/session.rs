@@ -23,6 +23,7 @@ use super::caps::Capabilities;
 use super::command::{self, MailParams};
 use super::reply::{EnhancedCode, Reply, ReplyError, ReplyLimits, ReplyParser};
 use super::window::BdatWindow;
+use crate::message::dsn::DsnEnvelope;
 use crate::message::{Address, Body};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -130,6 +131,8 @@ pub struct Transaction {
     pub sender: Address,
     pub recipients: Vec<Address>,
     pub body: Arc<Body>,
+    /// RET, ENVID, NOTIFY and ORCPT, sent only to a server that offers DSN (RFC 3461 4).
+    pub dsn: Option<Arc<DsnEnvelope>>,
 }
 
 /// How one recipient of a transaction fared.
@@ -825,7 +828,8 @@ impl Session {
                     eight_bit: t.txn.body.is_eight_bit() && caps.eight_bit_mime,
                     smtputf8: utf8 && caps.smtputf8,
                 };
-                command::mail_from(out, &t.txn.sender, params);
+                let dsn = t.txn.dsn.as_deref().filter(|_| caps.dsn);
+                command::mail_from(out, &t.txn.sender, params, dsn);
             }
             Expect::Rcpt { txn, index } => {
                 let t = self
@@ -833,7 +837,8 @@ impl Session {
                     .iter()
                     .find(|t| t.id == txn)
                     .expect("transaction in flight");
-                command::rcpt_to(out, &t.txn.recipients[index as usize]);
+                let dsn = t.txn.dsn.as_deref().filter(|_| self.caps.dsn);
+                command::rcpt_to(out, &t.txn.recipients[index as usize], dsn);
             }
             Expect::Data { .. } => command::data(out),
             Expect::Bdat { txn } => {
@@ -1382,6 +1387,7 @@ mod tests {
             sender: addr("from@s.example"),
             recipients: rcpts.iter().map(|r| addr(r)).collect(),
             body: Arc::new(Body::new(body).unwrap()),
+            dsn: None,
         }
     }
 
@@ -2011,6 +2017,44 @@ mod tests {
         let mut s = Script::connected(false, "PIPELINING,SMTPUTF8");
         s.start(txn(1, &["jöran@r.example"], b"x"));
         s.expect("MAIL FROM:<from@s.example> SMTPUTF8\r\nRCPT TO:<jöran@r.example>\r\nDATA\r\n");
+    }
+
+    fn dsn_txn() -> Transaction {
+        use crate::message::dsn::{Notify, Orcpt, RecipientDsn, Ret};
+        let dsn = DsnEnvelope::default()
+            .with_ret(Ret::Full)
+            .with_envid("id=1+2")
+            .unwrap()
+            .with_recipient(
+                "a@r.example",
+                RecipientDsn {
+                    notify: Some(Notify::NEVER),
+                    orcpt: Some(Orcpt {
+                        addr_type: "rfc822".into(),
+                        address: b"A+1=x@r.example".to_vec(),
+                    }),
+                },
+            );
+        Transaction {
+            dsn: Some(Arc::new(dsn)),
+            ..txn(1, &["a@r.example", "b@r.example"], b"x")
+        }
+    }
+
+    #[test]
+    fn dsn_parameters_only_to_a_server_that_offers_dsn() {
+        let mut s = Script::connected(false, "PIPELINING,DSN");
+        s.start(dsn_txn());
+        s.expect(
+            "MAIL FROM:<from@s.example> RET=FULL ENVID=id+3D1+2B2\r\n\
+             RCPT TO:<a@r.example> NOTIFY=NEVER ORCPT=rfc822;A+2B1+3Dx@r.example\r\n\
+             RCPT TO:<b@r.example>\r\nDATA\r\n",
+        );
+        let mut s = Script::connected(false, "PIPELINING");
+        s.start(dsn_txn());
+        s.expect(
+            "MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\nRCPT TO:<b@r.example>\r\nDATA\r\n",
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ const TAG_OUTCOME: u8 = 3;
 const TAG_RETRY: u8 = 4;
 const TAG_DELETE: u8 = 5;
 const TAG_ID_FLOOR: u8 = 6;
+/// Added with DSN requests: a spool without them reads as before.
+const TAG_DSN: u8 = 7;
 
 /// What a checkpoint says about one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,14 @@ pub enum Record {
     Delete { id: u64 },
     /// Identifiers below this were given already (kept across compactions).
     IdFloor { next_id: u64 },
+    /// The DSN request of message `id` (RFC 3461), written after its message record: the MAIL
+    /// parameters and each recipient's RCPT parameters, as
+    /// [`crate::message::dsn::DsnEnvelope::to_stored`] gives them.
+    Dsn {
+        id: u64,
+        mail: String,
+        recipients: Vec<(String, String)>,
+    },
 }
 
 /// Appends `record`, framed, to `out`.
@@ -146,6 +156,20 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
         Record::IdFloor { next_id } => {
             out.push(TAG_ID_FLOOR);
             out.extend_from_slice(&next_id.to_le_bytes());
+        }
+        Record::Dsn {
+            id,
+            mail,
+            recipients,
+        } => {
+            out.push(TAG_DSN);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_str(out, mail);
+            out.extend_from_slice(&(recipients.len() as u32).to_le_bytes());
+            for (address, params) in recipients {
+                put_str(out, address);
+                put_str(out, params);
+            }
         }
     }
     frame(out, start);
@@ -267,6 +291,24 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
         TAG_RETRY => Record::Retry { id: c.u64()? },
         TAG_DELETE => Record::Delete { id: c.u64()? },
         TAG_ID_FLOOR => Record::IdFloor { next_id: c.u64()? },
+        TAG_DSN => {
+            let id = c.u64()?;
+            let mail = c.string()?;
+            let n = c.u32()? as usize;
+            // Every recipient takes at least its two 4-octet lengths.
+            if n > c.0.len() / 8 {
+                return None;
+            }
+            let mut recipients = Vec::with_capacity(n);
+            for _ in 0..n {
+                recipients.push((c.string()?, c.string()?));
+            }
+            Record::Dsn {
+                id,
+                mail,
+                recipients,
+            }
+        }
         _ => return None,
     };
     c.0.is_empty().then_some(record)

@@ -23,6 +23,7 @@ pub mod store;
 use crate::engine::custody::{Counted, Custody, Intake, Outcome};
 use crate::engine::EventKind;
 use crate::error::{Error, Field, Result, SpoolProblem};
+use crate::message::dsn::DsnEnvelope;
 use crate::message::{Address, Body, Message};
 use crate::queue::{Resumed, Submission};
 use crossbeam_channel::{Receiver, Sender};
@@ -525,6 +526,13 @@ fn recovered_message(
         } else {
             Address::parse(&m.sender, Field::Sender).ok()?
         };
+        // A request that no longer reads (it passed the checks when stored) is dropped, not
+        // the message.
+        let dsn = m
+            .dsn
+            .as_ref()
+            .and_then(|(mail, rcpts)| DsnEnvelope::from_stored(mail, rcpts).ok())
+            .map(Arc::new);
         let age = Duration::from_millis(now_ms.saturating_sub(m.submitted_ms));
         let submitted = now.checked_sub(age).unwrap_or(now);
         let mut groups: HashMap<(u32, u64), Vec<Address>> = HashMap::new();
@@ -541,8 +549,9 @@ fn recovered_message(
         groups.sort_by_key(|(k, _)| *k);
         for ((attempts, due_ms), recipients) in groups {
             let due = (due_ms > 0).then(|| now + Duration::from_millis(due_ms - now_ms));
-            let message =
+            let mut message =
                 Message::from_parts(sender.clone(), recipients, Arc::clone(&body)).ok()?;
+            message.dsn = dsn.clone();
             out.push((
                 due,
                 Submission {
@@ -694,6 +703,17 @@ impl Writer {
                 p.message.recipients().iter().map(Address::as_str),
                 &mut self.buf,
             );
+            if let Some(dsn) = p.message.dsn() {
+                let (mail, recipients) = dsn.to_stored();
+                log::encode(
+                    &Record::Dsn {
+                        id: p.id,
+                        mail,
+                        recipients,
+                    },
+                    &mut self.buf,
+                );
+            }
         }
         let file = if self.buf.is_empty() {
             Arc::clone(

@@ -31,6 +31,8 @@ pub struct StoredMessage {
     /// Checkpoints by recipient address (a recipient named twice in one message is one
     /// recipient to the spool: the first final outcome ends both).
     pub checkpoints: HashMap<String, Checkpoint>,
+    /// The DSN request, as stored ([`Record::Dsn`]): MAIL parameters, RCPT parameters.
+    pub dsn: Option<(String, Vec<(String, String)>)>,
 }
 
 impl StoredMessage {
@@ -122,6 +124,7 @@ impl State {
                                 sender,
                                 recipients,
                                 checkpoints: HashMap::new(),
+                                dsn: None,
                             },
                         );
                     }
@@ -168,6 +171,15 @@ impl State {
                 }
             }
             Record::IdFloor { next_id } => self.next_id = self.next_id.max(next_id),
+            Record::Dsn {
+                id,
+                mail,
+                recipients,
+            } => {
+                if let Some(m) = self.messages.get_mut(&id) {
+                    m.dsn = Some((mail, recipients));
+                }
+            }
         }
     }
 
@@ -204,6 +216,16 @@ impl State {
                 pending.iter().map(|(r, _)| *r),
                 &mut buf,
             );
+            if let Some((mail, recipients)) = &m.dsn {
+                log::encode(
+                    &Record::Dsn {
+                        id,
+                        mail: mail.clone(),
+                        recipients: recipients.clone(),
+                    },
+                    &mut buf,
+                );
+            }
             for (recipient, checkpoint) in &pending {
                 if let Some(c) = checkpoint {
                     log::encode(

@@ -500,3 +500,49 @@ fn recovery_scale_read() {
     );
     assert_eq!(recipients, 1_000_000);
 }
+
+#[test]
+fn a_dsn_request_survives_recovery_and_compaction() {
+    use crate::message::dsn::{DsnEnvelope, Notify, Orcpt, RecipientDsn, Ret};
+    let dir = tempdir("dsn");
+    let busy = sink(Faults {
+        tempfail_rcpt: vec!["busy".into()],
+        ..Faults::default()
+    });
+    let dsn = DsnEnvelope::default()
+        .with_ret(Ret::Headers)
+        .with_envid("campaign 7+x")
+        .unwrap()
+        .with_recipient(
+            "busy@example.net",
+            RecipientDsn {
+                notify: Some(Notify {
+                    success: true,
+                    failure: true,
+                    delay: false,
+                }),
+                orcpt: Some(Orcpt {
+                    addr_type: "rfc822".into(),
+                    address: b"Busy=1@example.net".to_vec(),
+                }),
+            },
+        );
+    let message = Message::new("news@example.org", ["busy@example.net"], b"x\r\n")
+        .unwrap()
+        .with_dsn(dsn.clone());
+    // Two processes: the second recovers the message (rewriting it into a fresh segment).
+    for round in 0..2 {
+        let d = dispatcher(&dir, &busy, RetryPolicy::default());
+        if round == 0 {
+            d.submit(message.clone()).unwrap();
+            d.sync().unwrap();
+        }
+        d.flush();
+        d.shutdown();
+    }
+    let state = super::store::State::load(&dir).unwrap();
+    let stored = state.messages.values().next().expect("message kept");
+    let (mail, rcpts) = stored.dsn.as_ref().expect("DSN request kept");
+    assert_eq!(mail, " RET=HDRS ENVID=campaign+207+2Bx");
+    assert_eq!(DsnEnvelope::from_stored(mail, rcpts).unwrap(), dsn);
+}

@@ -3,6 +3,7 @@
     python mail_check.py parse FILE.eml...           # JSON: headers, structure, decoded parts
     python mail_check.py keygen DIR                  # DKIM test keys and their DNS records
     python mail_check.py dkim-verify NAME RECORD FILE.eml...   # "pass"/"fail" per file
+    python mail_check.py dsn FILE.eml                # JSON: an RFC 3464 report's parts and fields
 
 Parsing is Python's `email` package (policy.default), DKIM verification is dkimpy with the
 public key handed over through its dnsfunc hook, keys come from `cryptography`: none of it shares
@@ -68,6 +69,40 @@ def parse(paths):
     json.dump(out, sys.stdout)
 
 
+def dsn(path):
+    """Reads a delivery status notification as a mail client would: the report's structure,
+    its per-message and per-recipient fields, and the returned message or headers."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    parts = msg.get_payload() if msg.is_multipart() else []
+    status = next((p for p in parts if p.get_content_type() == "message/delivery-status"), None)
+    blocks = status.get_payload() if status is not None else []
+    returned = parts[2] if len(parts) > 2 else None
+    if returned is None:
+        returned_text = None
+    elif returned.get_content_type() == "message/rfc822":
+        returned_text = returned.get_payload()[0].as_bytes(policy=email.policy.SMTP).decode("ascii", "replace")
+    else:
+        returned_text = returned.get_payload(decode=True).decode("ascii", "replace")
+    defects = [str(d) for part in msg.walk() for d in part.defects]
+    json.dump(
+        {
+            "content_type": msg.get_content_type(),
+            "report_type": msg.get_param("report-type"),
+            "to": str(msg["to"]),
+            "auto_submitted": str(msg["auto-submitted"]),
+            "parts": [p.get_content_type() for p in parts],
+            "per_message": {k: str(v) for k, v in blocks[0].items()} if blocks else {},
+            "per_recipient": [{k: str(v) for k, v in b.items()} for b in blocks[1:]],
+            "returned_type": returned.get_content_type() if returned is not None else None,
+            "returned": returned_text,
+            "defects": defects,
+        },
+        sys.stdout,
+    )
+
+
 def keygen(directory):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -128,6 +163,8 @@ def main():
     command = sys.argv[1]
     if command == "parse":
         parse(sys.argv[2:])
+    elif command == "dsn":
+        dsn(sys.argv[2])
     elif command == "keygen":
         keygen(sys.argv[2])
     elif command == "dkim-verify":

@@ -67,6 +67,7 @@ impl Reactor {
                 body: submission.message.body,
                 submitted: now,
                 tag: submission.message.tag,
+                dsn: submission.message.dsn,
             };
             self.abandon(
                 &Arc::new(envelope),

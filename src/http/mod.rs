@@ -1,0 +1,206 @@
+//! HTTP injection for applications that do not speak SMTP: `POST /v1/messages` takes a JSON
+//! document (see [`document`]) and answers 202 with the message identifiers once the dispatcher
+//! has custody (with a spool: fsynced; without one: queued in memory, which the answer says),
+//! 400 with the field at fault for bad input, 503 when the queue or the spool is full; `GET
+//! /metrics` serves the Prometheus text.
+//!
+//! [`router`] is an `axum::Router` another listener can merge into its own; [`start`] serves it
+//! on a thread of its own with a single-threaded tokio runtime. Waiting for the spool happens
+//! on tokio's blocking pool, never on the thread that serves connections. This module does not
+//! deliver anything itself: every message goes through [`Dispatcher::submit`].
+
+pub mod document;
+
+use crate::engine::Dispatcher;
+use crate::error::Error;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+/// The largest request body taken: 32 MiB.
+pub const MAX_REQUEST: usize = 32 << 20;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct HttpState {
+    dispatcher: Arc<Dispatcher>,
+    /// The Message-ID domain of built content whose sender is `<>`.
+    id_domain: String,
+}
+
+impl HttpState {
+    pub fn new(dispatcher: Arc<Dispatcher>, id_domain: &str) -> Arc<HttpState> {
+        Arc::new(HttpState {
+            dispatcher,
+            id_domain: id_domain.to_string(),
+        })
+    }
+}
+
+/// The routes: `POST /v1/messages`, `GET /metrics`.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/messages", post(post_messages))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST))
+        .with_state(state)
+}
+
+/// A running HTTP listener; dropping it stops it.
+#[derive(Debug)]
+pub struct HttpServer {
+    local_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// The address it listens on (port 0 in `start` picks one).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops taking connections, lets requests under way finish, and waits for the thread.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// Listens on `addr` and serves [`router`] on a thread of its own.
+pub fn start(addr: SocketAddr, state: Arc<HttpState>) -> std::io::Result<HttpServer> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let local_addr = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("mxpipe-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let _ = axum::serve(listener, router(state))
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        })?;
+    Ok(HttpServer {
+        local_addr,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.dispatcher.prometheus(),
+    )
+        .into_response()
+}
+
+async fn post_messages(State(state): State<Arc<HttpState>>, body: Bytes) -> Response {
+    // Parsing, rendering and waiting for the fsync happen off the serving thread.
+    tokio::task::spawn_blocking(move || inject(&state, &body))
+        .await
+        .unwrap_or_else(|_| {
+            answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "internal error"}),
+            )
+        })
+}
+
+fn inject(state: &HttpState, body: &[u8]) -> Response {
+    let messages = match document::parse(body)
+        .and_then(|doc| doc.messages(&state.id_domain, SystemTime::now()))
+    {
+        Ok(m) => m,
+        Err(r) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("{}: {}", r.field, r.error), "field": r.field}),
+            )
+        }
+    };
+    let d = &state.dispatcher;
+    let mut ids = Vec::with_capacity(messages.len());
+    for message in messages {
+        match d.submit(message) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                let status = match e.error {
+                    Error::QueueFull | Error::Spool(_) | Error::ShutDown => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                // What went in before stays in: the answer says which, so that a client
+                // retries only the rest.
+                let _ = d.sync();
+                let mut response = answer(
+                    status,
+                    json!({"error": e.error.to_string(), "accepted_ids": ids}),
+                );
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                }
+                return response;
+            }
+        }
+    }
+    if d.spool_report().is_some() {
+        if let Err(e) = d.sync() {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": e.to_string(), "accepted_ids": []}),
+            );
+        }
+        return answer(
+            StatusCode::ACCEPTED,
+            json!({"ids": ids, "custody": "spooled"}),
+        );
+    }
+    answer(
+        StatusCode::ACCEPTED,
+        json!({
+            "ids": ids,
+            "custody": "queued",
+            "note": "no spool: the messages are queued in memory only and are lost if the process stops"
+        }),
+    )
+}
