@@ -19,6 +19,7 @@ mod campaign;
 mod check;
 mod demo;
 mod keys;
+mod node;
 mod options;
 mod send;
 mod signal;
@@ -201,6 +202,23 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         recipients: usize,
     },
+    /// Deliver work from a Redis stream with the local engine, beside other nodes: shared work,
+    /// deferrals and outcomes (README "Scale-out through Redis").
+    Node {
+        #[command(flatten)]
+        node: node::NodeArgs,
+        /// The smarthost, host:port.
+        #[arg(long)]
+        relay: Option<String>,
+        /// Connections per destination at most (default 20).
+        #[arg(long)]
+        connections: Option<usize>,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+    },
+    /// Put a message for a list of recipients into Redis as work for `mxpipe node`, its body
+    /// stored once.
+    Enqueue(node::EnqueueArgs),
     /// Internal: a built-in sink for `bench`, printing its address on the first line.
     #[command(hide = true)]
     BenchSink {
@@ -388,6 +406,23 @@ pub fn main() -> ExitCode {
             what: Reference::Keys,
         } => keys::campaign_keys(),
         Command::Demo { recipients } => demo::run_demo(recipients),
+        Command::Node {
+            node,
+            relay,
+            connections,
+            delivery,
+        } => node::run_node(
+            node,
+            options::Overrides {
+                relay,
+                connections,
+                ehlo_name: None,
+                max_age: None,
+                retry_after: None,
+                delivery,
+            },
+        ),
+        Command::Enqueue(args) => node::run_enqueue(args),
         Command::BenchSink { tls } => sink::run_bench_sink(tls),
     };
     match result {

@@ -265,6 +265,10 @@ pub struct Config {
     /// Who learns every deferral and final outcome (a source that keeps custody). Set by
     /// `start` when `spool` is; a source of another kind may set its own.
     pub custody: Option<Arc<dyn custody::Custody>>,
+    /// A deferral whose retry is due later than this leaves the loop after its Deferred event:
+    /// a source that shares work (Redis) retries it, on whichever node is free. `None`: every
+    /// deferral is retried here.
+    pub hand_off_deferrals: Option<Duration>,
 }
 
 impl Config {
@@ -330,6 +334,7 @@ impl Default for Config {
             trace: None,
             spool: None,
             custody: None,
+            hand_off_deferrals: None,
         }
     }
 }
