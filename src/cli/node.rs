@@ -164,7 +164,7 @@ pub(crate) fn run_enqueue(args: EnqueueArgs) -> CliResult {
         })
         .collect();
     let keys = Keys::new(&args.redis.namespace);
-    let mut link = Link::new(args.redis.target());
+    let mut link = Link::new(args.redis.target(), &keys);
     let fail = |e: redis::RedisError| format!("redis {}: {e}", args.redis.urls.join(","));
     produce::store_body(&mut link, &keys, &name, &content).map_err(fail)?;
     let ids = produce::enqueue(&mut link, &keys, &entries).map_err(fail)?;

@@ -77,20 +77,64 @@ pub struct Target {
 }
 
 impl Target {
-    /// Opens a connection (for a cluster: one that follows the slot map).
-    pub fn connect(&self) -> RedisResult<Box<dyn ConnectionLike + Send>> {
-        if self.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
-                .connection_timeout(Duration::from_secs(2))
-                .build()?;
-            Ok(Box::new(client.get_connection()?))
-        } else {
-            let url = self.urls.first().map(String::as_str).unwrap_or_default();
-            let client = redis::Client::open(url)?;
-            Ok(Box::new(
-                client.get_connection_with_timeout(Duration::from_secs(2))?,
-            ))
+    /// Opens a connection to the server that holds `key` (every key of a namespace shares its
+    /// hash tag, so on a Redis Cluster that is one master for all of them): there, pipelines
+    /// and MULTI/EXEC work as on a single server. A MOVED reply later (a resharding, a
+    /// failover) counts as a connection error, and the next call looks the owner up again.
+    pub fn connect(&self, key: &str) -> RedisResult<Box<dyn ConnectionLike + Send>> {
+        let mut last = None;
+        for url in &self.urls {
+            match self.connect_via(url, key) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
         }
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
+        }))
+    }
+
+    fn connect_via(&self, url: &str, key: &str) -> RedisResult<Box<dyn ConnectionLike + Send>> {
+        let timeout = Duration::from_secs(2);
+        let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        let mut conn = redis::Client::open(info.clone())?.get_connection_with_timeout(timeout)?;
+        if !self.cluster {
+            return Ok(Box::new(conn));
+        }
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)?;
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+        for range in ranges {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                (fields.first(), fields.get(1))
+            else {
+                continue;
+            };
+            if !(*start..=*end).contains(&slot) {
+                continue;
+            }
+            if let Some(redis::Value::Array(master)) = fields.get(2) {
+                let host = match master.first() {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => break,
+                };
+                let Some(redis::Value::Int(port)) = master.get(1) else {
+                    break;
+                };
+                let addr = redis::ConnectionAddr::Tcp(host, *port as u16);
+                let owner = redis::Client::open(info.set_addr(addr))?;
+                return Ok(Box::new(owner.get_connection_with_timeout(timeout)?));
+            }
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+            "no master serves the slot of the namespace",
+        )))
     }
 }
 
@@ -99,6 +143,8 @@ impl Target {
 pub struct Link {
     target: Target,
     conn: Option<Box<dyn ConnectionLike + Send>>,
+    /// A key of the namespace: on a cluster, the connection goes to the master that holds it.
+    probe: String,
     round_trips: &'static AtomicU64,
 }
 
@@ -106,10 +152,11 @@ pub struct Link {
 pub static ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
 
 impl Link {
-    pub fn new(target: Target) -> Link {
+    pub fn new(target: Target, keys: &Keys) -> Link {
         Link {
             target,
             conn: None,
+            probe: keys.work(),
             round_trips: &ROUND_TRIPS,
         }
     }
@@ -120,7 +167,7 @@ impl Link {
         f: impl FnOnce(&mut dyn ConnectionLike) -> RedisResult<T>,
     ) -> RedisResult<T> {
         if self.conn.is_none() {
-            self.conn = Some(self.target.connect()?);
+            self.conn = Some(self.target.connect(&self.probe)?);
         }
         let conn = self.conn.as_mut().expect("connected above");
         self.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -171,5 +218,7 @@ pub fn is_connection_error(e: &redis::RedisError) -> bool {
                 | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
                 | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
                 | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::Moved)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::Ask)
         )
 }

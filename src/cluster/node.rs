@@ -196,7 +196,7 @@ impl Node {
         engine.record_events = true;
         let max_age = engine.retry.max_age;
         let keys = Keys::new(&config.namespace);
-        let mut link = Link::new(config.target.clone());
+        let mut link = Link::new(config.target.clone(), &keys);
         link.call(|c| ensure_group(c, &keys))
             .map_err(|e| format!("redis {}: {e}", config.target.urls.join(",")))?;
         let dispatcher = Arc::new(builder.start().map_err(|e| e.to_string())?);
@@ -241,7 +241,7 @@ impl Node {
     }
 
     fn read_loop(&self, stop: &AtomicBool) {
-        let mut link = Link::new(self.config.target.clone());
+        let mut link = Link::new(self.config.target.clone(), &self.keys);
         let take_due = redis::Script::new(TAKE_DUE);
         let mut bodies: HashMap<String, Arc<Body>> = HashMap::new();
         let heartbeat_every = (self.config.claim_idle / 3).max(Duration::from_millis(100));
@@ -836,7 +836,7 @@ struct Writer {
 
 impl Writer {
     fn run(self) {
-        let mut link = Link::new(self.config.target.clone());
+        let mut link = Link::new(self.config.target.clone(), &self.keys);
         let never = AtomicBool::new(false);
         let mut batch = Batch::default();
         let mut last_flush = Instant::now();
