@@ -66,6 +66,10 @@ impl Setup {
     /// `mxpipe enqueue` of `n` recipients r{i}@example.net, PER_ENTRY an entry; returns the
     /// number of entries.
     fn enqueue(&self, n: usize) -> usize {
+        self.enqueue_per_entry(n, PER_ENTRY)
+    }
+
+    fn enqueue_per_entry(&self, n: usize, per_entry: usize) -> usize {
         let list: String = (0..n).map(|i| format!("r{i}@example.net\n")).collect();
         std::fs::write(self.dir.join("list.txt"), list).unwrap();
         std::fs::write(
@@ -77,7 +81,7 @@ impl Setup {
             .arg("enqueue")
             .args(self.redis_args())
             .args(["--from", "news@example.org", "--per-entry"])
-            .arg(PER_ENTRY.to_string())
+            .arg(per_entry.to_string())
             .arg("--to-file")
             .arg(self.dir.join("list.txt"))
             .arg(self.dir.join("m.eml"))
@@ -93,7 +97,7 @@ impl Setup {
             stdout.contains(&format!("recipients={n} ")),
             "enqueue said: {stdout}"
         );
-        n.div_ceil(PER_ENTRY)
+        n.div_ceil(per_entry)
     }
 
     fn node(&self, name: &str, relay: &str, extra: &[&str]) -> Child {
@@ -362,4 +366,61 @@ fn redis_restarted_mid_run_with_aof_loses_nothing() {
     let transactions: usize = sinks.iter().map(sink_messages).sum();
     assert!(transactions >= entries);
     setup.assert_drained();
+}
+
+#[test]
+fn a_shared_limit_of_200_messages_per_second_holds_across_three_nodes() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    // One message per entry; more than 10 s of work at 200/s.
+    let n = 3_000;
+    setup.enqueue_per_entry(n, 1);
+    let sink = SmtpSink::start(&["-c"], 1024);
+    let relay = sink.addr().to_string();
+    let nodes: Vec<Child> = (0..3)
+        .map(|i| {
+            setup.node(
+                &format!("n{i}"),
+                &relay,
+                &["--messages-per-second", "200", "--max-in-flight", "1000"],
+            )
+        })
+        .collect();
+    for c in nodes {
+        wait_node(c, Duration::from_secs(120));
+    }
+    // When each message was delivered: the outcomes stream entry (its ID is the server's time
+    // in ms) that reported it, written within 100 ms.
+    let mut con = setup.connection();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("{mxpipe}:outcomes")
+        .arg("-")
+        .arg("+")
+        .query(con.as_mut())
+        .unwrap();
+    let mut times = Vec::new();
+    for id in &reply.ids {
+        let ms: u64 = id.id.split('-').next().unwrap().parse().unwrap();
+        let json: String = id.get("outcomes").unwrap();
+        let items: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        for o in items {
+            assert_eq!(o["status"], "delivered", "{o}");
+            times.push(ms);
+        }
+    }
+    assert_eq!(times.len(), n);
+    times.sort();
+    // The first 10 s of the run (which lasts 15 s at 200/s; without sharing, 5 s at 600/s
+    // would put all 3,000 in the window).
+    let start = times[0];
+    let in_window = times
+        .iter()
+        .filter(|&&t| t >= start && t < start + 10_000)
+        .count();
+    let rate = in_window as f64 / 10.0;
+    eprintln!("shared limit 200/s over 3 nodes: {rate} msgs/s measured over 10 s");
+    assert!(
+        (150.0..=250.0).contains(&rate),
+        "{rate} msgs/s over 10 s for a shared limit of 200/s (each node alone allows 200/s)"
+    );
 }

@@ -13,6 +13,7 @@
 //! and on a Redis Cluster (every key in one slot; scripts and pipelines stay legal). Nothing
 //! here runs on an engine loop thread: the node's threads make blocking calls of their own.
 
+pub mod limits;
 pub mod node;
 pub mod produce;
 pub mod work;
@@ -61,6 +62,11 @@ impl Keys {
     /// What each deferred recipient needs to be tried again (JSON by member).
     pub fn deferred_data(&self) -> String {
         format!("{}deferred:data", self.prefix)
+    }
+
+    /// A shared limit's state for a destination (`what`: gcra, throttle).
+    pub fn limit(&self, destination: &str, what: &str) -> String {
+        format!("{}limit:{destination}:{what}", self.prefix)
     }
 
     /// The stream of outcomes (final ones and deferrals).

@@ -196,6 +196,10 @@ impl Node {
         engine.record_events = true;
         let max_age = engine.retry.max_age;
         let keys = Keys::new(&config.namespace);
+        engine.shared_limits = Some(super::limits::RedisLimiter::start(
+            config.target.clone(),
+            keys.clone(),
+        ));
         let mut link = Link::new(config.target.clone(), &keys);
         link.call(|c| ensure_group(c, &keys))
             .map_err(|e| format!("redis {}: {e}", config.target.urls.join(",")))?;

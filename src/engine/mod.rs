@@ -269,6 +269,8 @@ pub struct Config {
     /// a source that shares work (Redis) retries it, on whichever node is free. `None`: every
     /// deferral is retried here.
     pub hand_off_deferrals: Option<Duration>,
+    /// Message rate limits shared with other processes (Redis), on top of the local ones.
+    pub shared_limits: Option<Arc<dyn shaping::SharedLimiter>>,
 }
 
 impl Config {
@@ -335,6 +337,7 @@ impl Default for Config {
             spool: None,
             custody: None,
             hand_off_deferrals: None,
+            shared_limits: None,
         }
     }
 }
