@@ -424,3 +424,111 @@ fn a_shared_limit_of_200_messages_per_second_holds_across_three_nodes() {
         "{rate} msgs/s over 10 s for a shared limit of 200/s (each node alone allows 200/s)"
     );
 }
+
+#[test]
+fn python_work_with_merge_fields_and_a_long_deferral_handed_back_to_redis() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    // The first transaction is refused for now (451): its recipient's retry is due in 2 s,
+    // longer than the node keeps deferrals (1 s), so it goes to the deferred set in Redis.
+    let capture = util::CaptureServer::builder().tempfail_first(1).start();
+    let producer = format!(
+        r#"
+import sys, redis
+sys.path.insert(0, {src:?})
+import redis_work
+r = redis.Redis(port={port})
+redis_work.store_body(r, "greeting", b"Subject: For {{{{name}}}}\r\n\r\nHello {{{{name}}}}.\r\n")
+print(redis_work.enqueue(r, "news@example.org", [
+    {{"to": "ann@example.net", "fields": {{"name": "Ann"}}}},
+    {{"to": "bob@example.net", "fields": {{"name": "Bob"}}}},
+], body_ref="greeting", tag=42))
+try:
+    redis_work.enqueue(r, "news@example.org", ["bad address"], body_ref="greeting")
+except ValueError as e:
+    print("refused:", e)
+"#,
+        src = util::repo_root()
+            .join("bindings/python/src/mxpipe")
+            .display()
+            .to_string(),
+        port = redis.port
+    );
+    let out = Command::new(util::test_python())
+        .arg("-c")
+        .arg(&producer)
+        .output()
+        .expect("run the Python producer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("refused: recipients[0]: not an address: 'bad address'"),
+        "{stdout}"
+    );
+    let engine = setup.dir.join("engine.toml");
+    std::fs::write(&engine, "retry_initial = \"2s\"\nretry_jitter = 0\n").unwrap();
+    let node = setup.node(
+        "n0",
+        &capture.addr().to_string(),
+        &[
+            "--hand-off-after",
+            "1",
+            "--config",
+            engine.to_str().unwrap(),
+        ],
+    );
+    let summary = wait_node(node, Duration::from_secs(60));
+    assert!(
+        summary.contains("handed_off=1 ") && summary.contains("taken_deferred=1 "),
+        "{summary}"
+    );
+    let mut bodies: Vec<(Vec<String>, String)> = capture
+        .messages()
+        .into_iter()
+        .map(|m| (m.rcpt_tos, String::from_utf8(m.data).unwrap()))
+        .collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![
+            (
+                vec!["ann@example.net".to_string()],
+                "Subject: For Ann\r\n\r\nHello Ann.\r\n".to_string()
+            ),
+            (
+                vec!["bob@example.net".to_string()],
+                "Subject: For Bob\r\n\r\nHello Bob.\r\n".to_string()
+            ),
+        ]
+    );
+    let outcomes = setup.outcomes();
+    let statuses: Vec<(String, String, u64)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o["recipient"].as_str().unwrap().to_string(),
+                o["status"].as_str().unwrap().to_string(),
+                o["tag"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses.len(), 3, "{outcomes:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| s.1 == "deferred").count(),
+        1,
+        "{outcomes:?}"
+    );
+    let deferred = outcomes.iter().find(|o| o["status"] == "deferred").unwrap();
+    assert_eq!(deferred["code"], 451);
+    let delivered: Vec<&str> = statuses
+        .iter()
+        .filter(|s| s.1 == "delivered" && s.2 == 42)
+        .map(|s| s.0.as_str())
+        .collect();
+    assert_eq!(delivered.len(), 2, "{outcomes:?}");
+    setup.assert_drained();
+}

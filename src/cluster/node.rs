@@ -263,7 +263,12 @@ impl Node {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            let count = self.config.batch.min(room).max(1);
+            // Entries are read by count, the room is in recipients: estimate from what came.
+            let per_entry = (self.report.recipients.load(Ordering::Relaxed) as usize)
+                .checked_div(self.report.entries.load(Ordering::Relaxed) as usize)
+                .unwrap_or(1)
+                .max(1);
+            let count = self.config.batch.min(room.div_ceil(per_entry)).max(1);
             let mut got = 0;
             if last_claim.elapsed() >= heartbeat_every {
                 got += self.claim(&mut link, stop, count, &mut bodies);
