@@ -105,7 +105,7 @@ impl Setup {
             .arg("node")
             .args(self.redis_args())
             .args(["--consumer", name, "--relay", relay])
-            .args(["--claim-idle", "2", "--exit-when-idle", "2"])
+            .args(["--claim-idle", "5", "--exit-when-idle", "2"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -238,8 +238,25 @@ impl Node {
             };
             std::thread::spawn(move || writer.run())
         };
-        self.read_loop(stop);
-        self.dispatcher.shutdown_timeout(grace);
+        let reading = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            // The heartbeat has a thread of its own: a reader that waits for room in the
+            // engine's queue must not let its entries look idle to other nodes.
+            s.spawn(|| {
+                let mut link = Link::new(self.config.target.clone(), &self.keys);
+                let every = (self.config.claim_idle / 4).max(Duration::from_millis(100));
+                while reading.load(Ordering::Acquire) {
+                    let started = Instant::now();
+                    self.heartbeat(&mut link, stop);
+                    while reading.load(Ordering::Acquire) && started.elapsed() < every {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            });
+            self.read_loop(stop);
+            self.dispatcher.shutdown_timeout(grace);
+            reading.store(false, Ordering::Release);
+        });
         writer_done.store(true, Ordering::Release);
         let _ = writer.join();
     }
@@ -248,16 +265,11 @@ impl Node {
         let mut link = Link::new(self.config.target.clone(), &self.keys);
         let take_due = redis::Script::new(TAKE_DUE);
         let mut bodies: HashMap<String, Arc<Body>> = HashMap::new();
-        let heartbeat_every = (self.config.claim_idle / 3).max(Duration::from_millis(100));
-        let mut last_heartbeat = Instant::now();
+        let claim_every = (self.config.claim_idle / 3).max(Duration::from_millis(100));
         let mut last_claim = Instant::now();
         let mut last_due = Instant::now() - Duration::from_secs(1);
         let mut last_work = Instant::now();
         while !stop.load(Ordering::Acquire) {
-            if last_heartbeat.elapsed() >= heartbeat_every {
-                self.heartbeat(&mut link, stop);
-                last_heartbeat = Instant::now();
-            }
             let room = self.room();
             if room == 0 {
                 std::thread::sleep(Duration::from_millis(10));
@@ -270,7 +282,7 @@ impl Node {
                 .max(1);
             let count = self.config.batch.min(room.div_ceil(per_entry)).max(1);
             let mut got = 0;
-            if last_claim.elapsed() >= heartbeat_every {
+            if last_claim.elapsed() >= claim_every {
                 got += self.claim(&mut link, stop, count, &mut bodies);
                 last_claim = Instant::now();
             }
