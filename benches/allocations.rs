@@ -88,6 +88,7 @@ fn session_allocations(caps: &str, n: usize, warmup: usize) -> f64 {
             sender: sender.clone(),
             recipients: vec![rcpt.clone()],
             body: Arc::clone(&body),
+            dsn: None,
         })
         .collect();
     txns.reverse();

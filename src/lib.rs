@@ -52,6 +52,7 @@
 //! ```
 
 pub mod campaign;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod ffi;

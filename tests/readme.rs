@@ -4,8 +4,8 @@
 //! (`127.0.0.X:2525`, `127.0.0.1:9464`) are mapped to free ports, `HOST:PORT` and `DIR` to a
 //! server and a directory of the test's, and counts are scaled down (`--messages` 200,
 //! `--tarpit-messages` 20, `--recipients` 50). `--direct-mx` gets a dnsmasq nameserver, the
-//! sink's port and `--mx-allow-loopback`.
-//! A command passes when it exits 0 (a sink or `http`: when it says where it listens).
+//! sink's port and `--mx-allow-loopback`; `redis://127.0.0.1:6379` a redis-server of the test's.
+//! A command passes when it exits 0 (a daemon: when it says where it listens).
 
 mod util;
 
@@ -81,6 +81,8 @@ struct World {
     dir: std::path::PathBuf,
     sinks: BTreeMap<String, SinkHandle>,
     dns: util::dns::Dnsmasq,
+    /// A Redis for the scale-out lines (started on first use).
+    redis: Option<util::redis::RedisServer>,
 }
 
 impl World {
@@ -94,6 +96,7 @@ impl World {
             dir,
             sinks: BTreeMap::new(),
             dns,
+            redis: None,
         }
     }
 
@@ -208,6 +211,10 @@ impl World {
                 "127.0.0.1:9464" | "127.0.0.1:8025" => {
                     format!("127.0.0.1:{}", util::free_port("127.0.0.1"))
                 }
+                "redis://127.0.0.1:6379" => self
+                    .redis
+                    .get_or_insert_with(util::redis::RedisServer::start)
+                    .url(),
                 w if w.starts_with("127.0.0.") && w.ends_with(":2525") => {
                     let ip = w.trim_end_matches(":2525");
                     if is_sink {

@@ -3,7 +3,8 @@
 #
 # 1. Installs what the tests need when it is missing, and only then: Postfix's smtp-sink,
 #    dnsmasq, valgrind, pkg-config, g++, sasl2-bin and libsasl2-modules (a private Postfix with
-#    Cyrus SASL for the TLS tests) from Debian; a venv at tests/.venv with aiosmtpd, pytest,
+#    Cyrus SASL for the TLS tests) and redis-server from Debian; a venv at tests/.venv with
+#    aiosmtpd, pytest, redis,
 #    dkimpy, cryptography, pynacl and mypy from PyPI.
 # 2. Runs every step, even after one fails: cargo test --all-targets, cargo test --doc, the
 #    spool's fault-injection tests (--features failpoints), the C
@@ -18,8 +19,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV="$ROOT/tests/.venv"
 PY="$VENV/bin/python"
-PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl mypy)
-PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl, mypy"
+PY_TEST_PACKAGES=(aiosmtpd pytest dkimpy cryptography pynacl mypy redis)
+PY_TEST_IMPORTS="import aiosmtpd, pytest, dkim, cryptography, nacl, mypy, redis"
 
 export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 export MXPIPE_TEST_PYTHON="$PY"
@@ -77,6 +78,8 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 compgen -G "/usr/lib/*/sasl2/libsasldb.so*" >/dev/null || missing+=(libsasl2-modules)
 # The C bindings' install test compiles the header as C++ too.
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
+# The scale-out tests (tests/cluster.rs) start their own redis-server instances.
+[[ -x /usr/bin/redis-server && -x /usr/bin/redis-cli ]] || missing+=(redis-server)
 if ((${#missing[@]})); then
     if [[ " ${missing[*]} " == *" postfix "* ]]; then
         # "No configuration": the package installs its tools and starts no mail daemon.

@@ -21,6 +21,7 @@ mod check;
 mod demo;
 mod http;
 mod keys;
+mod node;
 mod options;
 mod send;
 mod serve;
@@ -222,6 +223,23 @@ enum Command {
     },
     /// Take mail from existing MTAs over SMTP or LMTP and deliver it (custody or pass-through).
     Serve(serve::ServeArgs),
+    /// Deliver work from a Redis stream with the local engine, beside other nodes: shared work,
+    /// deferrals and outcomes (README "Scale-out through Redis").
+    Node {
+        #[command(flatten)]
+        node: node::NodeArgs,
+        /// The smarthost, host:port.
+        #[arg(long)]
+        relay: Option<String>,
+        /// Connections per destination at most (default 20).
+        #[arg(long)]
+        connections: Option<usize>,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+    },
+    /// Put a message for a list of recipients into Redis as work for `mxpipe node`, its body
+    /// stored once.
+    Enqueue(node::EnqueueArgs),
     /// Internal: a built-in sink for `bench`, printing its address on the first line.
     #[command(hide = true)]
     BenchSink {
@@ -425,6 +443,23 @@ pub fn main() -> ExitCode {
             what: Reference::Keys,
         } => keys::campaign_keys(),
         Command::Demo { recipients } => demo::run_demo(recipients),
+        Command::Node {
+            node,
+            relay,
+            connections,
+            delivery,
+        } => node::run_node(
+            node,
+            options::Overrides {
+                relay,
+                connections,
+                ehlo_name: None,
+                max_age: None,
+                retry_after: None,
+                delivery,
+            },
+        ),
+        Command::Enqueue(args) => node::run_enqueue(args),
         Command::BenchSink { tls } => sink::run_bench_sink(tls),
         Command::Serve(args) => serve::run_serve(args),
     };

@@ -273,14 +273,14 @@ impl Outcomes {
 /// The recipients of `--to-file`: one address a line; `#` at the start of a line or after a
 /// space starts a comment; blank lines are skipped. Duplicates (compared without case) and
 /// lines that are not addresses or not UTF-8 are skipped with their line number.
-struct RecipientList {
-    recipients: Vec<Address>,
+pub(crate) struct RecipientList {
+    pub(crate) recipients: Vec<Address>,
     invalid: u64,
     duplicates: u64,
 }
 
 impl RecipientList {
-    fn read(path: &Path) -> Result<RecipientList, String> {
+    pub(crate) fn read(path: &Path) -> Result<RecipientList, String> {
         let bytes =
             std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let mut list = RecipientList {

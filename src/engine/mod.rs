@@ -269,6 +269,12 @@ pub struct Config {
     /// With a spool: send the sender a delivery status notification (RFC 3464) for every
     /// recipient that bounces or expires, as its NOTIFY asks (see [`reports`]). On by default.
     pub dsn_reports: bool,
+    /// A deferral whose retry is due later than this leaves the loop after its Deferred event:
+    /// a source that shares work (Redis) retries it, on whichever node is free. `None`: every
+    /// deferral is retried here.
+    pub hand_off_deferrals: Option<Duration>,
+    /// Message rate limits shared with other processes (Redis), on top of the local ones.
+    pub shared_limits: Option<Arc<dyn shaping::SharedLimiter>>,
 }
 
 impl Config {
@@ -335,6 +341,8 @@ impl Default for Config {
             spool: None,
             custody: None,
             dsn_reports: true,
+            hand_off_deferrals: None,
+            shared_limits: None,
         }
     }
 }

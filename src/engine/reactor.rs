@@ -1484,6 +1484,12 @@ impl Reactor {
             .deferred
             .fetch_add(n, Ordering::Relaxed);
         self.changed = true;
+        if self.config.hand_off_deferrals.is_some_and(|t| delay > t) {
+            // The source retries these (Config::hand_off_deferrals): they leave the loop.
+            stats.unfinished.fetch_sub(n, Ordering::AcqRel);
+            self.held -= recipients.len();
+            return;
+        }
         self.retries.push(
             due,
             Job {

@@ -6,7 +6,81 @@
 //! algorithm, per-provider overrides). Everything here is arithmetic on `Instant`s: no I/O, no
 //! clocks of its own.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Message limits shared with other processes (several nodes through Redis): a destination
+/// whose messages are rate-limited draws a permit per message from a [`PermitPool`] as well
+/// as from its own limiters. The limiter refills pools in batches on a thread of its own, so
+/// the loop never waits for it and round trips stay far below one per message.
+pub trait SharedLimiter: Send + Sync + std::fmt::Debug {
+    /// The pool of `destination`, whose messages are limited to `per_second` in all.
+    fn pool(&self, destination: &str, per_second: f64) -> Arc<PermitPool>;
+}
+
+/// Permits one destination may use now, refilled by a [`SharedLimiter`].
+#[derive(Debug, Default)]
+pub struct PermitPool {
+    permits: AtomicU64,
+    wanted: AtomicBool,
+    throttled: AtomicBool,
+    /// The refilling thread, woken when the pool runs dry.
+    pub refiller: OnceLock<std::thread::Thread>,
+}
+
+/// How soon a destination whose pool ran dry looks again.
+const SHARED_POLL: Duration = Duration::from_millis(5);
+
+impl PermitPool {
+    /// Takes a permit, or asks for more and says no.
+    pub fn take(&self) -> bool {
+        let taken = self
+            .permits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !taken {
+            self.ask();
+        }
+        taken
+    }
+
+    /// Asks the limiter for more permits.
+    pub fn ask(&self) {
+        if !self.wanted.swap(true, Ordering::AcqRel) {
+            if let Some(t) = self.refiller.get() {
+                t.unpark();
+            }
+        }
+    }
+
+    pub fn available(&self) -> u64 {
+        self.permits.load(Ordering::Acquire)
+    }
+
+    /// The limiter granted `n` permits.
+    pub fn add(&self, n: u64) {
+        self.permits.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Whether the pool ran dry since the last call (for the limiter).
+    pub fn take_wanted(&self) -> bool {
+        self.wanted.swap(false, Ordering::AcqRel)
+    }
+
+    /// The destination said "slow down" here: every process sharing it slows down.
+    pub fn note_throttle(&self) {
+        self.throttled.store(true, Ordering::Release);
+        if let Some(t) = self.refiller.get() {
+            t.unpark();
+        }
+    }
+
+    /// Whether a throttle was noted since the last call (for the limiter).
+    pub fn take_throttled(&self) -> bool {
+        self.throttled.swap(false, Ordering::AcqRel)
+    }
+}
 
 /// Limits that apply to one destination (a smarthost, a route target, or an MX host).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -248,6 +322,8 @@ pub struct Shaper {
     pub dead_until: Option<Instant>,
     /// The window's ceiling after a throttle, and until when it holds.
     ceiling: Option<(f64, Instant)>,
+    /// Permits shared with other processes ([`SharedLimiter`]), for a rate-limited destination.
+    shared: Option<Arc<PermitPool>>,
 }
 
 impl Shaper {
@@ -270,6 +346,14 @@ impl Shaper {
             failures_in_row: 0,
             dead_until: None,
             ceiling: None,
+            shared: None,
+        }
+    }
+
+    /// Draws this destination's messages from `limiter` too, when they are rate-limited.
+    pub fn share(&mut self, limiter: &dyn SharedLimiter, destination: &str) {
+        if let Some(rate) = self.message_rate() {
+            self.shared = Some(limiter.pool(destination, rate));
         }
     }
 
@@ -290,19 +374,32 @@ impl Shaper {
     /// How many transactions every message limit would let start now (`usize::MAX` without
     /// limits).
     pub fn messages_available(&self, now: Instant) -> usize {
-        self.messages
+        let local = self
+            .messages
             .iter()
             .map(|(g, _)| g.available(now))
             .min()
-            .unwrap_or(usize::MAX)
+            .unwrap_or(usize::MAX);
+        match &self.shared {
+            Some(pool) => local.min(pool.available() as usize),
+            None => local,
+        }
     }
 
     /// When every message limit will allow the next transaction (`None`: now).
     pub fn next_message_at(&self, now: Instant) -> Option<Instant> {
-        self.messages
+        let local = self
+            .messages
             .iter()
             .filter_map(|(g, _)| g.next_allowed(now))
-            .max()
+            .max();
+        match &self.shared {
+            Some(pool) if pool.available() == 0 => {
+                pool.ask();
+                Some(local.unwrap_or(now).max(now + SHARED_POLL))
+            }
+            _ => local,
+        }
     }
 
     /// When this destination may next start a transaction, or `None` if it may now (and a
@@ -317,12 +414,18 @@ impl Shaper {
             .iter()
             .filter_map(|(g, _)| g.next_allowed(now))
             .max();
-        if wait.is_none() {
-            for (g, _) in &mut self.messages {
-                g.take(now);
+        if wait.is_some() {
+            return wait;
+        }
+        if let Some(pool) = &self.shared {
+            if !pool.take() {
+                return Some(now + SHARED_POLL);
             }
         }
-        wait
+        for (g, _) in &mut self.messages {
+            g.take(now);
+        }
+        None
     }
 
     /// When this destination may next open a connection, or `None` if it may now.
@@ -384,6 +487,9 @@ impl Shaper {
             self.paused_until = Some(now + pause);
         }
         self.window = (self.window / 2.0).max(1.0);
+        if let Some(pool) = &self.shared {
+            pool.note_throttle();
+        }
         if !self.messages.is_empty() {
             self.rate_factor = (self.rate_factor / 2.0).max(0.01);
             self.apply_rate(now);

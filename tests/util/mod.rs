@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod dns;
 pub mod postfix;
+pub mod redis;
 
 /// Where Debian's `postfix` package puts the sink.
 pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";

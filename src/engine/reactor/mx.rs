@@ -350,12 +350,11 @@ impl Reactor {
             group,
             &self.tls,
         );
-        let dest = Destination::new(
-            target,
-            Shaper::new(limits, &self.config.adaptive),
-            metrics,
-            tls,
-        );
+        let mut shaper = Shaper::new(limits, &self.config.adaptive);
+        if let Some(limiter) = &self.config.shared_limits {
+            shaper.share(limiter.as_ref(), &target.name);
+        }
+        let dest = Destination::new(target, shaper, metrics, tls);
         self.destinations.push(dest);
         self.is_dirty.push(false);
         self.waiting_slot.push(false);

@@ -1,0 +1,1093 @@
+//! A node: reads work from the Redis stream, delivers it with the local engine, and writes
+//! outcomes back.
+//!
+//! Two threads of the node's own talk to Redis, never an engine loop: the reader (new entries
+//! with `XREADGROUP`, a dead node's with `XAUTOCLAIM`, due deferrals from the sorted set, and a
+//! heartbeat that keeps this node's entries from looking idle) and the writer (the engine's
+//! events, written every `flush_every` in one atomic pipeline: the outcomes as one stream entry,
+//! the finals of entries still partly open, long deferrals into the sorted set, and `XACK` +
+//! `XDEL` of entries whose every recipient is final or handed back). A kill loses at most what
+//! was decided since the last flush and what was in a transaction: those recipients are sent
+//! again by the node that claims the entry.
+
+use super::work::{self, Content, Entry, Recipient};
+use super::{Keys, Link, Target, ROUND_TRIPS};
+use crate::engine::{Dispatcher, DispatcherBuilder, Event, EventKind};
+use crate::message::Body;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A node's settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub target: Target,
+    /// The hash tag of every key (`{mxpipe}` by default).
+    pub namespace: String,
+    /// This node's name in the consumer group (unique per node).
+    pub consumer: String,
+    /// Entries per `XREADGROUP` / `XAUTOCLAIM`.
+    pub batch: usize,
+    /// Recipients this node holds at most before it stops reading.
+    pub max_in_flight: usize,
+    /// An entry pending this long on another node (which stopped renewing it) is claimed.
+    pub claim_idle: Duration,
+    /// A deferral whose retry is due later than this goes back to Redis for any node.
+    pub hand_off_after: Duration,
+    /// How often decided outcomes are written.
+    pub flush_every: Duration,
+    /// Exit once nothing is pending in Redis and nothing came for this long.
+    pub exit_when_idle: Option<Duration>,
+}
+
+impl NodeConfig {
+    pub fn new(target: Target, consumer: &str) -> NodeConfig {
+        NodeConfig {
+            target,
+            namespace: "mxpipe".into(),
+            consumer: consumer.into(),
+            batch: 500,
+            max_in_flight: 50_000,
+            claim_idle: Duration::from_secs(60),
+            hand_off_after: Duration::from_secs(60),
+            flush_every: Duration::from_millis(100),
+            exit_when_idle: None,
+        }
+    }
+}
+
+/// What a node did, for its summary line.
+#[derive(Debug, Default)]
+pub struct NodeReport {
+    pub entries: AtomicU64,
+    pub claimed: AtomicU64,
+    pub taken_deferred: AtomicU64,
+    pub recipients: AtomicU64,
+    pub delivered: AtomicU64,
+    pub bounced: AtomicU64,
+    pub expired: AtomicU64,
+    pub handed_off: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+impl std::fmt::Display for NodeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write!(
+            f,
+            "node entries={} claimed={} taken_deferred={} recipients={} delivered={} bounced={} \
+             expired={} handed_off={} flushes={} round_trips={}",
+            g(&self.entries),
+            g(&self.claimed),
+            g(&self.taken_deferred),
+            g(&self.recipients),
+            g(&self.delivered),
+            g(&self.bounced),
+            g(&self.expired),
+            g(&self.handed_off),
+            g(&self.flushes),
+            ROUND_TRIPS.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// Where a local message's recipients came from.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// An entry of the work stream.
+    Entry(Arc<str>),
+    /// A deferred recipient taken from the sorted set (its member).
+    Deferred(String),
+}
+
+/// A message handed to the local engine.
+#[derive(Debug)]
+struct Sent {
+    origin: Origin,
+    from: String,
+    recipients: Vec<Recipient>,
+    /// The body's name in Redis, for a recipient handed back.
+    body_ref: String,
+    tag: u64,
+    attempts_before: u32,
+    first_ms: u64,
+    left: usize,
+}
+
+/// An entry this node works on.
+#[derive(Debug)]
+struct OpenEntry {
+    /// Recipients neither final nor handed back.
+    left: usize,
+    /// Some of its finals are in its `done` hash.
+    has_done_hash: bool,
+    /// The inline body, until it has been stored for a recipient handed back.
+    inline_body: Option<Arc<Body>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sent: HashMap<u64, Sent>,
+    entries: HashMap<Arc<str>, OpenEntry>,
+    in_flight: usize,
+    next_tag: u64,
+}
+
+/// What the writer sends in its next flush.
+#[derive(Debug, Default)]
+struct Batch {
+    outcomes: Vec<serde_json::Value>,
+    done: HashMap<Arc<str>, Vec<(String, &'static str)>>,
+    acks: Vec<Arc<str>>,
+    drop_done: Vec<Arc<str>>,
+    park: Vec<(String, u64, String)>,
+    bodies: Vec<(String, Arc<Body>)>,
+    unpark: Vec<String>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.outcomes.is_empty()
+            && self.done.is_empty()
+            && self.acks.is_empty()
+            && self.park.is_empty()
+            && self.unpark.is_empty()
+    }
+}
+
+/// Takes up to ARGV[2] due members and leases them for ARGV[3] ms (they come back if this
+/// node dies before their outcome is written).
+const TAKE_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), member)
+  out[#out + 1] = member
+  out[#out + 1] = redis.call('HGET', KEYS[2], member) or ''
+end
+return out
+"#;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A running node.
+pub struct Node {
+    config: NodeConfig,
+    keys: Keys,
+    dispatcher: Arc<Dispatcher>,
+    state: Arc<Mutex<State>>,
+    report: Arc<NodeReport>,
+    max_age: Duration,
+}
+
+impl Node {
+    /// Starts the local engine from `builder` (deferrals longer than `hand_off_after` leave
+    /// it for Redis) and checks that Redis answers, creating the consumer group if needed.
+    pub fn start(config: NodeConfig, mut builder: DispatcherBuilder) -> Result<Node, String> {
+        let engine = builder.config_mut();
+        engine.hand_off_deferrals = Some(config.hand_off_after);
+        engine.record_events = true;
+        let max_age = engine.retry.max_age;
+        let keys = Keys::new(&config.namespace);
+        engine.shared_limits = Some(super::limits::RedisLimiter::start(
+            config.target.clone(),
+            keys.clone(),
+        ));
+        let mut link = Link::new(config.target.clone(), &keys);
+        link.call(|c| ensure_group(c, &keys))
+            .map_err(|e| format!("redis {}: {e}", config.target.urls.join(",")))?;
+        let dispatcher = Arc::new(builder.start().map_err(|e| e.to_string())?);
+        Ok(Node {
+            config,
+            keys,
+            dispatcher,
+            state: Arc::default(),
+            report: Arc::default(),
+            max_age,
+        })
+    }
+
+    pub fn report(&self) -> &NodeReport {
+        &self.report
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Runs until `stop` is set (or, with `exit_when_idle`, until the work is done); then gives
+    /// what is in flight `grace` to finish, writes the last outcomes and returns. What is not
+    /// final stays pending in Redis for another node.
+    pub fn run(&self, stop: &AtomicBool, grace: Duration) {
+        let writer_done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let writer = Writer {
+                config: self.config.clone(),
+                keys: self.keys.clone(),
+                state: Arc::clone(&self.state),
+                report: Arc::clone(&self.report),
+                events: self.dispatcher.events().expect("the node records events"),
+                done: Arc::clone(&writer_done),
+            };
+            std::thread::spawn(move || writer.run())
+        };
+        let reading = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            // The heartbeat has a thread of its own: a reader that waits for room in the
+            // engine's queue must not let its entries look idle to other nodes.
+            s.spawn(|| {
+                let mut link = Link::new(self.config.target.clone(), &self.keys);
+                let every = (self.config.claim_idle / 4).max(Duration::from_millis(100));
+                while reading.load(Ordering::Acquire) {
+                    let started = Instant::now();
+                    self.heartbeat(&mut link, stop);
+                    while reading.load(Ordering::Acquire) && started.elapsed() < every {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            });
+            self.read_loop(stop);
+            self.dispatcher.shutdown_timeout(grace);
+            reading.store(false, Ordering::Release);
+        });
+        writer_done.store(true, Ordering::Release);
+        let _ = writer.join();
+    }
+
+    fn read_loop(&self, stop: &AtomicBool) {
+        let mut link = Link::new(self.config.target.clone(), &self.keys);
+        let take_due = redis::Script::new(TAKE_DUE);
+        let mut bodies: HashMap<String, Arc<Body>> = HashMap::new();
+        let claim_every = (self.config.claim_idle / 3).max(Duration::from_millis(100));
+        let mut last_claim = Instant::now();
+        let mut last_due = Instant::now() - Duration::from_secs(1);
+        let mut last_work = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            let room = self.room();
+            if room == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            // Entries are read by count, the room is in recipients: estimate from what came.
+            let per_entry = (self.report.recipients.load(Ordering::Relaxed) as usize)
+                .checked_div(self.report.entries.load(Ordering::Relaxed) as usize)
+                .unwrap_or(1)
+                .max(1);
+            let count = self.config.batch.min(room.div_ceil(per_entry)).max(1);
+            let mut got = 0;
+            if last_claim.elapsed() >= claim_every {
+                got += self.claim(&mut link, stop, count, &mut bodies);
+                last_claim = Instant::now();
+            }
+            if last_due.elapsed() >= Duration::from_secs(1) {
+                got += self.take_deferred(&mut link, stop, &take_due, count, &mut bodies);
+                last_due = Instant::now();
+            }
+            let consumer = self.config.consumer.clone();
+            let work_key = self.keys.work();
+            let read = link.call_until_done(stop, |c| {
+                let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(Keys::GROUP)
+                    .arg(&consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("BLOCK")
+                    .arg(250)
+                    .arg("STREAMS")
+                    .arg(&work_key)
+                    .arg(">")
+                    .query(c);
+                match reply {
+                    Err(e) if e.code() == Some("NOGROUP") => {
+                        ensure_group(c, &self.keys)?;
+                        Ok(None)
+                    }
+                    other => other,
+                }
+            });
+            let entries: Vec<StreamId> = match read {
+                None => break,
+                Some(Ok(reply)) => reply
+                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                    .unwrap_or_default(),
+                Some(Err(e)) => {
+                    eprintln!("mxpipe: node: XREADGROUP: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                    Vec::new()
+                }
+            };
+            got += entries.len();
+            self.report
+                .entries
+                .fetch_add(entries.len() as u64, Ordering::Relaxed);
+            if !entries.is_empty() {
+                self.start_entries(&mut link, stop, entries, false, &mut bodies);
+            }
+            if got > 0 {
+                last_work = Instant::now();
+            } else if let Some(idle) = self.config.exit_when_idle {
+                if last_work.elapsed() >= idle && self.all_done(&mut link) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Recipients this node may still take.
+    fn room(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.config.max_in_flight.saturating_sub(state.in_flight)
+    }
+
+    /// Nothing open here, nothing pending in the group, nothing deferred.
+    fn all_done(&self, link: &mut Link) -> bool {
+        {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !state.sent.is_empty() || !state.entries.is_empty() {
+                return false;
+            }
+        }
+        let (work, deferred) = (self.keys.work(), self.keys.deferred());
+        let counts: redis::RedisResult<(Value, usize)> = link.call(|c| {
+            redis::pipe()
+                .cmd("XPENDING")
+                .arg(&work)
+                .arg(Keys::GROUP)
+                .cmd("ZCARD")
+                .arg(&deferred)
+                .query(c)
+        });
+        match counts {
+            Ok((Value::Array(summary), 0)) => {
+                matches!(summary.first(), Some(Value::Int(0)))
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps this node's entries from looking idle to others, and its leased deferrals leased.
+    fn heartbeat(&self, link: &mut Link, stop: &AtomicBool) {
+        let (entries, members): (Vec<Arc<str>>, Vec<String>) = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                state.entries.keys().cloned().collect(),
+                state
+                    .sent
+                    .values()
+                    .filter_map(|s| match &s.origin {
+                        Origin::Deferred(m) => Some(m.clone()),
+                        Origin::Entry(_) => None,
+                    })
+                    .collect(),
+            )
+        };
+        if entries.is_empty() && members.is_empty() {
+            return;
+        }
+        let lease_until = now_ms() + self.config.claim_idle.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for chunk in entries.chunks(1000) {
+            pipe.cmd("XCLAIM")
+                .arg(self.keys.work())
+                .arg(Keys::GROUP)
+                .arg(&self.config.consumer)
+                .arg(0)
+                .arg(chunk.iter().map(|e| &**e).collect::<Vec<_>>())
+                .arg("JUSTID")
+                .ignore();
+        }
+        for chunk in members.chunks(1000) {
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(self.keys.deferred()).arg("XX");
+            for m in chunk {
+                cmd.arg(lease_until).arg(m);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        if let Some(Err(e)) = link.call_until_done(stop, |c| pipe.query::<()>(c)) {
+            eprintln!("mxpipe: node: heartbeat: {e}");
+        }
+    }
+
+    /// Claims entries another node left idle for `claim_idle`.
+    fn claim(
+        &self,
+        link: &mut Link,
+        stop: &AtomicBool,
+        count: usize,
+        bodies: &mut HashMap<String, Arc<Body>>,
+    ) -> usize {
+        let idle_ms = self.config.claim_idle.as_millis() as u64;
+        let reply: Option<redis::RedisResult<StreamAutoClaimReply>> =
+            link.call_until_done(stop, |c| {
+                redis::cmd("XAUTOCLAIM")
+                    .arg(self.keys.work())
+                    .arg(Keys::GROUP)
+                    .arg(&self.config.consumer)
+                    .arg(idle_ms)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query(c)
+            });
+        let claimed = match reply {
+            Some(Ok(r)) => r.claimed,
+            Some(Err(e)) => {
+                eprintln!("mxpipe: node: XAUTOCLAIM: {e}");
+                return 0;
+            }
+            None => return 0,
+        };
+        let claimed: Vec<StreamId> = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            claimed
+                .into_iter()
+                .filter(|s| !state.entries.contains_key(s.id.as_str()))
+                .collect()
+        };
+        let n = claimed.len();
+        if n > 0 {
+            self.report.claimed.fetch_add(n as u64, Ordering::Relaxed);
+            self.start_entries(link, stop, claimed, true, bodies);
+        }
+        n
+    }
+
+    /// Hands entries to the engine: only their recipients not final yet (`claimed`: another
+    /// node may have finished some).
+    fn start_entries(
+        &self,
+        link: &mut Link,
+        stop: &AtomicBool,
+        ids: Vec<StreamId>,
+        claimed: bool,
+        bodies: &mut HashMap<String, Arc<Body>>,
+    ) {
+        let mut parsed = Vec::with_capacity(ids.len());
+        let mut invalid = Vec::new();
+        for s in ids {
+            match Entry::from_fields(&s.map) {
+                Ok(entry) => parsed.push((s.id, entry)),
+                Err(e) => invalid.push((s.id, e.to_string())),
+            }
+        }
+        // Bodies stored once: fetched once per node (one round trip for the batch).
+        let mut missing: Vec<String> = parsed
+            .iter()
+            .filter_map(|(_, e)| match &e.content {
+                Content::Reference(name) if !bodies.contains_key(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if !missing.is_empty() {
+            if bodies.len() > 1000 {
+                bodies.clear();
+            }
+            let keys: Vec<String> = missing.iter().map(|n| self.keys.body(n)).collect();
+            let got: Option<redis::RedisResult<Vec<Option<Vec<u8>>>>> =
+                link.call_until_done(stop, |c| redis::cmd("MGET").arg(&keys).query(c));
+            let Some(Ok(got)) = got else {
+                return;
+            };
+            for (name, value) in missing.into_iter().zip(got) {
+                if let Some(bytes) = value {
+                    match Body::new(&bytes) {
+                        Ok(body) => {
+                            bodies.insert(name, Arc::new(body));
+                        }
+                        Err(e) => eprintln!("mxpipe: node: body {name}: {e}"),
+                    }
+                }
+            }
+        }
+        // Finals recorded by a node that had the entry before.
+        let done: Vec<HashMap<String, String>> = if claimed && !parsed.is_empty() {
+            let mut pipe = redis::pipe();
+            for (id, _) in &parsed {
+                pipe.cmd("HGETALL").arg(self.keys.done(id));
+            }
+            match link.call_until_done(stop, |c| pipe.query(c)) {
+                Some(Ok(done)) => done,
+                _ => return,
+            }
+        } else {
+            vec![HashMap::new(); parsed.len()]
+        };
+        let mut finished = Vec::new();
+        for ((id, entry), done) in parsed.into_iter().zip(done) {
+            let body = match &entry.content {
+                Content::Inline(bytes) => {
+                    Body::new(bytes)
+                        .map(Arc::new)
+                        .map_err(|e| work::EntryError {
+                            field: "body",
+                            problem: e.to_string(),
+                        })
+                }
+                Content::Reference(name) => bodies.get(name).cloned().ok_or(work::EntryError {
+                    field: "body_ref",
+                    problem: format!("no body stored under {}", self.keys.body(name)),
+                }),
+            };
+            let body = match body {
+                Ok(b) => b,
+                Err(e) => {
+                    invalid.push((id, e.to_string()));
+                    continue;
+                }
+            };
+            let todo: Vec<&Recipient> = entry
+                .to
+                .iter()
+                .filter(|r| !done.contains_key(r.address()))
+                .collect();
+            if todo.is_empty() {
+                finished.push(id);
+                continue;
+            }
+            let messages = match work::messages(&entry.from, &todo, &body) {
+                Ok(m) => m,
+                Err(e) => {
+                    invalid.push((id, e.to_string()));
+                    continue;
+                }
+            };
+            let id: Arc<str> = Arc::from(id);
+            let body_ref = match &entry.content {
+                Content::Reference(name) => name.clone(),
+                Content::Inline(_) => format!("entry:{id}"),
+            };
+            {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.entries.insert(
+                    Arc::clone(&id),
+                    OpenEntry {
+                        left: todo.len(),
+                        has_done_hash: !done.is_empty(),
+                        inline_body: matches!(entry.content, Content::Inline(_))
+                            .then(|| Arc::clone(&body)),
+                    },
+                );
+            }
+            let first_ms = id
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or_else(now_ms);
+            for (message, indexes) in messages {
+                let sent = Sent {
+                    origin: Origin::Entry(Arc::clone(&id)),
+                    from: entry.from.clone(),
+                    recipients: indexes.iter().map(|&i| todo[i].clone()).collect(),
+                    body_ref: body_ref.clone(),
+                    tag: entry.tag,
+                    attempts_before: 0,
+                    first_ms,
+                    left: indexes.len(),
+                };
+                if !self.submit(message, sent, stop) {
+                    return;
+                }
+            }
+        }
+        if !finished.is_empty() || !invalid.is_empty() {
+            self.close_directly(link, stop, finished, invalid);
+        }
+    }
+
+    /// Hands one message to the engine, waiting for room; false when stopping.
+    fn submit(&self, message: crate::message::Message, sent: Sent, stop: &AtomicBool) -> bool {
+        let n = sent.left;
+        let tag = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.next_tag += 1;
+            let tag = state.next_tag;
+            state.sent.insert(tag, sent);
+            state.in_flight += n;
+            tag
+        };
+        self.report
+            .recipients
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let mut message = message.with_tag(tag);
+        loop {
+            match self
+                .dispatcher
+                .submit_timeout(message, Duration::from_millis(200))
+            {
+                Ok(_) => return true,
+                Err(e) if e.error == crate::error::Error::QueueFull => {
+                    message = e.message;
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("mxpipe: node: submit: {e}");
+                    break;
+                }
+            }
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.sent.remove(&tag);
+        state.in_flight -= n;
+        false
+    }
+
+    /// Acknowledges entries with nothing left to do, and bad entries with an `invalid` outcome
+    /// that names the field.
+    fn close_directly(
+        &self,
+        link: &mut Link,
+        stop: &AtomicBool,
+        finished: Vec<String>,
+        invalid: Vec<(String, String)>,
+    ) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if !invalid.is_empty() {
+            let outcomes: Vec<serde_json::Value> = invalid
+                .iter()
+                .map(|(id, e)| {
+                    serde_json::json!({"entry": id, "status": "invalid", "text": e,
+                        "node": self.config.consumer})
+                })
+                .collect();
+            pipe.cmd("XADD")
+                .arg(self.keys.outcomes())
+                .arg("*")
+                .arg("outcomes")
+                .arg(serde_json::Value::Array(outcomes).to_string())
+                .ignore();
+            for (id, e) in &invalid {
+                eprintln!("mxpipe: node: entry {id}: {e}");
+            }
+        }
+        let ids: Vec<&str> = finished
+            .iter()
+            .chain(invalid.iter().map(|(id, _)| id))
+            .map(String::as_str)
+            .collect();
+        pipe.cmd("XACK")
+            .arg(self.keys.work())
+            .arg(Keys::GROUP)
+            .arg(&ids)
+            .ignore();
+        pipe.cmd("XDEL").arg(self.keys.work()).arg(&ids).ignore();
+        for id in &ids {
+            pipe.cmd("DEL").arg(self.keys.done(id)).ignore();
+        }
+        if let Some(Err(e)) = link.call_until_done(stop, |c| pipe.query::<()>(c)) {
+            eprintln!("mxpipe: node: acknowledging: {e}");
+        }
+    }
+
+    /// Takes due deferred recipients (leased, so that they come back if this node dies).
+    fn take_deferred(
+        &self,
+        link: &mut Link,
+        stop: &AtomicBool,
+        script: &redis::Script,
+        count: usize,
+        bodies: &mut HashMap<String, Arc<Body>>,
+    ) -> usize {
+        let lease = self.config.claim_idle.as_millis() as u64;
+        let now = now_ms();
+        let reply: Option<redis::RedisResult<Vec<String>>> = link.call_until_done(stop, |c| {
+            script
+                .key(self.keys.deferred())
+                .key(self.keys.deferred_data())
+                .arg(now)
+                .arg(count)
+                .arg(lease)
+                .invoke(c)
+        });
+        let flat = match reply {
+            Some(Ok(flat)) => flat,
+            Some(Err(e)) => {
+                eprintln!("mxpipe: node: taking deferred recipients: {e}");
+                return 0;
+            }
+            None => return 0,
+        };
+        let n = flat.len() / 2;
+        self.report
+            .taken_deferred
+            .fetch_add(n as u64, Ordering::Relaxed);
+        for pair in flat.chunks_exact(2) {
+            let (member, payload) = (&pair[0], &pair[1]);
+            let Ok(parked) = serde_json::from_str::<Parked>(payload) else {
+                eprintln!("mxpipe: node: deferred {member}: unreadable, dropped");
+                let (z, h) = (self.keys.deferred(), self.keys.deferred_data());
+                let _ = link.call(|c| {
+                    redis::pipe()
+                        .cmd("ZREM")
+                        .arg(&z)
+                        .arg(member)
+                        .cmd("HDEL")
+                        .arg(&h)
+                        .arg(member)
+                        .query::<()>(c)
+                });
+                continue;
+            };
+            let body = match bodies.get(&parked.body_ref) {
+                Some(b) => Some(Arc::clone(b)),
+                None => {
+                    let key = self.keys.body(&parked.body_ref);
+                    match link.call_until_done(stop, |c| {
+                        redis::cmd("GET").arg(&key).query::<Option<Vec<u8>>>(c)
+                    }) {
+                        Some(Ok(Some(bytes))) => Body::new(&bytes).ok().map(Arc::new),
+                        _ => None,
+                    }
+                }
+            };
+            let expired = now.saturating_sub(parked.first_ms) >= self.max_age.as_millis() as u64;
+            let messages = body
+                .as_ref()
+                .ok_or_else(|| format!("body {} is gone", parked.body_ref))
+                .and_then(|b| {
+                    work::messages(&parked.from, &[&parked.to], b).map_err(|e| e.to_string())
+                });
+            match messages {
+                Ok(messages) if !expired => {
+                    for (message, _) in messages {
+                        let sent = Sent {
+                            origin: Origin::Deferred(member.clone()),
+                            from: parked.from.clone(),
+                            recipients: vec![parked.to.clone()],
+                            body_ref: parked.body_ref.clone(),
+                            tag: parked.tag,
+                            attempts_before: parked.attempts,
+                            first_ms: parked.first_ms,
+                            left: 1,
+                        };
+                        if !self.submit(message, sent, stop) {
+                            return n;
+                        }
+                    }
+                }
+                other => {
+                    let (status, text) = match other {
+                        Err(e) => ("invalid", e),
+                        Ok(_) => ("expired", "deferred past the maximum age".to_string()),
+                    };
+                    let outcome = serde_json::json!([{"entry": parked.entry,
+                        "recipient": parked.to.address(), "status": status, "code": 0,
+                        "text": text, "attempts": parked.attempts, "tag": parked.tag,
+                        "node": self.config.consumer}]);
+                    let (z, h, o) = (
+                        self.keys.deferred(),
+                        self.keys.deferred_data(),
+                        self.keys.outcomes(),
+                    );
+                    let _ = link.call_until_done(stop, |c| {
+                        redis::pipe()
+                            .atomic()
+                            .cmd("XADD")
+                            .arg(&o)
+                            .arg("*")
+                            .arg("outcomes")
+                            .arg(outcome.to_string())
+                            .cmd("ZREM")
+                            .arg(&z)
+                            .arg(member)
+                            .cmd("HDEL")
+                            .arg(&h)
+                            .arg(member)
+                            .query::<()>(c)
+                    });
+                }
+            }
+        }
+        n
+    }
+}
+
+/// A deferred recipient in Redis: everything a node needs to try it again.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Parked {
+    entry: String,
+    from: String,
+    to: Recipient,
+    body_ref: String,
+    tag: u64,
+    attempts: u32,
+    first_ms: u64,
+}
+
+/// Creates the consumer group (and the stream) unless it exists.
+pub(crate) fn ensure_group(
+    c: &mut dyn redis::ConnectionLike,
+    keys: &Keys,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.work())
+        .arg(Keys::GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(c);
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+/// The writer thread: the engine's events become one atomic pipeline per flush.
+struct Writer {
+    config: NodeConfig,
+    keys: Keys,
+    state: Arc<Mutex<State>>,
+    report: Arc<NodeReport>,
+    events: crossbeam_channel::Receiver<Event>,
+    done: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(self) {
+        let mut link = Link::new(self.config.target.clone(), &self.keys);
+        let never = AtomicBool::new(false);
+        let mut batch = Batch::default();
+        let mut last_flush = Instant::now();
+        loop {
+            let finishing = self.done.load(Ordering::Acquire);
+            let wait = self.config.flush_every.saturating_sub(last_flush.elapsed());
+            match self.events.recv_timeout(wait) {
+                Ok(event) => {
+                    self.note(event, &mut batch);
+                    for event in self.events.try_iter().take(10_000) {
+                        self.note(event, &mut batch);
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+            if last_flush.elapsed() >= self.config.flush_every || finishing {
+                if !batch.is_empty() {
+                    self.flush(&mut link, &never, std::mem::take(&mut batch));
+                }
+                last_flush = Instant::now();
+                if finishing && self.events.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Notes one event in the batch.
+    fn note(&self, event: Event, batch: &mut Batch) {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *guard;
+        let tag = event.tag;
+        let Some(sent) = state.sent.get_mut(&tag) else {
+            return;
+        };
+        let address = event.recipient.as_str();
+        let recipient = sent
+            .recipients
+            .iter()
+            .find(|r| r.address().eq_ignore_ascii_case(address))
+            .cloned()
+            .unwrap_or_else(|| Recipient::Plain(address.to_string()));
+        let attempts = sent.attempts_before + event.attempts;
+        let entry_id: String = match &sent.origin {
+            Origin::Entry(id) => id.to_string(),
+            Origin::Deferred(member) => member
+                .rsplit_once('|')
+                .map_or(member.clone(), |(e, _)| e.to_string()),
+        };
+        let status = event.kind.as_str();
+        // A deferral that leaves this node (handed back), or a final outcome, ends the
+        // recipient's time here; a shorter deferral stays with the local engine; one cut short
+        // by a shutdown (no retry time) stays pending in Redis for another node.
+        let handed_off = event.kind == EventKind::Deferred
+            && event
+                .retry_after
+                .is_some_and(|d| d > self.config.hand_off_after);
+        let cut_short = event.kind == EventKind::Deferred && event.retry_after.is_none();
+        batch.outcomes.push(serde_json::json!({
+            "entry": entry_id,
+            "recipient": address,
+            "status": status,
+            "code": event.reply.code,
+            "enhanced": event.reply.enhanced.map(|c| c.to_string()),
+            "text": event.reply.text,
+            "attempts": attempts,
+            "retry_after_s": event.retry_after.map(|d| d.as_secs_f64()),
+            "destination": &*event.destination,
+            "tag": sent.tag,
+            "node": self.config.consumer,
+        }));
+        if !event.kind.is_final() && !handed_off {
+            if cut_short {
+                sent.left -= 1;
+                state.in_flight -= 1;
+                if sent.left == 0 {
+                    state.sent.remove(&tag);
+                }
+            }
+            return;
+        }
+        match event.kind {
+            EventKind::Delivered => &self.report.delivered,
+            EventKind::Bounced => &self.report.bounced,
+            EventKind::Expired => &self.report.expired,
+            EventKind::Deferred => &self.report.handed_off,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let origin = sent.origin.clone();
+        let member = match &origin {
+            Origin::Entry(id) => format!("{id}|{address}"),
+            Origin::Deferred(m) => m.clone(),
+        };
+        if handed_off {
+            let due = now_ms() + event.retry_after.unwrap_or_default().as_millis() as u64;
+            let parked = Parked {
+                entry: entry_id.clone(),
+                from: sent.from.clone(),
+                to: recipient,
+                body_ref: sent.body_ref.clone(),
+                tag: sent.tag,
+                attempts,
+                first_ms: sent.first_ms,
+            };
+            batch.park.push((
+                member.clone(),
+                due,
+                serde_json::to_string(&parked).expect("serialises"),
+            ));
+        }
+        sent.left -= 1;
+        if sent.left == 0 {
+            state.sent.remove(&tag);
+        }
+        state.in_flight -= 1;
+        match origin {
+            Origin::Deferred(member) => {
+                if !handed_off {
+                    batch.unpark.push(member);
+                }
+            }
+            Origin::Entry(id) => {
+                let Some(open) = state.entries.get_mut(&id) else {
+                    return;
+                };
+                if handed_off {
+                    if let Some(body) = open.inline_body.take() {
+                        batch.bodies.push((format!("entry:{id}"), body));
+                    }
+                }
+                open.left -= 1;
+                let final_word = if handed_off { "handed-off" } else { status };
+                if open.left == 0 {
+                    if open.has_done_hash {
+                        batch.drop_done.push(Arc::clone(&id));
+                    }
+                    state.entries.remove(&id);
+                    batch.done.remove(&id);
+                    batch.acks.push(id);
+                } else {
+                    batch
+                        .done
+                        .entry(id)
+                        .or_default()
+                        .push((address.to_string(), final_word));
+                }
+            }
+        }
+    }
+
+    /// Writes a batch in one atomic pipeline, retrying (reconnecting) until Redis takes it.
+    fn flush(&self, link: &mut Link, never: &AtomicBool, batch: Batch) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let max_age_s = 7 * 24 * 3600;
+        for (name, body) in &batch.bodies {
+            pipe.cmd("SET")
+                .arg(self.keys.body(name))
+                .arg(body.as_bytes())
+                .arg("EX")
+                .arg(max_age_s)
+                .ignore();
+        }
+        if !batch.outcomes.is_empty() {
+            pipe.cmd("XADD")
+                .arg(self.keys.outcomes())
+                .arg("*")
+                .arg("outcomes")
+                .arg(serde_json::Value::Array(batch.outcomes).to_string())
+                .ignore();
+        }
+        let mut marked = Vec::new();
+        for (id, finals) in &batch.done {
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(self.keys.done(id));
+            for (address, word) in finals {
+                cmd.arg(address).arg(*word);
+            }
+            pipe.add_command(cmd).ignore();
+            marked.push(Arc::clone(id));
+        }
+        for (member, due, payload) in &batch.park {
+            pipe.cmd("ZADD")
+                .arg(self.keys.deferred())
+                .arg(due)
+                .arg(member)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(self.keys.deferred_data())
+                .arg(member)
+                .arg(payload)
+                .ignore();
+        }
+        if !batch.unpark.is_empty() {
+            pipe.cmd("ZREM")
+                .arg(self.keys.deferred())
+                .arg(&batch.unpark)
+                .ignore();
+            pipe.cmd("HDEL")
+                .arg(self.keys.deferred_data())
+                .arg(&batch.unpark)
+                .ignore();
+        }
+        if !batch.acks.is_empty() {
+            let ids: Vec<&str> = batch.acks.iter().map(|a| &**a).collect();
+            pipe.cmd("XACK")
+                .arg(self.keys.work())
+                .arg(Keys::GROUP)
+                .arg(&ids)
+                .ignore();
+            pipe.cmd("XDEL").arg(self.keys.work()).arg(&ids).ignore();
+        }
+        if !batch.drop_done.is_empty() {
+            let keys: Vec<String> = batch.drop_done.iter().map(|e| self.keys.done(e)).collect();
+            pipe.cmd("DEL").arg(keys).ignore();
+        }
+        match link.call_until_done(never, |c| pipe.query::<()>(c)) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => eprintln!("mxpipe: node: writing outcomes: {e}"),
+            None => {}
+        }
+        self.report.flushes.fetch_add(1, Ordering::Relaxed);
+        if !marked.is_empty() {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for id in marked {
+                if let Some(open) = state.entries.get_mut(&id) {
+                    open.has_done_hash = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! Scale-out through Redis: `mxpipe node` processes share work, deferrals and outcomes through
+//! a real `redis-server` (alone, with an append-only file, or as a 3-master Redis Cluster) and
+//! deliver to Postfix's `smtp-sink`. What is checked is what an operator would check: every
+//! recipient has exactly one final outcome in the outcomes stream, the sinks received each
+//! transaction once (or, after a kill -9, at most the dead node's in-flight twice), and nothing
+//! is left pending in Redis.
+//!
+//! `MXPIPE_CLUSTER_RECIPIENTS` sets the recipients of the large runs (default 30,000).
+
+mod util;
+
+use mxpipe::cluster::Target;
+use redis::ConnectionLike;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+use util::redis::{create_cluster, RedisServer};
+use util::SmtpSink;
+
+const PER_ENTRY: usize = 10;
+
+fn recipients_of_large_runs() -> usize {
+    std::env::var("MXPIPE_CLUSTER_RECIPIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000)
+}
+
+struct Setup {
+    urls: Vec<String>,
+    cluster: bool,
+    dir: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(urls: Vec<String>, cluster: bool) -> Setup {
+        Setup {
+            urls,
+            cluster,
+            dir: util::fresh_temp_dir("cluster"),
+        }
+    }
+
+    fn redis_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for url in &self.urls {
+            args.push("--redis".to_string());
+            args.push(url.clone());
+        }
+        if self.cluster {
+            args.push("--cluster".into());
+        }
+        args
+    }
+
+    fn connection(&self) -> Box<dyn ConnectionLike + Send> {
+        Target {
+            urls: self.urls.clone(),
+            cluster: self.cluster,
+        }
+        .connect("{mxpipe}:work")
+        .expect("connect to redis")
+    }
+
+    /// `mxpipe enqueue` of `n` recipients r{i}@example.net, PER_ENTRY an entry; returns the
+    /// number of entries.
+    fn enqueue(&self, n: usize) -> usize {
+        self.enqueue_per_entry(n, PER_ENTRY)
+    }
+
+    fn enqueue_per_entry(&self, n: usize, per_entry: usize) -> usize {
+        let list: String = (0..n).map(|i| format!("r{i}@example.net\n")).collect();
+        std::fs::write(self.dir.join("list.txt"), list).unwrap();
+        std::fs::write(
+            self.dir.join("m.eml"),
+            b"From: news@example.org\r\nSubject: work\r\n\r\nShared body.\r\n",
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .arg("enqueue")
+            .args(self.redis_args())
+            .args(["--from", "news@example.org", "--per-entry"])
+            .arg(per_entry.to_string())
+            .arg("--to-file")
+            .arg(self.dir.join("list.txt"))
+            .arg(self.dir.join("m.eml"))
+            .output()
+            .expect("run mxpipe enqueue");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "enqueue failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("recipients={n} ")),
+            "enqueue said: {stdout}"
+        );
+        n.div_ceil(per_entry)
+    }
+
+    fn node(&self, name: &str, relay: &str, extra: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .arg("node")
+            .args(self.redis_args())
+            .args(["--consumer", name, "--relay", relay])
+            .args(["--claim-idle", "5", "--exit-when-idle", "2"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mxpipe node")
+    }
+
+    fn xlen(&self, key: &str) -> usize {
+        redis::cmd("XLEN")
+            .arg(key)
+            .query(self.connection().as_mut())
+            .unwrap()
+    }
+
+    /// Every outcome in the outcomes stream (each stream entry holds a JSON array of them).
+    fn outcomes(&self) -> Vec<serde_json::Value> {
+        let mut con = self.connection();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg("{mxpipe}:outcomes")
+            .arg("-")
+            .arg("+")
+            .query(con.as_mut())
+            .unwrap();
+        let mut out = Vec::new();
+        for id in reply.ids {
+            let json: String = id.get("outcomes").expect("an outcomes field");
+            match serde_json::from_str(&json).unwrap() {
+                serde_json::Value::Array(items) => out.extend(items),
+                other => panic!("outcomes is not an array: {other}"),
+            }
+        }
+        out
+    }
+
+    /// Nothing pending, nothing left in the work stream or the deferred set.
+    fn assert_drained(&self) {
+        let mut con = self.connection();
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg("{mxpipe}:work")
+            .arg("nodes")
+            .query(con.as_mut())
+            .unwrap();
+        match pending {
+            redis::Value::Array(v) => assert_eq!(v.first(), Some(&redis::Value::Int(0))),
+            other => panic!("XPENDING said {other:?}"),
+        }
+        assert_eq!(
+            self.xlen("{mxpipe}:work"),
+            0,
+            "acknowledged entries are deleted"
+        );
+        let deferred: usize = redis::cmd("ZCARD")
+            .arg("{mxpipe}:deferred")
+            .query(con.as_mut())
+            .unwrap();
+        assert_eq!(deferred, 0);
+    }
+}
+
+/// Waits for a node to exit on its own (bounded), returning its summary line.
+fn wait_node(mut child: Child, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            use std::io::Read;
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            assert!(status.success(), "node exited with {status}: {out}");
+            return out;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a node did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Delivered outcomes per recipient; panics on any other final outcome.
+fn delivered_counts(outcomes: &[serde_json::Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for o in outcomes {
+        let status = o["status"].as_str().unwrap();
+        assert!(
+            status == "delivered",
+            "an outcome other than delivered: {o}"
+        );
+        *counts
+            .entry(o["recipient"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// Transactions a `smtp-sink -c` counted (its last `mesg=` figure).
+fn sink_messages(sink: &SmtpSink) -> usize {
+    sink.log()
+        .rsplit("mesg=")
+        .next()
+        .and_then(|tail| {
+            tail.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Three nodes, each with its own smtp-sink, share `n` recipients.
+fn three_nodes_deliver_each_recipient_once(setup: &Setup) {
+    let n = recipients_of_large_runs();
+    let entries = setup.enqueue(n);
+    let sinks: Vec<SmtpSink> = (0..3).map(|_| SmtpSink::start(&["-c"], 1024)).collect();
+    let nodes: Vec<Child> = sinks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| setup.node(&format!("n{i}"), &s.addr().to_string(), &[]))
+        .collect();
+    let summaries: Vec<String> = nodes
+        .into_iter()
+        .map(|c| wait_node(c, Duration::from_secs(600)))
+        .collect();
+    let counts = delivered_counts(&setup.outcomes());
+    assert_eq!(counts.len(), n, "every recipient has an outcome");
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "some recipient was delivered twice"
+    );
+    let transactions: usize = sinks.iter().map(sink_messages).sum();
+    assert_eq!(
+        transactions, entries,
+        "each entry is one transaction: {summaries:?}"
+    );
+    setup.assert_drained();
+}
+
+#[test]
+fn three_nodes_deliver_30000_recipients_each_exactly_once() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    three_nodes_deliver_each_recipient_once(&setup);
+}
+
+#[test]
+fn a_3_master_redis_cluster_runs_the_same_work() {
+    let masters: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_cluster_node()).collect();
+    create_cluster(&masters);
+    let setup = Setup::new(masters.iter().map(RedisServer::url).collect(), true);
+    three_nodes_deliver_each_recipient_once(&setup);
+}
+
+#[test]
+fn a_node_killed_mid_run_leaves_every_recipient_final_and_few_duplicates() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    let n = 6_000;
+    let entries = setup.enqueue(n);
+    // The doomed node's sink answers DATA after a second: it has transactions in flight.
+    let slow = SmtpSink::start(&["-c", "-w", "1"], 1024);
+    let sinks: Vec<SmtpSink> = (0..2).map(|_| SmtpSink::start(&["-c"], 1024)).collect();
+    let mut doomed = setup.node(
+        "doomed",
+        &slow.addr().to_string(),
+        &["--max-in-flight", "400"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while setup.xlen("{mxpipe}:outcomes") == 0 {
+        assert!(Instant::now() < deadline, "the node delivered nothing");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let survivors: Vec<Child> = sinks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| setup.node(&format!("n{i}"), &s.addr().to_string(), &[]))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    doomed.kill().unwrap(); // SIGKILL
+    doomed.wait().unwrap();
+    // What the dead node held: its pending entries, read before anyone claims them.
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg("{mxpipe}:work")
+        .arg("nodes")
+        .arg("-")
+        .arg("+")
+        .arg(100_000)
+        .arg("doomed")
+        .query(setup.connection().as_mut())
+        .unwrap();
+    let in_flight = pending.len();
+    assert!(in_flight > 0, "the node was killed with nothing in flight");
+    for c in survivors {
+        wait_node(c, Duration::from_secs(300));
+    }
+    let counts = delivered_counts(&setup.outcomes());
+    assert_eq!(counts.len(), n, "every recipient is final");
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    let transactions: usize = sink_messages(&slow) + sinks.iter().map(sink_messages).sum::<usize>();
+    eprintln!(
+        "killed with {in_flight} entries in flight: {duplicates} recipients reported twice, \
+         {} transactions more than entries",
+        transactions.saturating_sub(entries)
+    );
+    assert!(
+        duplicates <= in_flight * PER_ENTRY,
+        "{duplicates} duplicates"
+    );
+    assert!(
+        transactions >= entries && transactions <= entries + in_flight,
+        "{transactions} transactions for {entries} entries, {in_flight} in flight at the kill"
+    );
+    setup.assert_drained();
+}
+
+#[test]
+fn redis_restarted_mid_run_with_aof_loses_nothing() {
+    let mut redis = RedisServer::start_with_aof();
+    let setup = Setup::new(vec![redis.url()], false);
+    let n = 6_000;
+    let entries = setup.enqueue(n);
+    let sinks: Vec<SmtpSink> = (0..2).map(|_| SmtpSink::start(&["-c"], 1024)).collect();
+    // Paced, so that the restart comes mid-run.
+    let nodes: Vec<Child> = sinks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            setup.node(
+                &format!("n{i}"),
+                &s.addr().to_string(),
+                &["--messages-per-second", "100"],
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while setup.xlen("{mxpipe}:work") > entries * 3 / 4 {
+        assert!(Instant::now() < deadline, "no progress before the restart");
+        thread::sleep(Duration::from_millis(20));
+    }
+    redis.restart(Duration::from_secs(1));
+    assert!(
+        setup.xlen("{mxpipe}:work") > 0,
+        "the restart came after the run"
+    );
+    for c in nodes {
+        wait_node(c, Duration::from_secs(300));
+    }
+    let counts = delivered_counts(&setup.outcomes());
+    assert_eq!(
+        counts.len(),
+        n,
+        "every recipient is final after the restart"
+    );
+    let transactions: usize = sinks.iter().map(sink_messages).sum();
+    assert!(transactions >= entries);
+    setup.assert_drained();
+}
+
+#[test]
+fn a_shared_limit_of_200_messages_per_second_holds_across_three_nodes() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    // One message per entry; more than 10 s of work at 200/s.
+    let n = 3_000;
+    setup.enqueue_per_entry(n, 1);
+    let sink = SmtpSink::start(&["-c"], 1024);
+    let relay = sink.addr().to_string();
+    let nodes: Vec<Child> = (0..3)
+        .map(|i| {
+            setup.node(
+                &format!("n{i}"),
+                &relay,
+                &["--messages-per-second", "200", "--max-in-flight", "1000"],
+            )
+        })
+        .collect();
+    for c in nodes {
+        wait_node(c, Duration::from_secs(120));
+    }
+    // When each message was delivered: the outcomes stream entry (its ID is the server's time
+    // in ms) that reported it, written within 100 ms.
+    let mut con = setup.connection();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("{mxpipe}:outcomes")
+        .arg("-")
+        .arg("+")
+        .query(con.as_mut())
+        .unwrap();
+    let mut times = Vec::new();
+    for id in &reply.ids {
+        let ms: u64 = id.id.split('-').next().unwrap().parse().unwrap();
+        let json: String = id.get("outcomes").unwrap();
+        let items: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        for o in items {
+            assert_eq!(o["status"], "delivered", "{o}");
+            times.push(ms);
+        }
+    }
+    assert_eq!(times.len(), n);
+    times.sort();
+    // The first 10 s of the run (which lasts 15 s at 200/s; without sharing, 5 s at 600/s
+    // would put all 3,000 in the window).
+    let start = times[0];
+    let in_window = times
+        .iter()
+        .filter(|&&t| t >= start && t < start + 10_000)
+        .count();
+    let rate = in_window as f64 / 10.0;
+    eprintln!("shared limit 200/s over 3 nodes: {rate} msgs/s measured over 10 s");
+    assert!(
+        (150.0..=250.0).contains(&rate),
+        "{rate} msgs/s over 10 s for a shared limit of 200/s (each node alone allows 200/s)"
+    );
+}
+
+#[test]
+fn python_work_with_merge_fields_and_a_long_deferral_handed_back_to_redis() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    // The first transaction is refused for now (451): its recipient's retry is due in 2 s,
+    // longer than the node keeps deferrals (1 s), so it goes to the deferred set in Redis.
+    let capture = util::CaptureServer::builder().tempfail_first(1).start();
+    let producer = format!(
+        r#"
+import sys, redis
+sys.path.insert(0, {src:?})
+import redis_work
+r = redis.Redis(port={port})
+redis_work.store_body(r, "greeting", b"Subject: For {{{{name}}}}\r\n\r\nHello {{{{name}}}}.\r\n")
+print(redis_work.enqueue(r, "news@example.org", [
+    {{"to": "ann@example.net", "fields": {{"name": "Ann"}}}},
+    {{"to": "bob@example.net", "fields": {{"name": "Bob"}}}},
+], body_ref="greeting", tag=42))
+try:
+    redis_work.enqueue(r, "news@example.org", ["bad address"], body_ref="greeting")
+except ValueError as e:
+    print("refused:", e)
+"#,
+        src = util::repo_root()
+            .join("bindings/python/src/mxpipe")
+            .display()
+            .to_string(),
+        port = redis.port
+    );
+    let out = Command::new(util::test_python())
+        .arg("-c")
+        .arg(&producer)
+        .output()
+        .expect("run the Python producer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("refused: recipients[0]: not an address: 'bad address'"),
+        "{stdout}"
+    );
+    let engine = setup.dir.join("engine.toml");
+    std::fs::write(&engine, "retry_initial = \"2s\"\nretry_jitter = 0\n").unwrap();
+    let node = setup.node(
+        "n0",
+        &capture.addr().to_string(),
+        &[
+            "--hand-off-after",
+            "1",
+            "--config",
+            engine.to_str().unwrap(),
+        ],
+    );
+    let summary = wait_node(node, Duration::from_secs(60));
+    assert!(
+        summary.contains("handed_off=1 ") && summary.contains("taken_deferred=1 "),
+        "{summary}"
+    );
+    let mut bodies: Vec<(Vec<String>, String)> = capture
+        .messages()
+        .into_iter()
+        .map(|m| (m.rcpt_tos, String::from_utf8(m.data).unwrap()))
+        .collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![
+            (
+                vec!["ann@example.net".to_string()],
+                "Subject: For Ann\r\n\r\nHello Ann.\r\n".to_string()
+            ),
+            (
+                vec!["bob@example.net".to_string()],
+                "Subject: For Bob\r\n\r\nHello Bob.\r\n".to_string()
+            ),
+        ]
+    );
+    let outcomes = setup.outcomes();
+    let statuses: Vec<(String, String, u64)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o["recipient"].as_str().unwrap().to_string(),
+                o["status"].as_str().unwrap().to_string(),
+                o["tag"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses.len(), 3, "{outcomes:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| s.1 == "deferred").count(),
+        1,
+        "{outcomes:?}"
+    );
+    let deferred = outcomes.iter().find(|o| o["status"] == "deferred").unwrap();
+    assert_eq!(deferred["code"], 451);
+    let delivered: Vec<&str> = statuses
+        .iter()
+        .filter(|s| s.1 == "delivered" && s.2 == 42)
+        .map(|s| s.0.as_str())
+        .collect();
+    assert_eq!(delivered.len(), 2, "{outcomes:?}");
+    setup.assert_drained();
+}
