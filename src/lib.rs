@@ -55,6 +55,7 @@ pub mod campaign;
 pub mod engine;
 pub mod error;
 pub mod ffi;
+pub mod inbound;
 pub mod message;
 pub mod queue;
 pub mod route;

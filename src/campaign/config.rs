@@ -104,6 +104,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "list_unsubscribe.mailto",
         "an address template for mailto: unsubscription",
     ),
+    (
+        "list_unsubscribe.secret_env",
+        "an environment variable holding a secret: the URL gets u=ADDRESS&t=TOKEN for `mxpipe inbound`'s one-click check",
+    ),
     ("delivery", "a table: where and how to send (required)"),
     (
         "delivery.mode",
@@ -220,6 +224,7 @@ pub(super) struct AttachmentSpec {
 pub(super) struct ListUnsubscribe {
     pub url: Spanned<String>,
     pub mailto: Option<Spanned<String>>,
+    pub secret_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

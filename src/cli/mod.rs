@@ -18,6 +18,7 @@ mod bench;
 mod campaign;
 mod check;
 mod demo;
+mod inbound;
 mod keys;
 mod options;
 mod send;
@@ -184,6 +185,9 @@ enum Command {
     /// Ask each address's mail server whether it would take mail for it (VRFY, else MAIL,
     /// RCPT and RSET); nothing is sent. Prints deliverable, rejected, catch-all or unknown.
     Check(check::CheckArgs),
+    /// Receive bounces, feedback reports and unsubscribes (SMTP, and RFC 8058 one-click POSTs
+    /// over HTTP) for the campaigns in --config; suppress and record them.
+    Inbound(inbound::InboundArgs),
     /// Engine files: `mxpipe config keys` prints every key, the exit codes and the order in
     /// which settings override each other.
     Config {
@@ -381,6 +385,7 @@ pub fn main() -> ExitCode {
         }),
         Command::Queue(args) => mxpipe::spool::admin::run_cli(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run_check(args),
+        Command::Inbound(args) => inbound::run_inbound(args),
         Command::Config {
             what: Reference::Keys,
         } => keys::config_keys(),
