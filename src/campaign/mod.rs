@@ -492,7 +492,7 @@ impl Campaign {
                             return Err(loader.error(
                                 var.span(),
                                 "list_unsubscribe.secret_env",
-                                &format!("the environment variable {} is not set", var.get_ref()),
+                                format!("the environment variable {} is not set", var.get_ref()),
                             ))
                         }
                     },

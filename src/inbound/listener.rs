@@ -73,7 +73,7 @@ async fn session(stream: TcpStream, state: Shared, hostname: &str) -> std::io::R
         let text = String::from_utf8_lossy(&line);
         let command = text.trim_end();
         let verb = command
-            .split(|c: char| c == ' ' || c == ':')
+            .split([' ', ':'])
             .next()
             .unwrap_or("")
             .to_ascii_uppercase();

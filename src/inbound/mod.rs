@@ -561,20 +561,10 @@ impl Inbound {
         status: &RecipientStatus,
         now: SystemTime,
     ) -> io::Result<Option<AsyncOutcome>> {
-        let (event, kind) = match status.action {
-            Action::Delivered | Action::Relayed | Action::Expanded => return Ok(None),
-            Action::Delayed => ("delay", "delayed"),
-            Action::Failed
-                if status.is_permanent()
-                    && matches!(
-                        status.category,
-                        Category::BadMailbox | Category::NoSuchDomain
-                    ) =>
-            {
-                ("bounce", "hard")
-            }
-            Action::Failed => ("bounce", "soft"),
+        let Some(kind) = bounce_type(status) else {
+            return Ok(None);
         };
+        let event = if kind == "delay" { "delay" } else { "bounce" };
         *self
             .metrics
             .bounces
@@ -723,6 +713,28 @@ impl Inbound {
             self.quarantine.join(format!("{stem}.txt")),
             format!("{reason}: {detail}\n"),
         )
+    }
+}
+
+/// `hard`, `soft` or `delay` for a recipient's status; `None` for a success (delivered,
+/// relayed, expanded). Hard is a permanent failure the bounce table calls `bad_mailbox` or
+/// `no_such_domain`: the address itself is bad. Any other failure (full mailbox, a policy
+/// block of the sender, a temporary failure the reporting MTA gave up on) says nothing
+/// certain about the address, so it is soft.
+pub fn bounce_type(status: &RecipientStatus) -> Option<&'static str> {
+    match status.action {
+        Action::Delivered | Action::Relayed | Action::Expanded => None,
+        Action::Delayed => Some("delay"),
+        Action::Failed
+            if status.is_permanent()
+                && matches!(
+                    status.category,
+                    Category::BadMailbox | Category::NoSuchDomain
+                ) =>
+        {
+            Some("hard")
+        }
+        Action::Failed => Some("soft"),
     }
 }
 

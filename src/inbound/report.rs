@@ -181,8 +181,11 @@ pub fn parse(raw: &[u8], classifier: &Classifier) -> Result<Report, ParseError> 
     if raw.len() > MAX_REPORT_BYTES {
         return Err(ParseError::TooLarge(raw.len()));
     }
-    let message = MessageParser::default()
-        .parse(raw)
+    // The MIME parser is another crate's code fed hostile input: a panic in it is one more
+    // malformed message, not the end of the listener.
+    let parsed = std::panic::catch_unwind(|| MessageParser::default().parse(raw))
+        .map_err(|_| ParseError::BadReport("the MIME parser gave up on it"))?;
+    let message = parsed
         .filter(|m| !m.headers().is_empty())
         .ok_or(ParseError::NotMime)?;
     let from = message
@@ -222,11 +225,12 @@ pub fn parse(raw: &[u8], classifier: &Classifier) -> Result<Report, ParseError> 
             ("message", "feedback-report") => {
                 feedback_part.get_or_insert(part.contents());
             }
-            ("message", "rfc822") | ("message", "global") | ("text", "rfc822-headers") => {
-                if original.fields.is_empty() {
-                    original = original_headers(part.contents());
-                }
+            ("message", "rfc822") | ("message", "global") | ("text", "rfc822-headers")
+                if original.fields.is_empty() =>
+            {
+                original = original_headers(part.contents());
             }
+            ("message", _) => {}
             ("text", _) => {
                 if let PartType::Text(t) = &part.body {
                     push_text(&mut text, t);

@@ -13,6 +13,8 @@ use crate::smtp::Reply;
 
 /// How many lines after an address belong to its diagnostic.
 const DIAGNOSTIC_LINES: usize = 8;
+/// The longest reply text kept.
+const REPLY_TEXT: usize = 500;
 /// The most recipients read from one text bounce.
 const MAX_RECIPIENTS: usize = 100;
 
@@ -51,6 +53,7 @@ const RECIPIENT_SENTENCES: &[&str] = &[
     "the following addresses had permanent fatal errors",
     "unable to deliver your message to the following address",
     "could not be delivered to one or more recipients",
+    "the address to which the message has not yet been delivered is:",
 ];
 
 /// The recipients a text bounce reports, with their replies.
@@ -133,7 +136,8 @@ pub(crate) fn recipients(text: &str, classifier: &Classifier) -> Vec<RecipientSt
                     }
                     Some(after[..end].replace(['\r', '\n'], " "))
                 })
-                .unwrap_or_default();
+                // No marker: the first reply code anywhere in the report's own words.
+                .unwrap_or_else(|| text.to_string());
             found.push((recipient, diagnostic));
         }
     }
@@ -223,16 +227,26 @@ fn reply_in(text: &str) -> Option<Reply> {
             },
             None => (parse_enhanced(rest), rest),
         };
-        return Some(Reply::new(code, enhanced, rest.trim()));
+        return Some(Reply::new(code, enhanced, first_line(rest)));
     }
     for word in text.split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == '#') {
         if word.bytes().filter(|&b| b == b'.').count() == 2 {
             if let Some(e) = parse_enhanced(word) {
-                return Some(Reply::new(0, Some(e), text));
+                return Some(Reply::new(0, Some(e), first_line(text)));
             }
         }
     }
-    Some(Reply::new(0, None, text))
+    Some(Reply::new(0, None, first_line(text)))
+}
+
+/// At most [`REPLY_TEXT`] bytes of `text`, up to its first blank line: a reply, not the
+/// report around it.
+fn first_line(text: &str) -> &str {
+    let mut end = text.find("\n\n").unwrap_or(text.len()).min(REPLY_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim()
 }
 
 #[cfg(test)]
