@@ -162,6 +162,14 @@ impl World {
             "email,first_name\nann@example.test,Ann\n".into(),
         );
         w(
+            "inbound.toml",
+            "suppression = \"suppressed.txt\"\nquarantine = \"quarantine\"\n\
+             soft_bounces = \"soft-bounces.jsonl\"\n[[campaign]]\nname = \"digest\"\n\
+             return_path = \"bounces-digest+{local}={domain}@news.example.org\"\n\
+             outcomes = \"digest-async.jsonl\"\n"
+                .into(),
+        );
+        w(
             "campaign.toml",
             format!(
                 "from = \"News <news@example.org>\"\nsubject = \"Hi {{{{first_name}}}}\"\n\
@@ -249,7 +257,12 @@ fn run_sink(args: &[String], dir: &Path) -> Result<(), String> {
     let exited = child.try_wait().ok().flatten();
     kill(child);
     match (read, exited) {
-        (Ok(_), None) if line.starts_with("mxpipe sink listening on ") => Ok(()),
+        (Ok(_), None)
+            if line.starts_with("mxpipe sink listening on ")
+                || line.starts_with("smtp listening on ") =>
+        {
+            Ok(())
+        }
         _ => Err(format!("printed {line:?}, exited {exited:?}")),
     }
 }
@@ -311,7 +324,8 @@ fn every_readme_command_line_runs() {
             if words.first().is_some_and(|w| w == "queue") {
                 world.seed_spool();
             }
-            let is_sink = words.first().is_some_and(|w| w == "sink");
+            // `inbound` is a server too: it passes once it says where it listens.
+            let is_sink = words.first().is_some_and(|w| w == "sink" || w == "inbound");
             let args = world.adapt(&words, is_sink);
             let result = if is_sink {
                 run_sink(&args, &world.dir)
