@@ -351,9 +351,55 @@ fn soft_bounces_suppress_after_n_within_m_days() {
     let mut inbound = setup.open();
     let out = inbound.receive(&rcpt, &raw, t0 + day * 12).unwrap();
     assert!(out[0].suppressed, "{out:?}");
+    assert!(inbound.is_suppressed("BEA@example.net"));
     assert_eq!(
         setup.suppressed(),
         BTreeSet::from(["bea@example.net".to_string()])
+    );
+}
+
+/// A DSN about two recipients that came back to one recipient's VERP address acts on that
+/// recipient only; with no VERP address, the campaign header names the campaign and both count.
+#[test]
+fn a_report_about_several_recipients_acts_on_the_one_verp_names() {
+    let setup = Setup::new("inbound-multi", "");
+    let mut inbound = setup.open();
+    let text = fs::read_to_string(corpus_dir().join("postfix-user-unknown.eml")).unwrap();
+    let second = "Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 4.2.2\r\n\
+                  Diagnostic-Code: smtp; 452 4.2.2 Mailbox full\r\n\r\n";
+    let at = text
+        .find("--4ZkA1B2C3D.1764496801/mx.example.net\r\nContent-Description: Undelivered")
+        .unwrap();
+    let two = format!("{}{second}{}", &text[..at], &text[at..]);
+    let out = inbound
+        .receive(
+            &[verp("bob@example.net")],
+            two.as_bytes(),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let got: Vec<(&str, &str)> = out
+        .iter()
+        .map(|o| (o.recipient.as_str(), o.kind.as_str()))
+        .collect();
+    assert_eq!(got, [("bob@example.net", "soft")]);
+    assert!(setup.suppressed().is_empty());
+    // Sent to a non-VERP address: the original's Return-Path names ann, so only ann's entry.
+    let out = inbound
+        .receive(
+            &["postmaster@news.example.org".into()],
+            two.as_bytes(),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let got: Vec<(&str, &str)> = out
+        .iter()
+        .map(|o| (o.recipient.as_str(), o.kind.as_str()))
+        .collect();
+    assert_eq!(got, [("ann@example.net", "hard")]);
+    assert_eq!(
+        setup.suppressed(),
+        BTreeSet::from(["ann@example.net".to_string()])
     );
 }
 

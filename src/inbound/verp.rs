@@ -13,7 +13,6 @@ use crate::message::Address;
 pub struct VerpTemplate {
     /// Literal text and placeholders, in order.
     pieces: Vec<Piece>,
-    template: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,15 +59,7 @@ impl VerpTemplate {
         if !pieces.contains(&Piece::Local) || !pieces.contains(&Piece::Domain) {
             return Err("needs both {local} and {domain} to name the recipient".into());
         }
-        Ok(VerpTemplate {
-            pieces,
-            template: template.to_string(),
-        })
-    }
-
-    /// The template as written.
-    pub fn as_str(&self) -> &str {
-        &self.template
+        Ok(VerpTemplate { pieces })
     }
 
     /// The recipient `address` was made for, if it was made from this template.
