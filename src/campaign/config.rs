@@ -24,6 +24,7 @@
 //! [list_unsubscribe]
 //! url = "https://example.org/unsubscribe?id={{id}}"
 //! mailto = "unsubscribe@example.org"
+//! secret_env = "NEWS_UNSUBSCRIBE_SECRET" # optional: adds u=ADDRESS&t=TOKEN for `mxpipe inbound`
 //!
 //! [delivery]
 //! mode = "relay"                    # or "mx": straight to each domain's MX hosts
