@@ -319,10 +319,12 @@ impl Inbound {
         })
     }
 
-    /// Whether mail for `recipient` is taken: its domain is a bounce or unsubscribe domain.
+    /// Whether mail for `recipient` is taken: its domain is a bounce or unsubscribe domain, or
+    /// it is a VERP address of a campaign (whose template may put `{domain}` in the domain).
     pub fn accepts(&self, recipient: &str) -> bool {
         self.domains
             .contains(&domain_of(recipient).to_ascii_lowercase())
+            || self.decode(recipient).is_some()
     }
 
     pub fn metrics(&self) -> &Metrics {
