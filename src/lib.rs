@@ -57,6 +57,7 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod http;
+pub mod inbound;
 pub mod message;
 pub mod queue;
 pub mod route;

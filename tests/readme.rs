@@ -165,6 +165,14 @@ impl World {
             "email,first_name\nann@example.test,Ann\n".into(),
         );
         w(
+            "inbound.toml",
+            "suppression = \"suppressed.txt\"\nquarantine = \"quarantine\"\n\
+             soft_bounces = \"soft-bounces.jsonl\"\n[[campaign]]\nname = \"digest\"\n\
+             return_path = \"bounces-digest+{local}={domain}@news.example.org\"\n\
+             outcomes = \"digest-async.jsonl\"\n"
+                .into(),
+        );
+        w(
             "campaign.toml",
             format!(
                 "from = \"News <news@example.org>\"\nsubject = \"Hi {{{{first_name}}}}\"\n\
@@ -270,7 +278,8 @@ fn run_sink(args: &[String], dir: &Path) -> Result<(), String> {
         (Ok(_), None)
             if line.starts_with("mxpipe sink listening on ")
                 || line.starts_with("mxpipe serve listening on ")
-                || line.starts_with("mxpipe http listening on ") =>
+                || line.starts_with("mxpipe http listening on ")
+                || line.starts_with("smtp listening on ") =>
         {
             Ok(())
         }
@@ -337,8 +346,8 @@ fn every_readme_command_line_runs() {
             if words.first().is_some_and(|w| w == "queue") {
                 world.seed_spool();
             }
-            // Daemons pass when they say where they listen.
-            let is_sink = words.first().is_some_and(|w| w == "sink");
+            // Daemons pass when they say where they listen; `inbound` is a sink of mail too.
+            let is_sink = words.first().is_some_and(|w| w == "sink" || w == "inbound");
             let is_daemon = is_sink
                 || words.first().is_some_and(|w| w == "http")
                 || (words.first().is_some_and(|w| w == "serve")

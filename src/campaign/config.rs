@@ -24,6 +24,7 @@
 //! [list_unsubscribe]
 //! url = "https://example.org/unsubscribe?id={{id}}"
 //! mailto = "unsubscribe@example.org"
+//! secret_env = "NEWS_UNSUBSCRIBE_SECRET" # optional: adds u=ADDRESS&t=TOKEN for `mxpipe inbound`
 //!
 //! [delivery]
 //! mode = "relay"                    # or "mx": straight to each domain's MX hosts
@@ -103,6 +104,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "list_unsubscribe.mailto",
         "an address template for mailto: unsubscription",
+    ),
+    (
+        "list_unsubscribe.secret_env",
+        "an environment variable holding a secret: the URL gets u=ADDRESS&t=TOKEN for `mxpipe inbound`'s one-click check",
     ),
     ("delivery", "a table: where and how to send (required)"),
     (
@@ -220,6 +225,7 @@ pub(super) struct AttachmentSpec {
 pub(super) struct ListUnsubscribe {
     pub url: Spanned<String>,
     pub mailto: Option<Spanned<String>>,
+    pub secret_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,7 +25,7 @@ pub mod config;
 mod journal;
 mod progress;
 mod recipients;
-mod render;
+pub(crate) mod render;
 mod report;
 mod send;
 
@@ -485,7 +485,24 @@ impl Campaign {
                     }
                     None => None,
                 };
-                Some(Unsubscribe { url, mailto })
+                let secret = match &l.secret_env {
+                    Some(var) => match std::env::var(var.get_ref()) {
+                        Ok(s) if !s.is_empty() => Some(s.into_bytes()),
+                        _ => {
+                            return Err(loader.error(
+                                var.span(),
+                                "list_unsubscribe.secret_env",
+                                format!("the environment variable {} is not set", var.get_ref()),
+                            ))
+                        }
+                    },
+                    None => None,
+                };
+                Some(Unsubscribe {
+                    url,
+                    mailto,
+                    secret,
+                })
             }
             None => None,
         };

@@ -122,9 +122,10 @@ pub(crate) struct Suppression {
 }
 
 impl Suppression {
-    /// Reads one address or domain a line (`#` starts a comment; `@domain` is a domain).
+    /// Reads one address or domain a line (`#` starts a comment; `@domain` is a domain), under
+    /// a shared lock: `mxpipe inbound` appends to the same file.
     pub fn load(path: &Path) -> Result<Suppression, CampaignError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::inbound::suppress::read_locked(path)
             .map_err(|e| CampaignError::input(path, None, format!("cannot read: {e}")))?;
         let mut entries = HashSet::new();
         for (n, line) in text.lines().enumerate() {

@@ -20,6 +20,8 @@ pub(crate) struct Unsubscribe {
     pub url: Template,
     /// An address for unsubscribing by mail, without the `mailto:`.
     pub mailto: Option<Template>,
+    /// The one-click secret: the URL gets `u=` and `t=` (see `inbound::unsubscribe`).
+    pub secret: Option<Vec<u8>>,
 }
 
 /// A VERP envelope sender: `{local}` and `{domain}` are the recipient's, so that a bounce
@@ -138,6 +140,15 @@ impl Renderer {
             value.clear();
             value.push('<');
             unsubscribe.url.render_into(row, Escape::Url, value);
+            if let Some(secret) = &unsubscribe.secret {
+                let url = crate::inbound::unsubscribe::signed_url(
+                    &value[1..],
+                    secret,
+                    recipient.as_str(),
+                );
+                value.truncate(1);
+                value.push_str(&url);
+            }
             value.push('>');
             if let Some(mailto) = &unsubscribe.mailto {
                 value.push_str(", <mailto:");

@@ -20,6 +20,7 @@ mod campaign;
 mod check;
 mod demo;
 mod http;
+mod inbound;
 mod keys;
 mod node;
 mod options;
@@ -204,6 +205,9 @@ enum Command {
     /// Ask each address's mail server whether it would take mail for it (VRFY, else MAIL,
     /// RCPT and RSET); nothing is sent. Prints deliverable, rejected, catch-all or unknown.
     Check(check::CheckArgs),
+    /// Receive bounces, feedback reports and unsubscribes (SMTP, and RFC 8058 one-click POSTs
+    /// over HTTP) for the campaigns in --config; suppress and record them.
+    Inbound(inbound::InboundArgs),
     /// Engine files: `mxpipe config keys` prints every key, the exit codes and the order in
     /// which settings override each other.
     Config {
@@ -436,6 +440,7 @@ pub fn main() -> ExitCode {
         ),
         Command::Queue(args) => mxpipe::spool::admin::run_cli(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run_check(args),
+        Command::Inbound(args) => inbound::run_inbound(args),
         Command::Config {
             what: Reference::Keys,
         } => keys::config_keys(),

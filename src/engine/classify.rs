@@ -247,8 +247,6 @@ impl Classifier {
                     "nxdomain",
                 ],
             ),
-            Rule::enhanced(NoSuchDomain, 1, Some(2)),
-            Rule::enhanced(NoSuchDomain, 1, Some(10)),
             // Mailboxes that do not exist.
             Rule::text(
                 BadMailbox,
@@ -267,9 +265,14 @@ impl Classifier {
                     "account is disabled",
                     "is disabled",
                     "unrouteable address",
+                    "user doesn't have",
                 ],
             )
             .in_class(5),
+            // After the mailbox phrases: Microsoft 365 answers 5.1.10 for an unknown
+            // recipient ("RESOLVER.ADR.RecipientNotFound"), RFC 7505 uses it for null MX.
+            Rule::enhanced(NoSuchDomain, 1, Some(2)),
+            Rule::enhanced(NoSuchDomain, 1, Some(10)),
             Rule::enhanced(BadMailbox, 1, Some(1)).in_class(5),
             Rule::enhanced(BadMailbox, 1, Some(3)).in_class(5),
             Rule::enhanced(BadMailbox, 1, Some(6)).in_class(5),
@@ -380,6 +383,7 @@ mod tests {
             (0, "4.5.0", "protocol error: malformed reply line", Protocol),
             (0, "4.4.3", "DNS lookup for example.org failed: SERVFAIL", Dns),
             (0, "5.1.2", "example.invalid: domain does not exist (NXDOMAIN)", NoSuchDomain),
+            (550, "5.1.10", "RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", BadMailbox),
             (554, "5.6.0", "Message content rejected", PolicyBlock),
             (0, "5.6.3", "message has 8-bit content and the server does not offer 8BITMIME", Protocol),
             (451, "4.3.0", "Temporary local problem", Other),
