@@ -17,10 +17,12 @@
 //! and the free-space floor refuse new submissions at the door. Nothing here touches a socket.
 
 pub mod admin;
+pub mod control;
 pub mod log;
 pub mod store;
 
 use crate::engine::custody::{Counted, Custody, Intake, Outcome};
+use crate::engine::orders::QueueOrder;
 use crate::engine::EventKind;
 use crate::error::{Error, Field, Result, SpoolProblem};
 use crate::message::{Address, Body, Message};
@@ -175,6 +177,8 @@ struct Pending {
 enum Work {
     /// Checkpoints were written: the writer fsyncs them within `CHECKPOINT_SYNC`.
     Written,
+    /// A queue administrator's order (from the control socket).
+    Order(QueueOrder),
     Stop,
 }
 
@@ -240,6 +244,7 @@ pub struct Spool {
     report: RecoveryReport,
     intake: Option<Intake>,
     writer: Option<JoinHandle<()>>,
+    control: Option<control::Server>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -327,6 +332,7 @@ impl Spool {
             report,
             intake: None,
             writer: None,
+            control: None,
         })
     }
 
@@ -393,6 +399,13 @@ impl Spool {
                 .name("mxpipe-spool".into())
                 .spawn(move || writer.run(recovered))?,
         );
+        let orders = self.work_tx.clone();
+        self.control = Some(control::Server::start(
+            &self.config.dir,
+            Box::new(move |order| {
+                let _ = orders.send(Work::Order(order));
+            }),
+        )?);
         Ok(())
     }
 
@@ -471,6 +484,9 @@ impl Spool {
 
     /// Writes the last checkpoints and stops the writer (after the loops stopped).
     pub fn close(mut self) {
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
         let _ = self.work_tx.send(Work::Stop);
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -617,6 +633,7 @@ impl Writer {
                 recv(self.submissions) -> p => if let Ok(p) = p { batch.push(p) },
                 recv(self.work) -> w => match w {
                     Ok(Work::Written) => written = true,
+                    Ok(Work::Order(order)) => self.order(order),
                     Ok(Work::Stop) | Err(_) => stop = true,
                 },
                 default(timeout) => {}
@@ -630,6 +647,7 @@ impl Writer {
             while let Ok(w) = self.work.try_recv() {
                 match w {
                     Work::Written => written = true,
+                    Work::Order(order) => self.order(order),
                     Work::Stop => stop = true,
                 }
             }
@@ -798,6 +816,46 @@ impl Writer {
             self.intake
                 .count_submitted(p.message.recipients.len() as u64, false);
         }
+    }
+
+    /// Applies a queue administrator's order to the recovered work held here, records a
+    /// deletion (so that no later start sends the message), and passes the order to the loops.
+    fn order(&mut self, order: QueueOrder) {
+        let named = |s: &Submission, id: Option<u64>| id.is_none_or(|id| s.id == id);
+        match order {
+            QueueOrder::Retry(id) => {
+                let now = Instant::now();
+                let jobs = &self.held_jobs;
+                self.held = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .map(|Reverse((due, seq))| {
+                        let due_now = jobs.get(&seq).is_some_and(|s| named(s, id));
+                        Reverse((if due_now { now } else { due }, seq))
+                    })
+                    .collect();
+            }
+            QueueOrder::Delete(id) => {
+                let mut dropped = 0;
+                self.held_jobs.retain(|_, s| {
+                    let keep = !named(s, Some(id));
+                    if !keep {
+                        dropped += s.message.recipients.len() as u64;
+                    }
+                    keep
+                });
+                if dropped > 0 {
+                    self.intake.count_held(dropped, false);
+                }
+                if self.failed().is_none() {
+                    let mut buf = Vec::new();
+                    log::encode(&Record::Delete { id }, &mut buf);
+                    if self.shared.append(&buf).is_some() {
+                        self.unsynced_since.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+        }
+        self.intake.order(order);
     }
 
     fn hold(&mut self, due: Instant, submission: Submission) {
