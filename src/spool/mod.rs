@@ -88,6 +88,10 @@ pub struct RecoveryReport {
     pub unusable: usize,
     /// Where the corrupt records were copied.
     pub set_aside: Vec<PathBuf>,
+    /// Why the control socket ([`control`]) could not be served, if it could not (e.g. a
+    /// directory path too long for a Unix socket): the spool works, the queue tools cannot
+    /// reach it while this process holds it.
+    pub control_unavailable: Option<String>,
 }
 
 impl std::fmt::Display for RecoveryReport {
@@ -99,6 +103,9 @@ impl std::fmt::Display for RecoveryReport {
         )?;
         for p in &self.set_aside {
             write!(f, "\n  set aside: {}", p.display())?;
+        }
+        if let Some(why) = &self.control_unavailable {
+            write!(f, "\n  no control socket for the queue tools: {why}")?;
         }
         Ok(())
     }
@@ -301,6 +308,7 @@ impl Spool {
             corrupt: state.issues.corrupt,
             unusable: 0,
             set_aside: state.issues.set_aside.clone(),
+            control_unavailable: None,
         };
         let (submit_tx, submit_rx) = crossbeam_channel::bounded(config.queue_capacity);
         let (work_tx, work_rx) = crossbeam_channel::unbounded();
@@ -400,12 +408,16 @@ impl Spool {
                 .spawn(move || writer.run(recovered))?,
         );
         let orders = self.work_tx.clone();
-        self.control = Some(control::Server::start(
+        // The queue tools are an aid: a spool whose socket cannot be bound still takes custody.
+        match control::Server::start(
             &self.config.dir,
             Box::new(move |order| {
                 let _ = orders.send(Work::Order(order));
             }),
-        )?);
+        ) {
+            Ok(server) => self.control = Some(server),
+            Err(e) => self.report.control_unavailable = Some(e.to_string()),
+        }
         Ok(())
     }
 
