@@ -605,6 +605,36 @@ enum mxp_result mxp_dispatcher_enqueue_body_timeout(const struct mxp_dispatcher 
 enum mxp_result mxp_dispatcher_flush(const struct mxp_dispatcher *dispatcher);
 
 /**
+ * With a spool (`spool_dir`): blocks until every message enqueued before the call is durable
+ * (written and fsynced in the spool), so that it may be acknowledged upstream. Without a spool
+ * it returns `MXP_OK` at once. Works after `mxp_dispatcher_shutdown` too (until
+ * `mxp_dispatcher_free`).
+ *
+ * Errors: `MXP_ERR_IO` when the spool refused a batch or an fsync failed (the message names
+ * the problem; the spool then takes nothing more, and only identifiers up to
+ * `mxp_dispatcher_durable_id` are durable), `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+ * Any thread.
+ *
+ * # Safety
+ *
+ * None beyond passing a dispatcher handle or NULL.
+ */
+enum mxp_result mxp_dispatcher_sync(const struct mxp_dispatcher *dispatcher);
+
+/**
+ * Writes the durable watermark to `*out`: with a spool, every message whose identifier (from
+ * the enqueue calls) is at most this is durable; identifiers grow across restarts. Without a
+ * spool: 0. Never blocks; works after shutdown too. Any thread.
+ *
+ * Errors: `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+ *
+ * # Safety
+ *
+ * `out` must be NULL or point to a writable `uint64_t`.
+ */
+enum mxp_result mxp_dispatcher_durable_id(const struct mxp_dispatcher *dispatcher, uint64_t *out);
+
+/**
  * Blocks until every enqueued recipient has a final outcome (delivered, bounced or expired),
  * retries included, or `timeout_ms` milliseconds pass: then `MXP_ERR_TIMED_OUT`.
  *

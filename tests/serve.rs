@@ -226,7 +226,14 @@ fn check_arrivals(sink: &SmtpSink, n: usize) -> HashMap<usize, usize> {
         // smtp-sink -d drops every CR: compare with the LF form of what was sent.
         let expected: Vec<u8> = body(i).into_iter().filter(|&b| b != b'\r').collect();
         assert_eq!(text.as_bytes(), expected.as_slice(), "message {i}");
-        assert_eq!(dump.rcpt_args, vec![format!("<rcpt{i}@remote.test>")]);
+        // Postfix asked for a DSN with ORCPT; mxpipe passes it on to a next hop that offers
+        // DSN (smtp-sink does), as RFC 3461 asks.
+        assert_eq!(
+            dump.rcpt_args,
+            vec![format!(
+                "<rcpt{i}@remote.test> ORCPT=rfc822;rcpt{i}@remote.test"
+            )]
+        );
         *seen.entry(i).or_default() += 1;
     }
     for i in 0..n {

@@ -23,7 +23,8 @@ stop_sinks() {
         wait "$pid" 2>/dev/null
     done
 }
-trap stop_sinks EXIT
+SPOOLS=$(mktemp -d)
+trap 'stop_sinks; rm -rf "$SPOOLS"' EXIT
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -85,6 +86,8 @@ for link in shared static; do
         "all outcomes as expected" "$BUILD/$link/bulk_threads" "$ACCEPT" "$REJECT" 2500
     check "bad_input ($link): every bad input gets its code and message" 0 \
         "bad_input: [0-9]+ cases, 0 failed" "$BUILD/$link/bad_input" "$ACCEPT" "$SLOW"
+    check "spool_sync ($link): sync and the durable watermark; a restart recovers the spool" 0 \
+        "spool_sync: 0 failed" "$BUILD/$link/spool_sync" "$CLOSED" "$SPOOLS/$link"
 done
 # AddressSanitizer reports a use after free and exits non-zero; leaks are valgrind's job below.
 check "lifetimes (ASan): free waits for the callback; shutdown and free wake waiters" 0 \

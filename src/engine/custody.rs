@@ -171,6 +171,14 @@ impl Intake {
         }
     }
 
+    /// Passes a queue administrator's order to every loop and wakes them.
+    pub fn order(&self, order: super::orders::QueueOrder) {
+        self.shared.orders.give(order);
+        for ingress in self.ingresses.iter() {
+            let _ = ingress.wake_now();
+        }
+    }
+
     /// The dispatcher is shutting down: a source stops handing over.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::Acquire)

@@ -9,6 +9,7 @@ pub mod classify;
 mod conn;
 pub mod custody;
 pub mod metrics;
+pub mod orders;
 mod pool;
 mod reactor;
 pub mod reports;
@@ -167,6 +168,8 @@ pub(crate) struct Shared {
     /// every recipient not yet final as Deferred and stop at once, without QUIT.
     pub abandon: AtomicBool,
     pub registry: metrics::Registry,
+    /// A queue administrator's orders to the loops.
+    pub orders: orders::Orders,
     idle_lock: Mutex<()>,
     idle: Condvar,
 }
@@ -744,6 +747,7 @@ impl Dispatcher {
             shutting_down: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
             registry: metrics::Registry::default(),
+            orders: orders::Orders::default(),
             idle_lock: Mutex::new(()),
             idle: Condvar::new(),
         });

@@ -13,6 +13,7 @@ mod mx;
 
 use super::conn::{Conn, ReadOutcome};
 use super::metrics::DestinationMetrics;
+use super::orders::LoopOrders;
 use super::pool::{ConnRef, Destination};
 use super::tls::{server_name, TlsConfigs, TlsPolicy};
 use super::{Config, Event, EventKind, Shared, TlsUse};
@@ -113,6 +114,8 @@ struct Reactor {
     is_dirty: Vec<bool>,
     /// Recipients this loop holds (queued, in flight, waiting to retry).
     held: usize,
+    /// A queue administrator's orders (retry now, delete).
+    orders: LoopOrders,
     next_tag: u64,
     next_generation: u64,
     /// Counters changed this turn: waiters may need waking.
@@ -193,6 +196,7 @@ impl Reactor {
             grouped: HashMap::new(),
             domain_overrides,
             outcomes: Vec::new(),
+            orders: LoopOrders::default(),
         };
         for target in targets {
             reactor.add_destination(target, None);
@@ -228,6 +232,17 @@ impl Reactor {
             }
             self.more_work = false;
             self.take_submissions(now);
+            if self
+                .orders
+                .apply(&self.shared.orders, &mut self.retries, now)
+            {
+                // A retry ordered by hand: held-back destinations may try again at once (a
+                // rate limit holds them back again when they do).
+                for d in &mut self.destinations {
+                    d.shaper.forget_failures();
+                    d.wake_at = None;
+                }
+            }
             self.take_resolutions(now);
             self.on_timers(now);
             self.on_wakes(now);
@@ -293,16 +308,16 @@ impl Reactor {
         failure: Option<(&Reply, &Arc<str>)>,
     ) {
         if let Some(custody) = &self.config.custody {
-            let failure =
-                failure
-                    .filter(|_| custody.wants_failures())
-                    .map(|(reply, destination)| {
-                        Box::new(super::custody::Failure {
-                            envelope: Arc::clone(envelope),
-                            reply: reply.clone(),
-                            destination: Arc::clone(destination),
-                        })
-                    });
+            let deleted = self.orders.is_deleted(envelope.id);
+            let failure = failure
+                .filter(|_| custody.wants_failures() && !deleted)
+                .map(|(reply, destination)| {
+                    Box::new(super::custody::Failure {
+                        envelope: Arc::clone(envelope),
+                        reply: reply.clone(),
+                        destination: Arc::clone(destination),
+                    })
+                });
             let outcome = super::custody::Outcome {
                 message_id: envelope.id,
                 recipient: recipient.clone(),
@@ -1205,6 +1220,22 @@ impl Reactor {
                 .stats
                 .active
                 .fetch_add(job.recipients.len() as u64, Ordering::AcqRel);
+            if let Some((kind, reply)) = self.orders.deleted(&job) {
+                for recipient in job.recipients {
+                    let (reply, envelope) = (reply.clone(), &job.envelope);
+                    self.finish_recipient_over(
+                        kind,
+                        envelope,
+                        recipient,
+                        reply,
+                        None,
+                        job.attempts,
+                        None,
+                        now,
+                    );
+                }
+                continue;
+            }
             if let Some(job) = self.retry_mx(job, now) {
                 self.enqueue(job, now);
             }
@@ -1491,7 +1522,7 @@ impl Reactor {
             return;
         }
         self.retries.push(
-            due,
+            self.orders.due(envelope.id, due, now),
             Job {
                 envelope: Arc::clone(envelope),
                 recipients,

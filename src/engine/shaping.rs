@@ -446,6 +446,15 @@ impl Shaper {
             .max()
     }
 
+    /// A queue administrator asked for a retry now (as Postfix's `postqueue -f` flushes its
+    /// dead-site cache): forget the dead mark, the pause and the failures in a row.
+    pub fn forget_failures(&mut self) {
+        self.dead_until = None;
+        self.paused_until = None;
+        self.failures_in_row = 0;
+        self.pauses_in_row = 0;
+    }
+
     pub fn is_dead(&self, now: Instant) -> bool {
         self.dead_until.is_some_and(|t| t > now)
     }

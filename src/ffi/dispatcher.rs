@@ -1,5 +1,6 @@
 //! `mxp_dispatcher` and `mxp_body`: starting, enqueueing (one message, or one prepared body for
-//! many recipients), flushing, counters and shutdown.
+//! many recipients), flushing, durability with a spool (sync, the durable watermark), counters and
+//! shutdown.
 //!
 //! Enqueue is the hot path: it checks every pointer, reads each address with a bounded scan,
 //! and hands one `Message` to the Rust dispatcher; nothing on it takes a lock that a blocking
@@ -646,6 +647,55 @@ pub unsafe extern "C" fn mxp_dispatcher_flush(dispatcher: *const mxp_dispatcher)
         let state = DISPATCHERS.get(from_ptr(dispatcher))?;
         state.check_running()?;
         state.dispatcher().flush();
+        Ok(())
+    })
+}
+
+/// With a spool (`spool_dir`): blocks until every message enqueued before the call is durable
+/// (written and fsynced in the spool), so that it may be acknowledged upstream. Without a spool
+/// it returns `MXP_OK` at once. Works after `mxp_dispatcher_shutdown` too (until
+/// `mxp_dispatcher_free`).
+///
+/// Errors: `MXP_ERR_IO` when the spool refused a batch or an fsync failed (the message names
+/// the problem; the spool then takes nothing more, and only identifiers up to
+/// `mxp_dispatcher_durable_id` are durable), `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+/// Any thread.
+///
+/// # Safety
+///
+/// None beyond passing a dispatcher handle or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn mxp_dispatcher_sync(dispatcher: *const mxp_dispatcher) -> mxp_result {
+    boundary("mxp_dispatcher_sync", || {
+        let state = DISPATCHERS.get(from_ptr(dispatcher))?;
+        state.dispatcher().sync()?;
+        Ok(())
+    })
+}
+
+/// Writes the durable watermark to `*out`: with a spool, every message whose identifier (from
+/// the enqueue calls) is at most this is durable; identifiers grow across restarts. Without a
+/// spool: 0. Never blocks; works after shutdown too. Any thread.
+///
+/// Errors: `MXP_ERR_NULL_POINTER`, `MXP_ERR_BAD_HANDLE`.
+///
+/// # Safety
+///
+/// `out` must be NULL or point to a writable `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn mxp_dispatcher_durable_id(
+    dispatcher: *const mxp_dispatcher,
+    out: *mut u64,
+) -> mxp_result {
+    boundary("mxp_dispatcher_durable_id", || {
+        let handle = from_ptr(dispatcher);
+        if handle == 0 {
+            return Err(FfiError::null("dispatcher"));
+        }
+        let out = out_ptr(out, "out")?;
+        let id = DISPATCHERS.with(handle, |state| state.dispatcher().durable_id())?;
+        // SAFETY: checked non-NULL.
+        unsafe { out.write(id) };
         Ok(())
     })
 }

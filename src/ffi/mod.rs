@@ -31,11 +31,11 @@ pub use config::{
     mxp_config, mxp_config_free, mxp_config_from_toml, mxp_config_new, mxp_config_set,
 };
 pub use dispatcher::{
-    mxp_body, mxp_body_free, mxp_body_new, mxp_dispatcher, mxp_dispatcher_enqueue,
-    mxp_dispatcher_enqueue_body, mxp_dispatcher_enqueue_body_timeout,
+    mxp_body, mxp_body_free, mxp_body_new, mxp_dispatcher, mxp_dispatcher_durable_id,
+    mxp_dispatcher_enqueue, mxp_dispatcher_enqueue_body, mxp_dispatcher_enqueue_body_timeout,
     mxp_dispatcher_enqueue_timeout, mxp_dispatcher_flush, mxp_dispatcher_free, mxp_dispatcher_new,
     mxp_dispatcher_shutdown, mxp_dispatcher_shutdown_timeout, mxp_dispatcher_stats,
-    mxp_dispatcher_wait_final, mxp_stats, MXP_MAX_RECIPIENTS,
+    mxp_dispatcher_sync, mxp_dispatcher_wait_final, mxp_stats, MXP_MAX_RECIPIENTS,
 };
 pub use event::{
     mxp_category, mxp_category_str, mxp_dispatcher_poll_events, mxp_dispatcher_set_callback,

@@ -84,6 +84,21 @@ impl RetrySchedule {
         }
     }
 
+    /// Makes every job that `matches` due at `now` (a queue administrator's retry).
+    pub fn make_due(&mut self, now: Instant, matches: impl Fn(&Job) -> bool) {
+        let heap = std::mem::take(&mut self.heap);
+        self.heap = heap
+            .into_iter()
+            .map(|Reverse((due, key))| {
+                let due = match self.jobs.get(&key) {
+                    Some(job) if matches(job) => due.min(now),
+                    _ => due,
+                };
+                Reverse((due, key))
+            })
+            .collect();
+    }
+
     /// Takes every job, due or not (shutdown).
     pub fn drain_all(&mut self) -> Vec<Job> {
         self.heap.clear();

@@ -1,9 +1,11 @@
-//! Queue tools on a spool no process holds, as Postfix users know them from `mailq`,
-//! `postqueue` and `postsuper`: list, show, retry, delete, stats (`mxpipe queue ... --spool DIR`).
+//! Queue tools, as Postfix users know them from `mailq`, `postqueue` and `postsuper`: list,
+//! show, retry, delete, stats (`mxpipe queue ... --spool DIR`).
 //!
-//! The directory is locked for the duration, so a tool never reads a spool a dispatcher is
-//! writing. Changes (retry, delete) are appended as records in a new segment, fsynced, and
-//! take effect when a dispatcher next opens the spool; nothing is rewritten in place.
+//! When a dispatcher holds the spool, the command goes to it over its control socket
+//! ([`super::control`]). Otherwise the directory is locked for the duration, so a tool never
+//! reads a spool a dispatcher is writing. Changes (retry, delete) are then appended as records
+//! in a new segment, fsynced, and take effect when a dispatcher next opens the spool; nothing is
+//! rewritten in place.
 
 use super::log::Record;
 use super::store::{self, State};
@@ -35,17 +37,54 @@ pub fn run(command: QueueCommand, dir: &Path, out: &mut dyn Write) -> Result<(),
     }
     let _lock = lock_dir(dir).map_err(|e| format!("spool {}: {e}", dir.display()))?;
     let state = State::load(dir).map_err(|e| format!("spool {}: {e}", dir.display()))?;
+    let io = |e: std::io::Error| e.to_string();
+    match command {
+        QueueCommand::Retry(id) => {
+            if let Some(id) = id {
+                exists(&state, id)?;
+            }
+            store::append_segment(
+                dir,
+                &state,
+                &[Record::Retry {
+                    id: id.unwrap_or(0),
+                }],
+            )
+            .map_err(io)?;
+            let n = id.map_or(state.messages.len(), |_| 1);
+            writeln!(out, "{n} messages due now").map_err(io)?;
+        }
+        QueueCommand::Delete(id) => {
+            exists(&state, id)?;
+            store::append_segment(dir, &state, &[Record::Delete { id }]).map_err(io)?;
+            writeln!(out, "message {id} deleted").map_err(io)?;
+        }
+        QueueCommand::List | QueueCommand::Show(_) | QueueCommand::Stats => {
+            report(command, &state, out)?
+        }
+    }
+    Ok(())
+}
+
+/// Fails, naming `id`, unless the spool holds message `id` with recipients pending.
+pub(crate) fn exists(state: &State, id: u64) -> Result<(), String> {
+    if state.messages.contains_key(&id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no message {id} with pending recipients in the spool"
+        ))
+    }
+}
+
+/// What `list`, `show` and `stats` print about `state` (other commands print nothing).
+pub(crate) fn report(
+    command: QueueCommand,
+    state: &State,
+    out: &mut dyn Write,
+) -> Result<(), String> {
     let now_ms = unix_ms(SystemTime::now());
     let io = |e: std::io::Error| e.to_string();
-    let exists = |id: u64| {
-        if state.messages.contains_key(&id) {
-            Ok(())
-        } else {
-            Err(format!(
-                "no message {id} with pending recipients in the spool"
-            ))
-        }
-    };
     match command {
         QueueCommand::List => {
             writeln!(
@@ -73,7 +112,7 @@ pub fn run(command: QueueCommand, dir: &Path, out: &mut dyn Write) -> Result<(),
             }
         }
         QueueCommand::Show(id) => {
-            exists(id)?;
+            exists(state, id)?;
             let m = &state.messages[&id];
             let size = state.bodies.get(&m.body_id).map_or(0, Vec::len);
             writeln!(out, "id: {id}").map_err(io)?;
@@ -98,26 +137,6 @@ pub fn run(command: QueueCommand, dir: &Path, out: &mut dyn Write) -> Result<(),
                 .map_err(io)?;
             }
         }
-        QueueCommand::Retry(id) => {
-            if let Some(id) = id {
-                exists(id)?;
-            }
-            store::append_segment(
-                dir,
-                &state,
-                &[Record::Retry {
-                    id: id.unwrap_or(0),
-                }],
-            )
-            .map_err(io)?;
-            let n = id.map_or(state.messages.len(), |_| 1);
-            writeln!(out, "{n} messages due now").map_err(io)?;
-        }
-        QueueCommand::Delete(id) => {
-            exists(id)?;
-            store::append_segment(dir, &state, &[Record::Delete { id }]).map_err(io)?;
-            writeln!(out, "message {id} deleted").map_err(io)?;
-        }
         QueueCommand::Stats => {
             let (mut pending, mut deferred) = (0usize, 0usize);
             for m in state.messages.values() {
@@ -135,6 +154,7 @@ pub fn run(command: QueueCommand, dir: &Path, out: &mut dyn Write) -> Result<(),
             writeln!(out, "torn_records {}", state.issues.torn).map_err(io)?;
             writeln!(out, "corrupt_records {}", state.issues.corrupt).map_err(io)?;
         }
+        QueueCommand::Retry(_) | QueueCommand::Delete(_) => {}
     }
     Ok(())
 }
@@ -200,5 +220,15 @@ pub fn run_cli(args: QueueArgs) -> Result<(), String> {
         QueueAction::Delete { id } => QueueCommand::Delete(id),
         QueueAction::Stats => QueueCommand::Stats,
     };
+    // A dispatcher holding the spool answers on its control socket; otherwise the tools work
+    // on the files themselves (and lock them).
+    if let Some(response) = super::control::ask(&dir, command)? {
+        print!("{}", response.text);
+        return if response.ok {
+            Ok(())
+        } else {
+            Err(format!("queue: {}", response.text.trim_end()))
+        };
+    }
     run(command, &dir, &mut std::io::stdout().lock()).map_err(|e| format!("queue: {e}"))
 }

@@ -17,10 +17,12 @@
 //! and the free-space floor refuse new submissions at the door. Nothing here touches a socket.
 
 pub mod admin;
+pub mod control;
 pub mod log;
 pub mod store;
 
 use crate::engine::custody::{Counted, Custody, Intake, Outcome};
+use crate::engine::orders::QueueOrder;
 use crate::engine::EventKind;
 use crate::error::{Error, Field, Result, SpoolProblem};
 use crate::message::dsn::DsnEnvelope;
@@ -87,6 +89,10 @@ pub struct RecoveryReport {
     pub unusable: usize,
     /// Where the corrupt records were copied.
     pub set_aside: Vec<PathBuf>,
+    /// Why the control socket ([`control`]) could not be served, if it could not (e.g. a
+    /// directory path too long for a Unix socket): the spool works, the queue tools cannot
+    /// reach it while this process holds it.
+    pub control_unavailable: Option<String>,
 }
 
 impl std::fmt::Display for RecoveryReport {
@@ -98,6 +104,9 @@ impl std::fmt::Display for RecoveryReport {
         )?;
         for p in &self.set_aside {
             write!(f, "\n  set aside: {}", p.display())?;
+        }
+        if let Some(why) = &self.control_unavailable {
+            write!(f, "\n  no control socket for the queue tools: {why}")?;
         }
         Ok(())
     }
@@ -176,6 +185,8 @@ struct Pending {
 enum Work {
     /// Checkpoints were written: the writer fsyncs them within `CHECKPOINT_SYNC`.
     Written,
+    /// A queue administrator's order (from the control socket).
+    Order(QueueOrder),
     Stop,
 }
 
@@ -241,6 +252,7 @@ pub struct Spool {
     report: RecoveryReport,
     intake: Option<Intake>,
     writer: Option<JoinHandle<()>>,
+    control: Option<control::Server>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -297,6 +309,7 @@ impl Spool {
             corrupt: state.issues.corrupt,
             unusable: 0,
             set_aside: state.issues.set_aside.clone(),
+            control_unavailable: None,
         };
         let (submit_tx, submit_rx) = crossbeam_channel::bounded(config.queue_capacity);
         let (work_tx, work_rx) = crossbeam_channel::unbounded();
@@ -328,6 +341,7 @@ impl Spool {
             report,
             intake: None,
             writer: None,
+            control: None,
         })
     }
 
@@ -394,6 +408,17 @@ impl Spool {
                 .name("mxpipe-spool".into())
                 .spawn(move || writer.run(recovered))?,
         );
+        let orders = self.work_tx.clone();
+        // The queue tools are an aid: a spool whose socket cannot be bound still takes custody.
+        match control::Server::start(
+            &self.config.dir,
+            Box::new(move |order| {
+                let _ = orders.send(Work::Order(order));
+            }),
+        ) {
+            Ok(server) => self.control = Some(server),
+            Err(e) => self.report.control_unavailable = Some(e.to_string()),
+        }
         Ok(())
     }
 
@@ -472,6 +497,9 @@ impl Spool {
 
     /// Writes the last checkpoints and stops the writer (after the loops stopped).
     pub fn close(mut self) {
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
         let _ = self.work_tx.send(Work::Stop);
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -626,6 +654,7 @@ impl Writer {
                 recv(self.submissions) -> p => if let Ok(p) = p { batch.push(p) },
                 recv(self.work) -> w => match w {
                     Ok(Work::Written) => written = true,
+                    Ok(Work::Order(order)) => self.order(order),
                     Ok(Work::Stop) | Err(_) => stop = true,
                 },
                 default(timeout) => {}
@@ -639,6 +668,7 @@ impl Writer {
             while let Ok(w) = self.work.try_recv() {
                 match w {
                     Work::Written => written = true,
+                    Work::Order(order) => self.order(order),
                     Work::Stop => stop = true,
                 }
             }
@@ -818,6 +848,46 @@ impl Writer {
             self.intake
                 .count_submitted(p.message.recipients.len() as u64, false);
         }
+    }
+
+    /// Applies a queue administrator's order to the recovered work held here, records a
+    /// deletion (so that no later start sends the message), and passes the order to the loops.
+    fn order(&mut self, order: QueueOrder) {
+        let named = |s: &Submission, id: Option<u64>| id.is_none_or(|id| s.id == id);
+        match order {
+            QueueOrder::Retry(id) => {
+                let now = Instant::now();
+                let jobs = &self.held_jobs;
+                self.held = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .map(|Reverse((due, seq))| {
+                        let due_now = jobs.get(&seq).is_some_and(|s| named(s, id));
+                        Reverse((if due_now { now } else { due }, seq))
+                    })
+                    .collect();
+            }
+            QueueOrder::Delete(id) => {
+                let mut dropped = 0;
+                self.held_jobs.retain(|_, s| {
+                    let keep = !named(s, Some(id));
+                    if !keep {
+                        dropped += s.message.recipients.len() as u64;
+                    }
+                    keep
+                });
+                if dropped > 0 {
+                    self.intake.count_held(dropped, false);
+                }
+                if self.failed().is_none() {
+                    let mut buf = Vec::new();
+                    log::encode(&Record::Delete { id }, &mut buf);
+                    if self.shared.append(&buf).is_some() {
+                        self.unsynced_since.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+        }
+        self.intake.order(order);
     }
 
     fn hold(&mut self, due: Instant, submission: Submission) {

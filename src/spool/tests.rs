@@ -546,3 +546,28 @@ fn a_dsn_request_survives_recovery_and_compaction() {
     assert_eq!(mail, " RET=HDRS ENVID=campaign+207+2Bx");
     assert_eq!(DsnEnvelope::from_stored(mail, rcpts).unwrap(), dsn);
 }
+
+#[test]
+fn a_spool_too_deep_for_a_control_socket_still_takes_custody() {
+    // A Unix socket path holds at most 107 octets: this spool's control socket cannot exist.
+    let dir = tempdir("deep").join("d".repeat(100));
+    let s = sink(Faults::default());
+    let d = dispatcher(&dir, &s, quick_retry());
+    let why = d.spool_report().unwrap().control_unavailable.clone();
+    assert!(why.is_some(), "the socket was bound at {}", dir.display());
+    let id = d
+        .submit(
+            Message::new(
+                "a@example.org",
+                ["b@example.net"],
+                b"Subject: x\r\n\r\ny\r\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    d.sync().unwrap();
+    assert!(d.durable_id() >= id);
+    assert!(d.wait_final(Duration::from_secs(30)));
+    drop(d);
+    let _ = fs::remove_dir_all(dir.parent().unwrap());
+}

@@ -180,6 +180,11 @@ impl SmtpSink {
         SmtpSink::spawn_on(ip, Some(port), args, 1024, false)
     }
 
+    /// Like [`SmtpSink::start_dumping`] on a given port (a relay that was down comes up).
+    pub fn start_dumping_on_port(ip: &str, port: u16, args: &[&str]) -> SmtpSink {
+        SmtpSink::spawn_on(ip, Some(port), args, 1024, true)
+    }
+
     fn spawn(ip: &str, args: &[&str], backlog: u32, dump: bool) -> SmtpSink {
         SmtpSink::spawn_on(ip, None, args, backlog, dump)
     }

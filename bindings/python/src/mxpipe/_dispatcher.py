@@ -536,6 +536,20 @@ class Dispatcher:
         """Waits until every queued recipient has a final outcome or waits for a retry."""
         check(n.lib.mxp_dispatcher_flush(self._handle))
 
+    def sync(self) -> None:
+        """With a spool (``spool_dir``): waits until every message sent before the call is
+        durable (written and fsynced), so that it may be acknowledged upstream. Without a spool
+        it returns at once. Raises MxpipeOSError, naming the problem, when the spool refused a
+        batch or an fsync failed (it then takes nothing more)."""
+        check(n.lib.mxp_dispatcher_sync(self._handle))
+
+    def durable_id(self) -> int:
+        """With a spool: every message whose identifier (from ``send``) is at most this is
+        durable; identifiers grow across restarts. Without a spool: 0. Never blocks."""
+        out = c_uint64()
+        check(n.lib.mxp_dispatcher_durable_id(self._handle, byref(out)))
+        return out.value
+
     def wait_final(self, timeout: float) -> bool:
         """Waits up to ``timeout`` seconds until every queued recipient has a final outcome
         (retries included). True if they all have."""

@@ -169,6 +169,8 @@ _PROTOTYPES = {
     ),
     "mxp_dispatcher_flush": (c_int, [_HANDLE]),
     "mxp_dispatcher_wait_final": (c_int, [_HANDLE, c_uint64]),
+    "mxp_dispatcher_sync": (c_int, [_HANDLE]),
+    "mxp_dispatcher_durable_id": (c_int, [_HANDLE, POINTER(c_uint64)]),
     "mxp_dispatcher_shutdown": (c_int, [_HANDLE]),
     "mxp_dispatcher_shutdown_timeout": (c_int, [_HANDLE, c_uint64]),
     "mxp_dispatcher_stats": (c_int, [_HANDLE, POINTER(Stats)]),

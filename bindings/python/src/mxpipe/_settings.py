@@ -73,3 +73,4 @@ class Settings(TypedDict, total=False):
     mx_cache_capacity: int
     mta_sts: bool
     mta_sts_port: int
+    spool_dir: Union[str, "os.PathLike[str]"]
