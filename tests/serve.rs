@@ -617,3 +617,59 @@ fn bench_postfix_relay_direct_and_through_mxpipe() {
         let _ = fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn http_injection_in_serve_answers_after_custody_and_delivers_the_bytes() {
+    let sink = SmtpSink::start_dumping("127.0.0.1", &[]);
+    let dir = fresh_temp_dir("serve-http");
+    let port = free_port("127.0.0.1");
+    let config = serve_config(&dir, port, "smtp", "custody", sink.addr());
+    let text = format!(
+        "http = \"127.0.0.1:0\"\n{}",
+        fs::read_to_string(config).unwrap()
+    );
+    // HTTP injection answers after custody, so it needs the spool.
+    let without_spool: String = text
+        .lines()
+        .filter(|l| !l.starts_with("spool"))
+        .map(|l| format!("{}\n", l.replace("\"custody\"", "\"pass-through\"")))
+        .collect();
+    let error = mxpipe::serve::config::ServeConfig::parse(&without_spool).unwrap_err();
+    assert!(
+        error.contains("http needs the top-level key spool"),
+        "{error}"
+    );
+
+    let config = mxpipe::serve::config::ServeConfig::parse(&text).unwrap();
+    let handle = mxpipe::serve::start(&config).unwrap();
+    let http = handle.http_addr().expect("http listens");
+    let raw =
+        "From: a@example.org\r\nTo: r@remote.test\r\nSubject: over http\r\n\r\nBody line.\r\n";
+    let doc = format!(
+        "{{\"from\":\"a@example.org\",\"recipients\":[\"r@remote.test\"],\"raw\":{}}}",
+        serde_json::Value::String(raw.into())
+    );
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /v1/messages HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{doc}",
+        doc.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    assert!(response.contains("\"custody\":\"spooled\""), "{response}");
+    assert_eq!(wait_for_dumps(&sink, 1, Duration::from_secs(30)), 1);
+    let dump = &sink.dumps()[0];
+    // smtp-sink -d drops every CR.
+    assert_eq!(
+        String::from_utf8_lossy(&dump.content),
+        raw.replace('\r', "")
+    );
+    assert_eq!(dump.rcpt_args, vec!["<r@remote.test>".to_string()]);
+    handle.stop(Duration::from_secs(5));
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -62,6 +62,9 @@ pub(crate) fn run_serve(args: ServeArgs) -> CliResult {
             listener.protocol, listener.mode
         );
     }
+    if let Some(addr) = handle.http_addr() {
+        println!("mxpipe serve listening on {addr} (HTTP injection)");
+    }
     let _ = std::io::stdout().flush();
     while !signal::stop_requested() {
         std::thread::sleep(Duration::from_millis(100));

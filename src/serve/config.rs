@@ -92,6 +92,7 @@ impl Default for Limits {
 struct File {
     hostname: Option<String>,
     spool: Option<PathBuf>,
+    http: Option<String>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -106,6 +107,9 @@ pub struct ServeConfig {
     /// The name in greetings and `Received:` headers.
     pub hostname: String,
     pub spool: Option<PathBuf>,
+    /// Where HTTP injection (`POST /v1/messages`) and `GET /metrics` listen, on the custody
+    /// engine (needs `spool`).
+    pub http: Option<std::net::SocketAddr>,
     pub limits: Limits,
     pub listeners: Vec<ListenerConfig>,
     /// The `[delivery]` table as an engine file.
@@ -169,6 +173,17 @@ impl ServeConfig {
                 return Err(format!("serve config: {key} must be above 0"));
             }
         }
+        let http =
+            match &file.http {
+                Some(_) if file.spool.is_none() => return Err(
+                    "serve config: http needs the top-level key spool (it answers after custody)"
+                        .to_owned(),
+                ),
+                Some(addr) => Some(addr.parse().map_err(|e| {
+                    format!("serve config: http: {addr:?} is not an address:port ({e})")
+                })?),
+                None => None,
+            };
         let delivery = toml::to_string(&file.delivery)
             .map_err(|e| format!("serve config: [delivery]: {e}"))?;
         // Checked now, so that a bad delivery key stops the start, not the first message.
@@ -177,6 +192,7 @@ impl ServeConfig {
         Ok(ServeConfig {
             hostname: file.hostname.unwrap_or_else(|| "localhost".to_owned()),
             spool: file.spool,
+            http,
             limits: file.limits,
             listeners: file.listener,
             delivery,

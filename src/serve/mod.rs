@@ -33,12 +33,13 @@ pub struct ServeHandle {
     stop: Arc<AtomicBool>,
     loops: Vec<(Arc<Waker>, JoinHandle<io::Result<()>>)>,
     engines: Vec<Arc<Dispatcher>>,
+    http: Option<crate::http::HttpServer>,
 }
 
 /// Starts every listener of `config`; errors name the listener or the key.
 pub fn start(config: &ServeConfig) -> Result<ServeHandle, String> {
     let needs = |mode| config.listeners.iter().any(|l| l.mode == mode);
-    let custody = if needs(Mode::Custody) {
+    let custody = if needs(Mode::Custody) || config.http.is_some() {
         let spool = config
             .spool
             .as_ref()
@@ -76,7 +77,14 @@ pub fn start(config: &ServeConfig) -> Result<ServeHandle, String> {
         stop: Arc::clone(&stop),
         loops: Vec::new(),
         engines: custody.iter().chain(pass_through.iter()).cloned().collect(),
+        http: None,
     };
+    if let (Some(addr), Some(engine)) = (config.http, &custody) {
+        let state = crate::http::HttpState::new(Arc::clone(engine), &config.hostname);
+        let server = crate::http::start(addr, state)
+            .map_err(|e| format!("serve: http: cannot listen on {addr}: {e}"))?;
+        handle.http = Some(server);
+    }
     for (i, listener) in config.listeners.iter().enumerate() {
         let name = format!("listener[{i}] ({})", listener.address);
         let limits = &config.limits;
@@ -148,6 +156,11 @@ impl ServeHandle {
         &self.addrs
     }
 
+    /// Where HTTP injection listens, when the file has `http`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.local_addr())
+    }
+
     /// Stops listening (open connections are closed, unanswered messages stay the client's),
     /// then gives the engines up to `grace` to finish what is under way. Custody work not final
     /// by then stays in the spool for the next start.
@@ -159,6 +172,9 @@ impl ServeHandle {
     }
 
     fn stop_loops(&mut self) {
+        if let Some(http) = self.http.take() {
+            http.stop();
+        }
         self.stop.store(true, Ordering::Release);
         for (waker, thread) in self.loops.drain(..) {
             let _ = waker.wake();
