@@ -555,6 +555,57 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// `mxpipe serve` with an `[inbound]` table: the same receiver beside an injection
+    /// listener (pass-through, so no spool), its addresses read from what serve prints.
+    fn start_serve(config: &Path) -> Daemon {
+        let serve = config.with_file_name("serve.toml");
+        fs::write(
+            &serve,
+            format!(
+                "hostname = \"bounces.test\"\n\
+                 [inbound]\n\
+                 smtp = \"127.0.0.1:0\"\n\
+                 http = \"127.0.0.1:0\"\n\
+                 config = \"{}\"\n\
+                 [[listener]]\n\
+                 protocol = \"lmtp\"\n\
+                 address = \"127.0.0.1:0\"\n\
+                 mode = \"pass-through\"\n\
+                 allow_networks = [\"127.0.0.0/8\"]\n\
+                 [delivery]\n\
+                 relay = \"127.0.0.1:1\"\n",
+                config.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .args(["serve", "--config"])
+            .arg(&serve)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mxpipe serve");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut smtp, mut http) = (String::new(), String::new());
+        for line in lines {
+            let line = line.expect("read");
+            let Some(rest) = line.strip_prefix("mxpipe serve listening on ") else {
+                panic!("{line:?}");
+            };
+            let (addr, what) = rest.split_once(' ').unwrap();
+            if what.starts_with("(inbound SMTP") {
+                smtp = addr.to_string();
+            } else if what.starts_with("(inbound HTTP") {
+                http = addr.to_string();
+                break;
+            }
+        }
+        assert!(!smtp.is_empty(), "serve printed no inbound SMTP address");
+        Daemon { child, smtp, http }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -752,7 +803,8 @@ fn one_click_and_mailto_unsubscribes_through_mxpipe_inbound() {
 #[test]
 fn postfix_bounces_reach_inbound_and_the_next_run_skips_them() {
     let setup = Setup::new("inbound-postfix", "");
-    let daemon = Daemon::start(&setup.dir.join("inbound.toml"), &[]);
+    // The bounces reach the receiver of `mxpipe serve` (its [inbound] table).
+    let daemon = Daemon::start_serve(&setup.dir.join("inbound.toml"));
     let postfix = util::postfix::Postfix::start_local(&format!(
         "local_recipient_maps =\nrelayhost = [127.0.0.1]:{}\nsmtp_tls_security_level = none\n\
          mailbox_command = /bin/true\n",

@@ -38,29 +38,27 @@ pub(crate) fn run_inbound(args: InboundArgs) -> CliResult {
     let inbound = Inbound::open(&config).map_err(|e| e.to_string())?;
     let state = Arc::new(Mutex::new(inbound));
     signal::install()?;
+    let smtp = listener::SmtpListener::start(args.smtp, Arc::clone(&state), &args.hostname)
+        .map_err(|e| format!("--smtp {}: {e}", args.smtp))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let smtp = tokio::net::TcpListener::bind(args.smtp)
-            .await
-            .map_err(|e| format!("--smtp {}: {e}", args.smtp))?;
         let http = tokio::net::TcpListener::bind(args.http)
             .await
             .map_err(|e| format!("--http {}: {e}", args.http))?;
-        let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| e.to_string());
-        println!("smtp listening on {}", local(&smtp)?);
-        println!("http listening on {}", local(&http)?);
-        let smtp_task = tokio::spawn(listener::serve(smtp, state.clone(), args.hostname));
+        let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+        println!("smtp listening on {}", smtp.local_addr());
+        println!("http listening on {http_addr}");
         let http_task = tokio::spawn(async move {
             let _ = axum::serve(http, unsubscribe::router(state)).await;
         });
         while !signal::STOP.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        smtp_task.abort();
         http_task.abort();
+        smtp.stop();
         Ok::<_, String>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -65,6 +65,15 @@ pub(crate) fn run_serve(args: ServeArgs) -> CliResult {
     if let Some(addr) = handle.http_addr() {
         println!("mxpipe serve listening on {addr} (HTTP injection)");
     }
+    let (inbound_smtp, inbound_http) = handle.inbound_addrs();
+    if let Some(addr) = inbound_smtp {
+        println!(
+            "mxpipe serve listening on {addr} (inbound SMTP: bounces, complaints, unsubscribes)"
+        );
+    }
+    if let Some(addr) = inbound_http {
+        println!("mxpipe serve listening on {addr} (inbound HTTP: one-click unsubscribe)");
+    }
     let _ = std::io::stdout().flush();
     while !signal::stop_requested() {
         std::thread::sleep(Duration::from_millis(100));

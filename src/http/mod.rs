@@ -91,6 +91,11 @@ impl Drop for HttpServer {
 
 /// Listens on `addr` and serves [`router`] on a thread of its own.
 pub fn start(addr: SocketAddr, state: Arc<HttpState>) -> std::io::Result<HttpServer> {
+    start_router(addr, router(state))
+}
+
+/// Listens on `addr` and serves `app` (any of the project's routers) on a thread of its own.
+pub fn start_router(addr: SocketAddr, app: Router) -> std::io::Result<HttpServer> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
@@ -105,7 +110,7 @@ pub fn start(addr: SocketAddr, state: Arc<HttpState>) -> std::io::Result<HttpSer
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                     return;
                 };
-                let _ = axum::serve(listener, router(state))
+                let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         let _ = stopped.await;
                     })

@@ -86,6 +86,19 @@ impl Default for Limits {
     }
 }
 
+/// `[inbound]`: the bounce, complaint and unsubscribe receiver (README "Bounces, complaints
+/// and unsubscribes") beside the injection listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundSection {
+    /// Where bounces, feedback reports and unsubscribe mail arrive over SMTP.
+    pub smtp: SocketAddr,
+    /// Where one-click unsubscribe POSTs (RFC 8058) and the inbound `/metrics` are served.
+    pub http: Option<SocketAddr>,
+    /// The inbound configuration file (suppression, quarantine, campaigns).
+    pub config: PathBuf,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +106,7 @@ struct File {
     hostname: Option<String>,
     spool: Option<PathBuf>,
     http: Option<String>,
+    inbound: Option<InboundSection>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -110,6 +124,7 @@ pub struct ServeConfig {
     /// Where HTTP injection (`POST /v1/messages`) and `GET /metrics` listen, on the custody
     /// engine (needs `spool`).
     pub http: Option<std::net::SocketAddr>,
+    pub inbound: Option<InboundSection>,
     pub limits: Limits,
     pub listeners: Vec<ListenerConfig>,
     /// The `[delivery]` table as an engine file.
@@ -193,6 +208,7 @@ impl ServeConfig {
             hostname: file.hostname.unwrap_or_else(|| "localhost".to_owned()),
             spool: file.spool,
             http,
+            inbound: file.inbound,
             limits: file.limits,
             listeners: file.listener,
             delivery,

@@ -34,6 +34,8 @@ pub struct ServeHandle {
     loops: Vec<(Arc<Waker>, JoinHandle<io::Result<()>>)>,
     engines: Vec<Arc<Dispatcher>>,
     http: Option<crate::http::HttpServer>,
+    inbound: Option<crate::inbound::listener::SmtpListener>,
+    inbound_http: Option<crate::http::HttpServer>,
 }
 
 /// Starts every listener of `config`; errors name the listener or the key.
@@ -78,7 +80,29 @@ pub fn start(config: &ServeConfig) -> Result<ServeHandle, String> {
         loops: Vec::new(),
         engines: custody.iter().chain(pass_through.iter()).cloned().collect(),
         http: None,
+        inbound: None,
+        inbound_http: None,
     };
+    if let Some(section) = &config.inbound {
+        let inbound_config = crate::inbound::InboundConfig::load(&section.config)
+            .map_err(|e| format!("serve: [inbound] config: {e}"))?;
+        let inbound = crate::inbound::Inbound::open(&inbound_config)
+            .map_err(|e| format!("serve: [inbound]: {e}"))?;
+        let state = Arc::new(std::sync::Mutex::new(inbound));
+        let smtp = crate::inbound::listener::SmtpListener::start(
+            section.smtp,
+            Arc::clone(&state),
+            &config.hostname,
+        )
+        .map_err(|e| format!("serve: [inbound] smtp {}: {e}", section.smtp))?;
+        handle.inbound = Some(smtp);
+        if let Some(addr) = section.http {
+            let app = crate::inbound::unsubscribe::router(state);
+            let server = crate::http::start_router(addr, app)
+                .map_err(|e| format!("serve: [inbound] http {addr}: {e}"))?;
+            handle.inbound_http = Some(server);
+        }
+    }
     if let (Some(addr), Some(engine)) = (config.http, &custody) {
         let state = crate::http::HttpState::new(Arc::clone(engine), &config.hostname);
         let server = crate::http::start(addr, state)
@@ -156,6 +180,14 @@ impl ServeHandle {
         &self.addrs
     }
 
+    /// Where the inbound SMTP and HTTP listeners listen, when the file has `[inbound]`.
+    pub fn inbound_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (
+            self.inbound.as_ref().map(|l| l.local_addr()),
+            self.inbound_http.as_ref().map(|h| h.local_addr()),
+        )
+    }
+
     /// Where HTTP injection listens, when the file has `http`.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(|h| h.local_addr())
@@ -174,6 +206,12 @@ impl ServeHandle {
     fn stop_loops(&mut self) {
         if let Some(http) = self.http.take() {
             http.stop();
+        }
+        if let Some(http) = self.inbound_http.take() {
+            http.stop();
+        }
+        if let Some(smtp) = self.inbound.take() {
+            smtp.stop();
         }
         self.stop.store(true, Ordering::Release);
         for (waker, thread) in self.loops.drain(..) {
