@@ -194,3 +194,59 @@ fn bad_input_is_refused_with_the_field_named() {
     assert_eq!(answer["accepted_ids"], json!([]));
     server.stop();
 }
+
+#[test]
+fn the_queue_tools_answer_over_http_on_a_running_spool() {
+    // A relay that refuses connections: everything posted is deferred and stays queued.
+    let down: SocketAddr = format!("127.0.0.1:{}", util::free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let (d, server) = serve(down, true);
+    let addr = server.local_addr();
+    for who in ["ann@example.net", "bob@example.net"] {
+        let (status, answer) = post(
+            addr,
+            &json!({"from": "news@example.org", "recipients": [who], "raw": "Subject: q\r\n\r\nx\r\n"}),
+        );
+        assert_eq!(status, 202, "{answer}");
+    }
+    // Both deferred (the list shows what `mxpipe queue list` shows: id, sender, counts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let (status, body) = request(addr, "GET", "/v1/queue", "");
+        assert_eq!(status, 200, "{body}");
+        let text = serde_json::from_str::<Value>(&body).unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if text.matches("news@example.org").count() == 2 && d.stats().deferred >= 2 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never deferred: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(listed.contains("1/1"), "{listed}");
+    let (status, body) = request(addr, "GET", "/v1/queue/1", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ann@example.net"), "{body}");
+    // Deleting message 2 finishes its recipient as deleted, and it leaves the list.
+    let (status, body) = request(addr, "DELETE", "/v1/queue/2", "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(addr, "GET", "/v1/queue/999", "");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("999"), "{body}");
+    let (status, body) = request(addr, "GET", "/v1/queue/stats", "");
+    assert_eq!(status, 200, "{body}");
+    server.stop();
+    d.shutdown();
+    // Without a spool there is no queue to show.
+    let (d, server) = serve(down, false);
+    let (status, body) = request(server.local_addr(), "GET", "/v1/queue", "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no spool"), "{body}");
+    server.stop();
+    d.shutdown();
+}

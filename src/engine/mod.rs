@@ -848,6 +848,15 @@ impl Dispatcher {
         }
     }
 
+    /// With a spool: runs a queue command on it (as `mxpipe queue` through its control
+    /// socket); `None` without a spool.
+    pub fn queue_control(
+        &self,
+        command: crate::spool::admin::QueueCommand,
+    ) -> Option<crate::spool::control::Response> {
+        self.spool.as_ref().map(|s| s.control(command))
+    }
+
     /// With a spool: what opening it found (work recovered, records torn or set aside).
     pub fn spool_report(&self) -> Option<&crate::spool::RecoveryReport> {
         self.spool.as_ref().map(|s| s.report())

@@ -13,8 +13,9 @@ pub mod document;
 
 use crate::engine::Dispatcher;
 use crate::error::Error;
+use crate::spool::admin::QueueCommand;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,11 +46,18 @@ impl HttpState {
     }
 }
 
-/// The routes: `POST /v1/messages`, `GET /metrics`.
+/// The routes: `POST /v1/messages`, `GET /metrics`, and the queue tools on the spool
+/// (`GET /v1/queue`, `GET /v1/queue/stats`, `GET /v1/queue/{id}`, `POST /v1/queue/retry`,
+/// `POST /v1/queue/{id}/retry`, `DELETE /v1/queue/{id}`).
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/messages", post(post_messages))
         .route("/metrics", get(metrics))
+        .route("/v1/queue", get(queue_list))
+        .route("/v1/queue/stats", get(queue_stats))
+        .route("/v1/queue/retry", post(queue_retry_all))
+        .route("/v1/queue/{id}", get(queue_show).delete(queue_delete))
+        .route("/v1/queue/{id}/retry", post(queue_retry))
         .layer(DefaultBodyLimit::max(MAX_REQUEST))
         .with_state(state)
 }
@@ -122,6 +130,43 @@ pub fn start_router(addr: SocketAddr, app: Router) -> std::io::Result<HttpServer
         stop: Some(stop),
         thread: Some(thread),
     })
+}
+
+/// A queue command's answer: 200 with the text `mxpipe queue` prints, 400 with why it failed,
+/// 404 when there is no spool.
+fn queue(state: &HttpState, command: QueueCommand) -> Response {
+    match state.dispatcher.queue_control(command) {
+        Some(r) if r.ok => answer(StatusCode::OK, json!({ "text": r.text })),
+        Some(r) => answer(StatusCode::BAD_REQUEST, json!({ "error": r.text })),
+        None => answer(
+            StatusCode::NOT_FOUND,
+            json!({ "error": "no spool: the queue tools need one" }),
+        ),
+    }
+}
+
+async fn queue_list(State(state): State<Arc<HttpState>>) -> Response {
+    queue(&state, QueueCommand::List)
+}
+
+async fn queue_stats(State(state): State<Arc<HttpState>>) -> Response {
+    queue(&state, QueueCommand::Stats)
+}
+
+async fn queue_retry_all(State(state): State<Arc<HttpState>>) -> Response {
+    queue(&state, QueueCommand::Retry(None))
+}
+
+async fn queue_show(State(state): State<Arc<HttpState>>, Path(id): Path<u64>) -> Response {
+    queue(&state, QueueCommand::Show(id))
+}
+
+async fn queue_delete(State(state): State<Arc<HttpState>>, Path(id): Path<u64>) -> Response {
+    queue(&state, QueueCommand::Delete(id))
+}
+
+async fn queue_retry(State(state): State<Arc<HttpState>>, Path(id): Path<u64>) -> Response {
+    queue(&state, QueueCommand::Retry(Some(id)))
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {

@@ -354,6 +354,15 @@ impl Spool {
     }
 
     /// What opening found (counts of recovered, removed, torn and corrupt records).
+    /// Runs a queue command (list, show, retry, delete, stats) on this running spool: what its
+    /// control socket answers, for other endpoints (HTTP) to serve.
+    pub fn control(&self, command: admin::QueueCommand) -> control::Response {
+        let orders = self.work_tx.clone();
+        control::handle(command, &self.config.dir, &move |order| {
+            let _ = orders.send(Work::Order(order));
+        })
+    }
+
     pub fn report(&self) -> &RecoveryReport {
         &self.report
     }

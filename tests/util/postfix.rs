@@ -240,6 +240,18 @@ impl Postfix {
         }
     }
 
+    /// Asks the queue manager to try every deferred message now (`postqueue -f`).
+    pub fn flush(&self) {
+        let ok = Command::new("/usr/sbin/postqueue")
+            .arg("-c")
+            .arg(&self.dir)
+            .arg("-f")
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "postqueue -f");
+    }
+
     /// The instance's mail log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
