@@ -401,6 +401,7 @@ impl Spool {
             segment_number: 0,
             dir_dirty: false,
             bodies: HashMap::new(),
+            bodies_prune_at: MIN_BODIES_PRUNE,
             next_body_id,
             held: BinaryHeap::new(),
             held_jobs: HashMap::new(),
@@ -619,6 +620,10 @@ struct Writer {
     /// Bodies written to the current segment, by the address of their allocation (checked
     /// against the live `Arc`, so a reused address is never mistaken for the old body).
     bodies: HashMap<usize, (Weak<Body>, u64)>,
+    /// The size of `bodies` at which entries of dropped bodies are removed next: twice what
+    /// was left after the last time, so that with many bodies alive (unique bodies in flight)
+    /// the sweep costs O(1) per body amortized instead of O(n) per body.
+    bodies_prune_at: usize,
     next_body_id: u64,
     /// Recovered work not yet due.
     held: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -628,6 +633,9 @@ struct Writer {
     /// Checkpoints were written (not yet fsynced) since then.
     unsynced_since: Option<Instant>,
 }
+
+/// `Writer::bodies` is never swept below this size.
+const MIN_BODIES_PRUNE: usize = 4096;
 
 /// Messages one batch takes at most.
 const BATCH: usize = 8192;
@@ -727,8 +735,9 @@ impl Writer {
                     let id = self.next_body_id;
                     self.next_body_id += 1;
                     log::encode_body(id, body.as_bytes(), &mut self.buf);
-                    if self.bodies.len() >= 4096 {
+                    if self.bodies.len() >= self.bodies_prune_at {
                         self.bodies.retain(|_, (weak, _)| weak.strong_count() > 0);
+                        self.bodies_prune_at = (2 * self.bodies.len()).max(MIN_BODIES_PRUNE);
                     }
                     self.bodies.insert(key, (Arc::downgrade(body), id));
                     id
@@ -843,6 +852,7 @@ impl Writer {
                 self.segment_number = number;
                 self.dir_dirty = true;
                 self.bodies.clear();
+                self.bodies_prune_at = MIN_BODIES_PRUNE;
             }
             Err(e) => {
                 drop(segment);
