@@ -536,9 +536,21 @@ impl Inbound {
                 pairs.push((campaign, recipient, s));
             }
         } else if let Some(campaign) = self.campaign_by_header(report) {
+            // Without a VERP address the report's own text names the recipient: act only when
+            // the returned original was addressed to it too, so that one damaged or forged
+            // place never suppresses an address.
+            let addressed = |r: &str| {
+                report
+                    .original
+                    .to
+                    .iter()
+                    .any(|to| to.eq_ignore_ascii_case(r))
+            };
             for s in &report.recipients {
                 if let Some(r) = s.original_recipient.as_ref().or(s.final_recipient.as_ref()) {
-                    pairs.push((campaign, r.clone(), s));
+                    if addressed(r) {
+                        pairs.push((campaign, r.clone(), s));
+                    }
                 }
             }
         }
