@@ -64,6 +64,19 @@ impl Keys {
         format!("{}deferred:data", self.prefix)
     }
 
+    /// Adds to `pipe` the removal of deferred recipients `members` (their entry in the sorted
+    /// set and their data), replies ignored.
+    pub fn unpark<M: redis::ToRedisArgs>(&self, pipe: &mut redis::Pipeline, members: M) {
+        pipe.cmd("ZREM")
+            .arg(self.deferred())
+            .arg(&members)
+            .ignore()
+            .cmd("HDEL")
+            .arg(self.deferred_data())
+            .arg(&members)
+            .ignore();
+    }
+
     /// A shared limit's state for a destination (`what`: gcra, throttle).
     pub fn limit(&self, destination: &str, what: &str) -> String {
         format!("{}limit:{destination}:{what}", self.prefix)

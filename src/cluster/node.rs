@@ -728,17 +728,9 @@ impl Node {
             let (member, payload) = (&pair[0], &pair[1]);
             let Ok(parked) = serde_json::from_str::<Parked>(payload) else {
                 eprintln!("mxpipe: node: deferred {member}: unreadable, dropped");
-                let (z, h) = (self.keys.deferred(), self.keys.deferred_data());
-                let _ = link.call(|c| {
-                    redis::pipe()
-                        .cmd("ZREM")
-                        .arg(&z)
-                        .arg(member)
-                        .cmd("HDEL")
-                        .arg(&h)
-                        .arg(member)
-                        .query::<()>(c)
-                });
+                let mut pipe = redis::pipe();
+                self.keys.unpark(&mut pipe, member);
+                let _ = link.call(|c| pipe.query::<()>(c));
                 continue;
             };
             let body = match bodies.get(&parked.body_ref) {
@@ -787,27 +779,16 @@ impl Node {
                         "recipient": parked.to.address(), "status": status, "code": 0,
                         "text": text, "attempts": parked.attempts, "tag": parked.tag,
                         "node": self.config.consumer}]);
-                    let (z, h, o) = (
-                        self.keys.deferred(),
-                        self.keys.deferred_data(),
-                        self.keys.outcomes(),
-                    );
-                    let _ = link.call_until_done(stop, |c| {
-                        redis::pipe()
-                            .atomic()
-                            .cmd("XADD")
-                            .arg(&o)
-                            .arg("*")
-                            .arg("outcomes")
-                            .arg(outcome.to_string())
-                            .cmd("ZREM")
-                            .arg(&z)
-                            .arg(member)
-                            .cmd("HDEL")
-                            .arg(&h)
-                            .arg(member)
-                            .query::<()>(c)
-                    });
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
+                        .cmd("XADD")
+                        .arg(self.keys.outcomes())
+                        .arg("*")
+                        .arg("outcomes")
+                        .arg(outcome.to_string())
+                        .ignore();
+                    self.keys.unpark(&mut pipe, member);
+                    let _ = link.call_until_done(stop, |c| pipe.query::<()>(c));
                 }
             }
         }
@@ -1053,14 +1034,7 @@ impl Writer {
                 .ignore();
         }
         if !batch.unpark.is_empty() {
-            pipe.cmd("ZREM")
-                .arg(self.keys.deferred())
-                .arg(&batch.unpark)
-                .ignore();
-            pipe.cmd("HDEL")
-                .arg(self.keys.deferred_data())
-                .arg(&batch.unpark)
-                .ignore();
+            self.keys.unpark(&mut pipe, &batch.unpark);
         }
         if !batch.acks.is_empty() {
             let ids: Vec<&str> = batch.acks.iter().map(|a| &**a).collect();
