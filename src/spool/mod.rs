@@ -960,20 +960,33 @@ fn errno(e: &io::Error) -> i32 {
 
 fn write_batch(mut file: &File, buf: &[u8]) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
-    fail::fail_point!("spool-write", |_| {
+    if failpoint_hits("spool-write", file) {
         // The disk fills halfway through the batch.
         file.write_all(&buf[..buf.len() / 2])?;
-        Err(io::Error::from_raw_os_error(libc::ENOSPC))
-    });
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
     file.write_all(buf)
 }
 
 fn sync_file(file: &File) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
-    fail::fail_point!("spool-fsync", |_| Err(io::Error::from_raw_os_error(
-        libc::EIO
-    )));
+    if failpoint_hits("spool-fsync", file) {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
     file.sync_data()
+}
+
+/// Whether the failpoint `name` is set for `file`: its action is `return(DIR)`, and it
+/// acts only on files under DIR, so that a fault test never reaches the spools of the tests
+/// running beside it in the same process (failpoints are process-wide).
+#[cfg(feature = "failpoints")]
+fn failpoint_hits(name: &str, file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    let Some(Some(dir)) = fail::eval(name, |arg| arg) else {
+        return false;
+    };
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .is_ok_and(|path| path.starts_with(&dir))
 }
 
 #[cfg(test)]

@@ -368,7 +368,8 @@ mod faults {
     use super::*;
     use crate::error::{Error, SpoolProblem};
 
-    /// The failpoints are process-wide: these tests take turns.
+    /// The failpoints are process-wide: these tests take turns, and each names its own spool
+    /// directory in the action (`return(DIR)`), so that the other tests' spools never fail.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
@@ -380,7 +381,11 @@ mod faults {
         let m = || Message::new("a@example.org", ["b@example.net"], b"x\r\n").unwrap();
         let first = d.submit(m()).unwrap();
         d.sync().unwrap();
-        fail::cfg("spool-fsync", "return").unwrap();
+        fail::cfg(
+            "spool-fsync",
+            &format!("return({})", dir.canonicalize().unwrap().display()),
+        )
+        .unwrap();
         d.submit(m()).unwrap();
         let e = d.sync().unwrap_err();
         fail::remove("spool-fsync");
@@ -408,7 +413,11 @@ mod faults {
         let d = dispatcher(&dir, &s, RetryPolicy::default());
         let m = |to: &str| Message::new("a@example.org", [to], b"x\r\n").unwrap();
         let before = fs::read(last_segment(&dir)).unwrap();
-        fail::cfg("spool-write", "return").unwrap();
+        fail::cfg(
+            "spool-write",
+            &format!("return({})", dir.canonicalize().unwrap().display()),
+        )
+        .unwrap();
         d.submit(m("lost@example.net")).unwrap();
         let e = d.sync().unwrap_err();
         fail::remove("spool-write");
