@@ -407,6 +407,9 @@ enum mxp_result mxp_config_from_toml(const char *toml, struct mxp_config **out);
  * | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6), `mta_sts` (boolean, default true: apply the recipient domains' MTA-STS policies, RFC 8461), `mta_sts_port` (the HTTPS port of policy hosts, default 443; for tests) | direct MX settings; setting any turns direct MX on |
  * | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
  * | `spool_dir` | a directory to keep custody in: a submission is durable once fsynced there, and what is not final survives restarts and crashes |
+ * | `spool_max_bytes` | whole number of octets, at least 1048576 (default 17179869184, 16 GiB): with `spool_dir`, submissions are refused once the spool holds this much |
+ * | `spool_min_free_bytes` | whole number of octets (default 268435456, 256 MiB): with `spool_dir`, submissions are refused while the file system has less free space than this |
+ * | `spool_segment_bytes` | whole number of octets, 4096 to 1099511627776 (default 268435456, 256 MiB): with `spool_dir`, a new segment file is started past this size, and the segments before the last are compacted (finished mail is given back) |
  * | `dsn_reports` | boolean, default true: with `spool_dir`, send the envelope sender a delivery status notification (RFC 3464) for each recipient that bounces or expires, as its NOTIFY asks (never to the null sender) |
  *
  * A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use util::SmtpSink;
 
 const CONNECTIONS: usize = 20;
+const SEGMENT_BYTES: usize = 128 << 10;
 const RECIPIENTS_PER_TRANSACTION: usize = 100;
 const BODY: &[u8] = b"Subject: custody\r\n\r\nsent exactly once, crash or not\r\n";
 
@@ -31,10 +32,21 @@ fn env_number(name: &str, default: usize) -> usize {
 }
 
 fn mxpipe_send(spool: &Path, relay: &str, list: &Path, message: &Path) -> Child {
+    // Small segments, so that kills also fall on rotations and on the compactions of the
+    // running spool (each rewrites the message with the recipients still pending).
+    let config = spool.with_extension("toml");
+    fs::write(
+        &config,
+        format!(
+            "spool_dir = {:?}\nspool_segment_bytes = {SEGMENT_BYTES}\n",
+            spool.display().to_string()
+        ),
+    )
+    .unwrap();
     Command::new(env!("CARGO_BIN_EXE_mxpipe"))
         .arg("send")
-        .arg("--spool")
-        .arg(spool)
+        .arg("--config")
+        .arg(&config)
         .args(["--relay", relay, "--from", "news@example.org", "--to-file"])
         .arg(list)
         .args([

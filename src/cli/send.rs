@@ -55,8 +55,12 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     }
     let body = Body::new(&content).map_err(|e| format!("{}: {e}", args.message.display()))?;
     let list = RecipientList::read(&args.to_file)?;
-    // With a spool, an empty list sends what the spool holds from earlier runs.
-    if list.recipients.is_empty() && args.overrides.delivery.spool.is_none() {
+    let delivery = &args.overrides.delivery;
+    // What the command line gives replaces the --config file's settings; the rest stays.
+    let mut builder = args.overrides.apply(delivery.base_builder()?)?;
+    // With a spool (--spool, or spool_dir in the --config file), an empty list sends what the
+    // spool holds from earlier runs.
+    if list.recipients.is_empty() && builder.config_mut().spool.is_none() {
         return Err(format!("{}: no valid recipients", args.to_file.display()));
     }
     // Output paths are checked before anything is sent.
@@ -69,9 +73,6 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
                 .map_err(|e| format!("--report {}: cannot create: {e}", path.display()))
         })
         .transpose()?;
-    let delivery = &args.overrides.delivery;
-    // What the command line gives replaces the --config file's settings; the rest stays.
-    let mut builder = args.overrides.apply(delivery.base_builder()?)?;
     let max_age = builder.config_mut().retry.max_age;
     // This command reads every outcome: a --config file cannot turn them off.
     let dispatcher = builder
@@ -98,8 +99,9 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         let id = dispatcher
             .submit_timeout(message, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
-        if delivery.spool.is_some() {
-            // Acknowledged only once on disk: a crash from here on loses nothing.
+        if dispatcher.spool_report().is_some() {
+            // Acknowledged only once on disk (a spool of --spool or of the --config file's
+            // spool_dir): a crash from here on loses nothing.
             dispatcher.sync().map_err(|e| e.to_string())?;
             println!("spooled id={id} recipients={total}");
             std::io::stdout().flush().map_err(|e| e.to_string())?;

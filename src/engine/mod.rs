@@ -550,7 +550,11 @@ impl DispatcherBuilder {
     /// it is on disk, and whatever is not final when the process ends is sent by the next one
     /// that opens the spool.
     pub fn spool(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.config.spool = Some(crate::spool::SpoolConfig::new(dir));
+        // Sizes set before (a config file's, when `--spool` names the directory) stay.
+        match &mut self.config.spool {
+            Some(spool) => spool.dir = dir.into(),
+            None => self.config.spool = Some(crate::spool::SpoolConfig::new(dir)),
+        }
         self
     }
 

@@ -40,6 +40,9 @@ pub(crate) struct Settings {
     auth_user: Option<String>,
     auth_secret: Option<Secret>,
     classify_rules: Vec<Rule>,
+    /// `spool_max_bytes`, `spool_min_free_bytes`, `spool_segment_bytes`, kept until
+    /// `spool_dir` is known too.
+    spool_sizes: [Option<u64>; 3],
     config: Config,
 }
 
@@ -90,6 +93,9 @@ const KEYS: &[&str] = &[
     "tls_verify",
     "tls_ca_file",
     "spool_dir",
+    "spool_max_bytes",
+    "spool_min_free_bytes",
+    "spool_segment_bytes",
     "dsn_reports",
     "auth_user",
     "auth_password",
@@ -544,6 +550,9 @@ impl Settings {
                 }
                 c.spool = Some(crate::spool::SpoolConfig::new(value));
             }
+            "spool_max_bytes" => self.spool_sizes[0] = Some(count(1 << 20, u64::MAX >> 1)?),
+            "spool_min_free_bytes" => self.spool_sizes[1] = Some(count(0, u64::MAX >> 1)?),
+            "spool_segment_bytes" => self.spool_sizes[2] = Some(count(1 << 12, 1 << 40)?),
             "auth_user" | "auth_password" | "auth_oauth2_token" => {
                 // RFC 4954 mechanisms cannot carry CR or LF (NUL cannot reach here).
                 if value.is_empty() || value.bytes().any(|b| b == b'\r' || b == b'\n') {
@@ -696,6 +705,26 @@ impl Settings {
         }
         let config_error =
             |message: &str| FfiError::new(mxp_result::MXP_ERR_INVALID_CONFIG, message.to_string());
+        let [max_bytes, min_free_bytes, segment_bytes] = self.spool_sizes;
+        let sizes = [
+            ("spool_max_bytes", max_bytes),
+            ("spool_min_free_bytes", min_free_bytes),
+            ("spool_segment_bytes", segment_bytes),
+        ];
+        match builder.config_mut().spool.as_mut() {
+            Some(spool) => {
+                spool.max_bytes = max_bytes.unwrap_or(spool.max_bytes);
+                spool.min_free_bytes = min_free_bytes.unwrap_or(spool.min_free_bytes);
+                spool.segment_bytes = segment_bytes.unwrap_or(spool.segment_bytes);
+            }
+            None => {
+                if let Some((key, _)) = sizes.iter().find(|(_, v)| v.is_some()) {
+                    return Err(config_error(&format!(
+                        "config {key}: set spool_dir as well"
+                    )));
+                }
+            }
+        }
         match (&self.auth_user, &self.auth_secret) {
             (None, None) => {}
             (Some(user), Some(secret)) => {
@@ -855,6 +884,9 @@ pub unsafe extern "C" fn mxp_config_from_toml(
 /// | `mx_nameservers` (comma-separated ip or ip:port), `mx_smtp_port`, `mx_ipv4`, `mx_ipv6`, `mx_max_hosts`, `mx_max_addresses`, `mx_timeout`, `mx_cache_capacity`, `mx_allow_loopback` (deliver to MX hosts on this machine; off: they bounce 5.4.6), `mta_sts` (boolean, default true: apply the recipient domains' MTA-STS policies, RFC 8461), `mta_sts_port` (the HTTPS port of policy hosts, default 443; for tests) | direct MX settings; setting any turns direct MX on |
 /// | `trace_file` | a file to write every connection's SMTP dialogue to (created now; AUTH secrets and message content redacted) |
 /// | `spool_dir` | a directory to keep custody in: a submission is durable once fsynced there, and what is not final survives restarts and crashes |
+/// | `spool_max_bytes` | whole number of octets, at least 1048576 (default 17179869184, 16 GiB): with `spool_dir`, submissions are refused once the spool holds this much |
+/// | `spool_min_free_bytes` | whole number of octets (default 268435456, 256 MiB): with `spool_dir`, submissions are refused while the file system has less free space than this |
+/// | `spool_segment_bytes` | whole number of octets, 4096 to 1099511627776 (default 268435456, 256 MiB): with `spool_dir`, a new segment file is started past this size, and the segments before the last are compacted (finished mail is given back) |
 /// | `dsn_reports` | boolean, default true: with `spool_dir`, send the envelope sender a delivery status notification (RFC 3464) for each recipient that bounces or expires, as its NOTIFY asks (never to the null sender) |
 ///
 /// A duration is a number of seconds ("30", "0.5") or a number with a unit: "250ms", "30s",
@@ -959,6 +991,9 @@ mod tests {
             ("tls_verify", "no"),
             ("tls_ca_file", "/etc/ssl/ca.pem"),
             ("spool_dir", "/var/spool/mxpipe"),
+            ("spool_max_bytes", "1073741824"),
+            ("spool_min_free_bytes", "0"),
+            ("spool_segment_bytes", "65536"),
             ("dsn_reports", "off"),
             ("auth_user", "bulk"),
             ("auth_password", "s3cret"),
@@ -1046,6 +1081,36 @@ mod tests {
         assert_eq!(
             e,
             "config auth_password: \"(secret)\" is empty or contains CR or LF"
+        );
+    }
+
+    #[test]
+    fn spool_sizes_need_a_spool_and_apply_in_any_order() {
+        let mut s = Settings::default();
+        set(&mut s, "relay", "127.0.0.1:25").unwrap();
+        assert_eq!(
+            set(&mut s, "spool_segment_bytes", "100").unwrap_err(),
+            "config spool_segment_bytes: \"100\" is not a whole number from 4096 to 1099511627776"
+        );
+        set(&mut s, "spool_segment_bytes", "65536").unwrap();
+        assert_eq!(
+            s.builder().err().map(|e| e.message.into_owned()),
+            Some("config spool_segment_bytes: set spool_dir as well".to_string())
+        );
+        set(&mut s, "spool_max_bytes", "2097152").unwrap();
+        set(&mut s, "spool_dir", "/var/spool/mxpipe").unwrap();
+        let mut b = s.builder().unwrap();
+        let spool = b.config_mut().spool.clone().unwrap();
+        assert_eq!(
+            (spool.segment_bytes, spool.max_bytes, spool.min_free_bytes),
+            (65536, 2097152, 256 << 20)
+        );
+        // `--spool DIR` names another directory: the sizes stay.
+        let mut b = b.spool("/tmp/elsewhere");
+        let spool = b.config_mut().spool.clone().unwrap();
+        assert_eq!(
+            (spool.dir, spool.segment_bytes),
+            ("/tmp/elsewhere".into(), 65536)
         );
     }
 

@@ -12,7 +12,11 @@
 //! Opening a spool ([`Spool::open`]) locks its directory (one process at a time), reads every
 //! segment ([`store::State::load`]), writes what is still pending into a fresh segment and
 //! deletes the old ones; the writer then re-queues every pending recipient with its attempts,
-//! holding back those whose retry is not yet due. A write or fsync error stops the spool
+//! holding back those whose retry is not yet due. While it runs, each rotation to a new
+//! segment (past `segment_bytes`) starts a compaction on a thread of its own: the segments
+//! before the one just left are read, what is live in them is written as one segment (into a
+//! number every rotation skips, so that it sorts before the checkpoints written since) and
+//! they are deleted, so finished mail gives its space back without a restart. A write or fsync error stops the spool
 //! taking anything more (an fsync that failed is never retried and trusted); the size limit
 //! and the free-space floor refuse new submissions at the door. Nothing here touches a socket.
 
@@ -121,6 +125,12 @@ pub struct SpoolStats {
     pub messages: AtomicU64,
     /// Checkpoint records written.
     pub checkpoints: AtomicU64,
+    /// Compactions of the running spool finished (sealed segments rewritten and deleted).
+    pub compactions: AtomicU64,
+    /// Octets those compactions gave back (segments deleted less the segment written).
+    pub reclaimed_bytes: AtomicU64,
+    /// Compactions that stopped on an error (the segments they read are kept).
+    pub compaction_errors: AtomicU64,
 }
 
 /// What the writer shares with submitters.
@@ -298,6 +308,12 @@ impl Spool {
     /// recovered work when [`Spool::start`] runs.
     pub fn open(config: SpoolConfig) -> Result<Spool> {
         let lock = lock_dir(&config.dir)?;
+        // A compaction the last process did not finish: its segments are all still there.
+        for entry in std::fs::read_dir(&config.dir)?.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".log.tmp") {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
         let mut state = store::State::load(&config.dir)?;
         let (_, file, size) = state.compact(&config.dir)?;
         let report = RecoveryReport {
@@ -408,6 +424,9 @@ impl Spool {
             held_seq: 0,
             buf: Vec::with_capacity(1 << 20),
             unsynced_since: None,
+            compaction: None,
+            sealed: None,
+            compacted_into: 0,
         };
         writer.segment_number = log::segments(&self.config.dir)?
             .last()
@@ -632,6 +651,20 @@ struct Writer {
     buf: Vec<u8>,
     /// Checkpoints were written (not yet fsynced) since then.
     unsynced_since: Option<Instant>,
+    /// The compaction under way, on a thread of its own.
+    compaction: Option<JoinHandle<io::Result<Compacted>>>,
+    /// The segment left at the last rotation.
+    sealed: Option<u64>,
+    /// The segment the last compaction started wrote into.
+    compacted_into: u64,
+}
+
+/// What a compaction of the running spool did.
+struct Compacted {
+    /// Octets in the segments it deleted.
+    deleted: u64,
+    /// Octets in the segment it wrote.
+    written: u64,
 }
 
 /// `Writer::bodies` is never swept below this size.
@@ -694,9 +727,68 @@ impl Writer {
             }
             self.commit(&mut batch, stop);
             self.release_due();
+            self.reap_compaction(stop);
             if stop {
                 break;
             }
+        }
+    }
+
+    /// Takes the result of a finished compaction (waits for it when `wait`): the octets it
+    /// gave back leave the size count.
+    fn reap_compaction(&mut self, wait: bool) {
+        if !wait && !self.compaction.as_ref().is_some_and(|c| c.is_finished()) {
+            return;
+        }
+        let Some(handle) = self.compaction.take() else {
+            return;
+        };
+        let stats = &self.shared.stats;
+        match handle.join() {
+            Ok(Ok(done)) => {
+                let bytes = &self.shared.bytes;
+                bytes.fetch_add(done.written, Ordering::Relaxed);
+                let _ = bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some(b.saturating_sub(done.deleted))
+                });
+                stats.compactions.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .reclaimed_bytes
+                    .fetch_add(done.deleted.saturating_sub(done.written), Ordering::Relaxed);
+            }
+            Ok(Err(_)) | Err(_) => {
+                stats.compaction_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Rotations while it ran left segments for the next one.
+        if !wait {
+            self.compact_if_due();
+        }
+    }
+
+    /// Starts a compaction unless one is under way or the last one covered everything it
+    /// may: every segment before the one sealed last (which still holds mail in flight) goes
+    /// into the number skipped when that one was started.
+    fn compact_if_due(&mut self) {
+        let Some(sealed) = self.sealed else {
+            return;
+        };
+        if self.compaction.is_some() || sealed < 3 || self.compacted_into >= sealed - 1 {
+            return;
+        }
+        self.compacted_into = sealed - 1;
+        self.start_compaction(sealed - 2, sealed - 1);
+    }
+
+    /// Starts compacting every segment numbered up to `last` into segment `into`, which sorts
+    /// after them and before every segment written since.
+    fn start_compaction(&mut self, last: u64, into: u64) {
+        let dir = self.dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mxpipe-compact".into())
+            .spawn(move || compact_sealed(&dir, last, into));
+        if let Ok(handle) = spawned {
+            self.compaction = Some(handle);
         }
     }
 
@@ -838,7 +930,9 @@ impl Writer {
             return;
         }
         self.unsynced_since = None;
-        let number = self.segment_number + 1;
+        // Every rotation skips a number, for a later compaction to write into: a compacted
+        // segment must sort after the segments it replaces and before the ones written since.
+        let number = self.segment_number + 2;
         match std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -849,10 +943,13 @@ impl Writer {
                     file: Arc::new(file),
                     size: 0,
                 };
+                self.sealed = Some(self.segment_number);
                 self.segment_number = number;
                 self.dir_dirty = true;
                 self.bodies.clear();
                 self.bodies_prune_at = MIN_BODIES_PRUNE;
+                drop(segment);
+                self.compact_if_due();
             }
             Err(e) => {
                 drop(segment);
@@ -951,6 +1048,34 @@ impl Writer {
             }
         }
     }
+}
+
+/// Compacts the running spool: reads the sealed segments (numbered up to `last`, fsynced and
+/// never appended to again), writes what is live in them as segment `into` and deletes them.
+/// A segment with a torn or corrupt record is left alone for the next start, which reports it.
+/// With nothing to compact, or `into` taken, it does nothing.
+fn compact_sealed(dir: &Path, last: u64, into: u64) -> io::Result<Compacted> {
+    let segments = log::segments(dir)?;
+    let sealed: Vec<(u64, PathBuf)> = segments
+        .iter()
+        .filter(|(n, _)| *n <= last)
+        .cloned()
+        .collect();
+    if sealed.is_empty() || segments.iter().any(|(n, _)| *n == into) {
+        return Ok(Compacted {
+            deleted: 0,
+            written: 0,
+        });
+    }
+    let state = store::State::load_segments(dir, sealed)?;
+    if state.issues.torn > 0 || state.issues.corrupt > 0 {
+        return Err(io::Error::other("a sealed segment has a damaged record"));
+    }
+    let written = state.rewrite_as(dir, into)?;
+    Ok(Compacted {
+        deleted: state.bytes,
+        written,
+    })
 }
 
 /// The OS error number of `e` (0 when it has none).

@@ -5,6 +5,7 @@
 //! writes the live part into a fresh segment, fsyncs it and its directory, and only then
 //! deletes the old segments (a crash between the two leaves both, and reading both gives the
 //! same state: a message record met again replaces the recipient list, checkpoints stay).
+//! [`State::rewrite_as`] does the same for a running spool, over the sealed segments only.
 
 use super::log::{self, Mark, ReadIssues, Record};
 use std::collections::{BTreeMap, HashMap};
@@ -72,20 +73,31 @@ pub struct State {
 }
 
 impl State {
-    /// Reads every segment of `dir`.
+    /// Reads every segment of `dir`. A segment that a running compaction deletes while this
+    /// reads (the queue tools on a running spool) starts the reading over.
     pub fn load(dir: &Path) -> io::Result<State> {
+        let mut tries = 0;
+        loop {
+            match State::load_segments(dir, log::segments(dir)?) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 10 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads the given segments of `dir`, in order.
+    pub fn load_segments(dir: &Path, segments: Vec<(u64, PathBuf)>) -> io::Result<State> {
         let mut state = State {
             next_id: 1,
             next_body_id: 1,
             ..State::default()
         };
-        state.segments = log::segments(dir)?;
-        let segments = state.segments.clone();
         let mut issues = ReadIssues::default();
         for (_, path) in &segments {
             state.bytes += fs::metadata(path)?.len();
             log::read_segment(dir, path, &mut issues, |r| state.apply(r))?;
         }
+        state.segments = segments;
         state.issues = issues;
         let before = state.messages.len();
         let bodies_used: std::collections::HashSet<u64> = {
@@ -183,8 +195,9 @@ impl State {
         }
     }
 
-    /// Writes the live state to segment `number` (fsynced, directory too) and deletes the
-    /// segments read. Returns the new segment, open for appending, and its size.
+    /// Writes the live state to a new segment after the last one read (fsynced, directory
+    /// too) and deletes the segments read. Returns the new segment, open for appending, and its
+    /// size.
     pub fn compact(&mut self, dir: &Path) -> io::Result<(u64, File, u64)> {
         let number = self.segments.last().map_or(1, |(n, _)| n + 1);
         let path = log::segment_path(dir, number);
@@ -192,6 +205,67 @@ impl State {
             .create_new(true)
             .append(true)
             .open(&path)?;
+        let size = self.encode_live(|buf| file.write_all(buf))?;
+        file.sync_all()?;
+        log::sync_dir(dir)?;
+        self.delete_segments_read(dir)?;
+        // The live state is now what the new segment says: forget what was dropped.
+        for m in self.messages.values_mut() {
+            let StoredMessage {
+                recipients,
+                checkpoints,
+                ..
+            } = m;
+            recipients.retain(|r| !checkpoints.get(r).is_some_and(|c| c.mark.is_final()));
+            checkpoints.retain(|_, c| !c.mark.is_final());
+        }
+        self.segments.push((number, path));
+        self.bytes = size;
+        Ok((number, file, size))
+    }
+
+    /// The compaction of a running spool: writes the live state of the segments read as
+    /// segment `number` (under a temporary name, fsynced, then renamed and the directory
+    /// fsynced), then deletes the segments read. `number` must sort after every segment read
+    /// and before every segment written since they were read, so that the checkpoints written
+    /// since then still come after the messages they name. A crash before the rename leaves
+    /// the old segments; after it, old and new together read as the same state (a message
+    /// record met again replaces the recipient list, checkpoints stay). Returns the size of
+    /// the new segment.
+    pub fn rewrite_as(&self, dir: &Path, number: u64) -> io::Result<u64> {
+        let path = log::segment_path(dir, number);
+        let temporary = path.with_extension("log.tmp");
+        let written: io::Result<u64> = (|| {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&temporary)?;
+            let size = self.encode_live(|buf| file.write_all(buf))?;
+            file.sync_all()?;
+            fs::rename(&temporary, &path)?;
+            log::sync_dir(dir)?;
+            Ok(size)
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&temporary);
+        }
+        let size = written?;
+        self.delete_segments_read(dir)?;
+        Ok(size)
+    }
+
+    fn delete_segments_read(&self, dir: &Path) -> io::Result<()> {
+        for (_, old) in &self.segments {
+            fs::remove_file(old)?;
+        }
+        log::sync_dir(dir)
+    }
+
+    /// Encodes what is live (the identifier floor; each pending message with its body, DSN
+    /// request and the last deferral of each pending recipient), handing `out` about 1 MiB at
+    /// a time. Returns the octets handed.
+    fn encode_live(&self, mut out: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<u64> {
         let mut buf = Vec::with_capacity(1 << 20);
         let mut size = 0u64;
         log::encode(
@@ -241,32 +315,14 @@ impl State {
                 }
             }
             if buf.len() >= 1 << 20 {
-                file.write_all(&buf)?;
+                out(&buf)?;
                 size += buf.len() as u64;
                 buf.clear();
             }
         }
-        file.write_all(&buf)?;
+        out(&buf)?;
         size += buf.len() as u64;
-        file.sync_all()?;
-        log::sync_dir(dir)?;
-        for (_, old) in self.segments.drain(..) {
-            fs::remove_file(old)?;
-        }
-        log::sync_dir(dir)?;
-        // The live state is now what the new segment says: forget what was dropped.
-        for m in self.messages.values_mut() {
-            let StoredMessage {
-                recipients,
-                checkpoints,
-                ..
-            } = m;
-            recipients.retain(|r| !checkpoints.get(r).is_some_and(|c| c.mark.is_final()));
-            checkpoints.retain(|_, c| !c.mark.is_final());
-        }
-        self.segments.push((number, path));
-        self.bytes = size;
-        Ok((number, file, size))
+        Ok(size)
     }
 }
 

@@ -146,6 +146,101 @@ fn deferred_recipients_survive_a_clean_exit_and_are_retried_by_the_next_process(
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// The octets in the segment files of `dir`.
+fn segment_bytes(dir: &Path) -> u64 {
+    log::segments(dir)
+        .unwrap()
+        .iter()
+        .map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len()))
+        .sum()
+}
+
+#[test]
+fn a_running_spool_gives_back_the_segments_of_finished_mail() {
+    let dir = tempdir("reclaim");
+    let busy = sink(Faults {
+        tempfail_rcpt: vec!["busy".into()],
+        ..Faults::default()
+    });
+    let mut builder = Dispatcher::builder()
+        .relay(&busy.local_addr().to_string())
+        .ehlo_name("sender.example.org")
+        .retry(RetryPolicy::default())
+        .spool(&dir);
+    builder.config_mut().spool.as_mut().unwrap().segment_bytes = 16 << 10;
+    let d = builder.start().unwrap();
+    // The first message stays deferred (its retry an hour away) in the first segment, through
+    // every compaction.
+    let kept = d
+        .submit(
+            Message::new(
+                "news@example.org",
+                ["ok@example.net", "busy@example.net"],
+                b"Subject: kept\r\n\r\nkept\r\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    d.sync().unwrap();
+    let mut written = 0u64;
+    for i in 0..2_000u32 {
+        let body = format!("Subject: n{i}\r\n\r\n{}\r\n", "x".repeat(300));
+        written += body.len() as u64;
+        let to = format!("r{i}@example.net");
+        d.submit(Message::new("news@example.org", [to.as_str()], body.as_bytes()).unwrap())
+            .unwrap();
+        if i % 20 == 19 {
+            d.sync().unwrap();
+            d.flush();
+        }
+    }
+    d.sync().unwrap();
+    d.flush();
+    let stats = d.spool_stats().unwrap();
+    assert!(stats.compactions.load(std::sync::atomic::Ordering::Relaxed) >= 10);
+    assert_eq!(
+        stats
+            .compaction_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // What is left: the compacted live message, the current segment and the segments sealed
+    // since the last compaction; not the 600 KB of delivered mail.
+    let left = segment_bytes(&dir);
+    assert!(
+        written > 600_000 && left < 100_000,
+        "{left} octets left of {written}"
+    );
+    drop(d);
+    // The next process sends only the deferred recipient, with its attempt counted.
+    assert_eq!(busy.stats().recipients, 2_001);
+    let shown = queue(&dir, QueueCommand::Show(kept));
+    assert!(
+        shown.contains("<busy@example.net> deferred attempts=1"),
+        "{shown}"
+    );
+    assert_eq!(
+        queue(&dir, QueueCommand::Retry(None)),
+        "1 messages due now\n"
+    );
+    let open = sink(Faults::default());
+    let d = dispatcher(&dir, &open, quick_retry());
+    let report = d.spool_report().unwrap().clone();
+    assert_eq!(
+        (
+            report.messages,
+            report.recipients,
+            report.corrupt,
+            report.torn
+        ),
+        (1, 1, 0, 0)
+    );
+    assert!(d.wait_final(Duration::from_secs(20)));
+    drop(d);
+    assert_eq!(open.stats().recipients, 1);
+    let _ = fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_spool_is_held_by_one_process_at_a_time() {
     let dir = tempdir("lock");
