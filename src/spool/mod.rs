@@ -670,6 +670,9 @@ struct Compacted {
 /// `Writer::bodies` is never swept below this size.
 const MIN_BODIES_PRUNE: usize = 4096;
 
+/// How often the writer looks whether a compaction has finished.
+const COMPACTION_POLL: Duration = Duration::from_millis(50);
+
 /// Messages one batch takes at most.
 const BATCH: usize = 8192;
 /// Checkpoints alone are written at once but fsynced at most this long after: a kill loses
@@ -692,6 +695,9 @@ impl Writer {
             let timeout = [
                 self.held.peek().map(|Reverse((t, _))| *t),
                 self.unsynced_since.map(|t| t + CHECKPOINT_SYNC),
+                // A compaction under way is looked at again soon (its result, and the next
+                // one the rotations since may call for).
+                self.compaction.as_ref().map(|_| now + COMPACTION_POLL),
             ]
             .into_iter()
             .flatten()
