@@ -118,9 +118,9 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
                 dispatcher.flush();
             }
             let _ = done_tx.send(());
-        });
+        })
     };
-    wait(Arc::clone(&dispatcher), args.wait_final);
+    let first_wait = wait(Arc::clone(&dispatcher), args.wait_final);
     let mut outcomes = Outcomes::default();
     let mut write = |report: &mut Option<BufWriter<File>>, event: &Event| {
         if let Some(line) = outcomes.take(event) {
@@ -147,7 +147,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
             // Stop taking new work: what is in flight gets the grace period, and a recipient
             // waiting for a retry is not waited for.
             deadline = Some(Instant::now() + signal::GRACE);
-            wait(Arc::clone(&dispatcher), false);
+            let _ = wait(Arc::clone(&dispatcher), false);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -159,6 +159,11 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         std::mem::forget(Arc::clone(&dispatcher));
     } else {
         dispatcher.shutdown();
+        // It has sent `done`: once it has ended, this is the last reference, and dropping it
+        // at the end of the command waits for the loops (their QUITs, the trace's last lines)
+        // and writes the spool's last checkpoints. Without the join, the process could exit
+        // while that thread still held it, and skip all of that.
+        let _ = first_wait.join();
     }
     for event in events.try_iter() {
         write(&mut report, &event)?;
