@@ -3,15 +3,16 @@
 //!
 //! The message goes out as given, except that a missing `Date` or `Message-ID` is added (RFC
 //! 5322 3.6 requires both; Postfix's cleanup and swaks add them too). The report gets one line
-//! per final outcome as it happens, flushed, so a run that is stopped keeps what it learnt; a
-//! recipient still deferred when the run ends gets a `not_final` line and is named in the
-//! summary. This module must not build MIME; it only completes the header section.
+//! per final outcome as it happens, flushed whenever no more outcomes are waiting, so a run
+//! that is stopped keeps what it learnt; a recipient still deferred when the run ends gets a
+//! `not_final` line and is named in the summary. This module must not build MIME; it only completes the header section.
 
 use super::options::{serve_metrics, Overrides};
-use super::{event_value, signal, CliResult};
+use super::{event_json, event_value, signal, CliResult};
 use mxpipe::engine::{Dispatcher, Event, EventKind};
 use mxpipe::message::mime::{format_date, is_valid_header_name, new_message_id};
 use mxpipe::message::{Address, Body, Message};
+use mxpipe::smtp::Reply;
 use mxpipe::Error;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -88,11 +89,8 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         eprintln!("{recovered}");
     }
     let total = list.recipients.len() as u64;
-    let all: Vec<String> = list
-        .recipients
-        .iter()
-        .map(|a| a.as_str().to_string())
-        .collect();
+    // Clones of an address share its text: the list costs a pointer per recipient.
+    let all: Vec<Address> = list.recipients.clone();
     if total > 0 {
         let message = Message::from_parts(sender, list.recipients, Arc::new(body))
             .map_err(|e| e.to_string())?;
@@ -125,10 +123,14 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     let mut write = |report: &mut Option<BufWriter<File>>, event: &Event| {
         if let Some(line) = outcomes.take(event) {
             if let Some(w) = report.as_mut() {
-                writeln!(w, "{line}")
-                    .and_then(|()| w.flush())
-                    .map_err(|e| format!("--report: cannot write: {e}"))?;
+                writeln!(w, "{line}").map_err(|e| format!("--report: cannot write: {e}"))?;
             }
+        }
+        // Flushed once the events that came together are written, not per line: a burst of
+        // a million outcomes must not wait for a million writes while more pile up.
+        if let Some(w) = report.as_mut().filter(|_| events.is_empty()) {
+            w.flush()
+                .map_err(|e| format!("--report: cannot write: {e}"))?;
         }
         Ok::<(), String>(())
     };
@@ -219,13 +221,47 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
 }
 
 /// Final outcomes as report lines, and the last deferral of each recipient not final yet.
+///
+/// A list's recipients are deferred together with one reply (a relay that refuses
+/// connections): the reply is kept once for all of them, not once per recipient, so that a
+/// million-recipient message costs a small record per recipient here.
 #[derive(Default)]
 struct Outcomes {
-    deferred: HashMap<String, Event>,
-    finals: HashSet<String>,
+    deferred: HashMap<Address, Deferral>,
+    finals: HashSet<Address>,
+    /// The reply of the last deferral, shared by the records of the recipients it deferred.
+    last_reply: Option<Arc<Reply>>,
     /// Final outcomes of the delivery status notifications the spool's custody sent
     /// (delivered, bounced, expired): not this send's recipients.
     reports: [u64; 3],
+}
+
+/// A recipient's last deferral, as much of its event as a `not_final` line shows.
+struct Deferral {
+    message_id: u64,
+    reply: Arc<Reply>,
+    destination: Arc<str>,
+    attempts: u32,
+    elapsed: Duration,
+}
+
+impl Deferral {
+    /// The deferral event of `recipient` again.
+    fn event(&self, recipient: &Address) -> Event {
+        Event {
+            kind: EventKind::Deferred,
+            message_id: self.message_id,
+            tag: 0,
+            recipient: recipient.clone(),
+            reply: Reply::clone(&self.reply),
+            destination: Arc::clone(&self.destination),
+            attempts: self.attempts,
+            retry_after: None,
+            category: None,
+            elapsed: self.elapsed,
+            tls: None,
+        }
+    }
 }
 
 impl Outcomes {
@@ -240,27 +276,38 @@ impl Outcomes {
             }
             return None;
         }
-        let recipient = event.recipient.as_str().to_string();
+        let recipient = event.recipient.clone();
         if event.kind == EventKind::Deferred {
-            self.deferred.insert(recipient, event.clone());
+            let reply = match &self.last_reply {
+                Some(last) if **last == event.reply => Arc::clone(last),
+                _ => Arc::clone(self.last_reply.insert(Arc::new(event.reply.clone()))),
+            };
+            let deferral = Deferral {
+                message_id: event.message_id,
+                reply,
+                destination: Arc::clone(&event.destination),
+                attempts: event.attempts,
+                elapsed: event.elapsed,
+            };
+            self.deferred.insert(recipient, deferral);
             return None;
         }
         self.deferred.remove(&recipient);
         self.finals.insert(recipient);
-        Some(event_value(event).to_string())
+        Some(event_json(event))
     }
 
     /// A `not_final` line for each of `all` without a final outcome: its last deferral's
     /// reply, or none when it never had an attempt.
-    fn not_final(&self, all: &[String]) -> Vec<String> {
+    fn not_final(&self, all: &[Address]) -> Vec<String> {
         all.iter()
             .filter(|r| !self.finals.contains(*r))
             .map(|recipient| {
                 let mut value = match self.deferred.get(recipient) {
-                    Some(event) => event_value(event),
+                    Some(deferral) => event_value(&deferral.event(recipient)),
                     None => serde_json::json!({
                         "message_id": null,
-                        "recipient": recipient,
+                        "recipient": recipient.as_str(),
                         "code": 0,
                         "enhanced": null,
                         "text": "no attempt finished before mxpipe stopped",

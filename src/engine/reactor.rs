@@ -143,6 +143,9 @@ struct Reactor {
     domain_overrides: bool,
     /// This turn's deferrals and final outcomes for the custody (`Config::custody`), if any.
     outcomes: Vec<super::custody::Outcome>,
+    /// The last reply classified and its category: the recipients of a failed connection
+    /// or transaction share one reply, classified once instead of once per recipient.
+    last_category: Option<(Reply, Category)>,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -181,6 +184,7 @@ impl Reactor {
             dirty: std::collections::VecDeque::new(),
             is_dirty: Vec::new(),
             held: 0,
+            last_category: None,
             next_tag: 1,
             next_generation: 1,
             changed: false,
@@ -1491,7 +1495,7 @@ impl Reactor {
                 Some(delay),
                 None,
             );
-            let category = Some(self.config.classifier.classify(&reply));
+            let category = Some(self.category(&reply));
             self.send_event(Event {
                 kind: EventKind::Deferred,
                 message_id: envelope.id,
@@ -1606,8 +1610,7 @@ impl Reactor {
         stats.unfinished.fetch_sub(1, Ordering::AcqRel);
         self.held -= 1;
         self.changed = true;
-        let category =
-            (kind != EventKind::Delivered).then(|| self.config.classifier.classify(&reply));
+        let category = (kind != EventKind::Delivered).then(|| self.category(&reply));
         self.send_event(Event {
             kind,
             message_id: envelope.id,
@@ -1621,6 +1624,18 @@ impl Reactor {
             elapsed: now.saturating_duration_since(envelope.submitted),
             tls,
         });
+    }
+
+    /// Why `reply` failed, classified once for a run of recipients with the same reply.
+    fn category(&mut self, reply: &Reply) -> Category {
+        match &self.last_category {
+            Some((last, category)) if last == reply => *category,
+            _ => {
+                let category = self.config.classifier.classify(reply);
+                self.last_category = Some((reply.clone(), category));
+                category
+            }
+        }
     }
 
     fn send_event(&self, event: Event) {
