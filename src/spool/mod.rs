@@ -37,7 +37,7 @@ use log::{Mark, Record};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,15 +172,21 @@ impl Shared {
     /// Appends `buf` to the current segment; on error cuts the segment back and fails the
     /// spool. Returns the file (for an fsync outside the lock).
     fn append(&self, buf: &[u8]) -> Option<Arc<File>> {
+        self.append_vectored(&mut [IoSlice::new(buf)])
+    }
+
+    /// [`Shared::append`] of the slices in order, in as few `writev` calls as they take.
+    fn append_vectored(&self, slices: &mut [IoSlice<'_>]) -> Option<Arc<File>> {
+        let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
         let mut segment = self.segment.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = write_batch(&segment.file, buf) {
+        if let Err(e) = write_batch(&segment.file, slices) {
             // Nothing partial may remain: cut the segment back to where the batch began.
             let _ = segment.file.set_len(segment.size);
             self.fail(SpoolProblem::WriteFailed(errno(&e)));
             return None;
         }
-        segment.size += buf.len() as u64;
-        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        segment.size += len;
+        self.bytes.fetch_add(len, Ordering::Relaxed);
         Some(Arc::clone(&segment.file))
     }
 }
@@ -223,14 +229,12 @@ impl Custody for SpoolCustody {
                 EventKind::Bounced => Mark::Bounced,
                 EventKind::Expired => Mark::Expired,
             };
-            log::encode(
-                &Record::Outcome {
-                    id: o.message_id,
-                    mark,
-                    attempts: o.attempts,
-                    retry_at_ms: o.retry_at.map_or(0, unix_ms),
-                    recipient: o.recipient.as_str().to_string(),
-                },
+            log::encode_outcome(
+                o.message_id,
+                mark,
+                o.attempts,
+                o.retry_at.map_or(0, unix_ms),
+                o.recipient.as_str(),
                 &mut buf,
             );
         }
@@ -819,6 +823,9 @@ impl Writer {
             return;
         }
         self.buf.clear();
+        // Bodies are written from where they are (a vectored write), never copied into the
+        // batch: `self.buf` holds the rest, and each body follows the head at its offset.
+        let mut bodies: Vec<(usize, &[u8])> = Vec::new();
         for p in batch.iter() {
             let body = p.message.body();
             let key = Arc::as_ptr(body) as usize;
@@ -832,7 +839,8 @@ impl Writer {
                 None => {
                     let id = self.next_body_id;
                     self.next_body_id += 1;
-                    log::encode_body(id, body.as_bytes(), &mut self.buf);
+                    log::encode_body_head(id, body.as_bytes(), &mut self.buf);
+                    bodies.push((self.buf.len(), body.as_bytes()));
                     if self.bodies.len() >= self.bodies_prune_at {
                         self.bodies.retain(|_, (weak, _)| weak.strong_count() > 0);
                         self.bodies_prune_at = (2 * self.bodies.len()).max(MIN_BODIES_PRUNE);
@@ -871,7 +879,15 @@ impl Writer {
                     .file,
             )
         } else {
-            match self.shared.append(&self.buf) {
+            let mut slices = Vec::with_capacity(2 * bodies.len() + 1);
+            let mut from = 0;
+            for (at, body) in bodies {
+                slices.push(IoSlice::new(&self.buf[from..at]));
+                slices.push(IoSlice::new(body));
+                from = at;
+            }
+            slices.push(IoSlice::new(&self.buf[from..]));
+            match self.shared.append_vectored(&mut slices) {
                 Some(file) => file,
                 None => {
                     self.refuse(batch);
@@ -1089,14 +1105,20 @@ fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-fn write_batch(mut file: &File, buf: &[u8]) -> io::Result<()> {
+fn write_batch(file: &File, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     if failpoint_hits("spool-write", file) {
         // The disk fills halfway through the batch.
-        file.write_all(&buf[..buf.len() / 2])?;
+        use std::io::Write;
+        let whole = slices
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect::<Vec<u8>>();
+        let mut file = file;
+        file.write_all(&whole[..whole.len() / 2])?;
         return Err(io::Error::from_raw_os_error(libc::ENOSPC));
     }
-    file.write_all(buf)
+    log::write_all_vectored(file, slices)
 }
 
 fn sync_file(file: &File) -> io::Result<()> {
