@@ -221,8 +221,19 @@ impl Custody for SpoolCustody {
         if self.shared.failed().is_some() {
             return;
         }
-        let mut buf = Vec::with_capacity(outcomes.len() * 48);
-        for o in &outcomes {
+        // One buffer per loop thread, kept between turns: a fresh one per turn (a megabyte
+        // for a turn that finishes 20,000 recipients) cost a page fault per 4 KiB every time.
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| self.record_into(buf, &outcomes));
+    }
+}
+
+impl SpoolCustody {
+    fn record_into(&self, buf: &mut Vec<u8>, outcomes: &[Outcome]) {
+        buf.clear();
+        for o in outcomes {
             let mark = match o.kind {
                 EventKind::Deferred => Mark::Deferred,
                 EventKind::Delivered => Mark::Delivered,
@@ -235,15 +246,19 @@ impl Custody for SpoolCustody {
                 o.attempts,
                 o.retry_at.map_or(0, unix_ms),
                 o.recipient.as_str(),
-                &mut buf,
+                buf,
             );
         }
-        if self.shared.append(&buf).is_some() {
+        if self.shared.append(buf).is_some() {
             self.shared
                 .stats
                 .checkpoints
                 .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
             let _ = self.work.send(Work::Written);
+        }
+        // A burst's buffer is not kept for ever.
+        if buf.capacity() > 4 << 20 {
+            *buf = Vec::new();
         }
     }
 }
