@@ -77,8 +77,11 @@ fn body() -> Arc<Body> {
 /// Drives `n` single-recipient transactions through an established session, answering every
 /// write at once, and giving back result and recipient lists as the engine does; returns the
 /// allocations made per transaction, after `warmup` transactions.
-fn session_allocations(caps: &str, n: usize, warmup: usize) -> f64 {
-    let config = Arc::new(SessionConfig::default());
+fn session_allocations(caps: &str, n: usize, warmup: usize, delivery_reply_text: bool) -> f64 {
+    let config = Arc::new(SessionConfig {
+        delivery_reply_text,
+        ..SessionConfig::default()
+    });
     let body = body();
     let sender = Address::parse("s@b.example", Field::Sender).expect("sender");
     let rcpt = Address::parse("r@c.example", Field::Recipient(0)).expect("recipient");
@@ -196,14 +199,19 @@ fn loop_allocations(n: u64, connections: usize) -> f64 {
 
 fn main() {
     // `cargo bench` passes --bench; a filter is not supported, every case runs.
-    let bdat = session_allocations(
-        "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
-        20_000,
-        2_000,
-    );
-    println!("session pipelined_bdat allocs_per_msg={bdat:.2}");
-    let data = session_allocations("250-mx\r\n250 PIPELINING\r\n", 20_000, 2_000);
-    println!("session pipelined_data allocs_per_msg={data:.2}");
+    // With the text of the reply to the content kept (a caller that reads events: one copy
+    // per message), and without (the engine's choice when no events are recorded).
+    for text in [true, false] {
+        let bdat = session_allocations(
+            "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            20_000,
+            2_000,
+            text,
+        );
+        println!("session pipelined_bdat delivery_reply_text={text} allocs_per_msg={bdat:.2}");
+        let data = session_allocations("250-mx\r\n250 PIPELINING\r\n", 20_000, 2_000, text);
+        println!("session pipelined_data delivery_reply_text={text} allocs_per_msg={data:.2}");
+    }
     for connections in [1, 20] {
         let looped = loop_allocations(50_000, connections);
         println!("loop_to_sink connections={connections} allocs_per_msg={looped:.2}");
