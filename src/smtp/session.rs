@@ -1667,6 +1667,63 @@ mod tests {
     }
 
     #[test]
+    fn delivered_reply_text_is_kept_unless_turned_off_and_buffers_are_recycled() {
+        for keep in [true, false] {
+            let mut s = Script::connected_with(
+                Script::configured(SessionConfig {
+                    ehlo_name: "client.example".into(),
+                    delivery_reply_text: keep,
+                    ..SessionConfig::default()
+                }),
+                "PIPELINING,CHUNKING",
+            );
+            for tag in 1..=2 {
+                let mut recipients = s.session.recipient_buffer();
+                if tag == 2 {
+                    // The first transaction's list came back, emptied.
+                    assert!(recipients.is_empty() && recipients.capacity() >= 2);
+                }
+                recipients.push(addr("a@r.example"));
+                recipients.push(addr("bad@r.example"));
+                s.start(Transaction {
+                    recipients,
+                    ..txn(tag, &[], b"hi")
+                });
+                s.expect(concat!(
+                    "MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\n",
+                    "RCPT TO:<bad@r.example>\r\nBDAT 4 LAST\r\nhi\r\n"
+                ));
+                s.server(concat!(
+                    "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <bad@r.example>: unknown\r\n",
+                    "250 2.0.0 Ok: queued as A1\r\n"
+                ));
+                let (_, results) = s.done.pop().expect("done");
+                let delivered = if keep { "Ok: queued as A1" } else { "" };
+                assert_eq!(
+                    results,
+                    [
+                        RcptResult::Delivered(Reply::new(
+                            250,
+                            Some(EnhancedCode::new(2, 0, 0)),
+                            delivered
+                        )),
+                        // A refusal keeps its text either way.
+                        RcptResult::Failed {
+                            reply: Reply::new(
+                                550,
+                                Some(EnhancedCode::new(5, 1, 1)),
+                                "<bad@r.example>: unknown"
+                            ),
+                            permanent: true
+                        },
+                    ]
+                );
+                s.session.recycle_results(results);
+            }
+        }
+    }
+
+    #[test]
     fn pipelined_bdat_sends_whole_transactions_in_one_write() {
         let mut s = Script::connected(true, "PIPELINING,CHUNKING,8BITMIME");
         s.start(txn(1, &["a@r.example"], b".x\nend"));
