@@ -75,7 +75,7 @@ fn session(c: &mut Criterion) {
                 let now = Instant::now();
                 let mut s = Session::new(Arc::clone(&config), now);
                 s.handle_input(b"220 mx\r\n", now);
-                s.consume_output(s.pending_output().len());
+                s.consume_output(s.output_len());
                 s.handle_input(b"250-mx\r\n250 PIPELINING\r\n", now);
                 (s, now)
             },
@@ -91,9 +91,9 @@ fn session(c: &mut Criterion) {
                         },
                         *now,
                     );
-                    s.consume_output(s.pending_output().len());
+                    s.consume_output(s.output_len());
                     s.handle_input(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n", *now);
-                    s.consume_output(s.pending_output().len());
+                    s.consume_output(s.output_len());
                     s.handle_input(b"250 2.0.0 Ok: queued\r\n", *now);
                     while let Some(e) = s.poll_event() {
                         black_box(matches!(e, SessionEvent::TransactionDone { .. }));
@@ -113,7 +113,7 @@ fn session(c: &mut Criterion) {
                 let now = Instant::now();
                 let mut s = Session::new(Arc::clone(&config), now);
                 s.handle_input(b"220 mx\r\n", now);
-                s.consume_output(s.pending_output().len());
+                s.consume_output(s.output_len());
                 s.handle_input(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n", now);
                 (s, now)
             },
@@ -135,7 +135,7 @@ fn session(c: &mut Criterion) {
                         tag += 1;
                         window += 1;
                     }
-                    s.consume_output(s.pending_output().len());
+                    s.consume_output(s.output_len());
                     s.handle_input(
                         &replies[..window * replies.len() / config.bdat_window],
                         *now,

@@ -739,6 +739,8 @@ impl Dispatcher {
             }
             _ => None,
         };
+        // Without events, nobody reads a delivered recipient's reply text: not copied.
+        config.session.delivery_reply_text &= config.record_events;
         let (events_tx, events_rx) = if config.record_events {
             let (tx, rx) = crossbeam_channel::unbounded();
             (Some(tx), Some(rx))

@@ -108,6 +108,9 @@ struct Reactor {
     wakes: BinaryHeap<Reverse<(Instant, usize)>>,
     retries: RetrySchedule,
     read_buf: Box<[u8]>,
+    /// Transactions a session finished, by tag, while `drive` handles them (kept for its
+    /// capacity).
+    done: Vec<(u64, Vec<RcptResult>)>,
     /// Destinations with queued work to hand out this turn.
     /// First in, first out: when a turn's budget runs out, the rest wait their turn.
     dirty: std::collections::VecDeque<usize>,
@@ -181,6 +184,7 @@ impl Reactor {
             wakes: BinaryHeap::new(),
             retries: RetrySchedule::default(),
             read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            done: Vec::new(),
             dirty: std::collections::VecDeque::new(),
             is_dirty: Vec::new(),
             held: 0,
@@ -879,7 +883,8 @@ impl Reactor {
     fn drive(&mut self, token: usize, now: Instant) {
         let stopping = self.stop_by.is_some();
         loop {
-            let mut done = Vec::new();
+            // Kept between calls, so that finished transactions cost no allocation.
+            let mut done = std::mem::take(&mut self.done);
             let mut closed = None;
             let mut start_tls = false;
             {
@@ -922,12 +927,16 @@ impl Reactor {
                 }
             }
             let tls_use = (!done.is_empty()).then(|| self.tls_use(token));
-            for (tag, results) in done {
+            for (tag, mut results) in done.drain(..) {
                 let job = self.conns[token].take_job(tag);
                 if let Some(job) = job {
-                    self.on_transaction(job, results, tls_use, now);
+                    self.on_transaction(job, &mut results, tls_use, now);
+                }
+                if let Some(session) = self.conns[token].session.as_mut() {
+                    session.recycle_results(results);
                 }
             }
+            self.done = done;
             if let Some(closure) = closed {
                 let conn = self.remove(token);
                 let d = conn.destination;
@@ -982,10 +991,12 @@ impl Reactor {
                 } else if let Some(job) = job {
                     let tag = self.next_tag;
                     self.next_tag += 1;
+                    let mut recipients = session.recipient_buffer();
+                    recipients.extend_from_slice(&job.recipients);
                     let txn = Transaction {
                         tag,
                         sender: job.envelope.sender.clone(),
-                        recipients: job.recipients.clone(),
+                        recipients,
                         body: Arc::clone(&job.envelope.body),
                         dsn: job.envelope.dsn.clone(),
                     };
@@ -1304,10 +1315,11 @@ impl Reactor {
             .is_ok()
     }
 
+    /// The outcome of a transaction; `results` (one per recipient, in order) is emptied.
     fn on_transaction(
         &mut self,
         job: Job,
-        results: Vec<RcptResult>,
+        results: &mut Vec<RcptResult>,
         tls: Option<TlsUse>,
         now: Instant,
     ) {
@@ -1345,7 +1357,7 @@ impl Reactor {
         self.destinations[d].publish_shaping();
         let mut transient: Vec<(Address, Reply)> = Vec::new();
         let mut again: Vec<Address> = Vec::new();
-        for (recipient, result) in job.recipients.into_iter().zip(results) {
+        for (recipient, result) in job.recipients.into_iter().zip(results.drain(..)) {
             match result {
                 RcptResult::Delivered(reply) => self.finish_recipient_over(
                     EventKind::Delivered,
@@ -1495,20 +1507,22 @@ impl Reactor {
                 Some(delay),
                 None,
             );
-            let category = Some(self.category(&reply));
-            self.send_event(Event {
-                kind: EventKind::Deferred,
-                message_id: envelope.id,
-                tag: envelope.tag,
-                recipient: recipient.clone(),
-                reply,
-                destination: Arc::clone(&name),
-                attempts,
-                retry_after: Some(delay),
-                category,
-                elapsed: now.saturating_duration_since(envelope.submitted),
-                tls: None,
-            });
+            if self.shared.events.is_some() {
+                let category = Some(self.category(&reply));
+                self.send_event(Event {
+                    kind: EventKind::Deferred,
+                    message_id: envelope.id,
+                    tag: envelope.tag,
+                    recipient: recipient.clone(),
+                    reply,
+                    destination: Arc::clone(&name),
+                    attempts,
+                    retry_after: Some(delay),
+                    category,
+                    elapsed: now.saturating_duration_since(envelope.submitted),
+                    tls: None,
+                });
+            }
             recipients.push(recipient);
         }
         let stats = &self.shared.stats;
@@ -1610,6 +1624,9 @@ impl Reactor {
         stats.unfinished.fetch_sub(1, Ordering::AcqRel);
         self.held -= 1;
         self.changed = true;
+        if self.shared.events.is_none() {
+            return;
+        }
         let category = (kind != EventKind::Delivered).then(|| self.category(&reply));
         self.send_event(Event {
             kind,

@@ -5,7 +5,6 @@
 
 use crate::message::dsn::DsnEnvelope;
 use crate::message::Address;
-use std::io::Write;
 
 /// MAIL FROM parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,8 +33,8 @@ pub fn mail_from(
     out.extend_from_slice(sender.as_str().as_bytes());
     out.push(b'>');
     if let Some(size) = params.size {
-        // Writing to a Vec cannot fail.
-        let _ = write!(out, " SIZE={size}");
+        out.extend_from_slice(b" SIZE=");
+        number(out, size);
     }
     if params.eight_bit {
         out.extend_from_slice(b" BODY=8BITMIME");
@@ -66,7 +65,14 @@ pub fn data(out: &mut Vec<u8>) {
 
 /// RFC 3030 2: `BDAT <size> [LAST]`, followed directly by exactly `size` octets.
 pub fn bdat(out: &mut Vec<u8>, size: usize, last: bool) {
-    let _ = write!(out, "BDAT {size}{}\r\n", if last { " LAST" } else { "" });
+    out.extend_from_slice(b"BDAT ");
+    number(out, size);
+    out.extend_from_slice(if last { b" LAST\r\n" } else { b"\r\n" });
+}
+
+/// A decimal number (sent with every message: core::fmt costs more than the rest of BDAT).
+fn number(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 pub fn rset(out: &mut Vec<u8>) {

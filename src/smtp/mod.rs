@@ -6,6 +6,7 @@ pub mod auth;
 pub mod caps;
 pub mod command;
 pub mod data;
+mod output;
 pub mod reply;
 pub mod session;
 mod window;

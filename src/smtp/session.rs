@@ -3,7 +3,7 @@
 //! Inputs are bytes from the server ([`Session::handle_input`]), the passing of time
 //! ([`Session::handle_timeout`]), the loss of the connection ([`Session::handle_close`]) and
 //! work ([`Session::start_transaction`], [`Session::quit`]). Outputs are bytes to write
-//! ([`Session::pending_output`]), the next deadline ([`Session::deadline`]) and events
+//! ([`Session::output_slices`]), the next deadline ([`Session::deadline`]) and events
 //! ([`Session::poll_event`]).
 //!
 //! Pipelining (RFC 2920) is two cursors over the commands: `unsent` holds what is queued but not
@@ -21,11 +21,13 @@
 use super::auth::{Credentials, Mechanism};
 use super::caps::Capabilities;
 use super::command::{self, MailParams};
+use super::output::Output;
 use super::reply::{EnhancedCode, Reply, ReplyError, ReplyLimits, ReplyParser};
 use super::window::BdatWindow;
 use crate::message::dsn::DsnEnvelope;
 use crate::message::{Address, Body};
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,6 +102,10 @@ pub struct SessionConfig {
     /// Allow AUTH on a connection without TLS or with TLS whose certificate was not verified
     /// (off: credentials cross only over verified TLS).
     pub allow_plaintext_auth: bool,
+    /// Keep the text of the reply that accepted the content (a server's queue id, say) in each
+    /// delivered recipient's result. Off: delivered results carry an empty text, which saves
+    /// a copy and an allocation per message for a caller that never reads it.
+    pub delivery_reply_text: bool,
 }
 
 impl Default for SessionConfig {
@@ -119,6 +125,7 @@ impl Default for SessionConfig {
             starttls: StartTls::default(),
             credentials: None,
             allow_plaintext_auth: false,
+            delivery_reply_text: true,
         }
     }
 }
@@ -309,8 +316,7 @@ pub struct Session {
     caps: Capabilities,
     parser: ReplyParser,
     replies: VecDeque<Reply>,
-    out: Vec<u8>,
-    out_pos: usize,
+    out: Output,
     unsent: VecDeque<Expect>,
     pending: VecDeque<Expect>,
     txns: VecDeque<TxnState>,
@@ -337,10 +343,18 @@ pub struct Session {
     /// How many pipelined BDAT transactions may be in flight now.
     bdat_window: BdatWindow,
     mechanism: Option<Mechanism>,
+    /// Result and recipient lists of finished transactions, emptied, for the next ones: a
+    /// bulk send makes no allocation per transaction for them (see `recycle_results`).
+    spare_results: Vec<Vec<Option<RcptResult>>>,
+    spare_recipients: Vec<Vec<Address>>,
     /// Why the session is ending when it failed while still in sync with the server: QUIT is
     /// sent first (RFC 5321 4.1.1.10), and the closure reports this, not the reply to QUIT.
     quit_reason: Option<Reply>,
 }
+
+/// Emptied result and recipient lists a session keeps for later transactions, at most (a
+/// window's worth, so that a connection's spare memory stays small).
+const SPARE_BUFFERS: usize = 64;
 
 fn local_reply(code_class: u8, subject: u16, detail: u16, text: impl Into<String>) -> Reply {
     Reply::new(
@@ -364,8 +378,7 @@ impl Session {
             caps: Capabilities::default(),
             parser,
             replies: VecDeque::new(),
-            out: Vec::with_capacity(512),
-            out_pos: 0,
+            out: Output::with_capacity(512),
             unsent: VecDeque::with_capacity(8),
             pending,
             txns: VecDeque::with_capacity(2),
@@ -384,6 +397,8 @@ impl Session {
             pipelined_bdat_sent: false,
             bdat_window,
             mechanism: None,
+            spare_results: Vec::new(),
+            spare_recipients: Vec::new(),
             quit_reason: None,
         }
     }
@@ -469,23 +484,27 @@ impl Session {
         &self.caps
     }
 
-    /// Bytes waiting to be written.
-    pub fn pending_output(&self) -> &[u8] {
-        &self.out[self.out_pos..]
+    /// Fills `slices` with the next pieces of what is waiting to be written, in order, for
+    /// one vectored write; returns how many it filled (fewer than fit only when that is all).
+    /// Message content is not copied into a buffer of the session: its pieces point into the
+    /// shared body.
+    pub fn output_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        self.out.slices(slices)
     }
 
-    /// The engine wrote `n` bytes of [`Session::pending_output`].
+    /// Nothing is waiting to be written.
+    pub fn output_is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// Octets waiting to be written.
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// The engine wrote `n` octets of what [`Session::output_slices`] gave.
     pub fn consume_output(&mut self, n: usize) {
-        self.out_pos += n;
-        debug_assert!(self.out_pos <= self.out.len());
-        if self.out_pos == self.out.len() {
-            self.out.clear();
-            self.out_pos = 0;
-            // Do not keep a large body's worth of buffer for an idle connection.
-            if self.out.capacity() > 256 * 1024 {
-                self.out = Vec::with_capacity(512);
-            }
-        }
+        self.out.consume(n);
     }
 
     /// When [`Session::handle_timeout`] must be called, if a reply is awaited.
@@ -530,6 +549,24 @@ impl Session {
         } else {
             self.txns.is_empty()
         }
+    }
+
+    /// Gives back the results of a finished transaction ([`SessionEvent::TransactionDone`]),
+    /// emptied or not, so that their memory serves a later transaction. Optional: it saves a
+    /// bulk sender an allocation per transaction.
+    pub fn recycle_results(&mut self, mut results: Vec<RcptResult>) {
+        if self.spare_results.len() < SPARE_BUFFERS && results.capacity() > 0 {
+            results.clear();
+            // The same layout: collected in place, the allocation kept.
+            self.spare_results
+                .push(results.into_iter().map(Some).collect());
+        }
+    }
+
+    /// An empty recipient list for the next [`Transaction`], with the room of a finished
+    /// transaction's when there is one: a bulk sender saves an allocation per transaction.
+    pub fn recipient_buffer(&mut self) -> Vec<Address> {
+        self.spare_recipients.pop().unwrap_or_default()
     }
 
     /// Transactions started on this connection so far.
@@ -579,6 +616,8 @@ impl Session {
             self.unsent.push_back(Expect::Data { txn: id });
         }
         let n = txn.recipients.len();
+        let mut results = self.spare_results.pop().unwrap_or_default();
+        results.resize(n, None);
         self.txns.push_back(TxnState {
             id,
             txn,
@@ -586,7 +625,7 @@ impl Session {
             eager,
             sent_at: None,
             mail: None,
-            results: vec![None; n],
+            results,
             rcpt_answered: 0,
             accepted: 0,
             content_sent: false,
@@ -628,16 +667,21 @@ impl Session {
         // beyond that was sent before the server saw its command (a spoofed or injected one).
         let mut answerable = self.pending.len();
         let mut replies = std::mem::take(&mut self.replies);
-        // The text of a positive reply to MAIL or RCPT is never reported (an accepted
-        // recipient's outcome is the reply to the content): not copied.
+        // Texts never reported are not copied: of a positive reply to MAIL or RCPT (an
+        // accepted recipient's outcome is the reply to the content), of the 354 to DATA, and
+        // of the reply accepting the content when the caller does not want it.
         let pending = &self.pending;
-        let parsed = self.parser.feed_with(data, &mut replies, |n, code| {
-            !(code / 100 == 2
-                && matches!(
-                    pending.get(n),
-                    Some(Expect::Mail { .. } | Expect::Rcpt { .. })
-                ))
-        });
+        let delivery_text = self.config.delivery_reply_text;
+        let parsed = self
+            .parser
+            .feed_with(data, &mut replies, |n, code| match pending.get(n) {
+                Some(Expect::Mail { .. } | Expect::Rcpt { .. }) => code / 100 != 2,
+                Some(Expect::Data { .. }) => code != 354,
+                Some(Expect::Bdat { .. } | Expect::DataEnd { .. }) => {
+                    code / 100 != 2 || delivery_text
+                }
+                _ => true,
+            });
         while let Some(reply) = replies.pop_front() {
             if answerable == 0 {
                 replies.clear();
@@ -801,7 +845,7 @@ impl Session {
     }
 
     fn encode(&mut self, expect: Expect) {
-        let out = &mut self.out;
+        let out = self.out.commands();
         match expect {
             Expect::Greeting => {}
             Expect::Ehlo => command::ehlo(out, &self.config.ehlo_name),
@@ -848,7 +892,7 @@ impl Session {
                     t.content_sent = true;
                     self.pipelined_bdat_sent = true;
                     command::bdat(out, t.txn.body.len(), true);
-                    out.extend_from_slice(t.txn.body.as_bytes());
+                    self.out.push_content(Arc::clone(&t.txn.body), false);
                 }
             }
             // Content follows this; it is written by `send_content`.
@@ -932,7 +976,7 @@ impl Session {
                 } else if reply.code == 334 && step < 2 {
                     let mechanism = self.mechanism.expect("AUTH in progress");
                     let credentials = self.config.credentials.clone().expect("credentials");
-                    credentials.respond(mechanism, step, &mut self.out);
+                    credentials.respond(mechanism, step, self.out.commands());
                     self.push_pending(Expect::Auth { step: step + 1 }, now);
                 } else {
                     let text = format!("authentication failed: {reply}");
@@ -1126,7 +1170,7 @@ impl Session {
             if t.accepted == 0 || t.mail != Some(Ok(())) {
                 // RFC 2920 3.1: the server took DATA although nothing is valid; end the
                 // data at once, with no content.
-                self.out.extend_from_slice(b".\r\n");
+                self.out.commands().extend_from_slice(b".\r\n");
                 self.push_pending(Expect::DataEnd { txn }, now);
                 if let Some(t) = self.txn_mut(txn) {
                     t.content_sent = true;
@@ -1155,12 +1199,12 @@ impl Session {
         t.content_sent = true;
         let body = Arc::clone(&t.txn.body);
         if t.bdat {
-            command::bdat(&mut self.out, body.len(), true);
-            self.out.extend_from_slice(body.as_bytes());
+            command::bdat(self.out.commands(), body.len(), true);
+            self.out.push_content(body, false);
             self.push_pending(Expect::Bdat { txn }, now);
         } else {
-            self.out.extend_from_slice(body.dot_stuffed());
-            self.out.extend_from_slice(b".\r\n");
+            self.out.push_content(body, true);
+            self.out.commands().extend_from_slice(b".\r\n");
             self.push_pending(Expect::DataEnd { txn }, now);
         }
     }
@@ -1191,6 +1235,11 @@ impl Session {
             return;
         };
         let mut t = self.txns.remove(pos).expect("position is valid");
+        if self.spare_recipients.len() < SPARE_BUFFERS {
+            let mut recipients = std::mem::take(&mut t.txn.recipients);
+            recipients.clear();
+            self.spare_recipients.push(recipients);
+        }
         // A server that refuses every recipient as "too many" would otherwise be retried for
         // free forever: count it as a failed attempt.
         if t.results
@@ -1381,6 +1430,14 @@ mod tests {
         Address::parse(s, Field::Sender).unwrap()
     }
 
+    /// Everything the session has waiting to be written, as one byte string.
+    fn output(session: &Session) -> Vec<u8> {
+        let mut slices = vec![IoSlice::new(&[]); 4096];
+        let n = session.output_slices(&mut slices);
+        assert!(n < slices.len(), "more pieces than a test expects");
+        slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
     fn txn(tag: u64, rcpts: &[&str], body: &[u8]) -> Transaction {
         Transaction {
             tag,
@@ -1471,9 +1528,8 @@ mod tests {
         }
 
         fn written(&mut self) -> String {
-            let out = String::from_utf8_lossy(self.session.pending_output()).into_owned();
-            let n = self.session.pending_output().len();
-            self.session.consume_output(n);
+            let out = String::from_utf8_lossy(&output(&self.session)).into_owned();
+            self.session.consume_output(self.session.output_len());
             out
         }
 
@@ -1608,6 +1664,63 @@ mod tests {
         assert_eq!(codes(&s.done[0].1), ["D250", "P550"]);
         assert_eq!(codes(&s.done[1].1), ["P550"]);
         s.expect("RSET\r\n");
+    }
+
+    #[test]
+    fn delivered_reply_text_is_kept_unless_turned_off_and_buffers_are_recycled() {
+        for keep in [true, false] {
+            let mut s = Script::connected_with(
+                Script::configured(SessionConfig {
+                    ehlo_name: "client.example".into(),
+                    delivery_reply_text: keep,
+                    ..SessionConfig::default()
+                }),
+                "PIPELINING,CHUNKING",
+            );
+            for tag in 1..=2 {
+                let mut recipients = s.session.recipient_buffer();
+                if tag == 2 {
+                    // The first transaction's list came back, emptied.
+                    assert!(recipients.is_empty() && recipients.capacity() >= 2);
+                }
+                recipients.push(addr("a@r.example"));
+                recipients.push(addr("bad@r.example"));
+                s.start(Transaction {
+                    recipients,
+                    ..txn(tag, &[], b"hi")
+                });
+                s.expect(concat!(
+                    "MAIL FROM:<from@s.example>\r\nRCPT TO:<a@r.example>\r\n",
+                    "RCPT TO:<bad@r.example>\r\nBDAT 4 LAST\r\nhi\r\n"
+                ));
+                s.server(concat!(
+                    "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <bad@r.example>: unknown\r\n",
+                    "250 2.0.0 Ok: queued as A1\r\n"
+                ));
+                let (_, results) = s.done.pop().expect("done");
+                let delivered = if keep { "Ok: queued as A1" } else { "" };
+                assert_eq!(
+                    results,
+                    [
+                        RcptResult::Delivered(Reply::new(
+                            250,
+                            Some(EnhancedCode::new(2, 0, 0)),
+                            delivered
+                        )),
+                        // A refusal keeps its text either way.
+                        RcptResult::Failed {
+                            reply: Reply::new(
+                                550,
+                                Some(EnhancedCode::new(5, 1, 1)),
+                                "<bad@r.example>: unknown"
+                            ),
+                            permanent: true
+                        },
+                    ]
+                );
+                s.session.recycle_results(results);
+            }
+        }
     }
 
     #[test]

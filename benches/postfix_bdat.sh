@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Pipelined BDAT against a real Postfix smtpd (issue 18): 2 KB single-recipient messages to a
+# private Postfix (CHUNKING + PIPELINING) that discards them, an older mxpipe and this one
+# alternately, with the CPU that Postfix (every process of the instance) and mxpipe spent.
+#
+#   OLD=/path/to/old/mxpipe bash benches/postfix_bdat.sh [MESSAGES] [RUNS] [CONNECTIONS]
+#
+# Without OLD only this build runs. Needs root and Debian's postfix (tests/run.sh installs it).
+# The instance's queue lives in /dev/shm, so that its fsyncs cost nothing: what is measured is
+# smtpd, cleanup and the discard transport, not the disk. Prints one line per run:
+#   run build=old|new msgs_per_s=N client_cpu_us_per_msg=F postfix_cpu_us_per_msg=F
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/common.sh
+MESSAGES=${1:-20000}
+RUNS=${2:-5}
+CONNECTIONS=${3:-20}
+OLD=${OLD:-}
+[[ $(id -u) == 0 ]] || { echo "postfix_bdat.sh: needs root (Postfix's master)" >&2; exit 1; }
+
+DIR=$(mktemp -d /dev/shm/mxpipe-postfix.XXXXXX)
+chmod 755 "$DIR"
+mkdir -p "$DIR/queue" "$DIR/data"
+chown postfix "$DIR/data"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$DIR/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $DIR/queue
+data_directory = $DIR/data
+mail_owner = postfix
+maillog_file = $DIR/maillog
+maillog_file_prefixes = $DIR
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+alias_maps =
+alias_database =
+myhostname = mx.bench.test
+mydestination =
+relay_domains = sink.example
+relay_transport = discard:
+default_transport = discard:
+mynetworks = 127.0.0.0/8
+smtpd_recipient_restrictions = permit_mynetworks, reject
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_client_recipient_rate_limit = 0
+smtpd_peername_lookup = no
+in_flow_delay = 0
+default_process_limit = 200
+EOF
+# Debian's master.cf with smtpd on our port, no chroot.
+awk -v svc="127.0.0.1:$PORT" '
+    /^[a-z0-9]/ && NF >= 8 { if ($1 == "smtp" && $2 == "inet") $1 = svc; $5 = "n" }
+    { print }' /etc/postfix/master.cf > "$DIR/master.cf"
+/usr/sbin/postfix -c "$DIR" start >/dev/null 2>&1
+stop_postfix() { /usr/sbin/postfix -c "$DIR" stop >/dev/null 2>&1 || true; sleep 1; rm -rf "$DIR"; cleanup; }
+trap stop_postfix EXIT
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    sleep 0.1
+done
+
+# CPU seconds (user + system, in clock ticks) of the instance: the master with the children it
+# reaped, and every live child.
+postfix_ticks() {
+    local master
+    master=$(head -1 "$DIR/queue/pid/master.pid" | tr -d ' ')
+    {
+        awk '{print $14 + $15 + $16 + $17}' "/proc/$master/stat"
+        for p in $(pgrep -P "$master"); do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true; done
+    } | awk '{s += $1} END {print s}'
+}
+HZ=$(getconf CLK_TCK)
+
+run() { # build binary
+    local before after line
+    before=$(postfix_ticks)
+    line=$("$2" bench --to "127.0.0.1:$PORT" --messages "$MESSAGES" --size 2048 \
+        --connections "$CONNECTIONS" | grep '^result')
+    # Postfix finishes discarding after the last 250.
+    sleep 2
+    after=$(postfix_ticks)
+    local mps cpu
+    mps=$(sed -n 's/.*msgs_per_s=\([0-9.]*\).*/\1/p' <<<"$line")
+    cpu=$(sed -n 's/.*cpu_us_per_msg=\([0-9.]*\).*/\1/p' <<<"$line")
+    echo "run build=$1 msgs_per_s=$mps client_cpu_us_per_msg=$cpu postfix_cpu_us_per_msg=$(
+        awk -v t=$((after - before)) -v hz="$HZ" -v n="$MESSAGES" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')"
+}
+
+# A warm-up run: smtpd processes started, queue files made once.
+run warmup "$BIN" >/dev/null
+for _ in $(seq "$RUNS"); do
+    [[ -n $OLD ]] && run old "$OLD"
+    run new "$BIN"
+done
