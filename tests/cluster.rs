@@ -532,3 +532,126 @@ except ValueError as e:
     assert_eq!(delivered.len(), 2, "{outcomes:?}");
     setup.assert_drained();
 }
+
+/// Connections the sink at `port` has open now, as the kernel sees them (its side of each
+/// established loopback connection).
+fn established_to(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// The connection leases each node holds for `destination`.
+fn leases(setup: &Setup, destination: &str) -> HashMap<String, u64> {
+    redis::cmd("HGETALL")
+        .arg(format!("{{mxpipe}}:limit:{destination}:conns"))
+        .query(setup.connection().as_mut())
+        .unwrap()
+}
+
+#[test]
+fn three_nodes_share_one_connection_limit_and_a_dead_nodes_leases_expire() {
+    const LIMIT: usize = 3;
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    let n = 2_000;
+    setup.enqueue_per_entry(n, 1);
+    // The sink greets a connection beyond LIMIT open ones with 421 and counts it; slow replies
+    // keep each node wanting more connections than its share.
+    let sink = mxpipe::sink::Sink::start(mxpipe::sink::SinkConfig {
+        faults: mxpipe::sink::Faults {
+            max_connections: Some(LIMIT),
+            reply_delay: Some(Duration::from_millis(20)),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let relay = sink.local_addr().to_string();
+    let limit = LIMIT.to_string();
+    let args = [
+        "--connections",
+        &limit,
+        "--lease-ttl",
+        "2",
+        "--max-in-flight",
+        "50",
+    ];
+    let mut doomed = setup.node("doomed", &relay, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leases(&setup, &relay).get("doomed").copied().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the node took no lease");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let survivors: Vec<Child> = (0..2)
+        .map(|i| setup.node(&format!("n{i}"), &relay, &args))
+        .collect();
+    let port = sink.local_addr().port();
+    let mut peak = 0;
+    let watch_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < watch_until {
+        peak = peak.max(established_to(port));
+        thread::sleep(Duration::from_millis(10));
+    }
+    doomed.kill().unwrap(); // SIGKILL: its leases stay in Redis until they expire
+    doomed.wait().unwrap();
+    let killed = Instant::now();
+    let held_by_dead = leases(&setup, &relay).get("doomed").copied().unwrap_or(0);
+    assert!(held_by_dead > 0, "the node was killed holding no lease");
+    // Its leases expire after --lease-ttl (2 s) and the survivors take them over: all LIMIT
+    // connections open again.
+    let mut peak_after = 0;
+    let mut summaries = Vec::new();
+    let mut survivors: Vec<Option<Child>> = survivors.into_iter().map(Some).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while survivors.iter().any(Option::is_some) {
+        let open = established_to(port);
+        peak = peak.max(open);
+        if killed.elapsed() > Duration::from_millis(500) {
+            peak_after = peak_after.max(open);
+        }
+        for slot in survivors.iter_mut() {
+            if slot
+                .as_mut()
+                .is_some_and(|c| c.try_wait().unwrap().is_some())
+            {
+                summaries.push(wait_node(slot.take().unwrap(), Duration::from_secs(1)));
+            }
+        }
+        assert!(Instant::now() < deadline, "the survivors did not finish");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let stats = sink.stop();
+    eprintln!(
+        "peak {peak} connections seen for a limit of {LIMIT} ({peak_after} after the kill, \
+         which came {:?} before the end); the dead node held {held_by_dead} leases; sink: \
+         {stats:?}; {summaries:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        stats.refused_connections, 0,
+        "a connection beyond the shared limit of {LIMIT} was opened: {stats:?}"
+    );
+    assert!(peak <= LIMIT, "{peak} connections open at once");
+    assert_eq!(
+        peak_after, LIMIT,
+        "the survivors took over the dead node's expired leases"
+    );
+    let counts = delivered_counts(&setup.outcomes());
+    assert_eq!(counts.len(), n, "every recipient is final: {summaries:?}");
+    assert!(
+        summaries.iter().all(|s| !s.contains("delivered=0 ")),
+        "each survivor delivered after the dead node's leases expired: {summaries:?}"
+    );
+    assert!(
+        leases(&setup, &relay).is_empty(),
+        "the nodes gave their leases back when they stopped"
+    );
+    setup.assert_drained();
+}
