@@ -655,3 +655,72 @@ fn three_nodes_share_one_connection_limit_and_a_dead_nodes_leases_expire() {
     );
     setup.assert_drained();
 }
+
+#[test]
+fn a_node_stopped_while_redis_is_down_gives_up_its_last_flush_and_another_node_finishes() {
+    let mut redis = RedisServer::start_with_aof();
+    let setup = Setup::new(vec![redis.url()], false);
+    let n = 2_000;
+    setup.enqueue_per_entry(n, 1);
+    let sink = SmtpSink::start(&["-c"], 1024);
+    let relay = sink.addr().to_string();
+    // Paced, so that the node is mid-run when Redis goes away.
+    let mut stopped = setup.node(
+        "stopped",
+        &relay,
+        &[
+            "--messages-per-second",
+            "200",
+            "--max-in-flight",
+            "100",
+            "--flush-deadline",
+            "2",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while setup.xlen("{mxpipe}:outcomes") == 0 {
+        assert!(Instant::now() < deadline, "the node delivered nothing");
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(300));
+    redis.stop();
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(stopped.id() as i32, libc::SIGTERM) };
+    // Its grace for what is in flight (10 s), then two seconds of trying to write the last
+    // outcomes: it must exit on its own, well before this bound.
+    let bound = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = stopped.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > bound {
+            let _ = stopped.kill();
+            let _ = stopped.wait();
+            panic!("a node stopped while Redis was down did not exit");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut summary = String::new();
+    use std::io::Read;
+    stopped
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut summary)
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{summary}");
+    let unwritten: usize = summary
+        .split("unwritten=")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no unwritten= in {summary:?}"));
+    assert!(unwritten > 0, "{summary}");
+    // What it did not write stayed pending in Redis: another node claims and delivers it.
+    redis.start_again();
+    let other = setup.node("other", &relay, &[]);
+    wait_node(other, Duration::from_secs(120));
+    let counts = delivered_counts(&setup.outcomes());
+    assert_eq!(counts.len(), n, "every recipient is final");
+    setup.assert_drained();
+}

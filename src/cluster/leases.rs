@@ -182,8 +182,8 @@ impl Keeper {
                     .collect()
             };
             for ask in asks {
-                let never = AtomicBool::new(stopping);
-                let reply = self.link.call_until_done(&never, |c| {
+                // Retried while Redis is away, until the node stops.
+                let reply = self.link.call_until_done(&self.stop, |c| {
                     self.script
                         .key(&ask.holders_key)
                         .key(&ask.alive_key)
