@@ -724,3 +724,118 @@ fn a_node_stopped_while_redis_is_down_gives_up_its_last_flush_and_another_node_f
     assert_eq!(counts.len(), n, "every recipient is final");
     setup.assert_drained();
 }
+
+/// Delivered outcomes per node in `[from, to)` (milliseconds of the outcomes stream's IDs).
+fn delivered_by_node_between(setup: &Setup, from: u64, to: u64) -> HashMap<String, usize> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("{mxpipe}:outcomes")
+        .arg(from)
+        .arg(format!("({to}"))
+        .query(setup.connection().as_mut())
+        .unwrap();
+    let mut counts = HashMap::new();
+    for id in &reply.ids {
+        let json: String = id.get("outcomes").unwrap();
+        let items: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        for o in items.iter().filter(|o| o["status"] == "delivered") {
+            *counts
+                .entry(o["node"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// The Redis server's clock, in the milliseconds of stream IDs.
+fn redis_time_ms(setup: &Setup) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME")
+        .query(setup.connection().as_mut())
+        .unwrap();
+    s * 1000 + us / 1000
+}
+
+#[test]
+fn a_421_seen_by_one_node_slows_every_node_sharing_the_destination() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    let n = 3_000;
+    setup.enqueue_per_entry(n, 1);
+    // Three connections at once are served; one more is greeted with 421 and closed.
+    let sink = mxpipe::sink::Sink::start(mxpipe::sink::SinkConfig {
+        faults: mxpipe::sink::Faults {
+            max_connections: Some(3),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let relay = sink.local_addr().to_string();
+    // b and c share 100 messages/s and one connection (the connection limit counts over the
+    // nodes: whichever holds its lease delivers). They never see a 421: that connection is
+    // open before the sink is full, and they open no other.
+    let common = ["--messages-per-second", "100", "--max-in-flight", "100"];
+    let one = [&common[..], &["--connections", "1"]].concat();
+    let nodes: Vec<Child> = ["b", "c"]
+        .iter()
+        .map(|name| setup.node(name, &relay, &one))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while setup.xlen("{mxpipe}:outcomes") == 0 {
+        assert!(Instant::now() < deadline, "b and c delivered nothing");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The sink's other two places are taken by clients of the test's: a, whose limit of two
+    // leaves it one lease beside b's or c's, opens the sink's fourth connection and gets 421.
+    let fillers: Vec<util::RawSmtpClient> = (0..2)
+        .map(|_| util::RawSmtpClient::connect(sink.local_addr()))
+        .collect();
+    thread::sleep(Duration::from_secs(3));
+    let a_starts = redis_time_ms(&setup);
+    let two = [&common[..], &["--connections", "2"]].concat();
+    let a = setup.node("a", &relay, &two);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.stats().refused_connections == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node a never got its 421: {:?} {:?} {:?}",
+            sink.stats(),
+            delivered_by_node_between(&setup, 0, u64::MAX),
+            leases(&setup, &relay)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let throttled_at = redis_time_ms(&setup);
+    thread::sleep(Duration::from_millis(3_500));
+    let before = delivered_by_node_between(&setup, a_starts - 3_000, a_starts);
+    let after = delivered_by_node_between(&setup, throttled_at + 500, throttled_at + 3_500);
+    let b_c = |m: &HashMap<String, usize>| m.get("b").unwrap_or(&0) + m.get("c").unwrap_or(&0);
+    eprintln!(
+        "delivered over 3 s before node a: {before:?}; over 3 s after its 421: {after:?}; \
+         sink: {:?}",
+        sink.stats()
+    );
+    // The slow-down lasts (a keeps meeting the full sink): the nodes are stopped, not waited
+    // for; what they did not deliver stays pending in Redis.
+    drop(fillers);
+    for mut c in nodes.into_iter().chain([a]) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let bound = Instant::now() + Duration::from_secs(60);
+        while c.try_wait().unwrap().is_none() {
+            if Instant::now() > bound {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("a node did not stop");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Before: b and c deliver 100/s (about 300 in 3 s). After a's 421 the shared rate is
+    // halved for every node (again at each 421): b and c together under half of what they did
+    // before. Without the sharing, a's part of the rate alone leaves them about 70%.
+    assert!(b_c(&before) >= 200, "before: {before:?}");
+    assert!(
+        (b_c(&after) as f64) < 0.5 * b_c(&before) as f64,
+        "b and c did not slow down after a's 421: before {before:?}, after {after:?}"
+    );
+}
