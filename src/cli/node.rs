@@ -57,6 +57,14 @@ pub(crate) struct NodeArgs {
     /// Exit when nothing is pending in Redis and no work came for this many seconds.
     #[arg(long, value_name = "SECS")]
     pub(crate) exit_when_idle: Option<f64>,
+    /// This node's connection leases (its share of each destination's --connections, which
+    /// counts over every node) expire this many seconds after their last renewal.
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) lease_ttl: f64,
+    /// On a stop, keep trying to write the last outcomes to an unreachable Redis this many
+    /// seconds; then exit, leaving their entries pending for another node.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) flush_deadline: f64,
 }
 
 fn seconds(name: &str, value: f64) -> Result<Duration, String> {
@@ -77,6 +85,8 @@ pub(crate) fn run_node(args: NodeArgs, overrides: Overrides) -> CliResult {
     config.claim_idle = seconds("claim-idle", args.claim_idle)?;
     config.hand_off_after = seconds("hand-off-after", args.hand_off_after)?;
     config.max_in_flight = args.max_in_flight.max(1);
+    config.lease_ttl = seconds("lease-ttl", args.lease_ttl)?;
+    config.flush_deadline = seconds("flush-deadline", args.flush_deadline)?;
     config.exit_when_idle = args
         .exit_when_idle
         .map(|s| seconds("exit-when-idle", s))
@@ -96,6 +106,18 @@ pub(crate) fn run_node(args: NodeArgs, overrides: Overrides) -> CliResult {
         stop.store(true, std::sync::atomic::Ordering::Release);
     });
     println!("{}", node.report());
+    let unwritten = node
+        .report()
+        .unwritten
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if unwritten > 0 {
+        return Err(format!(
+            "node: {unwritten} outcomes not written: Redis was unreachable for \
+             --flush-deadline {} s after the stop; their entries stay pending for another node \
+             to claim",
+            args.flush_deadline
+        ));
+    }
     Ok(if signal::stop_requested() {
         ExitCode::from(signal::INTERRUPTED)
     } else {

@@ -7,8 +7,9 @@
 //! A 421 on one node halves the destination's shared rate for every node for a while (the
 //! factor lives in Redis and expires). Nothing here runs on an engine loop.
 
+use super::leases::LeaseKeeper;
 use super::{Keys, Link, Target};
-use crate::engine::shaping::{PermitPool, SharedLimiter};
+use crate::engine::shaping::{ConnectionLeases, PermitPool, SharedLimiter};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -58,20 +59,28 @@ struct Shared {
 pub struct RedisLimiter {
     pools: Arc<Mutex<HashMap<String, Shared>>>,
     thread: std::thread::Thread,
+    keys: Keys,
+    /// The connection leases of this node (see [`super::leases`]).
+    pub leases: Arc<LeaseKeeper>,
 }
 
 impl RedisLimiter {
-    /// Starts the refilling thread; it runs as long as the process (it holds no engine state).
-    pub fn start(target: Target, keys: Keys) -> Arc<RedisLimiter> {
+    /// Starts the refilling thread (it runs as long as the process and holds no engine state)
+    /// and the lease thread of node `node`, whose leases live `lease_ttl` unless renewed.
+    pub fn start(target: Target, keys: Keys, node: &str, lease_ttl: Duration) -> Arc<RedisLimiter> {
+        let leases = LeaseKeeper::start(target.clone(), keys.clone(), node.to_string(), lease_ttl);
         let pools: Arc<Mutex<HashMap<String, Shared>>> = Arc::default();
         let thread_pools = Arc::clone(&pools);
+        let thread_keys = keys.clone();
         let handle = std::thread::Builder::new()
             .name("mxpipe-limits".into())
-            .spawn(move || refill(target, keys, thread_pools))
+            .spawn(move || refill(target, thread_keys, thread_pools))
             .expect("spawn the limiter thread");
         Arc::new(RedisLimiter {
             pools,
             thread: handle.thread().clone(),
+            keys,
+            leases,
         })
     }
 }
@@ -93,6 +102,10 @@ impl SharedLimiter for RedisLimiter {
         });
         shared.per_second = shared.per_second.min(per_second);
         Arc::clone(&shared.pool)
+    }
+
+    fn connections(&self, destination: &str, max: usize) -> Option<Arc<ConnectionLeases>> {
+        Some(self.leases.connections(&self.keys, destination, max))
     }
 }
 

@@ -13,6 +13,7 @@
 //! and on a Redis Cluster (every key in one slot; scripts and pipelines stay legal). Nothing
 //! here runs on an engine loop thread: the node's threads make blocking calls of their own.
 
+pub mod leases;
 pub mod limits;
 pub mod node;
 pub mod produce;

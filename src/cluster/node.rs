@@ -41,6 +41,12 @@ pub struct NodeConfig {
     pub flush_every: Duration,
     /// Exit once nothing is pending in Redis and nothing came for this long.
     pub exit_when_idle: Option<Duration>,
+    /// After a stop, how long the writer keeps trying to write the last outcomes while Redis
+    /// is unreachable; then it gives up, and their entries stay pending for another node.
+    pub flush_deadline: Duration,
+    /// How long this node's connection leases outlive its last renewal (a node killed -9
+    /// holds its share of a destination's connection limit this long).
+    pub lease_ttl: Duration,
 }
 
 impl NodeConfig {
@@ -55,6 +61,8 @@ impl NodeConfig {
             hand_off_after: Duration::from_secs(60),
             flush_every: Duration::from_millis(100),
             exit_when_idle: None,
+            lease_ttl: Duration::from_secs(30),
+            flush_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -71,6 +79,9 @@ pub struct NodeReport {
     pub expired: AtomicU64,
     pub handed_off: AtomicU64,
     pub flushes: AtomicU64,
+    /// Outcomes the node could not write before it gave up (Redis unreachable after a stop):
+    /// their entries stay pending, and another node delivers them again.
+    pub unwritten: AtomicU64,
 }
 
 impl std::fmt::Display for NodeReport {
@@ -79,7 +90,7 @@ impl std::fmt::Display for NodeReport {
         write!(
             f,
             "node entries={} claimed={} taken_deferred={} recipients={} delivered={} bounced={} \
-             expired={} handed_off={} flushes={} round_trips={}",
+             expired={} handed_off={} flushes={} unwritten={} round_trips={}",
             g(&self.entries),
             g(&self.claimed),
             g(&self.taken_deferred),
@@ -89,6 +100,7 @@ impl std::fmt::Display for NodeReport {
             g(&self.expired),
             g(&self.handed_off),
             g(&self.flushes),
+            g(&self.unwritten),
             ROUND_TRIPS.load(Ordering::Relaxed)
         )
     }
@@ -185,6 +197,7 @@ pub struct Node {
     state: Arc<Mutex<State>>,
     report: Arc<NodeReport>,
     max_age: Duration,
+    limiter: Arc<super::limits::RedisLimiter>,
 }
 
 impl Node {
@@ -196,10 +209,13 @@ impl Node {
         engine.record_events = true;
         let max_age = engine.retry.max_age;
         let keys = Keys::new(&config.namespace);
-        engine.shared_limits = Some(super::limits::RedisLimiter::start(
+        let limiter = super::limits::RedisLimiter::start(
             config.target.clone(),
             keys.clone(),
-        ));
+            &config.consumer,
+            config.lease_ttl,
+        );
+        engine.shared_limits = Some(limiter.clone());
         let mut link = Link::new(config.target.clone(), &keys);
         link.call(|c| ensure_group(c, &keys))
             .map_err(|e| format!("redis {}: {e}", config.target.urls.join(",")))?;
@@ -211,6 +227,7 @@ impl Node {
             state: Arc::default(),
             report: Arc::default(),
             max_age,
+            limiter,
         })
     }
 
@@ -227,6 +244,7 @@ impl Node {
     /// final stays pending in Redis for another node.
     pub fn run(&self, stop: &AtomicBool, grace: Duration) {
         let writer_done = Arc::new(AtomicBool::new(false));
+        let give_up = Arc::new(AtomicBool::new(false));
         let writer = {
             let writer = Writer {
                 config: self.config.clone(),
@@ -235,6 +253,7 @@ impl Node {
                 report: Arc::clone(&self.report),
                 events: self.dispatcher.events().expect("the node records events"),
                 done: Arc::clone(&writer_done),
+                give_up: Arc::clone(&give_up),
             };
             std::thread::spawn(move || writer.run())
         };
@@ -258,7 +277,15 @@ impl Node {
             reading.store(false, Ordering::Release);
         });
         writer_done.store(true, Ordering::Release);
+        // The last outcomes get `flush_deadline` to reach Redis; then the writer gives up on
+        // an unreachable Redis (after its current try) and what it held stays pending there.
+        let deadline = Instant::now() + self.config.flush_deadline;
+        while !writer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        give_up.store(true, Ordering::Release);
         let _ = writer.join();
+        self.limiter.leases.release_all();
     }
 
     fn read_loop(&self, stop: &AtomicBool) {
@@ -834,12 +861,13 @@ struct Writer {
     report: Arc<NodeReport>,
     events: crossbeam_channel::Receiver<Event>,
     done: Arc<AtomicBool>,
+    /// Set when a stopping node stops waiting for Redis.
+    give_up: Arc<AtomicBool>,
 }
 
 impl Writer {
     fn run(self) {
         let mut link = Link::new(self.config.target.clone(), &self.keys);
-        let never = AtomicBool::new(false);
         let mut batch = Batch::default();
         let mut last_flush = Instant::now();
         loop {
@@ -856,8 +884,13 @@ impl Writer {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
             if last_flush.elapsed() >= self.config.flush_every || finishing {
-                if !batch.is_empty() {
-                    self.flush(&mut link, &never, std::mem::take(&mut batch));
+                if !batch.is_empty() && !self.flush(&mut link, std::mem::take(&mut batch)) {
+                    // Given up: what is still to come is not written either.
+                    let left = self.events.try_iter().count();
+                    self.report
+                        .unwritten
+                        .fetch_add(left as u64, Ordering::Relaxed);
+                    break;
                 }
                 last_flush = Instant::now();
                 if finishing && self.events.is_empty() {
@@ -990,8 +1023,10 @@ impl Writer {
         }
     }
 
-    /// Writes a batch in one atomic pipeline, retrying (reconnecting) until Redis takes it.
-    fn flush(&self, link: &mut Link, never: &AtomicBool, batch: Batch) {
+    /// Writes a batch in one atomic pipeline, retrying (reconnecting) until Redis takes it or
+    /// the node gives up waiting (false: nothing of it was written).
+    fn flush(&self, link: &mut Link, batch: Batch) -> bool {
+        let outcomes = batch.outcomes.len() as u64;
         let mut pipe = redis::pipe();
         pipe.atomic();
         let max_age_s = 7 * 24 * 3600;
@@ -1049,10 +1084,13 @@ impl Writer {
             let keys: Vec<String> = batch.drop_done.iter().map(|e| self.keys.done(e)).collect();
             pipe.cmd("DEL").arg(keys).ignore();
         }
-        match link.call_until_done(never, |c| pipe.query::<()>(c)) {
+        match link.call_until_done(&self.give_up, |c| pipe.query::<()>(c)) {
             Some(Ok(())) => {}
             Some(Err(e)) => eprintln!("mxpipe: node: writing outcomes: {e}"),
-            None => {}
+            None => {
+                self.report.unwritten.fetch_add(outcomes, Ordering::Relaxed);
+                return false;
+            }
         }
         self.report.flushes.fetch_add(1, Ordering::Relaxed);
         if !marked.is_empty() {
@@ -1063,5 +1101,6 @@ impl Writer {
                 }
             }
         }
+        true
     }
 }

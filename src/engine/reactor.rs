@@ -681,6 +681,15 @@ impl Reactor {
                     self.hold(d, at);
                     break;
                 }
+                let open = self.destinations[d].open;
+                if let Some(at) = self.destinations[d].shaper.take_connection_lease(now, open) {
+                    // No lease of the shared limit free: the destination's own connections
+                    // bring it back here as they finish work; without any, a hold does.
+                    if open == 0 {
+                        self.hold(d, at);
+                    }
+                    break;
+                }
                 self.open(d, now);
                 connects += 1;
             }
@@ -1110,6 +1119,7 @@ impl Reactor {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         let dest = &mut self.destinations[conn.destination];
         dest.open -= 1;
+        dest.shaper.connection_closed(dest.open);
         dest.metrics
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);

@@ -17,6 +17,74 @@ use std::time::{Duration, Instant};
 pub trait SharedLimiter: Send + Sync + std::fmt::Debug {
     /// The pool of `destination`, whose messages are limited to `per_second` in all.
     fn pool(&self, destination: &str, per_second: f64) -> Arc<PermitPool>;
+
+    /// The connection leases of `destination`, whose connections are limited to `max` in all
+    /// (`None`: connections are limited by this process alone).
+    fn connections(&self, _destination: &str, _max: usize) -> Option<Arc<ConnectionLeases>> {
+        None
+    }
+}
+
+/// Connections one destination may have open now, as leased from a [`SharedLimiter`]: the
+/// limiter holds `granted` leases for this process (renewed while it lives, expiring when it
+/// dies) and the loop opens a connection only while it has fewer open than that. The loop
+/// reports how many it has open; the limiter takes more leases when asked and gives back
+/// the ones no connection uses.
+#[derive(Debug, Default)]
+pub struct ConnectionLeases {
+    granted: AtomicU64,
+    open: AtomicU64,
+    wanted: AtomicBool,
+    /// The leasing thread, woken when the loop wants a lease or closed a connection.
+    pub refiller: OnceLock<std::thread::Thread>,
+}
+
+impl ConnectionLeases {
+    /// With `open` connections open, may one more open? If not, asks for a lease.
+    pub fn take(&self, open: usize) -> bool {
+        let open = open as u64;
+        if open < self.granted.load(Ordering::Acquire) {
+            self.open.store(open + 1, Ordering::Release);
+            return true;
+        }
+        self.open.store(open, Ordering::Release);
+        if !self.wanted.swap(true, Ordering::AcqRel) {
+            self.wake();
+        }
+        false
+    }
+
+    /// A connection closed; `open` are left.
+    pub fn closed(&self, open: usize) {
+        self.open.store(open as u64, Ordering::Release);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.refiller.get() {
+            t.unpark();
+        }
+    }
+
+    /// Connections open (or being opened) under these leases.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Leases held for this process.
+    pub fn granted(&self) -> u64 {
+        self.granted.load(Ordering::Acquire)
+    }
+
+    /// The limiter now holds `n` leases for this process.
+    pub fn set_granted(&self, n: u64) {
+        self.granted.store(n, Ordering::Release);
+    }
+
+    /// Whether the loop wanted a lease since the last call (for the limiter).
+    pub fn take_wanted(&self) -> bool {
+        self.wanted.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// Permits one destination may use now, refilled by a [`SharedLimiter`].
@@ -324,6 +392,8 @@ pub struct Shaper {
     ceiling: Option<(f64, Instant)>,
     /// Permits shared with other processes ([`SharedLimiter`]), for a rate-limited destination.
     shared: Option<Arc<PermitPool>>,
+    /// Connection leases shared with other processes ([`SharedLimiter`]).
+    leases: Option<Arc<ConnectionLeases>>,
 }
 
 impl Shaper {
@@ -347,6 +417,7 @@ impl Shaper {
             dead_until: None,
             ceiling: None,
             shared: None,
+            leases: None,
         }
     }
 
@@ -354,6 +425,23 @@ impl Shaper {
     pub fn share(&mut self, limiter: &dyn SharedLimiter, destination: &str) {
         if let Some(rate) = self.message_rate() {
             self.shared = Some(limiter.pool(destination, rate));
+        }
+        self.leases = limiter.connections(destination, self.limits.max_connections.max(1));
+    }
+
+    /// With `open` connections open, whether the shared connection limit lets one more open
+    /// (`None`) or when to ask again. Without shared leases, always `None`.
+    pub fn take_connection_lease(&self, now: Instant, open: usize) -> Option<Instant> {
+        match &self.leases {
+            Some(leases) if !leases.take(open) => Some(now + SHARED_POLL),
+            _ => None,
+        }
+    }
+
+    /// A connection of this destination closed; `open` are left.
+    pub fn connection_closed(&self, open: usize) {
+        if let Some(leases) = &self.leases {
+            leases.closed(open);
         }
     }
 

@@ -101,15 +101,26 @@ impl RedisServer {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Stops the server (SIGTERM: with an append-only file it is flushed first), waits for it to
-    /// exit, and starts it again on the same port with the same data.
+    /// Stops the server, waits `down_for`, and starts it again on the same port with the same
+    /// data.
     pub fn restart(&mut self, down_for: Duration) {
+        self.stop();
+        thread::sleep(down_for);
+        self.start_again();
+    }
+
+    /// Stops the server (SIGTERM: with an append-only file it is flushed first) and waits for
+    /// it to exit.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on our own child's PID.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
-        thread::sleep(down_for);
+    }
+
+    /// Starts a stopped server again on the same port with the same data.
+    pub fn start_again(&mut self) {
         self.launch();
     }
 
