@@ -37,6 +37,18 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// A message as its record gives it: no checkpoints, no DSN request yet.
+    pub fn new(body_id: u64, submitted_ms: u64, sender: String, recipients: Vec<String>) -> Self {
+        StoredMessage {
+            body_id,
+            submitted_ms,
+            sender,
+            recipients,
+            checkpoints: HashMap::new(),
+            dsn: None,
+        }
+    }
+
     /// Recipients without a final outcome, with their last deferral if any.
     pub fn pending(&self) -> impl Iterator<Item = (&str, Option<Checkpoint>)> {
         self.recipients
@@ -130,14 +142,7 @@ impl State {
                     None => {
                         self.messages.insert(
                             id,
-                            StoredMessage {
-                                body_id,
-                                submitted_ms,
-                                sender,
-                                recipients,
-                                checkpoints: HashMap::new(),
-                                dsn: None,
-                            },
+                            StoredMessage::new(body_id, submitted_ms, sender, recipients),
                         );
                     }
                 }
