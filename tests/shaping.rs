@@ -630,3 +630,48 @@ fn rates_that_are_not_numbers_above_zero_are_refused_at_start() {
     assert_eq!(key, "rates");
     assert!(base().messages_per_minute(0.5).start().is_ok());
 }
+
+#[test]
+fn recipients_expire_at_their_maximum_age_while_their_destination_is_paused() {
+    // Every connection is greeted with 421: the destination pauses for 60 s after the first.
+    let sink = Sink::start(SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        faults: Faults {
+            greeting: Some("421 4.7.0 slow down".into()),
+            ..Faults::default()
+        },
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let d = Dispatcher::builder()
+        .relay(&sink.local_addr().to_string())
+        .adaptive(Adaptive {
+            pause: Duration::from_secs(60),
+            max_pause: Duration::from_secs(60),
+            dead_after: 1_000,
+            ..Adaptive::default()
+        })
+        .retry(retry(2_000))
+        .start()
+        .unwrap();
+    let rcpts: Vec<String> = (0..30).map(|i| format!("p{i}@x.test")).collect();
+    for r in &rcpts {
+        d.submit(Message::new("s@mxpipe.test", [r.as_str()], b"x\r\n").unwrap())
+            .unwrap();
+    }
+    // Final at the 2 s maximum age, not after the 60 s pause.
+    assert!(d.wait_final(Duration::from_secs(30)));
+    let events: Vec<Event> = d.events().unwrap().try_iter().collect();
+    let f = finals(&events);
+    assert_eq!(f.len(), 30);
+    for e in f.values() {
+        assert_eq!(e.kind, EventKind::Expired, "{e:?}");
+        // With the server's own reason, as a deferral would report it.
+        assert_eq!(
+            (e.reply.code, e.reply.text.as_str()),
+            (421, "slow down"),
+            "{e:?}"
+        );
+    }
+    assert_eq!(d.stats().in_flight, 0);
+}

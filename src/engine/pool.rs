@@ -54,6 +54,9 @@ pub struct Destination {
     /// The connection failure that marked the destination dead, reported with the recipients
     /// it holds back (the cause, not only "dead").
     pub dead_because: Option<crate::smtp::Reply>,
+    /// The last reply that asked to slow down, reported with the recipients that expire while
+    /// the destination is paused.
+    pub throttled_by: Option<crate::smtp::Reply>,
 }
 
 impl Destination {
@@ -80,6 +83,7 @@ impl Destination {
             wake_at: None,
             tls,
             dead_because: None,
+            throttled_by: None,
         };
         d.publish_shaping();
         d
@@ -118,7 +122,14 @@ impl Destination {
 
     /// The destination said "slow down" while `open` other connections were working: the
     /// shaper shrinks, and the metrics count it.
-    pub fn throttled(&mut self, now: Instant, open: usize, adaptive: &Adaptive) {
+    pub fn throttled(
+        &mut self,
+        now: Instant,
+        open: usize,
+        adaptive: &Adaptive,
+        reply: &crate::smtp::Reply,
+    ) {
+        self.throttled_by = Some(reply.clone());
         self.shaper.on_throttle(now, open, adaptive);
         self.metrics.throttled.fetch_add(1, Ordering::Relaxed);
         self.publish_shaping();

@@ -635,6 +635,9 @@ impl Reactor {
                 continue;
             }
             if self.destinations[d].wake_at.is_some() {
+                // Work queued while paused (retries, new submissions) must wake it at its
+                // maximum age at the latest.
+                self.hold_if_paused(d, now);
                 continue;
             }
             while !self.destinations[d].queue.is_empty() && self.destinations[d].wake_at.is_none() {
@@ -960,7 +963,12 @@ impl Reactor {
                     // The connection that got the throttle is gone already: the others
                     // are what the server accepts.
                     let open = self.destinations[d].open;
-                    self.destinations[d].throttled(now, open, &self.config.adaptive);
+                    self.destinations[d].throttled(
+                        now,
+                        open,
+                        &self.config.adaptive,
+                        &closure.reply,
+                    );
                     self.hold_if_paused(d, now);
                 }
                 if !closure.established {
@@ -1234,7 +1242,11 @@ impl Reactor {
             let dest = &mut self.destinations[d];
             if dest.wake_at.is_some_and(|w| w <= now) {
                 dest.wake_at = None;
-                self.mark_dirty(d);
+                if self.paused_until(d, now).is_some() {
+                    self.expire_while_paused(d, now);
+                } else {
+                    self.mark_dirty(d);
+                }
             }
         }
     }
@@ -1343,15 +1355,15 @@ impl Reactor {
             .metrics
             .in_flight
             .fetch_sub(job.recipients.len() as u64, Ordering::Relaxed);
-        let throttled = results.iter().any(|r| match r {
-            RcptResult::Failed { reply, .. } => self.is_throttle(reply),
-            _ => false,
+        let throttled = results.iter().find_map(|r| match r {
+            RcptResult::Failed { reply, .. } if self.is_throttle(reply) => Some(reply.clone()),
+            _ => None,
         });
-        if throttled {
+        if let Some(reply) = throttled {
             // A transaction was refused, not a connection: one connection fewer is the
             // ceiling.
             let open = self.destinations[d].open.saturating_sub(1);
-            self.destinations[d].throttled(now, open, &self.config.adaptive);
+            self.destinations[d].throttled(now, open, &self.config.adaptive, &reply);
             self.hold_if_paused(d, now);
         } else if results
             .iter()
@@ -1423,13 +1435,61 @@ impl Reactor {
     }
 
     fn hold_if_paused(&mut self, d: usize, now: Instant) {
-        if let Some(until) = self.destinations[d]
+        if let Some(until) = self.paused_until(d, now) {
+            // Recipients whose maximum age passes during the pause expire then, not after it
+            // (a pause can last minutes): the destination wakes at the first such moment.
+            let max_age = self.config.retry.max_age;
+            let first_expiry = self.destinations[d]
+                .queue
+                .iter()
+                .map(|job| job.envelope.submitted + max_age)
+                .min();
+            self.hold(d, first_expiry.map_or(until, |e| e.clamp(now, until)));
+        }
+    }
+
+    fn paused_until(&self, d: usize, now: Instant) -> Option<Instant> {
+        self.destinations[d]
             .shaper
             .paused_until
             .filter(|&t| t > now)
-        {
-            self.hold(d, until);
+    }
+
+    /// A paused destination woke before its pause ends: its queued recipients past their
+    /// maximum age expire, and it sleeps again until the pause ends or the next one expires.
+    fn expire_while_paused(&mut self, d: usize, now: Instant) {
+        let max_age = self.config.retry.max_age;
+        let jobs = self.destinations[d].drain();
+        let name = Arc::clone(&self.destinations[d].name);
+        for job in jobs {
+            if job.envelope.submitted + max_age > now {
+                self.destinations[d].push_back(job);
+                continue;
+            }
+            // The server's own words when it has them (as a deferral would report them).
+            let reply = self.destinations[d]
+                .throttled_by
+                .clone()
+                .unwrap_or_else(|| Reply {
+                    code: 0,
+                    enhanced: None,
+                    text: format!(
+                        "{name} is paused after it asked to slow down, past the maximum age"
+                    ),
+                });
+            for recipient in job.recipients {
+                self.finish_recipient(
+                    EventKind::Expired,
+                    &job.envelope,
+                    recipient,
+                    reply.clone(),
+                    Some(d),
+                    job.attempts,
+                    now,
+                );
+            }
         }
+        self.hold_if_paused(d, now);
     }
 
     /// A job goes back to the front of its queue without counting an attempt.
