@@ -484,60 +484,53 @@ fn listen_addr(value: &str) -> Result<SocketAddr, String> {
     options::host_port(value, 2525)
 }
 
-/// One outcome as a JSON line for reports: the fields of [`event_value`], in its (sorted)
-/// order, written without building a map first (a report may get a million of them).
-pub(crate) fn event_json(e: &Event) -> String {
-    #[derive(serde::Serialize)]
-    struct Line<'a> {
-        attempts: u32,
-        code: u16,
-        destination: &'a str,
-        elapsed_ms: u64,
-        enhanced: Option<String>,
-        message_id: u64,
-        recipient: &'a str,
-        retry_after_s: Option<f64>,
-        status: &'static str,
-        text: &'a str,
-        tls: Option<&'static str>,
-        tls_policy: Option<&'static str>,
-        tls_verified: Option<bool>,
+/// One outcome's report fields, in sorted order (the order of [`event_value`]'s map).
+#[derive(serde::Serialize)]
+struct EventLine<'a> {
+    attempts: u32,
+    code: u16,
+    destination: &'a str,
+    elapsed_ms: u64,
+    enhanced: Option<String>,
+    message_id: u64,
+    recipient: &'a str,
+    retry_after_s: Option<f64>,
+    status: &'static str,
+    text: &'a str,
+    tls: Option<&'static str>,
+    tls_policy: Option<&'static str>,
+    tls_verified: Option<bool>,
+}
+
+impl<'a> EventLine<'a> {
+    fn of(e: &'a Event) -> Self {
+        EventLine {
+            attempts: e.attempts,
+            code: e.reply.code,
+            destination: &e.destination,
+            elapsed_ms: e.elapsed.as_millis() as u64,
+            enhanced: e.reply.enhanced.map(|c| c.to_string()),
+            message_id: e.message_id,
+            recipient: e.recipient.as_str(),
+            retry_after_s: e.retry_after.map(|d| d.as_secs_f64()),
+            status: e.kind.as_str(),
+            text: &e.reply.text,
+            tls: e.tls.map(|t| t.version.unwrap_or("plaintext")),
+            tls_policy: e.tls.map(|t| t.policy.as_str()),
+            tls_verified: e.tls.and_then(|t| t.version.map(|_| t.verified)),
+        }
     }
-    let line = Line {
-        attempts: e.attempts,
-        code: e.reply.code,
-        destination: &e.destination,
-        elapsed_ms: e.elapsed.as_millis() as u64,
-        enhanced: e.reply.enhanced.map(|c| c.to_string()),
-        message_id: e.message_id,
-        recipient: e.recipient.as_str(),
-        retry_after_s: e.retry_after.map(|d| d.as_secs_f64()),
-        status: e.kind.as_str(),
-        text: &e.reply.text,
-        tls: e.tls.map(|t| t.version.unwrap_or("plaintext")),
-        tls_policy: e.tls.map(|t| t.policy.as_str()),
-        tls_verified: e.tls.and_then(|t| t.version.map(|_| t.verified)),
-    };
-    serde_json::to_string(&line).expect("a struct of strings and numbers serializes")
+}
+
+/// One outcome as a JSON line for reports, written without building a map first (a report
+/// may get a million of them).
+pub(crate) fn event_json(e: &Event) -> String {
+    serde_json::to_string(&EventLine::of(e)).expect("a struct of strings and numbers serializes")
 }
 
 /// One outcome as a JSON object: the report line's fields.
 pub(crate) fn event_value(e: &Event) -> serde_json::Value {
-    serde_json::json!({
-        "message_id": e.message_id,
-        "recipient": e.recipient.as_str(),
-        "status": e.kind.as_str(),
-        "code": e.reply.code,
-        "enhanced": e.reply.enhanced.map(|c| c.to_string()),
-        "text": e.reply.text,
-        "attempts": e.attempts,
-        "destination": &*e.destination,
-        "retry_after_s": e.retry_after.map(|d| d.as_secs_f64()),
-        "elapsed_ms": e.elapsed.as_millis() as u64,
-        "tls": e.tls.map(|t| t.version.unwrap_or("plaintext")),
-        "tls_verified": e.tls.and_then(|t| t.version.map(|_| t.verified)),
-        "tls_policy": e.tls.map(|t| t.policy.as_str()),
-    })
+    serde_json::to_value(EventLine::of(e)).expect("a struct of strings and numbers serializes")
 }
 
 /// Thousands of connections need thousands of descriptors: lift the soft limit to the hard one

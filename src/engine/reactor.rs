@@ -1459,24 +1459,21 @@ impl Reactor {
     /// maximum age expire, and it sleeps again until the pause ends or the next one expires.
     fn expire_while_paused(&mut self, d: usize, now: Instant) {
         let max_age = self.config.retry.max_age;
-        let jobs = self.destinations[d].drain();
-        let name = Arc::clone(&self.destinations[d].name);
-        for job in jobs {
+        let dest = &mut self.destinations[d];
+        // The server's own words when it has them (as a deferral would report them).
+        let reply = dest.throttled_by.clone().unwrap_or_else(|| Reply {
+            code: 0,
+            enhanced: None,
+            text: format!(
+                "{} is paused after it asked to slow down, past the maximum age",
+                dest.name
+            ),
+        });
+        for job in dest.drain() {
             if job.envelope.submitted + max_age > now {
                 self.destinations[d].push_back(job);
                 continue;
             }
-            // The server's own words when it has them (as a deferral would report them).
-            let reply = self.destinations[d]
-                .throttled_by
-                .clone()
-                .unwrap_or_else(|| Reply {
-                    code: 0,
-                    enhanced: None,
-                    text: format!(
-                        "{name} is paused after it asked to slow down, past the maximum age"
-                    ),
-                });
             for recipient in job.recipients {
                 self.finish_recipient(
                     EventKind::Expired,

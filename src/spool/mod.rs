@@ -444,7 +444,6 @@ impl Spool {
             buf: Vec::with_capacity(1 << 20),
             unsynced_since: None,
             compaction: None,
-            sealed: None,
             compacted_into: 0,
         };
         writer.segment_number = log::segments(&self.config.dir)?
@@ -671,9 +670,7 @@ struct Writer {
     /// Checkpoints were written (not yet fsynced) since then.
     unsynced_since: Option<Instant>,
     /// The compaction under way, on a thread of its own.
-    compaction: Option<JoinHandle<io::Result<Compacted>>>,
-    /// The segment left at the last rotation.
-    sealed: Option<u64>,
+    compaction: Option<JoinHandle<io::Result<Option<Compacted>>>>,
     /// The segment the last compaction started wrote into.
     compacted_into: u64,
 }
@@ -770,7 +767,8 @@ impl Writer {
         };
         let stats = &self.shared.stats;
         match handle.join() {
-            Ok(Ok(done)) => {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(done))) => {
                 let bytes = &self.shared.bytes;
                 bytes.fetch_add(done.written, Ordering::Relaxed);
                 let _ = bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
@@ -795,9 +793,8 @@ impl Writer {
     /// may: every segment before the one sealed last (which still holds mail in flight) goes
     /// into the number skipped when that one was started.
     fn compact_if_due(&mut self) {
-        let Some(sealed) = self.sealed else {
-            return;
-        };
+        // Called after a rotation, which skipped one number: the segment left is two back.
+        let sealed = self.segment_number.saturating_sub(2);
         if self.compaction.is_some() || sealed < 3 || self.compacted_into >= sealed - 1 {
             return;
         }
@@ -980,7 +977,6 @@ impl Writer {
                     file: Arc::new(file),
                     size: 0,
                 };
-                self.sealed = Some(self.segment_number);
                 self.segment_number = number;
                 self.dir_dirty = true;
                 self.bodies.clear();
@@ -1091,7 +1087,7 @@ impl Writer {
 /// never appended to again), writes what is live in them as segment `into` and deletes them.
 /// A segment with a torn or corrupt record is left alone for the next start, which reports it.
 /// With nothing to compact, or `into` taken, it does nothing.
-fn compact_sealed(dir: &Path, last: u64, into: u64) -> io::Result<Compacted> {
+fn compact_sealed(dir: &Path, last: u64, into: u64) -> io::Result<Option<Compacted>> {
     let segments = log::segments(dir)?;
     let sealed: Vec<(u64, PathBuf)> = segments
         .iter()
@@ -1099,20 +1095,17 @@ fn compact_sealed(dir: &Path, last: u64, into: u64) -> io::Result<Compacted> {
         .cloned()
         .collect();
     if sealed.is_empty() || segments.iter().any(|(n, _)| *n == into) {
-        return Ok(Compacted {
-            deleted: 0,
-            written: 0,
-        });
+        return Ok(None);
     }
     let state = store::State::load_segments(dir, sealed)?;
     if state.issues.torn > 0 || state.issues.corrupt > 0 {
         return Err(io::Error::other("a sealed segment has a damaged record"));
     }
     let written = state.rewrite_as(dir, into)?;
-    Ok(Compacted {
+    Ok(Some(Compacted {
         deleted: state.bytes,
         written,
-    })
+    }))
 }
 
 /// The OS error number of `e` (0 when it has none).
