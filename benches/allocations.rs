@@ -2,9 +2,12 @@
 //! global allocator that wraps the system's: through the SMTP session alone (no I/O; pipelined
 //! BDAT and pipelined DATA, each transaction built as the engine builds it, its recipient list
 //! in a buffer the session recycled), and through the event loop to mxpipe's sink in a child process
-//! (every thread but the submitting one counts, so enqueueing is left out).
+//! (every thread but the submitting one counts as the engine's; the submitting thread's, which
+//! builds each `Message`, are printed apart as the caller's).
 //!
-//! Run: `cargo bench --bench allocations` (prints one `allocs_per_msg` line per case).
+//! Run: `cargo bench --bench allocations` (prints one `allocs_per_msg` line per case). With
+//! `MXPIPE_ALLOC_SITES=N` (and `MXPIPE_ALLOC_STRIDE=K`: one in every K) it prints the
+//! backtraces of N allocations the engine made in steady state.
 
 use mxpipe::engine::Dispatcher;
 use mxpipe::error::Field;
@@ -16,7 +19,7 @@ use std::hint::black_box;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Counts every allocation and reallocation, in total and per thread.
@@ -29,10 +32,50 @@ thread_local! {
 }
 
 fn count() {
+    // A backtrace being taken is the bench's own work (resolving symbols allocates a lot).
+    if TRACING.try_with(Cell::get).unwrap_or(false) {
+        return;
+    }
     ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
     // `with` can fail while the thread is being torn down; such an allocation still counts
     // in the total.
     let _ = THREAD_ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+    if SITES_LEFT.load(Ordering::Relaxed) > 0 {
+        record_site();
+    }
+}
+
+/// With `MXPIPE_ALLOC_SITES=N`: backtraces of N allocations the engine's threads make in
+/// steady state (with `MXPIPE_ALLOC_STRIDE=K`, one in every K, to spread them over the case),
+/// printed after the case: how an allocation on the send path is found.
+static SITES_LEFT: AtomicU64 = AtomicU64::new(0);
+static SITES_STRIDE: AtomicU64 = AtomicU64::new(1);
+static SEEN: AtomicU64 = AtomicU64::new(0);
+static SITES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// Set on the submitting thread, whose allocations are the caller's.
+    static SUBMITTING: Cell<bool> = const { Cell::new(false) };
+    /// Set while a backtrace is taken: its own allocations are neither counted nor sites.
+    static TRACING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn record_site() {
+    if SUBMITTING.try_with(Cell::get).unwrap_or(true) {
+        return;
+    }
+    TRACING.with(|t| t.set(true));
+    if SEEN
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(SITES_STRIDE.load(Ordering::Relaxed))
+        && SITES_LEFT
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        let trace = std::backtrace::Backtrace::force_capture().to_string();
+        SITES.lock().expect("sites").push(trace);
+    }
+    TRACING.with(|t| t.set(false));
 }
 
 // SAFETY: every call is passed on unchanged to the system allocator.
@@ -153,8 +196,11 @@ impl Drop for ChildSink {
 }
 
 /// Sends `n` messages with one shared body through the engine to `mxpipe sink` in a child
-/// process; returns the allocations of every thread but this one per message.
-fn loop_allocations(n: u64, connections: usize) -> f64 {
+/// process; returns the allocations per message of the caller (this thread: building and
+/// submitting each message) and of the engine (every other thread).
+/// `max_queued`: the loop's bound on held recipients (`None`: the default, a million, so the
+/// whole case is held at once).
+fn loop_allocations(n: u64, connections: usize, max_queued: Option<usize>) -> (f64, f64) {
     let addr = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
         .args(["sink", "--listen", &addr.to_string()])
@@ -168,12 +214,14 @@ fn loop_allocations(n: u64, connections: usize) -> f64 {
         assert!(Instant::now() < deadline, "the sink did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let d = Dispatcher::builder()
+    let mut builder = Dispatcher::builder()
         .relay(&addr.to_string())
         .max_connections_per_destination(connections)
-        .record_events(false)
-        .start()
-        .expect("dispatcher starts");
+        .record_events(false);
+    if let Some(max) = max_queued {
+        builder = builder.max_queued_recipients(max);
+    }
+    let d = builder.start().expect("dispatcher starts");
     let body = body();
     let sender = Address::parse("news@b.example", Field::Sender).expect("sender");
     let send = |from: u64, to: u64| {
@@ -187,14 +235,24 @@ fn loop_allocations(n: u64, connections: usize) -> f64 {
         }
         d.flush();
     };
+    SUBMITTING.with(|s| s.set(true));
     // Warm up: connections open, buffers and queues at their steady size.
     send(0, n / 10);
+    let sites = std::env::var("MXPIPE_ALLOC_SITES").map_or(0, |v| v.parse().unwrap_or(0));
+    let stride = std::env::var("MXPIPE_ALLOC_STRIDE").map_or(1, |v| v.parse().unwrap_or(1));
+    SITES_STRIDE.store(stride.max(1), Ordering::Relaxed);
+    SITES_LEFT.store(sites, Ordering::Relaxed);
     let (all, mine) = (total(), this_thread());
     send(n / 10, n + n / 10);
-    let others = (total() - all) - (this_thread() - mine);
+    let caller = this_thread() - mine;
+    let engine = (total() - all) - caller;
+    SITES_LEFT.store(0, Ordering::Relaxed);
+    for site in SITES.lock().expect("sites").drain(..) {
+        eprintln!("allocation in steady state:\n{site}");
+    }
     let stats = d.stats();
     assert_eq!(stats.delivered, n + n / 10, "{stats:?}");
-    others as f64 / n as f64
+    (caller as f64 / n as f64, engine as f64 / n as f64)
 }
 
 fn main() {
@@ -212,8 +270,15 @@ fn main() {
         let data = session_allocations("250-mx\r\n250 PIPELINING\r\n", 20_000, 2_000, text);
         println!("session pipelined_data delivery_reply_text={text} allocs_per_msg={data:.2}");
     }
-    for connections in [1, 20] {
-        let looped = loop_allocations(50_000, connections);
-        println!("loop_to_sink connections={connections} allocs_per_msg={looped:.2}");
+    // The whole case held at once (every message needs an envelope of its own), and a bulk
+    // send held back by the loop's bound (each finished message makes room for the next, whose
+    // envelope it passes on).
+    for (connections, max_queued) in [(1, None), (20, None), (20, Some(2_000))] {
+        let (caller, engine) = loop_allocations(50_000, connections, max_queued);
+        let held = max_queued.map_or("1000000".to_string(), |m| m.to_string());
+        println!(
+            "loop_to_sink connections={connections} max_queued_recipients={held} \
+             allocs_per_msg={engine:.2} caller_allocs_per_msg={caller:.2}"
+        );
     }
 }

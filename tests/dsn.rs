@@ -222,6 +222,61 @@ fn ret_full_returns_the_whole_message_and_an_expiry_is_reported() {
 }
 
 #[test]
+fn failures_of_a_big_list_are_reported_in_reports_of_at_most_a_thousand_recipients() {
+    // Nothing listens on this port: every recipient expires in the same loop turn.
+    let dead = format!("127.0.0.1:{}", util::free_port("127.0.0.1"));
+    let capture = CaptureServer::start();
+    let spool = util::fresh_temp_dir("dsn-spool-split");
+    let d = Dispatcher::builder()
+        .relay(&dead)
+        .route("example.org", &capture.addr().to_string())
+        .ehlo_name("mxpipe.test")
+        .retry(RetryPolicy {
+            initial: Duration::from_millis(100),
+            max_interval: Duration::from_millis(200),
+            multiplier: 2.0,
+            jitter: 0.0,
+            max_age: Duration::from_millis(600),
+        })
+        .spool(&spool)
+        .start()
+        .unwrap();
+    let recipients: Vec<String> = (0..2500).map(|i| format!("r{i}@example.net")).collect();
+    d.submit(
+        Message::new(
+            "sender@example.org",
+            recipients.iter().map(String::as_str),
+            b"Subject: many\r\n\r\nx\r\n",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(d.wait_final(Duration::from_secs(60)), "{:?}", d.stats());
+    let messages = capture.messages();
+    assert_eq!(messages.len(), 3, "one report per 1000 failures");
+    let mut reported = Vec::new();
+    for message in &messages {
+        assert_eq!(message.mail_from, "<>");
+        assert_eq!(message.rcpt_tos, ["sender@example.org"]);
+        let parsed = read_report(&message.data);
+        assert_eq!(parsed["defects"], serde_json::json!([]));
+        let listed = parsed["per_recipient"].as_array().unwrap();
+        assert!(listed.len() <= 1000, "{} recipients", listed.len());
+        for r in listed {
+            assert_eq!(r["Action"], "failed");
+            assert_eq!(r["Status"], "4.4.1", "{r}");
+            let address = r["Final-Recipient"].as_str().unwrap();
+            reported.push(address.trim_start_matches("rfc822; ").to_string());
+        }
+    }
+    reported.sort();
+    let mut expected = recipients.clone();
+    expected.sort();
+    assert_eq!(reported, expected, "every failure reported once");
+    d.shutdown();
+}
+
+#[test]
 fn dsn_parameters_reach_a_postfix_that_offers_dsn() {
     // Postfix relays everything to aiosmtpd (which offers no DSN), so for NOTIFY=SUCCESS it
     // sends the sender a "relayed" notice: its Original-Envelope-Id and Original-Recipient

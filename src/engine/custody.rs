@@ -17,29 +17,76 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// What the engine decided for one recipient: a deferral (with the attempts so far and when the
-/// next is due) or its final outcome.
+/// What the engine decided for a run of recipients of one message: a deferral (with the
+/// attempts so far and when the next is due) or a final outcome. Recipients decided one after
+/// the other with the same message, kind, attempts and retry time share one outcome (a
+/// transaction's accepted recipients are one), so a custody writes and the loop builds one
+/// entry per run, not per recipient.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// The submission's identifier (a durable source's own, persistent one).
     pub message_id: u64,
-    pub recipient: Address,
+    /// The recipients, in the order decided; never empty. Exactly one when `failure` is set.
+    pub recipients: Vec<Address>,
     pub kind: EventKind,
     /// Delivery attempts made so far.
     pub attempts: u32,
     /// For a deferral: when the next attempt is due (wall clock, so that it survives a restart).
     pub retry_at: Option<SystemTime>,
     /// For a bounce or an expiry, when the custody [`Custody::wants_failures`]: what a report
-    /// to the sender needs.
+    /// to the sender needs. An outcome with a failure is never shared (each recipient has its
+    /// own reply).
     pub failure: Option<Box<Failure>>,
+}
+
+impl Outcome {
+    /// The recipient of an outcome that carries a failure, with that failure.
+    pub fn failed_recipient(&self) -> Option<(&Address, &Failure)> {
+        Some((self.recipients.first()?, self.failure.as_deref()?))
+    }
+}
+
+/// Notes one recipient's outcome at the end of `outcomes`: it joins the last entry when that
+/// is of the same message, kind, attempts and retry time and neither carries a failure, else
+/// starts one. Returns the entry it is in.
+pub(super) fn note_outcome<'a>(
+    outcomes: &'a mut Vec<Outcome>,
+    message_id: u64,
+    recipient: &Address,
+    kind: EventKind,
+    attempts: u32,
+    retry_at: Option<SystemTime>,
+    failure: Option<Box<Failure>>,
+) -> &'a Outcome {
+    let joins = |last: &Outcome| {
+        failure.is_none()
+            && last.failure.is_none()
+            && last.message_id == message_id
+            && last.kind == kind
+            && last.attempts == attempts
+            && last.retry_at == retry_at
+    };
+    match outcomes.last_mut() {
+        Some(last) if joins(last) => last.recipients.push(recipient.clone()),
+        _ => outcomes.push(Outcome {
+            message_id,
+            recipients: vec![recipient.clone()],
+            kind,
+            attempts,
+            retry_at,
+            failure,
+        }),
+    }
+    outcomes.last().expect("noted")
 }
 
 /// The message, last reply and destination of a recipient that bounced or expired.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub envelope: Arc<Envelope>,
-    /// The last reply (code 0: decided without a server's reply, the reason in its text).
-    pub reply: Reply,
+    /// The last reply (code 0: decided without a server's reply, the reason in its text),
+    /// shared with the other recipients it failed.
+    pub reply: Arc<Reply>,
     /// The destination of the last attempt (empty when none was made).
     pub destination: Arc<str>,
 }
@@ -47,15 +94,16 @@ pub struct Failure {
 /// Whoever keeps custody of submitted work and must learn what became of it.
 ///
 /// `record` is called on the loop thread at the end of every turn that decided something, with
-/// that turn's outcomes in order. It must not wait: one write to the page cache is fine (the
+/// that turn's outcomes in order (runs of recipients that share one, see [`Outcome`]). It must not wait: one write to the page cache is fine (the
 /// spool does that, so that a kill loses at most one turn's checkpoints), an fsync or a network
 /// round trip is not (hand those to another thread).
 pub trait Custody: Send + Sync + fmt::Debug {
     fn record(&self, outcomes: Vec<Outcome>);
 
-    /// Called on the loop thread for each outcome as it is decided (before `record`, and
-    /// before the dispatcher's counts change): a custody that will answer it with new work
-    /// counts that work here. Must be cheap.
+    /// Called on the loop thread for each recipient as its outcome is decided (before
+    /// `record`, and before the dispatcher's counts change), with the outcome it joined (the
+    /// recipient is its last): a custody that will answer it with new work counts that work
+    /// here. Must be cheap.
     fn decided(&self, _outcome: &Outcome) {}
 
     /// Whether outcomes of bounced and expired recipients should carry their [`Failure`].

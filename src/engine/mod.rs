@@ -71,8 +71,10 @@ pub struct Event {
     pub tag: u64,
     pub recipient: Address,
     /// The server's reply; code 0 when the outcome was decided without one (connection failure,
-    /// timeout, a message the server cannot take), with the reason in the text.
-    pub reply: Reply,
+    /// timeout, a message the server cannot take), with the reason in the text. Shared by the
+    /// events of the recipients it answered (a failed connection's reply is one for all of
+    /// them): a million events of one attempt hold one copy of the text.
+    pub reply: Arc<Reply>,
     /// The destination (`host:port`) the attempt went to.
     pub destination: Arc<str>,
     /// Delivery attempts made so far, this one included.
@@ -163,6 +165,11 @@ impl Stats {
 pub(crate) struct Shared {
     pub stats: Stats,
     pub events: Option<crossbeam_channel::Sender<Event>>,
+    /// Events sent on `events` by every loop: with the channel's length, what the reader took.
+    pub events_sent: AtomicU64,
+    /// Final outcomes already counted whose event a loop is still sending: `flush` and
+    /// `wait_final` wait for them too.
+    pub sending: AtomicU64,
     pub shutting_down: AtomicBool,
     /// Set by [`Dispatcher::shutdown_timeout`] when its deadline passes: the loops report
     /// every recipient not yet final as Deferred and stop at once, without QUIT.
@@ -230,7 +237,10 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Event-loop threads; work is spread over them by recipient domain.
     pub loops: usize,
-    /// Send events on the channel of [`Dispatcher::events`]. Events wait there until read.
+    /// Send events on the channel of [`Dispatcher::events`]. Events wait there until read;
+    /// while a reader takes them but falls behind by more than 65,536, a loop waits for it
+    /// (backpressure), and goes on without waiting when the reader takes nothing for 200 ms.
+    /// No event is ever dropped.
     pub record_events: bool,
     /// Verify the server's certificate chain and name. `None` (the default) verifies under
     /// `StartTls::Required`, implicit TLS, and whenever credentials are set (AUTH goes only
@@ -750,6 +760,8 @@ impl Dispatcher {
         let shared = Arc::new(Shared {
             stats: Stats::default(),
             events: events_tx,
+            events_sent: AtomicU64::new(0),
+            sending: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
             registry: metrics::Registry::default(),
@@ -903,16 +915,19 @@ impl Dispatcher {
     /// Waits until every submitted recipient is final or waiting for a retry.
     pub fn flush(&self) {
         let stats = &self.shared.stats;
-        self.shared
-            .wait_until(None, || stats.active.load(Ordering::Acquire) == 0);
+        let sending = &self.shared.sending;
+        self.shared.wait_until(None, || {
+            stats.active.load(Ordering::Acquire) == 0 && sending.load(Ordering::Acquire) == 0
+        });
     }
 
     /// Waits until every submitted recipient has a final outcome, or the timeout passes
     /// (returns false then).
     pub fn wait_final(&self, timeout: Duration) -> bool {
         let stats = &self.shared.stats;
+        let sending = &self.shared.sending;
         self.shared.wait_until(Some(Instant::now() + timeout), || {
-            stats.unfinished.load(Ordering::Acquire) == 0
+            stats.unfinished.load(Ordering::Acquire) == 0 && sending.load(Ordering::Acquire) == 0
         })
     }
 

@@ -9,7 +9,9 @@
 
 use super::classify::Category;
 mod abandon;
+mod envelopes;
 mod mx;
+mod pace;
 
 use super::conn::{Conn, ReadOutcome};
 use super::metrics::DestinationMetrics;
@@ -148,7 +150,15 @@ struct Reactor {
     outcomes: Vec<super::custody::Outcome>,
     /// The last reply classified and its category: the recipients of a failed connection
     /// or transaction share one reply, classified once instead of once per recipient.
-    last_category: Option<(Reply, Category)>,
+    last_category: Option<(Arc<Reply>, Category)>,
+    /// The destination of outcomes decided without an attempt (empty), shared by their events.
+    no_destination: Arc<str>,
+    /// Waits for a reader that falls behind the events (see [`pace`]).
+    pace: pace::EventPace,
+    /// Envelopes of finished messages, reused for new submissions.
+    envelopes: envelopes::EnvelopePool,
+    /// The last transaction's shared reply (see `on_transaction`).
+    last_reply: Option<Arc<Reply>>,
 }
 
 /// Where a connection event came from, decoded from the mio event.
@@ -189,6 +199,10 @@ impl Reactor {
             is_dirty: Vec::new(),
             held: 0,
             last_category: None,
+            no_destination: Arc::from(""),
+            pace: pace::EventPace::default(),
+            envelopes: envelopes::EnvelopePool::new(),
+            last_reply: None,
             next_tag: 1,
             next_generation: 1,
             changed: false,
@@ -312,8 +326,8 @@ impl Reactor {
         recipient: &Address,
         kind: EventKind,
         attempts: u32,
-        retry_after: Option<Duration>,
-        failure: Option<(&Reply, &Arc<str>)>,
+        retry_at: Option<std::time::SystemTime>,
+        failure: Option<(&Arc<Reply>, &Arc<str>)>,
     ) {
         if let Some(custody) = &self.config.custody {
             let deleted = self.orders.is_deleted(envelope.id);
@@ -322,20 +336,20 @@ impl Reactor {
                 .map(|(reply, destination)| {
                     Box::new(super::custody::Failure {
                         envelope: Arc::clone(envelope),
-                        reply: reply.clone(),
+                        reply: Arc::clone(reply),
                         destination: Arc::clone(destination),
                     })
                 });
-            let outcome = super::custody::Outcome {
-                message_id: envelope.id,
-                recipient: recipient.clone(),
+            let outcome = super::custody::note_outcome(
+                &mut self.outcomes,
+                envelope.id,
+                recipient,
                 kind,
                 attempts,
-                retry_at: retry_after.map(|d| std::time::SystemTime::now() + d),
+                retry_at,
                 failure,
-            };
-            custody.decided(&outcome);
-            self.outcomes.push(outcome);
+            );
+            custody.decided(outcome);
         }
     }
 
@@ -411,7 +425,7 @@ impl Reactor {
             resumed,
         } = submission;
         let (attempts, submitted) = resumed.map_or((0, now), |r| (r.attempts, r.submitted));
-        let envelope = Arc::new(Envelope {
+        let envelope = self.envelopes.make(Envelope {
             id,
             sender: message.sender,
             body: message.body,
@@ -464,11 +478,11 @@ impl Reactor {
                 }
                 continue;
             }
-            let reply = Reply::new(
+            let reply = Arc::new(Reply::new(
                 0,
                 Some(EnhancedCode::new(5, 4, 4)),
                 format!("no route to domain {}", recipient.domain()),
-            );
+            ));
             self.finish_recipient(
                 EventKind::Bounced,
                 &envelope,
@@ -570,7 +584,7 @@ impl Reactor {
                 "destination marked dead after repeated connection failures; next try in {:?}",
                 until - now
             );
-            let reply = match &dest.dead_because {
+            let reply = Arc::new(match &dest.dead_because {
                 Some(cause) => Reply::new(
                     cause.code,
                     cause.enhanced,
@@ -581,11 +595,12 @@ impl Reactor {
                     Some(EnhancedCode::new(4, 4, 1)),
                     format!("{}: {dead}", dest.name),
                 ),
-            };
+            });
+            // One reply for the job's recipients: their events share it.
             let failures = job
                 .recipients
                 .into_iter()
-                .map(|r| (r, reply.clone()))
+                .map(|r| (r, Arc::clone(&reply)))
                 .collect();
             let due = until + self.config.retry.delay(1).mul_f64(0.1);
             self.defer_until(&job.envelope, failures, d, job.attempts, job.mx, due, now);
@@ -1258,8 +1273,9 @@ impl Reactor {
                 .active
                 .fetch_add(job.recipients.len() as u64, Ordering::AcqRel);
             if let Some((kind, reply)) = self.orders.deleted(&job) {
+                let reply = Arc::new(reply);
                 for recipient in job.recipients {
-                    let (reply, envelope) = (reply.clone(), &job.envelope);
+                    let (reply, envelope) = (Arc::clone(&reply), &job.envelope);
                     self.finish_recipient_over(
                         kind,
                         envelope,
@@ -1377,15 +1393,24 @@ impl Reactor {
             }
         }
         self.destinations[d].publish_shaping();
-        let mut transient: Vec<(Address, Reply)> = Vec::new();
+        let mut transient: Vec<(Address, Arc<Reply>)> = Vec::new();
         let mut again: Vec<Address> = Vec::new();
+        // The recipients of a transaction mostly share one reply (the one to the end of the
+        // data): their events share one copy of it. Kept from one transaction to the next:
+        // when the session drops delivered replies' texts (no events), every transaction's
+        // reply is the same, and sharing it costs no allocation per message.
+        let mut last = self.last_reply.take();
+        let mut share = |reply: Reply| match &last {
+            Some(l) if **l == reply => Arc::clone(l),
+            _ => Arc::clone(last.insert(Arc::new(reply))),
+        };
         for (recipient, result) in job.recipients.into_iter().zip(results.drain(..)) {
             match result {
                 RcptResult::Delivered(reply) => self.finish_recipient_over(
                     EventKind::Delivered,
                     &job.envelope,
                     recipient,
-                    reply,
+                    share(reply),
                     Some(d),
                     attempts,
                     tls,
@@ -1398,13 +1423,13 @@ impl Reactor {
                     EventKind::Bounced,
                     &job.envelope,
                     recipient,
-                    reply,
+                    share(reply),
                     Some(d),
                     attempts,
                     tls,
                     now,
                 ),
-                RcptResult::Failed { reply, .. } => transient.push((recipient, reply)),
+                RcptResult::Failed { reply, .. } => transient.push((recipient, share(reply))),
                 RcptResult::Retry(_) => again.push(recipient),
             }
         }
@@ -1427,6 +1452,8 @@ impl Reactor {
                 now,
             );
         }
+        self.envelopes.recycle(job.envelope);
+        self.last_reply = last;
     }
 
     /// Replies that ask the sender to slow down (421, throttling texts and codes).
@@ -1461,14 +1488,14 @@ impl Reactor {
         let max_age = self.config.retry.max_age;
         let dest = &mut self.destinations[d];
         // The server's own words when it has them (as a deferral would report them).
-        let reply = dest.throttled_by.clone().unwrap_or_else(|| Reply {
+        let reply = Arc::new(dest.throttled_by.clone().unwrap_or_else(|| Reply {
             code: 0,
             enhanced: None,
             text: format!(
                 "{} is paused after it asked to slow down, past the maximum age",
                 dest.name
             ),
-        });
+        }));
         for job in dest.drain() {
             if job.envelope.submitted + max_age > now {
                 self.destinations[d].push_back(job);
@@ -1479,7 +1506,7 @@ impl Reactor {
                     EventKind::Expired,
                     &job.envelope,
                     recipient,
-                    reply.clone(),
+                    Arc::clone(&reply),
                     Some(d),
                     job.attempts,
                     now,
@@ -1499,6 +1526,8 @@ impl Reactor {
     /// Every job queued for a destination that cannot be reached moves to its domain's next
     /// exchanger (MX), or is deferred with `reply`.
     fn destination_failed(&mut self, d: usize, reply: Reply, now: Instant) {
+        // One reply for every recipient queued: their events share it.
+        let reply = Arc::new(reply);
         let jobs: Vec<Job> = self.destinations[d].drain();
         for job in jobs {
             let Err(job) = self.next_exchanger(job, now) else {
@@ -1508,7 +1537,7 @@ impl Reactor {
             let failures = job
                 .recipients
                 .into_iter()
-                .map(|r| (r, reply.clone()))
+                .map(|r| (r, Arc::clone(&reply)))
                 .collect();
             self.defer(&job.envelope, failures, d, attempts, job.mx, now);
         }
@@ -1520,7 +1549,7 @@ impl Reactor {
     fn defer(
         &mut self,
         envelope: &Arc<Envelope>,
-        failures: Vec<(Address, Reply)>,
+        failures: Vec<(Address, Arc<Reply>)>,
         destination: usize,
         attempts: u32,
         mx: Option<MxJob>,
@@ -1536,7 +1565,7 @@ impl Reactor {
     fn defer_until(
         &mut self,
         envelope: &Arc<Envelope>,
-        failures: Vec<(Address, Reply)>,
+        failures: Vec<(Address, Arc<Reply>)>,
         destination: usize,
         attempts: u32,
         mx: Option<MxJob>,
@@ -1565,13 +1594,15 @@ impl Reactor {
         }
         let n = failures.len() as u64;
         let mut recipients = Vec::with_capacity(failures.len());
+        // One wall-clock retry time for them all, so that they share one outcome.
+        let retry_at = Some(std::time::SystemTime::now() + delay);
         for (recipient, reply) in failures {
             self.custody_outcome(
                 envelope,
                 &recipient,
                 EventKind::Deferred,
                 attempts,
-                Some(delay),
+                retry_at,
                 None,
             );
             if self.shared.events.is_some() {
@@ -1624,7 +1655,7 @@ impl Reactor {
         kind: EventKind,
         envelope: &Arc<Envelope>,
         recipient: Address,
-        reply: Reply,
+        reply: Arc<Reply>,
         destination: Option<usize>,
         attempts: u32,
         now: Instant,
@@ -1648,7 +1679,7 @@ impl Reactor {
         kind: EventKind,
         envelope: &Arc<Envelope>,
         recipient: Address,
-        reply: Reply,
+        reply: Arc<Reply>,
         destination: Option<usize>,
         attempts: u32,
         tls: Option<TlsUse>,
@@ -1674,7 +1705,7 @@ impl Reactor {
                 }
                 Arc::clone(&dest.name)
             }
-            None => Arc::from(""),
+            None => Arc::clone(&self.no_destination),
         };
         // Before the counts drop: a custody that answers the outcome with new work (a DSN)
         // counts it in `decided`, so that waiters never see zero in between.
@@ -1687,45 +1718,51 @@ impl Reactor {
             EventKind::Expired | EventKind::Deferred => &stats.expired,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        stats.active.fetch_sub(1, Ordering::AcqRel);
-        stats.unfinished.fetch_sub(1, Ordering::AcqRel);
         self.held -= 1;
         self.changed = true;
-        if self.shared.events.is_none() {
-            return;
+        // The counts drop before the event is sent, so that a reader who has the event finds
+        // the counts with it; `sending` keeps `flush` and `wait_final` waiting until the event
+        // is on the channel (sending may wait for the reader), so that whoever sees the
+        // recipient final there finds its event too.
+        let stats = &self.shared.stats;
+        self.shared.sending.fetch_add(1, Ordering::AcqRel);
+        stats.active.fetch_sub(1, Ordering::AcqRel);
+        stats.unfinished.fetch_sub(1, Ordering::AcqRel);
+        if self.shared.events.is_some() {
+            let category = (kind != EventKind::Delivered).then(|| self.category(&reply));
+            self.send_event(Event {
+                kind,
+                message_id: envelope.id,
+                tag: envelope.tag,
+                recipient,
+                reply,
+                destination: name,
+                attempts,
+                retry_after: None,
+                category,
+                elapsed: now.saturating_duration_since(envelope.submitted),
+                tls,
+            });
         }
-        let category = (kind != EventKind::Delivered).then(|| self.category(&reply));
-        self.send_event(Event {
-            kind,
-            message_id: envelope.id,
-            tag: envelope.tag,
-            recipient,
-            reply,
-            destination: name,
-            attempts,
-            retry_after: None,
-            category,
-            elapsed: now.saturating_duration_since(envelope.submitted),
-            tls,
-        });
+        // Waiters are woken at the end of the turn, after every event of it is sent.
+        self.shared.sending.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Why `reply` failed, classified once for a run of recipients with the same reply.
-    fn category(&mut self, reply: &Reply) -> Category {
+    fn category(&mut self, reply: &Arc<Reply>) -> Category {
         match &self.last_category {
-            Some((last, category)) if last == reply => *category,
+            Some((last, category)) if Arc::ptr_eq(last, reply) || last == reply => *category,
             _ => {
                 let category = self.config.classifier.classify(reply);
-                self.last_category = Some((reply.clone(), category));
+                self.last_category = Some((Arc::clone(reply), category));
                 category
             }
         }
     }
 
-    fn send_event(&self, event: Event) {
+    fn send_event(&mut self, event: Event) {
         if let Some(events) = &self.shared.events {
-            // The receiver lives in the Dispatcher, which outlives the loop.
-            let _ = events.send(event);
+            self.pace.send(events, &self.shared.events_sent, event);
         }
     }
 }

@@ -457,7 +457,11 @@ mod tests {
             message_id: 7,
             tag: u64::MAX,
             recipient: Address::parse("a@b.example", crate::error::Field::Sender).unwrap(),
-            reply: Reply::new(451, Some(EnhancedCode::new(4, 3, 0)), long.clone()),
+            reply: Arc::new(Reply::new(
+                451,
+                Some(EnhancedCode::new(4, 3, 0)),
+                long.clone(),
+            )),
             destination: Arc::from("127.0.0.1:25"),
             attempts: 2,
             retry_after: Some(Duration::from_millis(1500)),

@@ -96,7 +96,11 @@ impl Reactor {
         };
         let n = recipients.len() as u64;
         // RFC 3463 4.3.2: the system is not accepting messages (it is shutting down).
-        let reply = Reply::new(0, Some(EnhancedCode::new(4, 3, 2)), why.to_string());
+        let reply = Arc::new(Reply::new(
+            0,
+            Some(EnhancedCode::new(4, 3, 2)),
+            why.to_string(),
+        ));
         let category = Some(self.config.classifier.classify(&reply));
         for recipient in recipients {
             self.send_event(Event {
@@ -104,7 +108,7 @@ impl Reactor {
                 message_id: envelope.id,
                 tag: envelope.tag,
                 recipient,
-                reply: reply.clone(),
+                reply: Arc::clone(&reply),
                 destination: Arc::clone(&name),
                 attempts,
                 retry_after: None,

@@ -269,8 +269,12 @@ impl Reactor {
             .as_ref()
             .expect("MX routing is on")
             .resolver_destination;
+        let reply = Arc::new(reply.clone());
         for (envelope, recipients, attempts) in waiting {
-            let failures = recipients.into_iter().map(|r| (r, reply.clone())).collect();
+            let failures = recipients
+                .into_iter()
+                .map(|r| (r, Arc::clone(&reply)))
+                .collect();
             let job_mx = MxJob {
                 domain: Arc::clone(domain),
                 route: None,
@@ -286,13 +290,14 @@ impl Reactor {
         reply: &Reply,
         now: Instant,
     ) {
+        let reply = Arc::new(reply.clone());
         for (envelope, recipients, attempts) in waiting {
             for r in recipients {
                 self.finish_recipient(
                     EventKind::Bounced,
                     &envelope,
                     r,
-                    reply.clone(),
+                    Arc::clone(&reply),
                     None,
                     attempts,
                     now,
