@@ -23,6 +23,9 @@ const TAG_DELETE: u8 = 5;
 const TAG_ID_FLOOR: u8 = 6;
 /// Added with DSN requests: a spool without them reads as before.
 const TAG_DSN: u8 = 7;
+/// One checkpoint for several recipients of a message (written since; `TAG_OUTCOME` records
+/// of an older spool are still read).
+const TAG_OUTCOMES: u8 = 8;
 
 /// What a checkpoint says about one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +91,15 @@ pub enum Record {
         retry_at_ms: u64,
         recipient: String,
     },
+    /// One checkpoint for several recipients of a message (each named by address), as the
+    /// engine decides them: a transaction's accepted recipients are one record.
+    Outcomes {
+        id: u64,
+        mark: Mark,
+        attempts: u32,
+        retry_at_ms: u64,
+        recipients: Vec<String>,
+    },
     /// `mxpipe queue retry`: every deferred recipient of `id` (0: of every message) is due now.
     Retry { id: u64 },
     /// `mxpipe queue delete`: the message is dropped without further attempts.
@@ -129,6 +141,20 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             retry_at_ms,
             recipient,
         } => encode_outcome(*id, *mark, *attempts, *retry_at_ms, recipient, out),
+        Record::Outcomes {
+            id,
+            mark,
+            attempts,
+            retry_at_ms,
+            recipients,
+        } => encode_outcomes(
+            *id,
+            *mark,
+            *attempts,
+            *retry_at_ms,
+            recipients.iter().map(String::as_str),
+            out,
+        ),
         Record::Retry { id } => framed(out, |out| {
             out.push(TAG_RETRY);
             out.extend_from_slice(&id.to_le_bytes());
@@ -198,12 +224,43 @@ pub fn encode_outcome(
     out: &mut Vec<u8>,
 ) {
     framed(out, |out| {
-        out.push(TAG_OUTCOME);
-        out.extend_from_slice(&id.to_le_bytes());
-        out.push(mark.code());
-        out.extend_from_slice(&attempts.to_le_bytes());
-        out.extend_from_slice(&retry_at_ms.to_le_bytes());
+        checkpoint_head(out, TAG_OUTCOME, id, mark, attempts, retry_at_ms);
         put_str(out, recipient);
+    })
+}
+
+/// What a checkpoint record of either kind starts with.
+fn checkpoint_head(
+    out: &mut Vec<u8>,
+    tag: u8,
+    id: u64,
+    mark: Mark,
+    attempts: u32,
+    retry_at_ms: u64,
+) {
+    out.push(tag);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.push(mark.code());
+    out.extend_from_slice(&attempts.to_le_bytes());
+    out.extend_from_slice(&retry_at_ms.to_le_bytes());
+}
+
+/// Encodes one checkpoint for several recipients from borrowed addresses (the checkpoints'
+/// hot path: 4 octets and the address per recipient, the rest once per record).
+pub fn encode_outcomes<'a>(
+    id: u64,
+    mark: Mark,
+    attempts: u32,
+    retry_at_ms: u64,
+    recipients: impl ExactSizeIterator<Item = &'a str>,
+    out: &mut Vec<u8>,
+) {
+    framed(out, |out| {
+        checkpoint_head(out, TAG_OUTCOMES, id, mark, attempts, retry_at_ms);
+        out.extend_from_slice(&(recipients.len() as u32).to_le_bytes());
+        for r in recipients {
+            put_str(out, r);
+        }
     })
 }
 
@@ -287,6 +344,15 @@ impl Cursor<'_> {
         let n = self.u32()? as usize;
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }
+    /// A count, then that many strings.
+    fn strings(&mut self) -> Option<Vec<String>> {
+        let n = self.u32()? as usize;
+        // Every string takes at least its 4-octet length.
+        if n > self.0.len() / 4 {
+            return None;
+        }
+        (0..n).map(|_| self.string()).collect()
+    }
 }
 
 /// Decodes a payload whose checksum matched; `None` when it makes no sense.
@@ -302,15 +368,7 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             let body_id = c.u64()?;
             let submitted_ms = c.u64()?;
             let sender = c.string()?;
-            let n = c.u32()? as usize;
-            // Every recipient takes at least its 4-octet length.
-            if n > c.0.len() / 4 {
-                return None;
-            }
-            let mut recipients = Vec::with_capacity(n);
-            for _ in 0..n {
-                recipients.push(c.string()?);
-            }
+            let recipients = c.strings()?;
             Record::Message {
                 id,
                 body_id,
@@ -326,6 +384,20 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             retry_at_ms: c.u64()?,
             recipient: c.string()?,
         },
+        TAG_OUTCOMES => {
+            let id = c.u64()?;
+            let mark = Mark::from_code(c.u8()?)?;
+            let attempts = c.u32()?;
+            let retry_at_ms = c.u64()?;
+            let recipients = c.strings()?;
+            Record::Outcomes {
+                id,
+                mark,
+                attempts,
+                retry_at_ms,
+                recipients,
+            }
+        }
         TAG_RETRY => Record::Retry { id: c.u64()? },
         TAG_DELETE => Record::Delete { id: c.u64()? },
         TAG_ID_FLOOR => Record::IdFloor { next_id: c.u64()? },
@@ -491,6 +563,13 @@ mod tests {
                 attempts: 2,
                 retry_at_ms: 1_700_000_300_000,
                 recipient: "c@d.example".into(),
+            },
+            Record::Outcomes {
+                id: 7,
+                mark: Mark::Delivered,
+                attempts: 3,
+                retry_at_ms: 0,
+                recipients: vec!["e@f.example".into(), "g@h.example".into()],
             },
             Record::Retry { id: 0 },
             Record::Delete { id: 7 },

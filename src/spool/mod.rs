@@ -59,6 +59,11 @@ pub struct SpoolConfig {
     pub segment_bytes: u64,
     /// Messages waiting for the writer at most; a full queue is backpressure (`QueueFull`).
     pub queue_capacity: usize,
+    /// Recipients waiting for the writer at most (default 100,000: the writer's next batch
+    /// and the one after; a message larger than this alone is still taken when nothing
+    /// waits): backpressure for bursts of long lists, so that a caller
+    /// submitting faster than the disk takes them does not hold them all in memory at once.
+    pub queue_recipients: u64,
 }
 
 impl SpoolConfig {
@@ -69,6 +74,7 @@ impl SpoolConfig {
             min_free_bytes: 256 << 20,
             segment_bytes: 256 << 20,
             queue_capacity: 65_536,
+            queue_recipients: 2 * BATCH_RECIPIENTS as u64,
         }
     }
 }
@@ -123,8 +129,10 @@ pub struct SpoolStats {
     pub fsyncs: AtomicU64,
     /// Messages made durable.
     pub messages: AtomicU64,
-    /// Checkpoint records written.
+    /// Recipients checkpointed (deferrals and final outcomes).
     pub checkpoints: AtomicU64,
+    /// Octets of those checkpoints written.
+    pub checkpoint_bytes: AtomicU64,
     /// Compactions of the running spool finished (sealed segments rewritten and deleted).
     pub compactions: AtomicU64,
     /// Octets those compactions gave back (segments deleted less the segment written).
@@ -143,6 +151,8 @@ struct Shared {
     changed: Condvar,
     /// Octets in the segments.
     bytes: AtomicU64,
+    /// Recipients of the submissions waiting for the writer (`SpoolConfig::queue_recipients`).
+    queued_recipients: AtomicU64,
     low_space: AtomicBool,
     stats: SpoolStats,
     /// The segment being appended to, shared by the writer thread (submissions) and the loops
@@ -233,6 +243,7 @@ impl Custody for SpoolCustody {
 impl SpoolCustody {
     fn record_into(&self, buf: &mut Vec<u8>, outcomes: &[Outcome]) {
         buf.clear();
+        let mut recipients = 0;
         for o in outcomes {
             let mark = match o.kind {
                 EventKind::Deferred => Mark::Deferred,
@@ -240,20 +251,25 @@ impl SpoolCustody {
                 EventKind::Bounced => Mark::Bounced,
                 EventKind::Expired => Mark::Expired,
             };
-            log::encode_outcome(
+            log::encode_outcomes(
                 o.message_id,
                 mark,
                 o.attempts,
                 o.retry_at.map_or(0, unix_ms),
-                o.recipient.as_str(),
+                o.recipients.iter().map(Address::as_str),
                 buf,
             );
+            recipients += o.recipients.len() as u64;
         }
         if self.shared.append(buf).is_some() {
             self.shared
                 .stats
                 .checkpoints
-                .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                .fetch_add(recipients, Ordering::Relaxed);
+            self.shared
+                .stats
+                .checkpoint_bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
             let _ = self.work.send(Work::Written);
         }
         // A burst's buffer is not kept for ever.
@@ -353,6 +369,7 @@ impl Spool {
             failed: Mutex::new(None),
             changed: Condvar::new(),
             bytes: AtomicU64::new(size),
+            queued_recipients: AtomicU64::new(0),
             low_space: AtomicBool::new(
                 free_bytes(&config.dir).is_some_and(|free| free < config.min_free_bytes),
             ),
@@ -488,6 +505,9 @@ impl Spool {
         }
         let intake = self.intake.as_ref().expect("spool started");
         let n = message.recipients.len() as u64;
+        if let Err(e) = self.room_for(n, timeout) {
+            return Err((e, message));
+        }
         intake.count_submitted(n, true);
         let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
         let pending = Pending {
@@ -511,9 +531,38 @@ impl Spool {
             }
             Err(pending) => {
                 drop(next);
+                self.shared.queued_recipients.fetch_sub(n, Ordering::AcqRel);
                 intake.count_submitted(n, false);
                 Err((Error::QueueFull, pending.message))
             }
+        }
+    }
+
+    /// Reserves room for `n` recipients in the writer's queue, waiting up to `timeout` (`None`:
+    /// not at all). A message is always taken when nothing waits, however large.
+    fn room_for(&self, n: u64, timeout: Option<Duration>) -> Result<()> {
+        let limit = self.config.queue_recipients;
+        let queued = &self.shared.queued_recipients;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let reserved = queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q == 0 || q + n <= limit).then_some(q + n)
+            });
+            if reserved.is_ok() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let Some(deadline) = deadline.filter(|d| *d > now) else {
+                return Err(Error::QueueFull);
+            };
+            // The writer notifies after every batch; the timeout covers a batch of nothing
+            // but taken submissions (and a spool that failed, which refuses at the door).
+            let failed = self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(problem) = *failed {
+                return Err(Error::Spool(problem));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            drop(self.shared.changed.wait_timeout(failed, wait));
         }
     }
 
@@ -691,6 +740,10 @@ const COMPACTION_POLL: Duration = Duration::from_millis(50);
 
 /// Messages one batch takes at most.
 const BATCH: usize = 8192;
+/// Recipients one batch takes at most (then about a megabyte of envelopes): a burst of large
+/// lists is written in several batches through one buffer of that size, instead of one
+/// buffer as large as the burst, freshly allocated and faulted in.
+const BATCH_RECIPIENTS: usize = 50_000;
 /// Checkpoints alone are written at once but fsynced at most this long after: a kill loses
 /// nothing written, only a power failure can lose them, and a lost checkpoint means a resend,
 /// never a loss. Submissions are always fsynced before they are acknowledged.
@@ -723,7 +776,7 @@ impl Writer {
             });
             let mut stop = false;
             crossbeam_channel::select! {
-                recv(self.submissions) -> p => if let Ok(p) = p { batch.push(p) },
+                recv(self.submissions) -> p => if let Ok(p) = p { self.take(&mut batch, p) },
                 recv(self.work) -> w => match w {
                     Ok(Work::Written) => written = true,
                     Ok(Work::Order(order)) => self.order(order),
@@ -731,9 +784,13 @@ impl Writer {
                 },
                 default(timeout) => {}
             }
-            while batch.len() < BATCH {
+            let mut recipients: usize = batch.iter().map(|p| p.message.recipients().len()).sum();
+            while batch.len() < BATCH && recipients < BATCH_RECIPIENTS {
                 match self.submissions.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        recipients += p.message.recipients().len();
+                        self.take(&mut batch, p);
+                    }
                     Err(_) => break,
                 }
             }
@@ -754,6 +811,14 @@ impl Writer {
                 break;
             }
         }
+    }
+
+    /// Takes a submission off the queue into `batch`: its recipients leave the queue's count.
+    fn take(&self, batch: &mut Vec<Pending>, p: Pending) {
+        self.shared
+            .queued_recipients
+            .fetch_sub(p.message.recipients().len() as u64, Ordering::AcqRel);
+        batch.push(p);
     }
 
     /// Takes the result of a finished compaction (waits for it when `wait`): the octets it

@@ -59,6 +59,17 @@ impl StoredMessage {
             })
     }
 
+    /// Applies a recipient's checkpoint: a final outcome is never undone by a later deferral.
+    fn checkpoint(&mut self, recipient: String, checkpoint: Checkpoint) {
+        match self.checkpoints.get_mut(&recipient) {
+            Some(old) if old.mark.is_final() => {}
+            Some(old) => *old = checkpoint,
+            None => {
+                self.checkpoints.insert(recipient, checkpoint);
+            }
+        }
+    }
+
     /// Whether every recipient is final.
     pub fn is_done(&self) -> bool {
         self.pending().next().is_none()
@@ -121,6 +132,27 @@ impl State {
         Ok(state)
     }
 
+    /// Applies one checkpoint to each of `recipients` of message `id` (if it is still known).
+    fn checkpoint(
+        &mut self,
+        id: u64,
+        mark: Mark,
+        attempts: u32,
+        retry_at_ms: u64,
+        recipients: impl IntoIterator<Item = String>,
+    ) {
+        if let Some(m) = self.messages.get_mut(&id) {
+            let checkpoint = Checkpoint {
+                mark,
+                attempts,
+                retry_at_ms,
+            };
+            for recipient in recipients {
+                m.checkpoint(recipient, checkpoint);
+            }
+        }
+    }
+
     fn apply(&mut self, record: Record) {
         match record {
             Record::Body { body_id, bytes } => {
@@ -147,29 +179,21 @@ impl State {
                     }
                 }
             }
+            // A spool written before runs of recipients had one record per recipient.
             Record::Outcome {
                 id,
                 mark,
                 attempts,
                 retry_at_ms,
                 recipient,
-            } => {
-                if let Some(m) = self.messages.get_mut(&id) {
-                    let checkpoint = Checkpoint {
-                        mark,
-                        attempts,
-                        retry_at_ms,
-                    };
-                    match m.checkpoints.get_mut(&recipient) {
-                        // A final outcome is never undone by a later deferral.
-                        Some(old) if old.mark.is_final() => {}
-                        Some(old) => *old = checkpoint,
-                        None => {
-                            m.checkpoints.insert(recipient, checkpoint);
-                        }
-                    }
-                }
-            }
+            } => self.checkpoint(id, mark, attempts, retry_at_ms, [recipient]),
+            Record::Outcomes {
+                id,
+                mark,
+                attempts,
+                retry_at_ms,
+                recipients,
+            } => self.checkpoint(id, mark, attempts, retry_at_ms, recipients),
             Record::Retry { id } => {
                 let due_now = |m: &mut StoredMessage| {
                     for c in m.checkpoints.values_mut() {
@@ -305,19 +329,26 @@ impl State {
                     &mut buf,
                 );
             }
+            // The deferrals, one record per attempts and retry time.
+            let mut deferrals: BTreeMap<(u32, u64), Vec<&str>> = BTreeMap::new();
             for (recipient, checkpoint) in &pending {
                 if let Some(c) = checkpoint {
-                    log::encode(
-                        &Record::Outcome {
-                            id,
-                            mark: c.mark,
-                            attempts: c.attempts,
-                            retry_at_ms: c.retry_at_ms,
-                            recipient: recipient.to_string(),
-                        },
-                        &mut buf,
-                    );
+                    deferrals
+                        .entry((c.attempts, c.retry_at_ms))
+                        .or_default()
+                        .push(recipient);
                 }
+            }
+            for ((attempts, retry_at_ms), recipients) in deferrals {
+                // Pending recipients are never final: every checkpoint left is a deferral.
+                log::encode_outcomes(
+                    id,
+                    Mark::Deferred,
+                    attempts,
+                    retry_at_ms,
+                    recipients.into_iter(),
+                    &mut buf,
+                );
             }
             if buf.len() >= 1 << 20 {
                 out(&buf)?;

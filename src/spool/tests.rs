@@ -315,8 +315,8 @@ fn a_torn_last_record_is_tolerated() {
 fn a_corrupt_record_is_set_aside_and_reported_once() {
     let dir = tempdir("corrupt");
     let id = spool_with_deferred(&dir);
-    // One octet of the first deferral checkpoint flipped (after the id floor, body and
-    // message records); the other recipient's checkpoint stays good.
+    // One octet of the deferral checkpoint flipped (after the id floor, body and message
+    // records): it names both recipients (one record per run of recipients).
     let segment = last_segment(&dir);
     let mut bytes = fs::read(&segment).unwrap();
     let needle = b"busy1@example.net";
@@ -331,21 +331,28 @@ fn a_corrupt_record_is_set_aside_and_reported_once() {
         let d = dispatcher(&dir, &s, RetryPolicy::default());
         let report = d.spool_report().unwrap().clone();
         assert_eq!((report.torn, report.corrupt), (0, 1));
-        // The recipient whose checkpoint was lost is sent at once; the other waits.
-        assert_eq!((report.recipients, report.held), (2, 1));
+        // The recipients whose checkpoint was lost are sent at once (a resend, never a loss).
+        assert_eq!((report.recipients, report.held), (2, 0));
         let aside = fs::read(&report.set_aside[0]).unwrap();
         assert!(aside.windows(5).any(|w| w == b"Busy1"), "{aside:?}");
+        assert!(aside.windows(5).any(|w| w == b"busy2"), "{aside:?}");
         d.flush();
         let delivered: Vec<String> = events(&d)
             .into_iter()
             .map(|e| format!("{} {} {}", e.message_id, e.recipient, e.kind.as_str()))
             .collect();
-        assert_eq!(delivered, [format!("{id} busy1@example.net delivered")]);
+        assert_eq!(
+            delivered,
+            [
+                format!("{id} busy1@example.net delivered"),
+                format!("{id} busy2@example.net delivered")
+            ]
+        );
     }
-    // Set aside once: the next start finds nothing wrong.
+    // Set aside once: the next start finds nothing wrong (and nothing left).
     let d = dispatcher(&dir, &s, RetryPolicy::default());
     let report = d.spool_report().unwrap().clone();
-    assert_eq!((report.torn, report.corrupt, report.recipients), (0, 0, 1));
+    assert_eq!((report.torn, report.corrupt, report.recipients), (0, 0, 0));
     drop(d);
     let _ = fs::remove_dir_all(&dir);
 }
@@ -729,4 +736,313 @@ fn a_spool_too_deep_for_a_control_socket_still_takes_custody() {
     assert!(d.wait_final(Duration::from_secs(30)));
     drop(d);
     let _ = fs::remove_dir_all(dir.parent().unwrap());
+}
+
+/// Every record of every segment of `dir`, in order.
+fn all_records(dir: &Path) -> Vec<log::Record> {
+    let mut issues = log::ReadIssues::default();
+    let mut out = Vec::new();
+    for (_, path) in log::segments(dir).unwrap() {
+        log::read_segment(dir, &path, &mut issues, |r| out.push(r)).unwrap();
+    }
+    out
+}
+
+#[test]
+fn recovery_after_compact_checkpoints_yields_exactly_the_non_final_recipients() {
+    use log::{Mark, Record};
+    let dir = tempdir("compact-checkpoints");
+    let later = super::unix_ms(std::time::SystemTime::now()) + 3_600_000;
+    let (t1, t2, t3) = (later, later + 1_000, later + 2_000);
+    let outcomes =
+        |id: u64, mark: Mark, attempts: u32, retry_at_ms: u64, to: &[&str]| Record::Outcomes {
+            id,
+            mark,
+            attempts,
+            retry_at_ms,
+            recipients: to.iter().map(|r| r.to_string()).collect(),
+        };
+    let outcome =
+        |id: u64, mark: Mark, attempts: u32, retry_at_ms: u64, to: &str| Record::Outcome {
+            id,
+            mark,
+            attempts,
+            retry_at_ms,
+            recipient: to.to_string(),
+        };
+    let records = [
+        Record::Body {
+            body_id: 1,
+            bytes: b"Subject: x\r\n\r\ny\r\n".to_vec(),
+        },
+        Record::Message {
+            id: 1,
+            body_id: 1,
+            submitted_ms: later - 3_600_000,
+            sender: "news@example.org".into(),
+            recipients: ["a", "b", "c", "d", "e"]
+                .map(|r| format!("{r}@example.net"))
+                .to_vec(),
+        },
+        Record::Message {
+            id: 2,
+            body_id: 1,
+            submitted_ms: later - 3_600_000,
+            sender: "news@example.org".into(),
+            recipients: ["f", "g", "h"].map(|r| format!("{r}@example.net")).to_vec(),
+        },
+        // An older process's records, one per recipient.
+        outcome(1, Mark::Delivered, 1, 0, "a@example.net"),
+        outcome(1, Mark::Deferred, 1, t1, "b@example.net"),
+        outcome(2, Mark::Deferred, 1, t3, "h@example.net"),
+        // This version's, one per run of recipients.
+        outcomes(
+            1,
+            Mark::Deferred,
+            2,
+            t2,
+            &["b@example.net", "c@example.net"],
+        ),
+        outcomes(1, Mark::Bounced, 1, 0, &["d@example.net"]),
+        outcomes(
+            2,
+            Mark::Delivered,
+            1,
+            0,
+            &["f@example.net", "g@example.net"],
+        ),
+        // A deferral never undoes a final outcome.
+        outcomes(
+            1,
+            Mark::Deferred,
+            3,
+            t3,
+            &["a@example.net", "d@example.net"],
+        ),
+        // Torn by a crash: never acknowledged, so c and e stay pending.
+        outcomes(
+            1,
+            Mark::Delivered,
+            2,
+            0,
+            &["c@example.net", "e@example.net"],
+        ),
+    ];
+    let mut buf = Vec::new();
+    for r in &records {
+        log::encode(r, &mut buf);
+    }
+    fs::write(log::segment_path(&dir, 1), &buf[..buf.len() - 5]).unwrap();
+    // (message, recipient, its last checkpoint: mark, attempts, retry time)
+    type Pending = (u64, String, Option<(Mark, u32, u64)>);
+    let pending = |state: &super::store::State| -> Vec<Pending> {
+        let mut out = Vec::new();
+        for (&id, m) in &state.messages {
+            for (r, c) in m.pending() {
+                out.push((
+                    id,
+                    r.to_string(),
+                    c.map(|c| (c.mark, c.attempts, c.retry_at_ms)),
+                ));
+            }
+        }
+        out
+    };
+    let expected = vec![
+        (
+            1,
+            "b@example.net".to_string(),
+            Some((Mark::Deferred, 2, t2)),
+        ),
+        (
+            1,
+            "c@example.net".to_string(),
+            Some((Mark::Deferred, 2, t2)),
+        ),
+        (1, "e@example.net".to_string(), None),
+        (
+            2,
+            "h@example.net".to_string(),
+            Some((Mark::Deferred, 1, t3)),
+        ),
+    ];
+    let mut state = super::store::State::load(&dir).unwrap();
+    assert_eq!((state.issues.torn, state.issues.corrupt), (1, 0));
+    assert_eq!(pending(&state), expected);
+    // Compaction writes the deferrals as one record per message, attempts and retry time.
+    state.compact(&dir).unwrap();
+    let compacted = all_records(&dir);
+    assert!(
+        compacted.contains(&outcomes(
+            1,
+            Mark::Deferred,
+            2,
+            t2,
+            &["b@example.net", "c@example.net"]
+        )),
+        "{compacted:?}"
+    );
+    assert!(compacted.contains(&outcomes(2, Mark::Deferred, 1, t3, &["h@example.net"])));
+    assert!(!compacted
+        .iter()
+        .any(|r| matches!(r, Record::Outcome { .. })));
+    let state = super::store::State::load(&dir).unwrap();
+    assert_eq!((state.issues.torn, state.issues.corrupt), (0, 0));
+    assert_eq!(pending(&state), expected);
+    // Recovered as submissions: grouped by attempts and due time, the deferrals held back.
+    let mut unusable = 0;
+    let recovered = super::recovered_submissions(state, &mut unusable);
+    assert_eq!(unusable, 0);
+    let got: Vec<(u64, Vec<String>, u32, bool)> = recovered
+        .iter()
+        .map(|(due, s)| {
+            (
+                s.id,
+                s.message.recipients.iter().map(|r| r.to_string()).collect(),
+                s.resumed.as_ref().map_or(0, |r| r.attempts),
+                due.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, vec!["e@example.net".to_string()], 0, false),
+            (
+                1,
+                vec!["b@example.net".to_string(), "c@example.net".to_string()],
+                2,
+                true
+            ),
+            (2, vec!["h@example.net".to_string()], 1, true),
+        ]
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_transactions_recipients_are_checkpointed_in_one_record() {
+    let dir = tempdir("one-record");
+    let s = sink(Faults {
+        tempfail_rcpt: vec!["busy".into()],
+        ..Faults::default()
+    });
+    let to: Vec<String> = (0..50)
+        .map(|i| format!("user{i}@example.net"))
+        .chain(["busy1@example.net".into(), "busy2@example.net".into()])
+        .collect();
+    let id;
+    {
+        let d = dispatcher(&dir, &s, RetryPolicy::default());
+        id = d
+            .submit(
+                Message::new(
+                    "news@example.org",
+                    to.iter().map(String::as_str),
+                    b"Subject: x\r\n\r\ny\r\n",
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        d.sync().unwrap();
+        d.flush();
+        d.shutdown();
+    }
+    let checkpoints: Vec<(log::Mark, u32, Vec<String>)> = all_records(&dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            log::Record::Outcomes {
+                id: of,
+                mark,
+                attempts,
+                recipients,
+                ..
+            } if of == id => Some((mark, attempts, recipients)),
+            log::Record::Outcome { .. } => panic!("a per-recipient record was written"),
+            _ => None,
+        })
+        .collect();
+    // The delivered fifty in one record, the two deferred in another.
+    assert_eq!(
+        checkpoints,
+        [
+            (log::Mark::Delivered, 1, to[..50].to_vec()),
+            (log::Mark::Deferred, 1, to[50..].to_vec())
+        ]
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_writers_queue_is_bounded_in_recipients_and_a_larger_message_is_still_taken() {
+    let dir = tempdir("budget");
+    let s = sink(Faults::default());
+    let mut builder = Dispatcher::builder()
+        .relay(&s.local_addr().to_string())
+        .ehlo_name("sender.example.org")
+        .retry(quick_retry())
+        .spool(&dir);
+    builder
+        .config_mut()
+        .spool
+        .as_mut()
+        .unwrap()
+        .queue_recipients = 10;
+    let d = builder.start().unwrap();
+    let list = |n: usize, tag: &str| -> Vec<String> {
+        (0..n).map(|i| format!("{tag}{i}@example.net")).collect()
+    };
+    // More than the whole budget in one message: taken, since nothing waits before it.
+    let big = list(25, "big");
+    d.submit(
+        Message::new(
+            "news@example.org",
+            big.iter().map(String::as_str),
+            b"Subject: x\r\n\r\ny\r\n",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // Fifty messages of five, each waiting for room as the writer takes the ones before.
+    for m in 0..50 {
+        let to = list(5, &format!("m{m}."));
+        d.submit_timeout(
+            Message::new(
+                "news@example.org",
+                to.iter().map(String::as_str),
+                b"Subject: x\r\n\r\ny\r\n",
+            )
+            .unwrap(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    }
+    // Without waiting, a burst finds the queue full while the writer fsyncs (it holds two
+    // messages of five): refused at the door, not held.
+    let mut taken = 0;
+    let mut refused = 0;
+    for m in 0..200 {
+        let to = list(5, &format!("n{m}."));
+        let message = Message::new(
+            "news@example.org",
+            to.iter().map(String::as_str),
+            b"Subject: x\r\n\r\ny\r\n",
+        )
+        .unwrap();
+        match d.submit(message) {
+            Ok(_) => taken += 1,
+            Err(e) => {
+                assert!(matches!(e.error, crate::error::Error::QueueFull), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "all {taken} taken");
+    d.sync().unwrap();
+    assert!(d.wait_final(Duration::from_secs(30)));
+    let expected = 25 + 250 + 5 * taken;
+    assert_eq!(d.stats().delivered, expected);
+    drop(d);
+    assert_eq!(s.stats().recipients, expected);
+    let _ = fs::remove_dir_all(&dir);
 }
