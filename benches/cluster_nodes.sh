@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
 # Scale-out figures (README "Scale-out through Redis"): bash benches/cluster_nodes.sh [N]
 #
-# Against Postfix's smtp-sink on loopback, N one-recipient messages (default 30,000):
+# Against Postfix's smtp-sink on loopback, N one-recipient messages of 1 KB (default 30,000):
 #   local   `mxpipe bench --to SINK` (the engine alone)
-#   nodes=K K `mxpipe node` processes (1, 2, 3), each with its own sink, sharing N entries
-#           put in by `mxpipe enqueue --per-entry 1`
-# For each: msgs/s (first to last outcome, from the outcomes stream's IDs), client CPU per
-# message (user+sys of the node processes, from /usr/bin/time), Redis commands per message
-# (INFO commandstats, calls summed, before/after) and round trips per message (the nodes' own
-# count: commands or pipelines sent). Needs redis-server, redis-cli, smtp-sink and a release
-# build (cargo build --release). Every process it starts is stopped by its PID.
+#   nodes=K K `mxpipe node` processes (1, 2, 3), each with its own sink, started first and
+#           idle; then `mxpipe enqueue --per-entry 1` puts N entries in
+# Both are clocked alike: from the first submission to the last final outcome (the engine
+# alone: its own clock; nodes: from just before the enqueue starts to the ID of the last
+# outcomes entry, on Redis's clock). CPU per message is of the mxpipe process(es) only, over
+# the same window: the engine's own getrusage; the nodes' user+sys from /proc/PID/stat read
+# just before the enqueue and when the work is done (every entry acknowledged), so neither the
+# start-up nor the idle wait before exit counts. redis-server's CPU over that window is shown
+# apart (redis_cpu_us_per_msg). Redis commands per message (INFO commandstats over the window,
+# so the producer's XADD of each entry is in it; the bench's own polling is left out) and round
+# trips per message (the nodes' own count). Needs redis-server,
+# redis-cli, smtp-sink and a release build (cargo build --release). Every process it starts is
+# stopped by its PID.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${1:-30000}
-BIN=target/release/mxpipe
+BIN=${MXPIPE_BIN:-target/release/mxpipe}
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$DIR"; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# user+sys clock ticks of a process.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
 
 RPORT=$(port)
 redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
-PIDS+=($!)
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
 SINKS=()
 for i in 1 2 3; do
     p=$(port)
@@ -37,34 +47,58 @@ printf 'From: news@example.org\r\nSubject: bench\r\n\r\n%s\r\n' "$(head -c 700 /
 
 echo "local: $($BIN bench --messages "$N" --size 1024 --to "${SINKS[0]}" | grep '^result')"
 
-calls() { R info commandstats | awk -F'[=,:]' '/^cmdstat_/ {s+=$3} END {print s}'; }
+# Commands the nodes sent: every command's calls, less the bench's own INFO and XINFO.
+calls() {
+    R info commandstats | awk -F'[=,:]' '/^cmdstat_/ && !/^cmdstat_(info|xinfo)/ {s+=$3} END {print s}'
+}
+# Every entry read and acknowledged, nothing deferred.
+all_acked() {
+    local info
+    info=$(R xinfo groups '{mxpipe}:work' | tr '\n' ' ')
+    [[ $info =~ pending\ ([0-9]+).*lag\ ([0-9]+) ]] || return 1
+    [[ ${BASH_REMATCH[1]} -eq 0 && ${BASH_REMATCH[2]} -eq 0 ]]
+}
 for K in 1 2 3; do
     R flushall >/dev/null
-    $BIN enqueue --redis "redis://127.0.0.1:$RPORT" --from news@example.org --to-file "$DIR/list.txt" \
-        --per-entry 1 "$DIR/m.eml" >/dev/null
-    before=$(calls)
+    R xgroup create '{mxpipe}:work' nodes 0 mkstream >/dev/null
     NODE_PIDS=()
     for k in $(seq 1 "$K"); do
-        /usr/bin/time -f "%U %S" -o "$DIR/time.$k" $BIN node --redis "redis://127.0.0.1:$RPORT" \
-            --relay "${SINKS[$((k - 1))]}" --consumer "n$k" --exit-when-idle 1 >"$DIR/node.$k" 2>/dev/null &
+        $BIN node --redis "redis://127.0.0.1:$RPORT" --relay "${SINKS[$((k - 1))]}" \
+            --consumer "n$k" --exit-when-idle 1 >"$DIR/node.$k" 2>/dev/null &
         NODE_PIDS+=($!)
+        PIDS+=($!)
     done
-    for p in "${NODE_PIDS[@]}"; do wait "$p"; done
+    sleep 0.5
+    cpu0=0
+    for p in "${NODE_PIDS[@]}"; do cpu0=$((cpu0 + $(ticks "$p"))); done
+    redis0=$(ticks "$REDIS_PID")
+    before=$(calls)
+    start_ms=$(R time | awk 'NR == 1 {s = $1} NR == 2 {printf "%.0f\n", s * 1000 + $1 / 1000}')
+    $BIN enqueue --redis "redis://127.0.0.1:$RPORT" --from news@example.org --to-file "$DIR/list.txt" \
+        --per-entry 1 "$DIR/m.eml" >/dev/null
+    for _ in $(seq 1 6000); do
+        all_acked && break
+        sleep 0.02
+    done
+    cpu1=0
+    for p in "${NODE_PIDS[@]}"; do cpu1=$((cpu1 + $(ticks "$p"))); done
+    redis1=$(ticks "$REDIS_PID")
     after=$(calls)
-    cpu=$(cat "$DIR"/time.* | awk '{s+=$1+$2} END {print s}')
+    for p in "${NODE_PIDS[@]}"; do wait "$p"; done
     trips=$(cat "$DIR"/node.* | sed -n 's/.*round_trips=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s}')
     R --raw xrange '{mxpipe}:outcomes' - + | python3 -c '
 import sys, json
 lines = sys.stdin.read().split("\n")
-first = last = None; n = 0
+last = None; n = 0
 for i, line in enumerate(lines):
     if line.startswith("["):
-        ms = int(lines[i - 2].split("-")[0])
-        first = ms if first is None else first; last = ms
+        last = int(lines[i - 2].split("-")[0])
         n += sum(1 for o in json.loads(line) if o["status"] == "delivered")
-span = max(last - first, 1) / 1000
-print(f"nodes={sys.argv[1]} delivered={n} msgs_per_s={n / span:.0f} cpu_us_per_msg={float(sys.argv[2]) * 1e6 / n:.1f} "
-      f"redis_commands_per_msg={(int(sys.argv[4]) - int(sys.argv[3])) / n:.4f} round_trips_per_msg={int(sys.argv[5]) / n:.4f}")
-' "$K" "$cpu" "$before" "$after" "$trips"
-    rm -f "$DIR"/time.* "$DIR"/node.*
+k, start, cpu, rcpu, before, after, trips, hz = sys.argv[1:]
+span = max(last - int(start), 1) / 1000
+print(f"nodes={k} delivered={n} msgs_per_s={n / span:.0f} cpu_us_per_msg={int(cpu) / int(hz) * 1e6 / n:.1f} "
+      f"redis_cpu_us_per_msg={int(rcpu) / int(hz) * 1e6 / n:.1f} "
+      f"redis_commands_per_msg={(int(after) - int(before)) / n:.4f} round_trips_per_msg={int(trips) / n:.4f}")
+' "$K" "$start_ms" "$((cpu1 - cpu0))" "$((redis1 - redis0))" "$before" "$after" "$trips" "$HZ"
+    rm -f "$DIR"/node.*
 done

@@ -839,3 +839,306 @@ fn a_421_seen_by_one_node_slows_every_node_sharing_the_destination() {
         "b and c did not slow down after a's 421: before {before:?}, after {after:?}"
     );
 }
+
+/// A campaign of `n` recipients: every tenth at refuse.example (a server that refuses every
+/// RCPT), the rest at example.net.
+fn write_campaign(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let mut csv = String::from("email,first_name,id\n");
+    for i in 0..n {
+        let domain = if i % 10 == 3 {
+            "refuse.example"
+        } else {
+            "example.net"
+        };
+        csv.push_str(&format!("user{i}@{domain},Name{i},{i}\n"));
+    }
+    std::fs::write(dir.join("recipients.csv"), csv).unwrap();
+    let path = dir.join("campaign.toml");
+    std::fs::write(
+        &path,
+        r#"from = "News <news@example.org>"
+subject = "News for {{first_name}}"
+text = "Hello {{first_name}}, your id is {{id}}.\n.\nA line with a lone dot above."
+recipients = "recipients.csv"
+return_path = "bounces+{local}={domain}@example.org"
+
+[list_unsubscribe]
+url = "https://example.org/u/{{id}}"
+
+[delivery]
+relay = "127.0.0.1:9"
+
+[limits]
+lookahead = 100
+"#,
+    )
+    .unwrap();
+    path
+}
+
+/// The message without its Date and Message-ID lines (new at every rendering), LF line ends as
+/// smtp-sink's dumps have them.
+fn without_date_and_id(content: &[u8]) -> String {
+    String::from_utf8_lossy(content)
+        .replace("\r\n", "\n")
+        .lines()
+        .filter(|l| !l.starts_with("Date: ") && !l.starts_with("Message-ID: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_campaign_through_redis_is_delivered_by_two_nodes_and_resumes_without_enqueueing_twice() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    let n = 300;
+    let campaign = write_campaign(&setup.dir, n);
+    let journal = setup.dir.join("journal");
+    let report = setup.dir.join("report.jsonl");
+    let send = |deadline: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .arg("send")
+            .args(setup.redis_args())
+            .args(["--quiet", "--json", "--deadline", deadline])
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--report")
+            .arg(&report)
+            .arg(&campaign)
+            .output()
+            .expect("run mxpipe send --redis")
+    };
+    // No node yet: the first run enqueues its lookahead (100) and stops at its deadline.
+    let first = send("1");
+    assert_eq!(
+        first.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(summary["submitted"], 100, "{summary}");
+    assert_eq!(summary["not_final"], 100, "{summary}");
+    assert_eq!(summary["interrupted"], true);
+    assert_eq!(setup.xlen("{mxpipe}:work"), 100);
+
+    let good = SmtpSink::start_dumping("127.0.0.1", &[]);
+    let refusing = SmtpSink::start(&["-f", "RCPT"], 1024);
+    let config = setup.dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!("[routes]\n\"refuse.example\" = \"{}\"\n", refusing.addr()),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let nodes: Vec<Child> = (0..2)
+        .map(|i| {
+            setup.node(
+                &format!("n{i}"),
+                &good.addr().to_string(),
+                &["--config", config],
+            )
+        })
+        .collect();
+    // Resumed: the 100 already in Redis are waited for, not enqueued again.
+    let second = send("120");
+    for node in nodes {
+        wait_node(node, Duration::from_secs(120));
+    }
+    assert_eq!(
+        second.status.code(),
+        Some(1),
+        "bounces make exit status 1: {}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(summary["submitted"], 200, "{summary}");
+    assert_eq!(summary["delivered"], 270, "{summary}");
+    assert_eq!(summary["bounced"], 30, "{summary}");
+    assert_eq!(summary["interrupted"], false);
+
+    // The report has every recipient exactly once, with the server's answer.
+    let mut seen: HashMap<String, serde_json::Value> = HashMap::new();
+    for line in std::fs::read_to_string(&report).unwrap().lines() {
+        let o: serde_json::Value = serde_json::from_str(line).unwrap();
+        let r = o["recipient"].as_str().unwrap().to_string();
+        assert!(seen.insert(r.clone(), o).is_none(), "{r} reported twice");
+    }
+    assert_eq!(seen.len(), n);
+    for i in 0..n {
+        let refused = i % 10 == 3;
+        let domain = if refused {
+            "refuse.example"
+        } else {
+            "example.net"
+        };
+        let o = &seen[&format!("user{i}@{domain}")];
+        if refused {
+            assert_eq!(o["status"], "bounced", "{o}");
+            // smtp-sink -f RCPT: "500 5.3.0 Error: command failed".
+            assert_eq!(o["code"], 500, "{o}");
+            assert_eq!(o["enhanced"], "5.3.0", "{o}");
+            assert_eq!(o["text"], "Error: command failed", "{o}");
+            assert_eq!(o["destination"], refusing.addr().to_string(), "{o}");
+        } else {
+            assert_eq!(o["status"], "delivered", "{o}");
+            assert_eq!(o["code"], 250, "{o}");
+        }
+    }
+
+    // Each good recipient's message arrived once, and it is the message the local campaign
+    // renders (`--dry-run`), from its VERP return path.
+    let rendered = setup.dir.join("rendered");
+    let dry = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+        .args(["send", "--quiet", "--dry-run"])
+        .arg(&rendered)
+        .arg(&campaign)
+        .output()
+        .unwrap();
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let dumps = good.dumps();
+    assert_eq!(dumps.len(), 270, "each good recipient's message once");
+    let mut arrived = std::collections::HashSet::new();
+    for dump in dumps {
+        assert_eq!(dump.rcpt_args.len(), 1);
+        let rcpt = dump.rcpt_args[0].trim_matches(|c| c == '<' || c == '>');
+        let i: usize = rcpt
+            .strip_prefix("user")
+            .and_then(|r| r.split('@').next())
+            .and_then(|i| i.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected recipient {rcpt}"));
+        assert!(arrived.insert(i), "{rcpt} arrived twice");
+        assert_eq!(
+            dump.mail_args,
+            format!("<bounces+user{i}=example.net@example.org>"),
+        );
+        // The dry run names its files by the row's line in the recipients file.
+        let local = std::fs::read(rendered.join(format!("{:08}.eml", i + 2))).unwrap();
+        assert_eq!(
+            without_date_and_id(&dump.content),
+            without_date_and_id(&local),
+            "the message of {rcpt}"
+        );
+    }
+    setup.assert_drained();
+}
+
+#[test]
+fn campaign_redis_flags_are_checked_before_anything_is_enqueued() {
+    let dir = util::fresh_temp_dir("campaign-redis-flags");
+    let campaign = write_campaign(&dir, 3);
+    let send = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+            .arg("send")
+            .args(args)
+            .arg(&campaign)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Port 9 on loopback has no Redis: each must fail before connecting.
+    assert_eq!(
+        send(&["--deadline", "5"]),
+        (
+            Some(2),
+            "mxpipe: send: --cluster, --namespace and --deadline go with --redis\n".into()
+        )
+    );
+    assert_eq!(
+        send(&["--redis", "redis://127.0.0.1:9", "--relay", "127.0.0.1:25"]),
+        (
+            Some(2),
+            "mxpipe: send: with --redis the nodes deliver: give --relay or --direct-mx to \
+             `mxpipe node`\n"
+                .into()
+        )
+    );
+    let (code, stderr) = send(&["--redis", "redis://127.0.0.1:9", "--deadline=-1"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        "mxpipe: --deadline: -1 is not a number of seconds\n"
+    );
+    // A Redis that does not answer is named in the error.
+    let (code, stderr) = send(&["--redis", "redis://127.0.0.1:9", "--quiet"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("mxpipe: redis redis://127.0.0.1:9: "),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A work entry a node cannot send (a body_ref to nothing stored, and one without `to`) gets
+/// one `invalid` outcome that names the field, nothing reaches the sink, and the entry is
+/// acknowledged rather than retried; a good entry beside them is delivered.
+#[test]
+fn entries_a_node_cannot_send_are_reported_invalid_by_field_and_never_sent() {
+    let redis = RedisServer::start();
+    let setup = Setup::new(vec![redis.url()], false);
+    let mut con = setup.connection();
+    let add = |con: &mut Box<dyn ConnectionLike + Send>, fields: &[(&str, &str)]| -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg("{mxpipe}:work").arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.query(con.as_mut()).unwrap()
+    };
+    let no_body = add(
+        &mut con,
+        &[
+            ("from", "news@example.org"),
+            ("to", "[\"a@example.net\"]"),
+            ("body_ref", "nothing-stored"),
+        ],
+    );
+    let no_to = add(
+        &mut con,
+        &[
+            ("from", "news@example.org"),
+            ("body", "Subject: x\r\n\r\nx\r\n"),
+        ],
+    );
+    let good = add(
+        &mut con,
+        &[
+            ("from", "news@example.org"),
+            ("to", "[\"b@example.net\"]"),
+            ("body", "Subject: good\r\n\r\nGood.\r\n"),
+        ],
+    );
+    let sink = SmtpSink::start(&["-c"], 1024);
+    let node = setup.node("n1", &sink.addr().to_string(), &[]);
+    wait_node(node, Duration::from_secs(60));
+    let outcomes = setup.outcomes();
+    let of = |entry: &str| -> Vec<&serde_json::Value> {
+        outcomes.iter().filter(|o| o["entry"] == entry).collect()
+    };
+    let bad_body = of(&no_body);
+    assert_eq!(bad_body.len(), 1, "{outcomes:?}");
+    assert_eq!(bad_body[0]["status"], "invalid");
+    assert_eq!(bad_body[0]["node"], "n1");
+    let text = bad_body[0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("entry field body_ref: no body stored under"),
+        "{text}"
+    );
+    let bad_to = of(&no_to);
+    assert_eq!(bad_to.len(), 1, "{outcomes:?}");
+    assert_eq!(bad_to[0]["status"], "invalid");
+    assert_eq!(bad_to[0]["text"], "entry field to: missing");
+    let delivered = of(&good);
+    assert_eq!(delivered.len(), 1, "{outcomes:?}");
+    assert_eq!(delivered[0]["status"], "delivered");
+    assert_eq!(delivered[0]["recipient"], "b@example.net");
+    assert_eq!(sink_messages(&sink), 1, "only the good entry was sent");
+    setup.assert_drained();
+}

@@ -7,7 +7,10 @@
 //! message the server accepted whose outcome had not reached the journal yet. A torn last line
 //! (the process died inside a write) is cut off when the journal is opened again. The first line
 //! names the campaign (`{"campaign":"<identity>"}`, see [`super::Campaign::identity`]): a journal
-//! is refused by another campaign unless the caller says otherwise. This module must not decide
+//! is refused by another campaign unless the caller says otherwise. A campaign sent through
+//! Redis also records each message it put into the work stream (`{"enqueued":"<entry ID>",
+//! "recipient":"..."}`, an empty ID when the entry came back invalid), so that a resumed run waits
+//! for those outcomes instead of enqueueing the recipients again. This module must not decide
 //! what is sent; it only remembers.
 
 use super::report::Outcome;
@@ -18,6 +21,23 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// A line of the journal after the first.
+#[derive(Debug)]
+pub(crate) enum Line {
+    /// A final outcome.
+    Outcome(Outcome),
+    /// The recipient's message is (or, with an empty ID, is no longer) in the Redis work
+    /// stream as entry `enqueued`.
+    Enqueued { enqueued: String, recipient: String },
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueuedLine<S> {
+    enqueued: S,
+    recipient: S,
+}
 
 /// The first line of a journal.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -34,14 +54,14 @@ pub(crate) struct Journal {
 
 impl Journal {
     /// Opens (or creates) the journal at `path` for the campaign `identity`, calls `seen` with
-    /// each outcome already in it, and positions it for appending. A journal of another
+    /// each line already in it, and positions it for appending. A journal of another
     /// campaign (or of none: written before journals named their campaign) is refused unless
     /// `any_campaign`.
     pub fn open(
         path: &Path,
         identity: &str,
         any_campaign: bool,
-        mut seen: impl FnMut(Outcome) -> Result<(), CampaignError>,
+        mut seen: impl FnMut(Line) -> Result<(), CampaignError>,
     ) -> Result<Journal, CampaignError> {
         let fail = |line: Option<u64>, e: String| CampaignError::input(path, line, e);
         let file = OpenOptions::new()
@@ -79,13 +99,22 @@ impl Journal {
                     continue;
                 }
             }
-            let outcome: Outcome = serde_json::from_slice(&line).map_err(|e| {
-                fail(
-                    Some(number),
-                    format!("not a journal line ({e}); is this the journal of a campaign?"),
-                )
-            })?;
-            seen(outcome)?;
+            let entry = match serde_json::from_slice::<Outcome>(&line) {
+                Ok(outcome) => Line::Outcome(outcome),
+                Err(e) => match serde_json::from_slice::<EnqueuedLine<String>>(&line) {
+                    Ok(l) => Line::Enqueued {
+                        enqueued: l.enqueued,
+                        recipient: l.recipient,
+                    },
+                    Err(_) => {
+                        return Err(fail(
+                            Some(number),
+                            format!("not a journal line ({e}); is this the journal of a campaign?"),
+                        ))
+                    }
+                },
+            };
+            seen(entry)?;
             complete += n as u64;
         }
         drop(reader);
@@ -113,6 +142,19 @@ impl Journal {
 
     pub fn append(&mut self, outcome: &Outcome) -> Result<(), CampaignError> {
         serde_json::to_writer(&mut self.out, outcome)
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"))
+            .map_err(|e| CampaignError::input(&self.path, None, format!("cannot write: {e}")))
+    }
+
+    /// Records that `recipient`'s message is entry `id` of the Redis work stream (`""`: it is
+    /// not any more, and a later run sends it again).
+    pub fn append_enqueued(&mut self, id: &str, recipient: &str) -> Result<(), CampaignError> {
+        let line = EnqueuedLine {
+            enqueued: id,
+            recipient,
+        };
+        serde_json::to_writer(&mut self.out, &line)
             .map_err(std::io::Error::from)
             .and_then(|()| self.out.write_all(b"\n"))
             .map_err(|e| CampaignError::input(&self.path, None, format!("cannot write: {e}")))

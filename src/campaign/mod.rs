@@ -21,6 +21,7 @@
 //! This module must not speak SMTP or hold connections (that is [`crate::engine`]'s), and must
 //! not build MIME by hand (that is [`crate::message::mime`]'s).
 
+mod cluster;
 pub mod config;
 mod journal;
 mod progress;
@@ -29,6 +30,7 @@ pub(crate) mod render;
 mod report;
 mod send;
 
+pub use cluster::RedisTarget;
 pub use recipients::{SkipKind, Skipped};
 pub use render::Rendered;
 pub use report::{Outcome, COLUMNS as REPORT_COLUMNS};
@@ -63,6 +65,8 @@ pub enum CampaignError {
     Dispatcher(Error),
     /// The `limits.engine` settings could not be applied.
     Engine(String),
+    /// Redis (a campaign sent through it) failed: the server and what went wrong.
+    Redis(String),
 }
 
 impl CampaignError {
@@ -88,6 +92,7 @@ impl fmt::Display for CampaignError {
             }
             CampaignError::Dispatcher(e) => write!(f, "dispatcher: {e}"),
             CampaignError::Engine(e) => write!(f, "limits.engine: {e}"),
+            CampaignError::Redis(e) => write!(f, "redis {e}"),
         }
     }
 }
@@ -664,6 +669,17 @@ impl Campaign {
         started: &dyn Fn(&std::sync::Arc<Dispatcher>) -> Result<(), String>,
     ) -> Result<Summary, CampaignError> {
         send::send(self, builder, options, started)
+    }
+
+    /// Sends the campaign through Redis instead of a local engine: every message goes into the
+    /// work stream for `mxpipe node` processes, and the outcomes come from the outcomes stream
+    /// (see [`RedisTarget`]); returns when every recipient is final, or at the deadline.
+    pub fn send_through_redis(
+        &self,
+        redis: &RedisTarget,
+        options: &SendOptions,
+    ) -> Result<Summary, CampaignError> {
+        cluster::send(self, redis, options)
     }
 
     /// A dispatcher builder with this campaign's settings over an engine file's: `engine` is

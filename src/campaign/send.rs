@@ -6,7 +6,7 @@
 //! rendered ahead of delivery. Only the calling thread writes the journal and the report. This
 //! module must not parse input files (that is [`super::Campaign::load`]'s).
 
-use super::journal::Journal;
+use super::journal::{Journal, Line};
 use super::progress::{Counts, Progress};
 use super::recipients::SkipKind;
 use super::report::{Outcome, Report};
@@ -81,7 +81,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn new(campaign: &Campaign) -> Summary {
+    pub(super) fn new(campaign: &Campaign) -> Summary {
         let count = |kind| campaign.skipped.iter().filter(|s| s.kind == kind).count() as u64;
         Summary {
             rows: (campaign.recipients.len() + campaign.skipped.len()) as u64,
@@ -92,7 +92,7 @@ impl Summary {
         }
     }
 
-    fn note_failure(&mut self, message: String) {
+    pub(super) fn note_failure(&mut self, message: String) {
         const KEEP: usize = 10;
         if self.failures.len() < KEEP {
             self.failures.push(message);
@@ -228,47 +228,64 @@ impl Work<'_> {
     }
 }
 
-/// The calling thread's side: outcomes to the journal, the report and the bar.
-struct Outcomes<'a> {
-    campaign: &'a Campaign,
-    journal: Option<Journal>,
-    report: Option<Report>,
-    /// Recipients with a deferral and no final outcome yet.
+/// What a run has learnt of its recipients' outcomes, on the calling thread: the journal, the
+/// report, the counts and the summary. A local run and a run through Redis keep it alike.
+pub(super) struct Tally {
+    pub(super) journal: Option<Journal>,
+    pub(super) report: Option<Report>,
+    /// Rows with a deferral and no final outcome yet.
     deferred: Vec<bool>,
-    counts: Counts,
-    summary: Summary,
-    finals: u64,
+    pub(super) counts: Counts,
+    pub(super) summary: Summary,
+    pub(super) finals: u64,
 }
 
-impl Outcomes<'_> {
-    fn event(&mut self, event: &Event) -> Result<(), CampaignError> {
-        let Some(i) = self.campaign.recipients.find(event.recipient.as_str()) else {
-            return Ok(());
-        };
-        if event.kind == EventKind::Deferred {
-            self.summary.deferrals += 1;
-            if !self.deferred[i] {
-                self.deferred[i] = true;
-                self.counts.deferred += 1;
-            }
-            return Ok(());
+impl Tally {
+    pub(super) fn new(
+        journal: Option<Journal>,
+        report: Option<Report>,
+        rows: usize,
+        summary: Summary,
+    ) -> Tally {
+        Tally {
+            journal,
+            report,
+            deferred: vec![false; rows],
+            counts: Counts::default(),
+            summary,
+            finals: 0,
         }
-        if self.deferred[i] {
-            self.deferred[i] = false;
+    }
+
+    /// A deferral of `row`.
+    pub(super) fn deferral(&mut self, row: usize) {
+        self.summary.deferrals += 1;
+        if !self.deferred[row] {
+            self.deferred[row] = true;
+            self.counts.deferred += 1;
+        }
+    }
+
+    /// The final outcome of `row`, journaled and reported.
+    pub(super) fn final_outcome(
+        &mut self,
+        row: usize,
+        outcome: &Outcome,
+    ) -> Result<(), CampaignError> {
+        if self.deferred[row] {
+            self.deferred[row] = false;
             self.counts.deferred -= 1;
         }
-        match event.kind {
-            EventKind::Delivered => self.counts.delivered += 1,
-            EventKind::Bounced => self.counts.bounced += 1,
-            EventKind::Expired => self.counts.expired += 1,
-            EventKind::Deferred => unreachable!("handled above"),
+        match outcome.status.as_str() {
+            "delivered" => self.counts.delivered += 1,
+            "bounced" => self.counts.bounced += 1,
+            _ => self.counts.expired += 1,
         }
-        let outcome = Outcome::from_event(event);
         if let Some(j) = &mut self.journal {
-            j.append(&outcome)?;
+            j.append(outcome)?;
         }
         if let Some(r) = &mut self.report {
-            r.write(&outcome)?;
+            r.write(outcome)?;
         }
         self.finals += 1;
         Ok(())
@@ -276,18 +293,17 @@ impl Outcomes<'_> {
 
     /// A row that could not be rendered or submitted: reported, not journaled, so that a later
     /// run tries it again.
-    fn failure(&mut self, row: usize, message: String) -> Result<(), CampaignError> {
+    pub(super) fn failure(&mut self, address: &str, message: String) -> Result<(), CampaignError> {
         self.counts.failed += 1;
         self.finals += 1;
         if let Some(r) = &mut self.report {
-            let address = self.campaign.recipients.address(row);
             r.write(&Outcome::local(address, "failed", message.clone()))?;
         }
         self.summary.note_failure(message);
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), CampaignError> {
+    pub(super) fn flush(&mut self) -> Result<(), CampaignError> {
         if let Some(j) = &mut self.journal {
             j.flush()?;
         }
@@ -298,16 +314,47 @@ impl Outcomes<'_> {
     }
 }
 
+/// The calling thread's side of a local run: the engine's events into its [`Tally`].
+struct Outcomes<'a> {
+    campaign: &'a Campaign,
+    tally: Tally,
+}
+
+impl Outcomes<'_> {
+    fn event(&mut self, event: &Event) -> Result<(), CampaignError> {
+        let Some(i) = self.campaign.recipients.find(event.recipient.as_str()) else {
+            return Ok(());
+        };
+        if event.kind == EventKind::Deferred {
+            self.tally.deferral(i);
+            return Ok(());
+        }
+        self.tally.final_outcome(i, &Outcome::from_event(event))
+    }
+
+    fn failure(&mut self, row: usize, message: String) -> Result<(), CampaignError> {
+        let address = self.campaign.recipients.address(row);
+        self.tally.failure(address, message)
+    }
+
+    fn flush(&mut self) -> Result<(), CampaignError> {
+        self.tally.flush()
+    }
+}
+
 /// The report and journal, open, and the rows to send this time.
-struct Prepared {
-    report: Option<Report>,
-    journal: Option<Journal>,
-    todo: Vec<bool>,
+pub(super) struct Prepared {
+    pub(super) report: Option<Report>,
+    pub(super) journal: Option<Journal>,
+    pub(super) todo: Vec<bool>,
+    /// Rows of `todo` a run through Redis already put into the work stream (their entry IDs),
+    /// from the journal: a resumed run waits for their outcomes instead of enqueueing them again.
+    pub(super) enqueued: BTreeMap<usize, String>,
 }
 
 /// Opens the report and the journal: rows skipped at load and outcomes already in the journal
 /// go to the report first, and the rows to send this time are marked in `todo`.
-fn prepare(
+pub(super) fn prepare(
     campaign: &Campaign,
     options: &SendOptions,
     summary: &mut Summary,
@@ -328,6 +375,7 @@ fn prepare(
         }
     }
     let mut todo = vec![true; campaign.recipients.len()];
+    let mut enqueued = BTreeMap::new();
     let journal = match &options.journal {
         Some(path) => {
             // The last outcome of each row, except that an expiry never replaces another final
@@ -337,11 +385,29 @@ fn prepare(
                 path,
                 campaign.identity(),
                 options.journal_any_campaign,
-                |outcome| {
-                    if let Some(i) = campaign.recipients.find(&outcome.recipient) {
-                        let keep = known.get(&i).is_some_and(|k| k.status != "expired");
-                        if !keep {
-                            known.insert(i, outcome);
+                |line| {
+                    match line {
+                        Line::Outcome(outcome) => {
+                            if let Some(i) = campaign.recipients.find(&outcome.recipient) {
+                                // A final outcome ends the entry the row was waiting for.
+                                enqueued.remove(&i);
+                                let keep = known.get(&i).is_some_and(|k| k.status != "expired");
+                                if !keep {
+                                    known.insert(i, outcome);
+                                }
+                            }
+                        }
+                        Line::Enqueued {
+                            enqueued: id,
+                            recipient,
+                        } => {
+                            if let Some(i) = campaign.recipients.find(&recipient) {
+                                if id.is_empty() {
+                                    enqueued.remove(&i);
+                                } else {
+                                    enqueued.insert(i, id);
+                                }
+                            }
                         }
                     }
                     Ok(())
@@ -352,6 +418,7 @@ fn prepare(
                 if expired && options.retry_expired {
                     continue;
                 }
+                enqueued.remove(&i);
                 todo[i] = false;
                 summary.already_final += 1;
                 summary.already_expired += u64::from(expired);
@@ -367,6 +434,7 @@ fn prepare(
         report,
         journal,
         todo,
+        enqueued,
     })
 }
 
@@ -378,10 +446,12 @@ pub(super) fn send(
 ) -> Result<Summary, CampaignError> {
     let start = Instant::now();
     let mut summary = Summary::new(campaign);
+    // Rows a run through Redis enqueued are sent again here: this engine cannot wait for them.
     let Prepared {
         report,
         journal,
         todo,
+        enqueued: _,
     } = prepare(campaign, options, &mut summary)?;
     let to_send = todo.iter().filter(|&&t| t).count() as u64;
     let d = &campaign.delivery;
@@ -407,12 +477,7 @@ pub(super) fn send(
     let submitted = AtomicU64::new(0);
     let mut outcomes = Outcomes {
         campaign,
-        journal,
-        report,
-        deferred: vec![false; todo.len()],
-        counts: Counts::default(),
-        summary,
-        finals: 0,
+        tally: Tally::new(journal, report, todo.len(), summary),
     };
     let progress = Progress::new(to_send, options.progress);
     let result = std::thread::scope(|scope| {
@@ -448,8 +513,8 @@ pub(super) fn send(
     }
     result?;
     outcomes.flush()?;
-    let mut summary = outcomes.summary;
-    let c = outcomes.counts;
+    let mut summary = outcomes.tally.summary;
+    let c = outcomes.tally.counts;
     summary.submitted = submitted.load(Ordering::Relaxed);
     summary.delivered = c.delivered;
     summary.bounced = c.bounced;
@@ -460,7 +525,7 @@ pub(super) fn send(
     summary.not_final = summary
         .submitted
         .saturating_sub(c.delivered + c.bounced + c.expired);
-    finish_timing(&mut summary, start, outcomes.finals);
+    finish_timing(&mut summary, start, outcomes.tally.finals);
     Ok(summary)
 }
 
@@ -491,14 +556,14 @@ fn collect(
     stop: Stop<'_>,
 ) -> Result<Finished, CampaignError> {
     let mut deadline = None;
-    while outcomes.finals < to_send {
+    while outcomes.tally.finals < to_send {
         if deadline.is_none() && stop.requested.is_some_and(|s| s.load(Ordering::SeqCst)) {
             // No new work: the render threads stop at their next row.
             stop.work.stop.store(true, Ordering::Relaxed);
             deadline = Some(Instant::now() + stop.grace);
         }
         if let Some(deadline) = deadline {
-            let c = &outcomes.counts;
+            let c = &outcomes.tally.counts;
             let finals = c.delivered + c.bounced + c.expired;
             if finals >= stop.submitted.load(Ordering::Relaxed) || Instant::now() >= deadline {
                 outcomes.flush()?;
@@ -524,7 +589,7 @@ fn collect(
             outcomes.event(&event)?;
         }
         outcomes.flush()?;
-        progress.update(&outcomes.counts);
+        progress.update(&outcomes.tally.counts);
     }
     Ok(Finished::All)
 }
@@ -561,7 +626,7 @@ pub(super) fn dry_run(campaign: &Campaign, dir: &Path) -> Result<Summary, Campai
     Ok(summary)
 }
 
-fn finish_timing(summary: &mut Summary, start: Instant, done: u64) {
+pub(super) fn finish_timing(summary: &mut Summary, start: Instant, done: u64) {
     summary.elapsed_secs = start.elapsed().as_secs_f64();
     summary.per_second = if summary.elapsed_secs > 0.0 {
         done as f64 / summary.elapsed_secs

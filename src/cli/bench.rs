@@ -125,6 +125,8 @@ pub(crate) struct BenchArgs {
     pub(crate) tarpit: Option<(String, u64)>,
     /// Every message gets a body of its own (default: one body shared by all).
     pub(crate) unique_bodies: bool,
+    /// Every message gets recipients of its own (default: the same list for all).
+    pub(crate) distinct_recipients: bool,
     pub(crate) delivery: DeliveryArgs,
 }
 
@@ -232,25 +234,31 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
     let body = Arc::new(Body::new(&bench_body(size)).map_err(|e| e.to_string())?);
     let sender =
         Address::parse("bench@mxpipe.example", mxpipe::error::Field::Sender).expect("valid");
-    // One recipient list per domain (a single one without --direct-mx).
-    let lists: Vec<Vec<Address>> = (0..args.domains)
-        .map(|d| {
-            (0..recipients)
-                .map(|i| {
-                    let domain = if direct {
-                        format!("d{d}.bench.test")
-                    } else {
-                        "sink.example".to_string()
-                    };
-                    Address::parse(
-                        &format!("user{i}@{domain}"),
-                        mxpipe::error::Field::Recipient(i),
-                    )
-                    .expect("valid")
-                })
-                .collect()
-        })
-        .collect();
+    // One recipient list per domain (a single one without --direct-mx), or with
+    // --distinct-recipients one per message, in the same domains in turn.
+    let list = |d: usize, prefix: &str| -> Vec<Address> {
+        let domain = if direct {
+            format!("d{d}.bench.test")
+        } else {
+            "sink.example".to_string()
+        };
+        (0..recipients)
+            .map(|i| {
+                Address::parse(
+                    &format!("user{prefix}{i}@{domain}"),
+                    mxpipe::error::Field::Recipient(i),
+                )
+                .expect("valid")
+            })
+            .collect()
+    };
+    let mut lists: Vec<Vec<Address>> = if args.distinct_recipients {
+        (0..messages as usize)
+            .map(|n| list(n % args.domains, &format!("{n}.")))
+            .collect()
+    } else {
+        (0..args.domains).map(|d| list(d, "")).collect()
+    };
     let tarpit_rcpt = Address::parse(
         &format!("user@{TARPIT_DOMAIN}"),
         mxpipe::error::Field::Recipient(0),
@@ -275,7 +283,11 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
                 .map_err(|e| e.to_string())?;
             tarpit_submitted += 1;
         }
-        let rcpts = lists[n as usize % lists.len()].clone();
+        let rcpts = if args.distinct_recipients {
+            std::mem::take(&mut lists[n as usize])
+        } else {
+            lists[n as usize % lists.len()].clone()
+        };
         let body = if args.unique_bodies {
             Arc::new(Body::new(&unique_body(&body, n)).map_err(|e| e.to_string())?)
         } else {
@@ -323,10 +335,12 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
         use std::sync::atomic::Ordering::Relaxed;
         let fsyncs = spool.fsyncs.load(Relaxed);
         println!(
-            "spool fsyncs={fsyncs} fsyncs_per_s={:.0} messages_per_fsync={:.1} checkpoints={}",
+            "spool fsyncs={fsyncs} fsyncs_per_s={:.0} messages_per_fsync={:.1} checkpoints={} checkpoint_octets_per_recipient={:.1}",
             fsyncs as f64 / elapsed.as_secs_f64(),
             spool.messages.load(Relaxed) as f64 / fsyncs.max(1) as f64,
-            spool.checkpoints.load(Relaxed)
+            spool.checkpoints.load(Relaxed),
+            spool.checkpoint_bytes.load(Relaxed) as f64
+                / spool.checkpoints.load(Relaxed).max(1) as f64
         );
     }
     let (measured, at_tarpit) = tally(&dispatcher, tarpit);

@@ -1,14 +1,67 @@
 //! `mxpipe send CAMPAIGN.toml`: load and check a campaign, then send it (or render it with
-//! `--dry-run`) and print the summary.
+//! `--dry-run`, or hand it to `mxpipe node`s with `--redis`) and print the summary.
 //!
 //! This module only drives [`mxpipe::campaign`]; loading, rendering and sending are its.
 
 use super::options::{serve_metrics, Overrides};
 use super::{signal, CliResult};
-use mxpipe::campaign::{Campaign, SendOptions};
+use clap::Args;
+use mxpipe::campaign::{Campaign, RedisTarget, SendOptions};
+use mxpipe::cluster::Target;
 use mxpipe::engine::DispatcherBuilder;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+/// `send CAMPAIGN.toml --redis URL`: the campaign's messages go to `mxpipe node`s.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct CampaignRedisArgs {
+    /// Campaign: put every message into this Redis's work stream for `mxpipe node`s instead of
+    /// sending it, and build the report from the outcomes stream (redis://HOST:PORT/DB; with
+    /// --cluster, a seed node, repeat for several).
+    #[arg(long = "redis", value_name = "URL")]
+    pub(crate) urls: Vec<String>,
+    /// With --redis: the URLs are nodes of a Redis Cluster.
+    #[arg(long)]
+    pub(crate) cluster: bool,
+    /// With --redis: the hash tag of every key, as the nodes' --namespace (default mxpipe).
+    #[arg(long)]
+    pub(crate) namespace: Option<String>,
+    /// With --redis: stop waiting for outcomes after this many seconds (what is not final
+    /// stays in Redis for the nodes; with --journal the same command waits for it again).
+    #[arg(long, value_name = "SECS")]
+    pub(crate) deadline: Option<f64>,
+}
+
+impl CampaignRedisArgs {
+    pub(crate) fn is_given(&self) -> bool {
+        !self.urls.is_empty() || self.cluster || self.namespace.is_some() || self.deadline.is_some()
+    }
+
+    fn target(&self) -> Result<Option<RedisTarget>, String> {
+        if self.urls.is_empty() {
+            return match self.is_given() {
+                true => Err("send: --cluster, --namespace and --deadline go with --redis".into()),
+                false => Ok(None),
+            };
+        }
+        let deadline = self
+            .deadline
+            .map(|d| {
+                Duration::try_from_secs_f64(d)
+                    .map_err(|_| format!("--deadline: {d} is not a number of seconds"))
+            })
+            .transpose()?;
+        Ok(Some(RedisTarget {
+            target: Target {
+                urls: self.urls.clone(),
+                cluster: self.cluster,
+            },
+            namespace: self.namespace.clone().unwrap_or_else(|| "mxpipe".into()),
+            deadline,
+        }))
+    }
+}
 
 pub(crate) struct CampaignArgs {
     pub(crate) campaign: PathBuf,
@@ -20,6 +73,7 @@ pub(crate) struct CampaignArgs {
     pub(crate) quiet: bool,
     pub(crate) json: bool,
     pub(crate) overrides: Overrides,
+    pub(crate) redis: CampaignRedisArgs,
 }
 
 impl Overrides {
@@ -55,8 +109,34 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
         }
     }
     let resumable = args.journal.is_some();
-    let summary = match &args.dry_run {
-        Some(dir) => {
+    let redis = args.redis.target()?;
+    let options = SendOptions {
+        report: args.report.clone(),
+        journal: args.journal.clone(),
+        progress: !args.quiet && !args.json,
+        retry_expired: args.retry_expired,
+        journal_any_campaign: args.journal_any_campaign,
+        stop: Some(&signal::STOP),
+        stop_grace: signal::GRACE,
+    };
+    let summary = match (&args.dry_run, redis) {
+        (Some(_), Some(_)) => {
+            return Err("send: --dry-run renders the messages here; --redis sends them".into())
+        }
+        (None, Some(redis)) => {
+            if args.overrides.relay.is_some() || args.overrides.delivery.direct_mx {
+                return Err(
+                    "send: with --redis the nodes deliver: give --relay or --direct-mx \
+                            to `mxpipe node`"
+                        .into(),
+                );
+            }
+            signal::install()?;
+            campaign
+                .send_through_redis(&redis, &options)
+                .map_err(|e| e.to_string())?
+        }
+        (Some(dir), None) => {
             if args.report.is_some()
                 || args.journal.is_some()
                 || args.retry_expired
@@ -74,27 +154,15 @@ pub(crate) fn run_campaign(args: CampaignArgs) -> CliResult {
             }
             summary
         }
-        None => {
+        (None, None) => {
             let builder = args.overrides.builder(&campaign)?;
             signal::install()?;
             let metrics = args.overrides.delivery.metrics;
             campaign
-                .send_with(
-                    builder,
-                    &SendOptions {
-                        report: args.report,
-                        journal: args.journal,
-                        progress: !args.quiet && !args.json,
-                        retry_expired: args.retry_expired,
-                        journal_any_campaign: args.journal_any_campaign,
-                        stop: Some(&signal::STOP),
-                        stop_grace: signal::GRACE,
-                    },
-                    &|dispatcher| match metrics {
-                        Some(addr) => serve_metrics(addr, dispatcher),
-                        None => Ok(()),
-                    },
-                )
+                .send_with(builder, &options, &|dispatcher| match metrics {
+                    Some(addr) => serve_metrics(addr, dispatcher),
+                    None => Ok(()),
+                })
                 .map_err(|e| e.to_string())?
         }
     };

@@ -138,6 +138,8 @@ enum Command {
         retry_after: Option<u64>,
         #[command(flatten)]
         delivery: DeliveryArgs,
+        #[command(flatten)]
+        redis: campaign::CampaignRedisArgs,
     },
     /// Measure end-to-end throughput to a sink (the built-in one, in a child process, by default).
     Bench {
@@ -180,6 +182,11 @@ enum Command {
         /// Every message gets a body of its own (default: one body shared by all).
         #[arg(long)]
         unique_bodies: bool,
+        /// Every message gets recipients of its own, built before the clock starts (default:
+        /// every message goes to the same --recipients addresses): --messages 1000
+        /// --recipients 1000 is then one body to 1,000,000 different recipients.
+        #[arg(long)]
+        distinct_recipients: bool,
         #[command(flatten)]
         delivery: DeliveryArgs,
     },
@@ -293,6 +300,7 @@ pub fn main() -> ExitCode {
             max_age,
             retry_after,
             delivery,
+            redis,
         } if message
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("toml")) =>
@@ -315,6 +323,7 @@ pub fn main() -> ExitCode {
                     retry_after: retry_after.map(Duration::from_secs),
                     delivery,
                 },
+                redis,
             })
         }
         Command::Send {
@@ -335,7 +344,10 @@ pub fn main() -> ExitCode {
             max_age,
             retry_after,
             delivery,
-        } if relay.is_some() || delivery.direct_mx || delivery.config.is_some() => {
+            redis,
+        } if !redis.is_given()
+            && (relay.is_some() || delivery.direct_mx || delivery.config.is_some()) =>
+        {
             send::run_send(send::SendArgs {
                 from,
                 to_file,
@@ -361,16 +373,19 @@ pub fn main() -> ExitCode {
             journal_any_campaign: false,
             quiet: false,
             json: false,
+            redis,
             ..
-        } => Err("send: a message needs --relay HOST:PORT or --direct-mx".into()),
+        } if !redis.is_given() => {
+            Err("send: a message needs --relay HOST:PORT or --direct-mx".into())
+        }
         Command::Send {
             from: Some(_),
             to_file: Some(_),
             ..
         } => Err(
-            "send: --dry-run, --journal, --retry-expired, --journal-any-campaign, --quiet and \
-             --json are for campaign files; a message sent with --relay/--from/--to-file takes \
-             none of them"
+            "send: --dry-run, --journal, --retry-expired, --journal-any-campaign, --quiet, \
+             --json and --redis are for campaign files; a message sent with \
+             --relay/--from/--to-file takes none of them (`mxpipe enqueue` puts one into Redis)"
                 .into(),
         ),
         Command::Send {
@@ -407,6 +422,7 @@ pub fn main() -> ExitCode {
             tarpit,
             tarpit_messages,
             unique_bodies,
+            distinct_recipients,
             delivery,
         } => bench::run_bench(bench::BenchArgs {
             messages,
@@ -420,6 +436,7 @@ pub fn main() -> ExitCode {
             domains,
             tarpit: tarpit.map(|target| (target, tarpit_messages)),
             unique_bodies,
+            distinct_recipients,
             delivery,
         }),
         Command::Http {
@@ -562,11 +579,11 @@ mod tests {
             tag: 0,
             recipient: Address::parse("kim@example.org", mxpipe::error::Field::Recipient(0))
                 .expect("valid"),
-            reply: Reply::new(
+            reply: Arc::new(Reply::new(
                 451,
                 Some(EnhancedCode::new(4, 3, 0)),
                 "try \"later\"\nsecond line",
-            ),
+            )),
             destination: Arc::from("mx.example.org:25"),
             attempts: 2,
             retry_after,

@@ -14,7 +14,7 @@ use mxpipe::message::mime::{format_date, is_valid_header_name, new_message_id};
 use mxpipe::message::{Address, Body, Message};
 use mxpipe::smtp::Reply;
 use mxpipe::Error;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -119,7 +119,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         })
     };
     let first_wait = wait(Arc::clone(&dispatcher), args.wait_final);
-    let mut outcomes = Outcomes::default();
+    let mut outcomes = Outcomes::with_capacity(all.len());
     let mut write = |report: &mut Option<BufWriter<File>>, event: &Event| {
         if let Some(line) = outcomes.take(event) {
             if let Some(w) = report.as_mut() {
@@ -179,15 +179,12 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
         w.flush()
             .map_err(|e| format!("--report: cannot write: {e}"))?;
     }
-    let mut s = dispatcher.stats();
-    // The counters include the reports sent to the sender; the summary is about the list.
-    s.delivered -= outcomes.reports[0].min(s.delivered);
-    s.bounced -= outcomes.reports[1].min(s.bounced);
-    s.expired -= outcomes.reports[2].min(s.expired);
+    let connections = dispatcher.stats().connections_opened;
+    let [delivered, bounced, expired] = outcomes.finals;
     let not_final = not_final.len() as u64;
     println!(
-        "recipients={total} delivered={} bounced={} expired={} not_final={not_final} invalid={} duplicates={} connections={}",
-        s.delivered, s.bounced, s.expired, list.invalid, list.duplicates, s.connections_opened
+        "recipients={total} delivered={delivered} bounced={bounced} expired={expired} not_final={not_final} invalid={} duplicates={} connections={connections}",
+        list.invalid, list.duplicates
     );
     if not_final > 0 {
         let what = if not_final == 1 {
@@ -213,7 +210,7 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
     if interrupted {
         return Ok(ExitCode::from(signal::INTERRUPTED));
     }
-    Ok(if s.bounced + s.expired + list.invalid + not_final == 0 {
+    Ok(if bounced + expired + list.invalid + not_final == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -223,77 +220,97 @@ pub(crate) fn run_send(args: SendArgs) -> CliResult {
 /// Final outcomes as report lines, and the last deferral of each recipient not final yet.
 ///
 /// A list's recipients are deferred together with one reply (a relay that refuses
-/// connections): the reply is kept once for all of them, not once per recipient, so that a
-/// million-recipient message costs a small record per recipient here.
+/// connections): their events share it, and the records kept here share one [`Attempt`], so
+/// that a million-recipient message costs one small map entry per recipient here.
 #[derive(Default)]
 struct Outcomes {
-    deferred: HashMap<Address, Deferral>,
-    finals: HashSet<Address>,
-    /// The reply of the last deferral, shared by the records of the recipients it deferred.
-    last_reply: Option<Arc<Reply>>,
-    /// Final outcomes of the delivery status notifications the spool's custody sent
-    /// (delivered, bounced, expired): not this send's recipients.
-    reports: [u64; 3],
+    /// Every recipient with an outcome: its last deferral, or `None` once it is final.
+    seen: HashMap<Address, Option<Deferral>>,
+    /// The attempt of the last deferral, shared by the records of the recipients it deferred.
+    last_attempt: Option<Arc<Attempt>>,
+    /// Final outcomes written to the report (delivered, bounced, expired): the summary counts
+    /// these, not the dispatcher's counters, so that an interrupted send (whose loops go on
+    /// deciding while it exits) never counts an outcome its report does not show. The
+    /// delivery status notifications the spool's custody sends are not this send's
+    /// recipients and are counted in neither.
+    finals: [u64; 3],
 }
 
-/// A recipient's last deferral, as much of its event as a `not_final` line shows.
-struct Deferral {
+/// What the deferrals of one attempt have in common.
+#[derive(PartialEq)]
+struct Attempt {
     message_id: u64,
     reply: Arc<Reply>,
     destination: Arc<str>,
     attempts: u32,
-    elapsed: Duration,
+}
+
+/// A recipient's last deferral, as much of its event as a `not_final` line shows.
+struct Deferral {
+    attempt: Arc<Attempt>,
+    elapsed_ms: u64,
 }
 
 impl Deferral {
     /// The deferral event of `recipient` again.
     fn event(&self, recipient: &Address) -> Event {
+        let attempt = &self.attempt;
         Event {
             kind: EventKind::Deferred,
-            message_id: self.message_id,
+            message_id: attempt.message_id,
             tag: 0,
             recipient: recipient.clone(),
-            reply: Reply::clone(&self.reply),
-            destination: Arc::clone(&self.destination),
-            attempts: self.attempts,
+            reply: Arc::clone(&attempt.reply),
+            destination: Arc::clone(&attempt.destination),
+            attempts: attempt.attempts,
             retry_after: None,
             category: None,
-            elapsed: self.elapsed,
+            elapsed: Duration::from_millis(self.elapsed_ms),
             tls: None,
         }
     }
 }
 
 impl Outcomes {
+    /// Expects outcomes for about `recipients` recipients: the map is made once, not grown
+    /// (a growing map holds its old and new tables at once).
+    fn with_capacity(recipients: usize) -> Outcomes {
+        Outcomes {
+            seen: HashMap::with_capacity(recipients),
+            ..Outcomes::default()
+        }
+    }
+
     /// The report line of a final outcome (a deferral is only remembered).
     fn take(&mut self, event: &Event) -> Option<String> {
         if event.message_id >= mxpipe::engine::reports::REPORT_IDS {
-            match event.kind {
-                EventKind::Delivered => self.reports[0] += 1,
-                EventKind::Bounced => self.reports[1] += 1,
-                EventKind::Expired => self.reports[2] += 1,
-                EventKind::Deferred => {}
-            }
             return None;
         }
-        let recipient = event.recipient.clone();
         if event.kind == EventKind::Deferred {
-            let reply = match &self.last_reply {
-                Some(last) if **last == event.reply => Arc::clone(last),
-                _ => Arc::clone(self.last_reply.insert(Arc::new(event.reply.clone()))),
-            };
-            let deferral = Deferral {
+            let attempt = Attempt {
                 message_id: event.message_id,
-                reply,
+                reply: Arc::clone(&event.reply),
                 destination: Arc::clone(&event.destination),
                 attempts: event.attempts,
-                elapsed: event.elapsed,
             };
-            self.deferred.insert(recipient, deferral);
+            let attempt = match &self.last_attempt {
+                Some(last) if **last == attempt => Arc::clone(last),
+                _ => Arc::clone(self.last_attempt.insert(Arc::new(attempt))),
+            };
+            let deferral = Deferral {
+                attempt,
+                elapsed_ms: event.elapsed.as_millis() as u64,
+            };
+            self.seen.insert(event.recipient.clone(), Some(deferral));
             return None;
         }
-        self.deferred.remove(&recipient);
-        self.finals.insert(recipient);
+        self.seen.insert(event.recipient.clone(), None);
+        let kind = match event.kind {
+            EventKind::Delivered => 0,
+            EventKind::Bounced => 1,
+            _ => 2,
+        };
+        self.finals[kind] += 1;
         Some(event_json(event))
     }
 
@@ -301,9 +318,13 @@ impl Outcomes {
     /// reply, or none when it never had an attempt.
     fn not_final(&self, all: &[Address]) -> Vec<String> {
         all.iter()
-            .filter(|r| !self.finals.contains(*r))
-            .map(|recipient| {
-                let mut value = match self.deferred.get(recipient) {
+            .filter_map(|r| match self.seen.get(r) {
+                Some(None) => None,
+                Some(Some(deferral)) => Some((r, Some(deferral))),
+                None => Some((r, None)),
+            })
+            .map(|(recipient, deferral)| {
+                let mut value = match deferral {
                     Some(deferral) => event_value(&deferral.event(recipient)),
                     None => serde_json::json!({
                         "message_id": null,

@@ -16,6 +16,7 @@
 pub mod leases;
 pub mod limits;
 pub mod node;
+pub mod outcome;
 pub mod produce;
 pub mod work;
 

@@ -10,6 +10,7 @@
 //! was decided since the last flush and what was in a transaction: those recipients are sent
 //! again by the node that claims the entry.
 
+use super::outcome::OutcomeRecord;
 use super::work::{self, Content, Entry, Recipient};
 use super::{Keys, Link, Target, ROUND_TRIPS};
 use crate::engine::{Dispatcher, DispatcherBuilder, Event, EventKind};
@@ -148,10 +149,14 @@ struct State {
     next_tag: u64,
 }
 
-/// What the writer sends in its next flush.
+/// What the writer sends in its next flush. Its buffers are kept from one flush to the next.
 #[derive(Debug, Default)]
 struct Batch {
-    outcomes: Vec<serde_json::Value>,
+    /// The outcomes as the JSON array's items, comma-separated (written in place, no value
+    /// tree per outcome).
+    outcomes: Vec<u8>,
+    /// How many outcomes `outcomes` holds.
+    outcome_count: u64,
     done: HashMap<Arc<str>, Vec<(String, &'static str)>>,
     acks: Vec<Arc<str>>,
     drop_done: Vec<Arc<str>>,
@@ -162,11 +167,30 @@ struct Batch {
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.outcomes.is_empty()
+        self.outcome_count == 0
             && self.done.is_empty()
             && self.acks.is_empty()
             && self.park.is_empty()
             && self.unpark.is_empty()
+    }
+
+    /// Empties the batch, keeping the outcome buffer's capacity.
+    fn clear(&mut self) {
+        let mut outcomes = std::mem::take(&mut self.outcomes);
+        outcomes.clear();
+        *self = Batch {
+            outcomes,
+            ..Batch::default()
+        };
+    }
+
+    /// Appends one outcome to the JSON array.
+    fn push_outcome(&mut self, record: &OutcomeRecord<'_>) {
+        if self.outcome_count > 0 {
+            self.outcomes.push(b',');
+        }
+        serde_json::to_writer(&mut self.outcomes, record).expect("an outcome serialises");
+        self.outcome_count += 1;
     }
 }
 
@@ -365,6 +389,24 @@ impl Node {
                     break;
                 }
             }
+        }
+    }
+
+    /// An outcome record of `entry` decided by this node without a server's reply (the
+    /// caller fills in what it knows).
+    fn record_of<'a>(&'a self, entry: &'a str) -> OutcomeRecord<'a> {
+        OutcomeRecord {
+            entry: entry.into(),
+            recipient: "".into(),
+            status: "".into(),
+            code: 0,
+            enhanced: None,
+            text: "".into(),
+            attempts: 0,
+            retry_after_s: None,
+            destination: "".into(),
+            tag: 0,
+            node: self.config.consumer.as_str().into(),
         }
     }
 
@@ -683,18 +725,19 @@ impl Node {
         let mut pipe = redis::pipe();
         pipe.atomic();
         if !invalid.is_empty() {
-            let outcomes: Vec<serde_json::Value> = invalid
+            let outcomes: Vec<OutcomeRecord> = invalid
                 .iter()
-                .map(|(id, e)| {
-                    serde_json::json!({"entry": id, "status": "invalid", "text": e,
-                        "node": self.config.consumer})
+                .map(|(id, e)| OutcomeRecord {
+                    status: "invalid".into(),
+                    text: e.as_str().into(),
+                    ..self.record_of(id)
                 })
                 .collect();
             pipe.cmd("XADD")
                 .arg(self.keys.outcomes())
                 .arg("*")
                 .arg("outcomes")
-                .arg(serde_json::Value::Array(outcomes).to_string())
+                .arg(serde_json::to_string(&outcomes).expect("outcomes serialise"))
                 .ignore();
             for (id, e) in &invalid {
                 eprintln!("mxpipe: node: entry {id}: {e}");
@@ -802,17 +845,21 @@ impl Node {
                         Err(e) => ("invalid", e),
                         Ok(_) => ("expired", "deferred past the maximum age".to_string()),
                     };
-                    let outcome = serde_json::json!([{"entry": parked.entry,
-                        "recipient": parked.to.address(), "status": status, "code": 0,
-                        "text": text, "attempts": parked.attempts, "tag": parked.tag,
-                        "node": self.config.consumer}]);
+                    let outcome = [OutcomeRecord {
+                        recipient: parked.to.address().into(),
+                        status: status.into(),
+                        text: text.into(),
+                        attempts: parked.attempts,
+                        tag: parked.tag,
+                        ..self.record_of(&parked.entry)
+                    }];
                     let mut pipe = redis::pipe();
                     pipe.atomic()
                         .cmd("XADD")
                         .arg(self.keys.outcomes())
                         .arg("*")
                         .arg("outcomes")
-                        .arg(outcome.to_string())
+                        .arg(serde_json::to_string(&outcome).expect("outcomes serialise"))
                         .ignore();
                     self.keys.unpark(&mut pipe, member);
                     let _ = link.call_until_done(stop, |c| pipe.query::<()>(c));
@@ -853,6 +900,19 @@ pub(crate) fn ensure_group(
     }
 }
 
+/// A JSON array's bracketed items as one Redis argument, without copying them.
+struct JsonArray<'a>(&'a [u8]);
+
+impl redis::ToRedisArgs for JsonArray<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        arg.write_all(b"[").expect("writes to memory");
+        arg.write_all(self.0).expect("writes to memory");
+        arg.write_all(b"]").expect("writes to memory");
+    }
+}
+
 /// The writer thread: the engine's events become one atomic pipeline per flush.
 struct Writer {
     config: NodeConfig,
@@ -870,57 +930,58 @@ impl Writer {
         let mut link = Link::new(self.config.target.clone(), &self.keys);
         let mut batch = Batch::default();
         let mut last_flush = Instant::now();
+        // Events wait in the channel until the next flush: the writer sleeps instead of
+        // blocking on it, so the engine never wakes this thread (nor does it spin) per event.
+        const MOST_PER_FLUSH: usize = 20_000;
         loop {
             let finishing = self.done.load(Ordering::Acquire);
             let wait = self.config.flush_every.saturating_sub(last_flush.elapsed());
-            match self.events.recv_timeout(wait) {
-                Ok(event) => {
-                    self.note(event, &mut batch);
-                    for event in self.events.try_iter().take(10_000) {
-                        self.note(event, &mut batch);
+            if !finishing && !wait.is_zero() && self.events.len() < MOST_PER_FLUSH {
+                std::thread::sleep(wait.min(Duration::from_millis(20)));
+                continue;
+            }
+            let mut disconnected = false;
+            {
+                // One lock for every event waiting.
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                for _ in 0..MOST_PER_FLUSH {
+                    match self.events.try_recv() {
+                        Ok(event) => self.note(&mut state, event, &mut batch),
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            disconnected = true;
+                            break;
+                        }
                     }
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
-            if last_flush.elapsed() >= self.config.flush_every || finishing {
-                if !batch.is_empty() && !self.flush(&mut link, std::mem::take(&mut batch)) {
-                    // Given up: what is still to come is not written either.
-                    let left = self.events.try_iter().count();
-                    self.report
-                        .unwritten
-                        .fetch_add(left as u64, Ordering::Relaxed);
-                    break;
-                }
-                last_flush = Instant::now();
-                if finishing && self.events.is_empty() {
-                    break;
-                }
+            if !batch.is_empty() && !self.flush(&mut link, &batch) {
+                // Given up: what is still to come is not written either.
+                let left = self.events.try_iter().count();
+                self.report
+                    .unwritten
+                    .fetch_add(left as u64, Ordering::Relaxed);
+                break;
+            }
+            batch.clear();
+            last_flush = Instant::now();
+            if disconnected || (finishing && self.events.is_empty()) {
+                break;
             }
         }
     }
 
     /// Notes one event in the batch.
-    fn note(&self, event: Event, batch: &mut Batch) {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let state = &mut *guard;
+    fn note(&self, state: &mut State, event: Event, batch: &mut Batch) {
         let tag = event.tag;
         let Some(sent) = state.sent.get_mut(&tag) else {
             return;
         };
         let address = event.recipient.as_str();
-        let recipient = sent
-            .recipients
-            .iter()
-            .find(|r| r.address().eq_ignore_ascii_case(address))
-            .cloned()
-            .unwrap_or_else(|| Recipient::Plain(address.to_string()));
         let attempts = sent.attempts_before + event.attempts;
-        let entry_id: String = match &sent.origin {
-            Origin::Entry(id) => id.to_string(),
-            Origin::Deferred(member) => member
-                .rsplit_once('|')
-                .map_or(member.clone(), |(e, _)| e.to_string()),
+        let entry_id: &str = match &sent.origin {
+            Origin::Entry(id) => id,
+            Origin::Deferred(member) => member.rsplit_once('|').map_or(member, |(e, _)| e),
         };
         let status = event.kind.as_str();
         // A deferral that leaves this node (handed back), or a final outcome, ends the
@@ -931,19 +992,19 @@ impl Writer {
                 .retry_after
                 .is_some_and(|d| d > self.config.hand_off_after);
         let cut_short = event.kind == EventKind::Deferred && event.retry_after.is_none();
-        batch.outcomes.push(serde_json::json!({
-            "entry": entry_id,
-            "recipient": address,
-            "status": status,
-            "code": event.reply.code,
-            "enhanced": event.reply.enhanced.map(|c| c.to_string()),
-            "text": event.reply.text,
-            "attempts": attempts,
-            "retry_after_s": event.retry_after.map(|d| d.as_secs_f64()),
-            "destination": &*event.destination,
-            "tag": sent.tag,
-            "node": self.config.consumer,
-        }));
+        batch.push_outcome(&OutcomeRecord {
+            entry: entry_id.into(),
+            recipient: address.into(),
+            status: status.into(),
+            code: event.reply.code,
+            enhanced: event.reply.enhanced.map(|c| c.to_string().into()),
+            text: event.reply.text.as_str().into(),
+            attempts,
+            retry_after_s: event.retry_after.map(|d| d.as_secs_f64()),
+            destination: (&*event.destination).into(),
+            tag: sent.tag,
+            node: self.config.consumer.as_str().into(),
+        });
         if !event.kind.is_final() && !handed_off {
             if cut_short {
                 sent.left -= 1;
@@ -961,15 +1022,20 @@ impl Writer {
             EventKind::Deferred => &self.report.handed_off,
         }
         .fetch_add(1, Ordering::Relaxed);
-        let origin = sent.origin.clone();
-        let member = match &origin {
-            Origin::Entry(id) => format!("{id}|{address}"),
-            Origin::Deferred(m) => m.clone(),
-        };
         if handed_off {
+            let member = match &sent.origin {
+                Origin::Entry(id) => format!("{id}|{address}"),
+                Origin::Deferred(m) => m.clone(),
+            };
+            let recipient = sent
+                .recipients
+                .iter()
+                .find(|r| r.address().eq_ignore_ascii_case(address))
+                .cloned()
+                .unwrap_or_else(|| Recipient::Plain(address.to_string()));
             let due = now_ms() + event.retry_after.unwrap_or_default().as_millis() as u64;
             let parked = Parked {
-                entry: entry_id.clone(),
+                entry: entry_id.to_string(),
                 from: sent.from.clone(),
                 to: recipient,
                 body_ref: sent.body_ref.clone(),
@@ -978,15 +1044,18 @@ impl Writer {
                 first_ms: sent.first_ms,
             };
             batch.park.push((
-                member.clone(),
+                member,
                 due,
                 serde_json::to_string(&parked).expect("serialises"),
             ));
         }
         sent.left -= 1;
-        if sent.left == 0 {
-            state.sent.remove(&tag);
-        }
+        // The sent message is done with: its origin moves out instead of being cloned.
+        let origin = if sent.left == 0 {
+            state.sent.remove(&tag).expect("looked up above").origin
+        } else {
+            sent.origin.clone()
+        };
         state.in_flight -= 1;
         match origin {
             Origin::Deferred(member) => {
@@ -1025,8 +1094,8 @@ impl Writer {
 
     /// Writes a batch in one atomic pipeline, retrying (reconnecting) until Redis takes it or
     /// the node gives up waiting (false: nothing of it was written).
-    fn flush(&self, link: &mut Link, batch: Batch) -> bool {
-        let outcomes = batch.outcomes.len() as u64;
+    fn flush(&self, link: &mut Link, batch: &Batch) -> bool {
+        let outcomes = batch.outcome_count;
         let mut pipe = redis::pipe();
         pipe.atomic();
         let max_age_s = 7 * 24 * 3600;
@@ -1038,12 +1107,13 @@ impl Writer {
                 .arg(max_age_s)
                 .ignore();
         }
-        if !batch.outcomes.is_empty() {
+        if batch.outcome_count > 0 {
+            // The field is the array: its items, bracketed (written as three slices).
             pipe.cmd("XADD")
                 .arg(self.keys.outcomes())
                 .arg("*")
                 .arg("outcomes")
-                .arg(serde_json::Value::Array(batch.outcomes).to_string())
+                .arg(JsonArray(&batch.outcomes))
                 .ignore();
         }
         let mut marked = Vec::new();

@@ -103,12 +103,20 @@ impl Entry {
         };
         let from = text("from")?.ok_or_else(|| bad("from", "missing"))?;
         let to_json = text("to")?.ok_or_else(|| bad("to", "missing"))?;
-        let to: Vec<Recipient> = serde_json::from_str(&to_json).map_err(|e| {
-            bad(
-                "to",
-                format!("not a JSON array of addresses or {{\"to\", \"fields\"}} objects: {e}"),
-            )
-        })?;
+        // Most entries list plain addresses: read those as strings first (the untagged enum
+        // buffers every item before it tries its variants).
+        let plain = serde_json::from_str::<Vec<String>>(&to_json)
+            .ok()
+            .map(|to| to.into_iter().map(Recipient::Plain).collect());
+        let to: Vec<Recipient> = match plain {
+            Some(to) => to,
+            None => serde_json::from_str(&to_json).map_err(|e| {
+                bad(
+                    "to",
+                    format!("not a JSON array of addresses or {{\"to\", \"fields\"}} objects: {e}"),
+                )
+            })?,
+        };
         if to.is_empty() {
             return Err(bad("to", "no recipients"));
         }
