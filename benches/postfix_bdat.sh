@@ -3,12 +3,20 @@
 # private Postfix (CHUNKING + PIPELINING) that discards them, an older mxpipe and this one
 # alternately, with the CPU that Postfix (every process of the instance) and mxpipe spent.
 #
-#   OLD=/path/to/old/mxpipe bash benches/postfix_bdat.sh [MESSAGES] [RUNS] [CONNECTIONS]
+#   OLD=/path/to/old/mxpipe [NEW=/path/to/new/mxpipe] [RTT_MS=5] bash benches/postfix_bdat.sh [MESSAGES] [RUNS] [CONNECTIONS]
 #
-# Without OLD only this build runs. Needs root and Debian's postfix (tests/run.sh installs it).
+# RTT_MS (default 0: the client talks to smtpd directly) puts examples/delay_relay.rs in front of
+# smtpd: each direction is forwarded RTT_MS / 2 milliseconds after it arrived, so every round
+# trip costs about RTT_MS, as to a remote MX (this kernel has no netem). The relay uses only std
+# and is compiled with rustc alone (a cargo build of the example would rebuild the library with
+# the dev-dependencies' features). Its own CPU is printed apart (relay_cpu_us_per_msg) and
+# counted in neither figure.
+#
+# Without OLD only the new build runs; without NEW the new build is this tree's. Needs root and Debian's postfix (tests/run.sh installs it).
 # The instance's queue lives in /dev/shm, so that its fsyncs cost nothing: what is measured is
 # smtpd, cleanup and the discard transport, not the disk. Prints one line per run:
-#   run build=old|new msgs_per_s=N client_cpu_us_per_msg=F postfix_cpu_us_per_msg=F
+#   run build=old|new rtt_ms=N msgs_per_s=N client_cpu_us_per_msg=F postfix_cpu_us_per_msg=F relay_cpu_us_per_msg=F loadavg=F
+# (loadavg: the 1-minute load average when the run ended; the machine may be shared.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/common.sh
@@ -16,6 +24,8 @@ MESSAGES=${1:-20000}
 RUNS=${2:-5}
 CONNECTIONS=${3:-20}
 OLD=${OLD:-}
+RTT_MS=${RTT_MS:-0}
+BIN=${NEW:-$BIN}
 [[ $(id -u) == 0 ]] || { echo "postfix_bdat.sh: needs root (Postfix's master)" >&2; exit 1; }
 
 DIR=$(mktemp -d /dev/shm/mxpipe-postfix.XXXXXX)
@@ -60,6 +70,23 @@ for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
     sleep 0.1
 done
+TARGET=$PORT
+RELAY=
+if [[ $RTT_MS != 0 ]]; then
+    TARGET=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    rustc --edition 2021 -O -o "$WORK/delay_relay" examples/delay_relay.rs
+    "$WORK/delay_relay" "$TARGET" "127.0.0.1:$PORT" "$RTT_MS" >"$WORK/relay.out" &
+    RELAY=$!
+    PIDS+=("$RELAY")
+    for _ in $(seq 100); do
+        grep -q ready "$WORK/relay.out" && break
+        kill -0 "$RELAY" 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q ready "$WORK/relay.out" || { echo "postfix_bdat.sh: the delay relay did not start (RTT_MS=$RTT_MS)" >&2; exit 1; }
+fi
+# CPU ticks (user + system) the relay spent so far; 0 without one.
+relay_ticks() { if [[ -n $RELAY ]]; then awk '{print $14 + $15}' "/proc/$RELAY/stat"; else echo 0; fi; }
 
 # CPU seconds (user + system, in clock ticks) of the instance: the master with the children it
 # reaped, and every live child.
@@ -73,19 +100,26 @@ postfix_ticks() {
 }
 HZ=$(getconf CLK_TCK)
 
+per_msg() { # ticks -> µs per message
+    awk -v t="$1" -v hz="$HZ" -v n="$MESSAGES" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}'
+}
+
 run() { # build binary
-    local before after line
+    local before after line relay_before relay_after
     before=$(postfix_ticks)
-    line=$("$2" bench --to "127.0.0.1:$PORT" --messages "$MESSAGES" --size 2048 \
+    relay_before=$(relay_ticks)
+    line=$("$2" bench --to "127.0.0.1:$TARGET" --messages "$MESSAGES" --size 2048 \
         --connections "$CONNECTIONS" | grep '^result')
     # Postfix finishes discarding after the last 250.
     sleep 2
     after=$(postfix_ticks)
+    relay_after=$(relay_ticks)
     local mps cpu
     mps=$(sed -n 's/.*msgs_per_s=\([0-9.]*\).*/\1/p' <<<"$line")
     cpu=$(sed -n 's/.*cpu_us_per_msg=\([0-9.]*\).*/\1/p' <<<"$line")
-    echo "run build=$1 msgs_per_s=$mps client_cpu_us_per_msg=$cpu postfix_cpu_us_per_msg=$(
-        awk -v t=$((after - before)) -v hz="$HZ" -v n="$MESSAGES" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')"
+    echo "run build=$1 rtt_ms=$RTT_MS msgs_per_s=$mps client_cpu_us_per_msg=$cpu postfix_cpu_us_per_msg=$(
+        per_msg $((after - before))
+    ) relay_cpu_us_per_msg=$(per_msg $((relay_after - relay_before))) loadavg=$(cut -d' ' -f1 /proc/loadavg)"
 }
 
 # A warm-up run: smtpd processes started, queue files made once.

@@ -4,7 +4,8 @@
 //! (`127.0.0.X:2525`, `127.0.0.1:9464`) are mapped to free ports, `HOST:PORT` and `DIR` to a
 //! server and a directory of the test's, and counts are scaled down (`--messages` 200,
 //! `--tarpit-messages` 20, `--recipients` 50). `--direct-mx` gets a dnsmasq nameserver, the
-//! sink's port and `--mx-allow-loopback`; `redis://127.0.0.1:6379` a redis-server of the test's.
+//! sink's port and `--mx-allow-loopback`; `redis://127.0.0.1:6379` a redis-server of the test's
+//! (and `send --redis` an `mxpipe node` delivering to the sink meanwhile).
 //! A command passes when it exits 0 (a daemon: when it says where it listens).
 
 mod util;
@@ -353,12 +354,28 @@ fn every_readme_command_line_runs() {
                 || (words.first().is_some_and(|w| w == "serve")
                     && words.get(1).is_some_and(|w| w == "--config"));
             let args = world.adapt(&words, is_sink);
+            // A campaign sent through Redis waits for a node to deliver it.
+            let node = (words.first().is_some_and(|w| w == "send"))
+                .then(|| args.iter().position(|w| w == "--redis"))
+                .flatten()
+                .map(|at| {
+                    let relay = world.sink("127.0.0.1").to_string();
+                    Command::new(env!("CARGO_BIN_EXE_mxpipe"))
+                        .args(["node", "--redis", &args[at + 1], "--relay", &relay])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("spawn mxpipe node")
+                });
             let result = if is_daemon {
                 run_sink(&args, &world.dir)
             } else {
                 // `serve hash-password` reads the password from its standard input.
                 run_to_end(&args, &world.dir, b"readme-password\n")
             };
+            if let Some(node) = node {
+                kill(node);
+            }
             ran += 1;
             if let Err(e) = result {
                 failures.push(format!("mxpipe {}: {e}", args.join(" ")));
