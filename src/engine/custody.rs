@@ -21,13 +21,15 @@ use std::time::{Duration, SystemTime};
 /// attempts so far and when the next is due) or a final outcome. Recipients decided one after
 /// the other with the same message, kind, attempts and retry time share one outcome (a
 /// transaction's accepted recipients are one), so a custody writes and the loop builds one
-/// entry per run, not per recipient.
+/// entry per run, not per recipient. Its recipients are in the [`Outcomes`] it came in.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// The submission's identifier (a durable source's own, persistent one).
     pub message_id: u64,
-    /// The recipients, in the order decided; never empty. Exactly one when `failure` is set.
-    pub recipients: Vec<Address>,
+    /// Where its recipients are in [`Outcomes::packed`].
+    packed: std::ops::Range<usize>,
+    /// How many recipients: never 0; exactly 1 when `failure` is set.
+    count: usize,
     pub kind: EventKind,
     /// Delivery attempts made so far.
     pub attempts: u32,
@@ -40,49 +42,124 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// How many recipients share this outcome.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Never true (an outcome has a recipient); for symmetry with `len`.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// The recipient of an outcome that carries a failure, with that failure.
     pub fn failed_recipient(&self) -> Option<(&Address, &Failure)> {
-        Some((self.recipients.first()?, self.failure.as_deref()?))
+        let failure = self.failure.as_deref()?;
+        Some((&failure.recipient, failure))
     }
 }
 
-/// Notes one recipient's outcome at the end of `outcomes`: it joins the last entry when that
-/// is of the same message, kind, attempts and retry time and neither carries a failure, else
-/// starts one. Returns the entry it is in.
-pub(super) fn note_outcome<'a>(
-    outcomes: &'a mut Vec<Outcome>,
-    message_id: u64,
-    recipient: &Address,
-    kind: EventKind,
-    attempts: u32,
-    retry_at: Option<SystemTime>,
-    failure: Option<Box<Failure>>,
-) -> &'a Outcome {
-    let joins = |last: &Outcome| {
-        failure.is_none()
-            && last.failure.is_none()
-            && last.message_id == message_id
-            && last.kind == kind
-            && last.attempts == attempts
-            && last.retry_at == retry_at
-    };
-    match outcomes.last_mut() {
-        Some(last) if joins(last) => last.recipients.push(recipient.clone()),
-        _ => outcomes.push(Outcome {
-            message_id,
-            recipients: vec![recipient.clone()],
-            kind,
-            attempts,
-            retry_at,
-            failure,
-        }),
-    }
-    outcomes.last().expect("noted")
+/// A loop turn's outcomes, in the order decided, handed to the custody at the end of the turn
+/// and then reused. The recipients' addresses are copied into one buffer shared by the turn,
+/// each as its length (`u32`, little-endian) and its octets: the layout a spool checkpoint
+/// stores, so that writing one is one copy. Copying an address is cheaper for the loop than
+/// cloning its [`Address`] (an atomic increment, and a decrement later, on a count the
+/// submitting thread touched last), and memory kept from turn to turn makes no allocation
+/// per outcome.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    pub list: Vec<Outcome>,
+    packed: Vec<u8>,
 }
 
-/// The message, last reply and destination of a recipient that bounced or expired.
+/// The shared buffer is not kept past this between turns (a turn that decided a million
+/// recipients at once).
+const KEEP_PACKED: usize = 4 << 20;
+
+impl Outcomes {
+    /// `outcome`'s recipients as stored: each address's length (`u32`, little-endian), then
+    /// its octets.
+    pub fn packed(&self, outcome: &Outcome) -> &[u8] {
+        &self.packed[outcome.packed.clone()]
+    }
+
+    /// `outcome`'s recipients, in order.
+    pub fn recipients<'a>(
+        &'a self,
+        outcome: &Outcome,
+    ) -> impl ExactSizeIterator<Item = &'a str> + 'a {
+        let mut rest = self.packed(outcome);
+        (0..outcome.count).map(move |_| {
+            let (len, tail) = rest.split_at(4);
+            let len = u32::from_le_bytes(len.try_into().expect("4 octets")) as usize;
+            let (address, tail) = tail.split_at(len);
+            rest = tail;
+            std::str::from_utf8(address).expect("an address noted as a str")
+        })
+    }
+
+    /// Notes one recipient's outcome: it joins the last entry when that is of the same
+    /// message, kind, attempts and retry time and neither carries a failure, else starts one.
+    /// Returns the entry it is in.
+    pub fn note(
+        &mut self,
+        message_id: u64,
+        recipient: &str,
+        kind: EventKind,
+        attempts: u32,
+        retry_at: Option<SystemTime>,
+        failure: Option<Box<Failure>>,
+    ) -> &Outcome {
+        self.packed
+            .extend_from_slice(&(recipient.len() as u32).to_le_bytes());
+        self.packed.extend_from_slice(recipient.as_bytes());
+        let end = self.packed.len();
+        let joins = |last: &Outcome| {
+            failure.is_none()
+                && last.failure.is_none()
+                && last.message_id == message_id
+                && last.kind == kind
+                && last.attempts == attempts
+                && last.retry_at == retry_at
+        };
+        match self.list.last_mut() {
+            // The last outcome's recipients end where this one's began.
+            Some(last) if joins(last) => {
+                last.packed.end = end;
+                last.count += 1;
+            }
+            _ => self.list.push(Outcome {
+                message_id,
+                packed: end - 4 - recipient.len()..end,
+                count: 1,
+                kind,
+                attempts,
+                retry_at,
+                failure,
+            }),
+        }
+        self.list.last().expect("noted")
+    }
+
+    /// Hands the outcomes to `custody` and empties them, keeping the memory for the next turn.
+    pub(super) fn report(&mut self, custody: &dyn Custody) {
+        if self.list.is_empty() {
+            return;
+        }
+        custody.record(self);
+        self.list.clear();
+        self.packed.clear();
+        if self.packed.capacity() > KEEP_PACKED {
+            self.packed = Vec::new();
+        }
+    }
+}
+
+/// The recipient, message, last reply and destination of a recipient that bounced or
+/// expired.
 #[derive(Debug, Clone)]
 pub struct Failure {
+    pub recipient: Address,
     pub envelope: Arc<Envelope>,
     /// The last reply (code 0: decided without a server's reply, the reason in its text),
     /// shared with the other recipients it failed.
@@ -94,16 +171,18 @@ pub struct Failure {
 /// Whoever keeps custody of submitted work and must learn what became of it.
 ///
 /// `record` is called on the loop thread at the end of every turn that decided something, with
-/// that turn's outcomes in order (runs of recipients that share one, see [`Outcome`]). It must not wait: one write to the page cache is fine (the
-/// spool does that, so that a kill loses at most one turn's checkpoints), an fsync or a network
-/// round trip is not (hand those to another thread).
+/// that turn's outcomes in order (runs of recipients that share one, see [`Outcome`]). It may
+/// take what it keeps out of them (a failure, say) and remove entries from `list`; the loop
+/// empties them afterwards and reuses their memory. It must not wait: one write to the page cache is
+/// fine (the spool does that, so that a kill loses at most one turn's checkpoints), an fsync
+/// or a network round trip is not (hand those to another thread).
 pub trait Custody: Send + Sync + fmt::Debug {
-    fn record(&self, outcomes: Vec<Outcome>);
+    fn record(&self, outcomes: &mut Outcomes);
 
-    /// Called on the loop thread for each recipient as its outcome is decided (before
-    /// `record`, and before the dispatcher's counts change), with the outcome it joined (the
-    /// recipient is its last): a custody that will answer it with new work counts that work
-    /// here. Must be cheap.
+    /// Called on the loop thread for each recipient whose outcome carries a [`Failure`] (only
+    /// when [`Custody::wants_failures`]) as it is decided (before `record`, and before the
+    /// dispatcher's counts change), with that outcome: a custody that will answer it with new
+    /// work (a failure report) counts that work here. Must be cheap.
     fn decided(&self, _outcome: &Outcome) {}
 
     /// Whether outcomes of bounced and expired recipients should carry their [`Failure`].

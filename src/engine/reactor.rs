@@ -147,7 +147,7 @@ struct Reactor {
     /// Some override is for recipient domains (`Config::has_domain_overrides`, read once).
     domain_overrides: bool,
     /// This turn's deferrals and final outcomes for the custody (`Config::custody`), if any.
-    outcomes: Vec<super::custody::Outcome>,
+    outcomes: super::custody::Outcomes,
     /// The last reply classified and its category: the recipients of a failed connection
     /// or transaction share one reply, classified once instead of once per recipient.
     last_category: Option<(Arc<Reply>, Category)>,
@@ -217,7 +217,7 @@ impl Reactor {
             idle: std::collections::VecDeque::new(),
             grouped: HashMap::new(),
             domain_overrides,
-            outcomes: Vec::new(),
+            outcomes: Default::default(),
             orders: LoopOrders::default(),
         };
         for target in targets {
@@ -312,9 +312,7 @@ impl Reactor {
     /// Hands the turn's outcomes to the custody in one batch.
     fn report_outcomes(&mut self) {
         if let Some(custody) = &self.config.custody {
-            if !self.outcomes.is_empty() {
-                custody.record(std::mem::take(&mut self.outcomes));
-            }
+            self.outcomes.report(custody.as_ref());
         }
     }
 
@@ -335,21 +333,23 @@ impl Reactor {
                 .filter(|_| custody.wants_failures() && !deleted)
                 .map(|(reply, destination)| {
                     Box::new(super::custody::Failure {
+                        recipient: recipient.clone(),
                         envelope: Arc::clone(envelope),
                         reply: Arc::clone(reply),
                         destination: Arc::clone(destination),
                     })
                 });
-            let outcome = super::custody::note_outcome(
-                &mut self.outcomes,
+            let outcome = self.outcomes.note(
                 envelope.id,
-                recipient,
+                recipient.as_str(),
                 kind,
                 attempts,
                 retry_at,
                 failure,
             );
-            custody.decided(outcome);
+            if outcome.failure.is_some() {
+                custody.decided(outcome);
+            }
         }
     }
 

@@ -13,7 +13,7 @@
 //! and `wait_final` wait for reports too; reports themselves are not spooled (a crash between a
 //! bounce and its report loses the report, not the bounce).
 
-use super::custody::{Counted, Custody, Intake, Outcome};
+use super::custody::{Counted, Custody, Intake, Outcome, Outcomes};
 use super::EventKind;
 use crate::message::dsn::Notify;
 use crate::message::report::{FailureReport, ReportedRecipient};
@@ -110,11 +110,11 @@ impl DsnReports {
 }
 
 impl Custody for DsnReports {
-    fn record(&self, mut outcomes: Vec<Outcome>) {
+    fn record(&self, outcomes: &mut Outcomes) {
         // The failures move out of the outcomes (the wrapped custody does not want them), and
         // a run of recipients failed by one reply becomes one record.
         let mut failures: Vec<Failed> = Vec::new();
-        for o in &mut outcomes {
+        for o in outcomes.list.iter_mut() {
             if !Self::wanted(o) {
                 continue;
             }
@@ -122,7 +122,7 @@ impl Custody for DsnReports {
                 continue;
             };
             // An outcome with a failure has exactly one recipient.
-            let recipient = (o.recipients[0].clone(), o.kind == EventKind::Expired);
+            let recipient = (f.recipient, o.kind == EventKind::Expired);
             match failures.last_mut() {
                 Some(last)
                     if Arc::ptr_eq(&last.envelope, &f.envelope)
@@ -140,8 +140,8 @@ impl Custody for DsnReports {
             }
         }
         // A report's own outcomes are no business of the wrapped custody.
-        outcomes.retain(|o| o.message_id < REPORT_IDS);
-        if !outcomes.is_empty() {
+        outcomes.list.retain(|o| o.message_id < REPORT_IDS);
+        if !outcomes.list.is_empty() {
             self.inner.record(outcomes);
         }
         if !failures.is_empty() {

@@ -264,6 +264,24 @@ pub fn encode_outcomes<'a>(
     })
 }
 
+/// [`encode_outcomes`] of `count` recipients already in the record's layout (each address's
+/// length as a `u32`, little-endian, then its octets): the loop's checkpoints, one copy.
+pub fn encode_outcomes_packed(
+    id: u64,
+    mark: Mark,
+    attempts: u32,
+    retry_at_ms: u64,
+    count: usize,
+    packed: &[u8],
+    out: &mut Vec<u8>,
+) {
+    framed(out, |out| {
+        checkpoint_head(out, TAG_OUTCOMES, id, mark, attempts, retry_at_ms);
+        out.extend_from_slice(&(count as u32).to_le_bytes());
+        out.extend_from_slice(packed);
+    })
+}
+
 /// Encodes a body record from a borrowed body.
 pub fn encode_body(body_id: u64, bytes: &[u8], out: &mut Vec<u8>) {
     encode_body_head(body_id, bytes, out);
@@ -574,6 +592,38 @@ mod tests {
             Record::Retry { id: 0 },
             Record::Delete { id: 7 },
         ]
+    }
+
+    #[test]
+    fn packed_outcomes_are_the_same_record_as_outcomes_from_strings() {
+        use crate::engine::{custody::Outcomes, EventKind};
+        let addresses = [
+            "e@f.example",
+            "g@h.example",
+            "\u{e9}l\u{e8}ve@\u{e9}cole.example",
+            "",
+        ];
+        let mut outcomes = Outcomes::default();
+        // Another message's outcome first: the run's recipients start inside the buffer.
+        outcomes.note(6, "x@y.example", EventKind::Delivered, 1, None, None);
+        for a in addresses {
+            outcomes.note(7, a, EventKind::Bounced, 3, None, None);
+        }
+        assert_eq!(outcomes.list.len(), 2);
+        let run = &outcomes.list[1];
+        assert_eq!(outcomes.recipients(run).collect::<Vec<_>>(), addresses);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_outcomes(7, Mark::Bounced, 3, 42, addresses.into_iter(), &mut a);
+        encode_outcomes_packed(
+            7,
+            Mark::Bounced,
+            3,
+            42,
+            run.len(),
+            outcomes.packed(run),
+            &mut b,
+        );
+        assert_eq!(a, b);
     }
 
     fn read_all(dir: &Path, path: &Path) -> (Vec<Record>, ReadIssues) {

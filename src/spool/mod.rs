@@ -25,7 +25,7 @@ pub mod control;
 pub mod log;
 pub mod store;
 
-use crate::engine::custody::{Counted, Custody, Intake, Outcome};
+use crate::engine::custody::{Counted, Custody, Intake, Outcomes};
 use crate::engine::orders::QueueOrder;
 use crate::engine::EventKind;
 use crate::error::{Error, Field, Result, SpoolProblem};
@@ -154,6 +154,10 @@ struct Shared {
     /// Recipients of the submissions waiting for the writer (`SpoolConfig::queue_recipients`).
     queued_recipients: AtomicU64,
     low_space: AtomicBool,
+    /// A loop told the writer of checkpoints it wrote, and the writer has not fsynced since:
+    /// later checkpoints are covered by that fsync and need not wake the writer again (one
+    /// wake-up per loop turn cost the loop a context switch every turn).
+    checkpoints_told: AtomicBool,
     stats: SpoolStats,
     /// The segment being appended to, shared by the writer thread (submissions) and the loops
     /// (checkpoints, written on the loop thread at the end of the turn that decided them, so
@@ -225,7 +229,7 @@ struct SpoolCustody {
 }
 
 impl Custody for SpoolCustody {
-    fn record(&self, outcomes: Vec<Outcome>) {
+    fn record(&self, outcomes: &mut Outcomes) {
         // After a failure the spool acknowledges nothing more: checkpoints are dropped (a
         // lost checkpoint means a resend after restart, never a loss).
         if self.shared.failed().is_some() {
@@ -236,30 +240,31 @@ impl Custody for SpoolCustody {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        BUF.with_borrow_mut(|buf| self.record_into(buf, &outcomes));
+        BUF.with_borrow_mut(|buf| self.record_into(buf, outcomes));
     }
 }
 
 impl SpoolCustody {
-    fn record_into(&self, buf: &mut Vec<u8>, outcomes: &[Outcome]) {
+    fn record_into(&self, buf: &mut Vec<u8>, outcomes: &Outcomes) {
         buf.clear();
         let mut recipients = 0;
-        for o in outcomes {
+        for o in &outcomes.list {
             let mark = match o.kind {
                 EventKind::Deferred => Mark::Deferred,
                 EventKind::Delivered => Mark::Delivered,
                 EventKind::Bounced => Mark::Bounced,
                 EventKind::Expired => Mark::Expired,
             };
-            log::encode_outcomes(
+            log::encode_outcomes_packed(
                 o.message_id,
                 mark,
                 o.attempts,
                 o.retry_at.map_or(0, unix_ms),
-                o.recipients.iter().map(Address::as_str),
+                o.len(),
+                outcomes.packed(o),
                 buf,
             );
-            recipients += o.recipients.len() as u64;
+            recipients += o.len() as u64;
         }
         if self.shared.append(buf).is_some() {
             self.shared
@@ -270,7 +275,9 @@ impl SpoolCustody {
                 .stats
                 .checkpoint_bytes
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            let _ = self.work.send(Work::Written);
+            if !self.shared.checkpoints_told.swap(true, Ordering::AcqRel) {
+                let _ = self.work.send(Work::Written);
+            }
         }
         // A burst's buffer is not kept for ever.
         if buf.capacity() > 4 << 20 {
@@ -373,6 +380,7 @@ impl Spool {
             low_space: AtomicBool::new(
                 free_bytes(&config.dir).is_some_and(|free| free < config.min_free_bytes),
             ),
+            checkpoints_told: AtomicBool::new(false),
             stats: SpoolStats::default(),
             segment: Mutex::new(Segment {
                 file: Arc::new(file),
@@ -973,6 +981,9 @@ impl Writer {
             }
         };
         let stats = &self.shared.stats;
+        // Checkpoints written from here on wake the writer again; those before are in this
+        // fsync.
+        self.shared.checkpoints_told.store(false, Ordering::Release);
         if let Err(e) = sync_file(&file) {
             // Never retried: the pages the kernel failed to write may be gone while the
             // cache says clean (fsyncgate). Nothing more is acknowledged.
@@ -1023,6 +1034,7 @@ impl Writer {
             .segment
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        self.shared.checkpoints_told.store(false, Ordering::Release);
         if let Err(e) = sync_file(&segment.file) {
             drop(segment);
             self.fail(SpoolProblem::SyncFailed(errno(&e)));
