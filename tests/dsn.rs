@@ -162,15 +162,11 @@ fn a_refused_recipient_gets_its_sender_a_multipart_report() {
     d.shutdown();
 }
 
-#[test]
-fn ret_full_returns_the_whole_message_and_an_expiry_is_reported() {
-    // Nothing listens on this port: the recipient expires after the maximum age.
-    let dead = format!("127.0.0.1:{}", util::free_port("127.0.0.1"));
-    let capture = CaptureServer::start();
-    let spool = util::fresh_temp_dir("dsn-spool-full");
-    // The original goes to the dead relay; the report to the sender's domain goes to aiosmtpd.
-    let d = Dispatcher::builder()
-        .relay(&dead)
+/// A spooled dispatcher whose mail goes to `dead` (nothing listens: every recipient expires
+/// after 600 ms) and whose reports, to the sender's domain example.org, go to `capture`.
+fn expiring_to_a_dead_relay(dead: &str, capture: &CaptureServer, spool: &Path) -> Dispatcher {
+    Dispatcher::builder()
+        .relay(dead)
         .route("example.org", &capture.addr().to_string())
         .ehlo_name("mxpipe.test")
         .retry(RetryPolicy {
@@ -180,9 +176,19 @@ fn ret_full_returns_the_whole_message_and_an_expiry_is_reported() {
             jitter: 0.0,
             max_age: Duration::from_millis(600),
         })
-        .spool(&spool)
+        .spool(spool)
         .start()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn ret_full_returns_the_whole_message_and_an_expiry_is_reported() {
+    // Nothing listens on this port: the recipient expires after the maximum age.
+    let dead = format!("127.0.0.1:{}", util::free_port("127.0.0.1"));
+    let capture = CaptureServer::start();
+    let spool = util::fresh_temp_dir("dsn-spool-full");
+    // The original goes to the dead relay; the report to the sender's domain goes to aiosmtpd.
+    let d = expiring_to_a_dead_relay(&dead, &capture, &spool);
     let body = b"Subject: full\r\n\r\nline one\r\n.dot line\r\n";
     let dsn = DsnEnvelope::default().with_ret(Ret::Full).with_recipient(
         "late@example.net",
@@ -227,20 +233,7 @@ fn failures_of_a_big_list_are_reported_in_reports_of_at_most_a_thousand_recipien
     let dead = format!("127.0.0.1:{}", util::free_port("127.0.0.1"));
     let capture = CaptureServer::start();
     let spool = util::fresh_temp_dir("dsn-spool-split");
-    let d = Dispatcher::builder()
-        .relay(&dead)
-        .route("example.org", &capture.addr().to_string())
-        .ehlo_name("mxpipe.test")
-        .retry(RetryPolicy {
-            initial: Duration::from_millis(100),
-            max_interval: Duration::from_millis(200),
-            multiplier: 2.0,
-            jitter: 0.0,
-            max_age: Duration::from_millis(600),
-        })
-        .spool(&spool)
-        .start()
-        .unwrap();
+    let d = expiring_to_a_dead_relay(&dead, &capture, &spool);
     let recipients: Vec<String> = (0..2500).map(|i| format!("r{i}@example.net")).collect();
     d.submit(
         Message::new(

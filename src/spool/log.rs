@@ -207,10 +207,7 @@ pub fn encode_message<'a>(
         out.extend_from_slice(&body_id.to_le_bytes());
         out.extend_from_slice(&submitted_ms.to_le_bytes());
         put_str(out, sender);
-        out.extend_from_slice(&(recipients.len() as u32).to_le_bytes());
-        for r in recipients {
-            put_str(out, r);
-        }
+        put_list(out, recipients);
     })
 }
 
@@ -257,10 +254,7 @@ pub fn encode_outcomes<'a>(
 ) {
     framed(out, |out| {
         checkpoint_head(out, TAG_OUTCOMES, id, mark, attempts, retry_at_ms);
-        out.extend_from_slice(&(recipients.len() as u32).to_le_bytes());
-        for r in recipients {
-            put_str(out, r);
-        }
+        put_list(out, recipients);
     })
 }
 
@@ -332,6 +326,14 @@ fn frame(out: &mut [u8], start: usize) {
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+/// A count (`u32`), then each string as [`put_str`] writes it.
+fn put_list<'a>(out: &mut Vec<u8>, list: impl ExactSizeIterator<Item = &'a str>) {
+    out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    for s in list {
+        put_str(out, s);
+    }
 }
 
 /// A cursor over a payload; every read is bounds-checked (a payload that passed its checksum
