@@ -9,7 +9,6 @@
 
 use super::{EventKind, Shared};
 use crate::error::Error;
-use crate::message::Address;
 use crate::queue::{Envelope, Ingress, Submission};
 use crate::smtp::reply::Reply;
 use std::fmt;
@@ -51,19 +50,13 @@ impl Outcome {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
-
-    /// The recipient of an outcome that carries a failure, with that failure.
-    pub fn failed_recipient(&self) -> Option<(&Address, &Failure)> {
-        let failure = self.failure.as_deref()?;
-        Some((&failure.recipient, failure))
-    }
 }
 
 /// A loop turn's outcomes, in the order decided, handed to the custody at the end of the turn
 /// and then reused. The recipients' addresses are copied into one buffer shared by the turn,
 /// each as its length (`u32`, little-endian) and its octets: the layout a spool checkpoint
 /// stores, so that writing one is one copy. Copying an address is cheaper for the loop than
-/// cloning its [`Address`] (an atomic increment, and a decrement later, on a count the
+/// cloning its [`Address`](crate::message::Address) (an atomic increment, and a decrement later, on a count the
 /// submitting thread touched last), and memory kept from turn to turn makes no allocation
 /// per outcome.
 #[derive(Debug, Default)]
@@ -72,15 +65,22 @@ pub struct Outcomes {
     packed: Vec<u8>,
 }
 
-/// The shared buffer is not kept past this between turns (a turn that decided a million
-/// recipients at once).
-const KEEP_PACKED: usize = 4 << 20;
+/// What is kept between turns at most (octets of addresses, outcomes): a busy turn's worth,
+/// not that of a turn that decided a huge list at once.
+const KEEP_PACKED: usize = 1 << 20;
+const KEEP_OUTCOMES: usize = 8192;
 
 impl Outcomes {
     /// `outcome`'s recipients as stored: each address's length (`u32`, little-endian), then
     /// its octets.
     pub fn packed(&self, outcome: &Outcome) -> &[u8] {
         &self.packed[outcome.packed.clone()]
+    }
+
+    /// The one recipient of an outcome that carries a failure, with that failure.
+    pub fn failed_recipient<'a>(&'a self, outcome: &'a Outcome) -> Option<(&'a str, &'a Failure)> {
+        let failure = outcome.failure.as_deref()?;
+        Some((self.recipients(outcome).next()?, failure))
     }
 
     /// `outcome`'s recipients, in order.
@@ -152,14 +152,16 @@ impl Outcomes {
         if self.packed.capacity() > KEEP_PACKED {
             self.packed = Vec::new();
         }
+        if self.list.capacity() > KEEP_OUTCOMES {
+            self.list = Vec::new();
+        }
     }
 }
 
-/// The recipient, message, last reply and destination of a recipient that bounced or
-/// expired.
+/// The message, last reply and destination of a recipient that bounced or expired (the
+/// recipient is the outcome's one).
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub recipient: Address,
     pub envelope: Arc<Envelope>,
     /// The last reply (code 0: decided without a server's reply, the reason in its text),
     /// shared with the other recipients it failed.
@@ -183,7 +185,7 @@ pub trait Custody: Send + Sync + fmt::Debug {
     /// when [`Custody::wants_failures`]) as it is decided (before `record`, and before the
     /// dispatcher's counts change), with that outcome: a custody that will answer it with new
     /// work (a failure report) counts that work here. Must be cheap.
-    fn decided(&self, _outcome: &Outcome) {}
+    fn decided(&self, _outcome: &Outcome, _recipient: &str) {}
 
     /// Whether outcomes of bounced and expired recipients should carry their [`Failure`].
     fn wants_failures(&self) -> bool {

@@ -333,7 +333,6 @@ impl Reactor {
                 .filter(|_| custody.wants_failures() && !deleted)
                 .map(|(reply, destination)| {
                     Box::new(super::custody::Failure {
-                        recipient: recipient.clone(),
                         envelope: Arc::clone(envelope),
                         reply: Arc::clone(reply),
                         destination: Arc::clone(destination),
@@ -348,7 +347,7 @@ impl Reactor {
                 failure,
             );
             if outcome.failure.is_some() {
-                custody.decided(outcome);
+                custody.decided(outcome, recipient.as_str());
             }
         }
     }

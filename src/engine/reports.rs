@@ -17,7 +17,7 @@ use super::custody::{Counted, Custody, Intake, Outcome, Outcomes};
 use super::EventKind;
 use crate::message::dsn::Notify;
 use crate::message::report::{FailureReport, ReportedRecipient};
-use crate::message::{Address, Message};
+use crate::message::Message;
 use crate::queue::{Envelope, Submission};
 use crate::smtp::Reply;
 use crossbeam_channel::{Receiver, Sender};
@@ -46,7 +46,7 @@ struct Failed {
     reply: Arc<Reply>,
     destination: Arc<str>,
     /// Each recipient, and whether it expired (rather than was refused).
-    recipients: Vec<(Address, bool)>,
+    recipients: Vec<(Box<str>, bool)>,
 }
 
 /// A custody that also reports failures to senders (see the module documentation).
@@ -93,8 +93,8 @@ impl DsnReports {
 
     /// A failure the sender asked to hear about (NOTIFY=FAILURE, the default), of a message
     /// with a sender, that is not itself a report.
-    fn wanted(outcome: &Outcome) -> bool {
-        let Some((recipient, failure)) = outcome.failed_recipient() else {
+    fn wanted(outcome: &Outcome, recipient: &str) -> bool {
+        let Some(failure) = outcome.failure.as_deref() else {
             return false;
         };
         let envelope = &failure.envelope;
@@ -102,7 +102,7 @@ impl DsnReports {
             && outcome.message_id < REPORT_IDS
             && !envelope.sender.is_null()
             && envelope.dsn.as_ref().is_none_or(|dsn| {
-                dsn.recipient(recipient.as_str())
+                dsn.recipient(recipient)
                     .map_or(Notify::DEFAULT, |r| r.effective_notify())
                     .failure
             })
@@ -114,15 +114,19 @@ impl Custody for DsnReports {
         // The failures move out of the outcomes (the wrapped custody does not want them), and
         // a run of recipients failed by one reply becomes one record.
         let mut failures: Vec<Failed> = Vec::new();
-        for o in outcomes.list.iter_mut() {
-            if !Self::wanted(o) {
+        for i in 0..outcomes.list.len() {
+            let Some((recipient, _)) = outcomes.failed_recipient(&outcomes.list[i]) else {
+                continue;
+            };
+            if !Self::wanted(&outcomes.list[i], recipient) {
                 continue;
             }
+            let recipient: Box<str> = recipient.into();
+            let o = &mut outcomes.list[i];
             let Some(f) = o.failure.take() else {
                 continue;
             };
-            // An outcome with a failure has exactly one recipient.
-            let recipient = (f.recipient, o.kind == EventKind::Expired);
+            let recipient = (recipient, o.kind == EventKind::Expired);
             match failures.last_mut() {
                 Some(last)
                     if Arc::ptr_eq(&last.envelope, &f.envelope)
@@ -149,11 +153,11 @@ impl Custody for DsnReports {
         }
     }
 
-    fn decided(&self, outcome: &Outcome) {
+    fn decided(&self, outcome: &Outcome, recipient: &str) {
         if outcome.message_id < REPORT_IDS {
-            self.inner.decided(outcome);
+            self.inner.decided(outcome, recipient);
         }
-        if Self::wanted(outcome) {
+        if Self::wanted(outcome, recipient) {
             if let Some(intake) = self.intake.get() {
                 intake.count_submitted(1, true);
             }
@@ -185,9 +189,9 @@ fn writer(rx: Receiver<Vec<Failed>>, intake: Intake, host: String) {
                 f.recipients
                     .iter()
                     .map(move |(recipient, expired)| ReportedRecipient {
-                        recipient: recipient.as_str(),
+                        recipient,
                         orcpt: dsn
-                            .and_then(|d| d.recipient(recipient.as_str()))
+                            .and_then(|d| d.recipient(recipient))
                             .and_then(|r| r.orcpt.as_ref()),
                         expired: *expired,
                         reply: &f.reply,
