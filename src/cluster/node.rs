@@ -1083,16 +1083,73 @@ pub(crate) fn ensure_group(
     }
 }
 
-/// A JSON array's bracketed items as one Redis argument, without copying them.
-struct JsonArray<'a>(&'a [u8]);
+/// One MULTI/EXEC, encoded (RESP) into a buffer kept from one flush to the next: a flush of
+/// thousands of outcomes is one copy into memory already there, not a fresh command buffer and
+/// a fresh pipeline buffer (each grown, and its pages faulted in, every time).
+#[derive(Debug, Default)]
+struct Packed {
+    buf: Vec<u8>,
+    /// Commands between MULTI and EXEC.
+    count: usize,
+}
 
-impl redis::ToRedisArgs for JsonArray<'_> {
-    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+impl Packed {
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+        self.count = 0;
+    }
+
+    /// Adds a command; returns its place among the transaction's replies.
+    fn add(&mut self, cmd: &redis::Cmd) -> usize {
+        cmd.write_packed_command(&mut self.buf);
+        self.count += 1;
+        self.count - 1
+    }
+
+    /// Starts a command of `args` arguments, each added with [`Packed::bulk`].
+    fn command(&mut self, args: usize) {
         use std::io::Write as _;
-        let mut arg = out.writer_for_next_arg();
-        arg.write_all(b"[").expect("writes to memory");
-        arg.write_all(self.0).expect("writes to memory");
-        arg.write_all(b"]").expect("writes to memory");
+        write!(self.buf, "*{args}\r\n").expect("writes to memory");
+        self.count += 1;
+    }
+
+    /// One argument, the concatenation of `parts`.
+    fn bulk(&mut self, parts: &[&[u8]]) {
+        use std::io::Write as _;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        write!(self.buf, "${len}\r\n").expect("writes to memory");
+        for part in parts {
+            self.buf.extend_from_slice(part);
+        }
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Ends the transaction (after the last command).
+    fn seal(&mut self) {
+        self.buf.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+    }
+
+    /// Sends the sealed transaction and returns its replies, one per command; an error when
+    /// Redis refused a command (the others ran: a transaction does not roll back).
+    fn run(&self, c: &mut dyn redis::ConnectionLike) -> redis::RedisResult<Vec<Value>> {
+        let mut replies = c.req_packed_commands(&self.buf, self.count + 1, 1)?;
+        match replies.pop() {
+            Some(Value::Array(items)) => {
+                if let Some(Value::ServerError(e)) =
+                    items.iter().find(|v| matches!(v, Value::ServerError(_)))
+                {
+                    return Err(e.clone().into());
+                }
+                Ok(items)
+            }
+            Some(Value::ServerError(e)) => Err(e.into()),
+            other => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the transaction did not run",
+                format!("{other:?}"),
+            ))),
+        }
     }
 }
 
@@ -1118,6 +1175,7 @@ impl Writer {
         let mut acked: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
         // The last trim's point: every entry below it is gone already.
         let mut trimmed_to: Option<(u64, u64)> = None;
+        let mut packed = Packed::default();
         // Events waiting at the last look.
         let mut seen = 0;
         // Events wait in the channel until the next flush: the writer sleeps instead of
@@ -1169,7 +1227,7 @@ impl Writer {
             let timings = &self.report.timings;
             timings.add(&timings.note_us, flushing - noting);
             if !batch.is_empty() {
-                match self.flush(&mut link, &batch) {
+                match self.flush(&mut link, &batch, &mut packed) {
                     None => {
                         // Given up: what is still to come is not written either.
                         let left = self.events.try_iter().count();
@@ -1336,27 +1394,31 @@ impl Writer {
     /// Writes a batch in one atomic pipeline, retrying (reconnecting) until Redis takes it or
     /// the node gives up waiting (`None`: nothing of it was written). Otherwise whether Redis
     /// took it (an error is logged), and the point the work stream was trimmed to.
-    fn flush(&self, link: &mut Link, batch: &Batch) -> Option<(bool, Option<String>)> {
+    fn flush(
+        &self,
+        link: &mut Link,
+        batch: &Batch,
+        packed: &mut Packed,
+    ) -> Option<(bool, Option<String>)> {
         let outcomes = batch.outcome_count;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        packed.clear();
         let max_age_s = 7 * 24 * 3600;
         for (name, body) in &batch.bodies {
-            pipe.cmd("SET")
-                .arg(self.keys.body(name))
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(self.keys.body(name))
                 .arg(body.as_bytes())
                 .arg("EX")
-                .arg(max_age_s)
-                .ignore();
+                .arg(max_age_s);
+            packed.add(&cmd);
         }
         if batch.outcome_count > 0 {
-            // The field is the array: its items, bracketed (written as three slices).
-            pipe.cmd("XADD")
-                .arg(self.keys.outcomes())
-                .arg("*")
-                .arg("outcomes")
-                .arg(JsonArray(&batch.outcomes))
-                .ignore();
+            // The field is the array: its items, bracketed, copied once into the buffer.
+            packed.command(5);
+            packed.bulk(&[b"XADD"]);
+            packed.bulk(&[self.keys.outcomes().as_bytes()]);
+            packed.bulk(&[b"*"]);
+            packed.bulk(&[b"outcomes"]);
+            packed.bulk(&[b"[", &batch.outcomes, b"]"]);
         }
         let mut marked = Vec::new();
         for (id, finals) in &batch.done {
@@ -1365,69 +1427,71 @@ impl Writer {
             for (address, word) in finals {
                 cmd.arg(address).arg(*word);
             }
-            pipe.add_command(cmd).ignore();
+            packed.add(&cmd);
             marked.push(Arc::clone(id));
         }
         for (member, due, payload) in &batch.park {
-            pipe.cmd("ZADD")
-                .arg(self.keys.deferred())
-                .arg(due)
-                .arg(member)
-                .ignore();
-            pipe.cmd("HSET")
-                .arg(self.keys.deferred_data())
-                .arg(member)
-                .arg(payload)
-                .ignore();
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(self.keys.deferred()).arg(due).arg(member);
+            packed.add(&cmd);
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(self.keys.deferred_data()).arg(member).arg(payload);
+            packed.add(&cmd);
         }
         if !batch.unpark.is_empty() {
-            self.keys.unpark(&mut pipe, &batch.unpark);
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(self.keys.deferred()).arg(&batch.unpark);
+            packed.add(&cmd);
+            let mut cmd = redis::cmd("HDEL");
+            cmd.arg(self.keys.deferred_data()).arg(&batch.unpark);
+            packed.add(&cmd);
         }
         if !batch.acks.is_empty() {
             let ids: Vec<&str> = batch.acks.iter().map(|a| &**a).collect();
-            pipe.cmd("XACK")
-                .arg(self.keys.work())
-                .arg(Keys::GROUP)
-                .arg(&ids)
-                .ignore();
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(self.keys.work()).arg(Keys::GROUP).arg(&ids);
+            packed.add(&cmd);
         }
-        let trims = !batch.acks.is_empty() || !batch.deletes.is_empty();
-        if trims {
-            // After the XACK: the trim sees these entries acknowledged. Its reply is the only
-            // one the pipeline keeps.
+        // After the XACK: the trim sees these entries acknowledged.
+        let trim_at = (!batch.acks.is_empty() || !batch.deletes.is_empty()).then(|| {
             let deletes: Vec<&str> = batch.deletes.iter().map(|a| &**a).collect();
-            pipe.cmd("EVAL")
-                .arg(TRIM_ACKED)
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(TRIM_ACKED)
                 .arg(1)
                 .arg(self.keys.work())
                 .arg(Keys::GROUP)
                 .arg(&deletes);
-        }
+            packed.add(&cmd)
+        });
         if !batch.drop_done.is_empty() {
             let keys: Vec<String> = batch.drop_done.iter().map(|e| self.keys.done(e)).collect();
-            pipe.cmd("DEL").arg(keys).ignore();
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(keys);
+            packed.add(&cmd);
         }
-        let (written, trim) =
-            match link.call_until_done(&self.give_up, |c| pipe.query::<Vec<Value>>(c)) {
-                Some(Ok(replies)) => {
-                    let trim = match replies.into_iter().next() {
-                        Some(Value::Array(v)) if trims => match v.into_iter().nth(2) {
-                            Some(Value::BulkString(id)) => String::from_utf8(id).ok(),
-                            _ => None,
-                        },
+        packed.seal();
+        let packed = &*packed;
+        let replies = link.call_until_done(&self.give_up, |c| packed.run(c));
+        let (written, trim) = match replies {
+            Some(Ok(replies)) => {
+                let trim = trim_at.and_then(|i| match replies.into_iter().nth(i) {
+                    Some(Value::Array(v)) => match v.into_iter().nth(2) {
+                        Some(Value::BulkString(id)) => String::from_utf8(id).ok(),
                         _ => None,
-                    };
-                    (true, trim)
-                }
-                Some(Err(e)) => {
-                    eprintln!("mxpipe: node: writing outcomes: {e}");
-                    (false, None)
-                }
-                None => {
-                    self.report.unwritten.fetch_add(outcomes, Ordering::Relaxed);
-                    return None;
-                }
-            };
+                    },
+                    _ => None,
+                });
+                (true, trim)
+            }
+            Some(Err(e)) => {
+                eprintln!("mxpipe: node: writing outcomes: {e}");
+                (false, None)
+            }
+            None => {
+                self.report.unwritten.fetch_add(outcomes, Ordering::Relaxed);
+                return None;
+            }
+        };
         self.report.flushes.fetch_add(1, Ordering::Relaxed);
         if !marked.is_empty() {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
