@@ -1185,10 +1185,19 @@ impl Writer {
             let finishing = self.done.load(Ordering::Acquire);
             let since = last_flush.elapsed();
             let waiting = self.events.len();
-            // Nothing new since the last look while outcomes wait: the engine is idle or at
-            // the tail of a run, and they are written now rather than at the end of the period
-            // (at most one such flush per QUIET_FLUSH).
-            let quiet = waiting > 0 && waiting == seen && since >= QUIET_FLUSH;
+            // Nothing new since the last look while outcomes wait, and nothing else in flight
+            // here: the tail of a run (or a lone entry), whose outcomes are written now rather
+            // than at the end of the period (at most one such flush per QUIET_FLUSH). Work still
+            // queued in the engine (a paced destination) waits for the period as before.
+            let quiet = waiting > 0
+                && waiting == seen
+                && since >= QUIET_FLUSH
+                && self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .in_flight
+                    <= waiting;
             if !finishing && since < self.config.flush_every && waiting < MOST_PER_FLUSH && !quiet {
                 seen = waiting;
                 std::thread::sleep((self.config.flush_every - since).min(WRITER_POLL));
