@@ -1517,3 +1517,63 @@ impl Writer {
         Some((written, trim))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [bulk(k), bulk(v)])
+                    .collect(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn xreadgroup_replies_are_read_from_values_in_resp2_and_resp3() {
+        let good = entry(
+            "1-0",
+            &[
+                ("from", "a@b.example"),
+                ("to", r#"["c@d.example"]"#),
+                ("body_ref", "x"),
+            ],
+        );
+        let bad = entry("1-1", &[("from", "a@b.example"), ("body", "x")]);
+        let deleted = Value::Array(vec![bulk("1-2"), Value::Nil]);
+        let entries = Value::Array(vec![good, bad, deleted]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("{mxpipe}:work"),
+            entries.clone(),
+        ])]);
+        let resp3 = Value::Map(vec![(bulk("{mxpipe}:work"), entries)]);
+        for reply in [resp2, resp3] {
+            let read = read_reply(reply);
+            assert_eq!(read.len(), 2);
+            assert_eq!(read[0].0, "1-0");
+            let e = read[0].1.as_ref().unwrap();
+            assert_eq!(e.content, Content::Reference("x".into()));
+            assert_eq!(e.to, vec![Recipient::Plain("c@d.example".into())]);
+            assert_eq!(read[1].0, "1-1");
+            assert_eq!(read[1].1.as_ref().unwrap_err().field, "to");
+        }
+        assert!(read_reply(Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn stream_ids_order_as_numbers() {
+        assert_eq!(stream_id("1764570000000-12"), Some((1764570000000, 12)));
+        assert!(stream_id("9-10") > stream_id("9-9"));
+        assert!(stream_id("10-0") > stream_id("9-99"));
+        assert_eq!(stream_id("x"), None);
+    }
+}
