@@ -8,9 +8,8 @@
 //! pipeline: the outcomes as one stream entry, the finals of entries still partly open, long
 //! deferrals into the sorted set, `XACK` of entries whose every recipient is final or handed
 //! back, and the removal of acknowledged entries from the stream, `TRIM_ACKED`). A kill loses at
-//! most what
-//! was decided since the last flush and what was in a transaction: those recipients are sent
-//! again by the node that claims the entry.
+//! most what was decided since the last flush and what was in a transaction: those recipients
+//! are sent again by the node that claims the entry.
 
 use super::outcome::OutcomeRecord;
 use super::work::{self, Content, Entry, Recipient};
