@@ -4,20 +4,21 @@
 //! Two threads of the node's own talk to Redis, never an engine loop: the reader (new entries
 //! with `XREADGROUP`, a dead node's with `XAUTOCLAIM`, due deferrals from the sorted set, and a
 //! heartbeat that keeps this node's entries from looking idle) and the writer (the engine's
-//! events, written every `flush_every` in one atomic pipeline: the outcomes as one stream entry,
-//! the finals of entries still partly open, long deferrals into the sorted set, and `XACK` +
-//! `XDEL` of entries whose every recipient is final or handed back). A kill loses at most what
-//! was decided since the last flush and what was in a transaction: those recipients are sent
-//! again by the node that claims the entry.
+//! events, written every `flush_every`, or sooner when the engine goes quiet, in one atomic
+//! pipeline: the outcomes as one stream entry, the finals of entries still partly open, long
+//! deferrals into the sorted set, `XACK` of entries whose every recipient is final or handed
+//! back, and the removal of acknowledged entries from the stream, `TRIM_ACKED`). A kill loses at
+//! most what was decided since the last flush and what was in a transaction: those recipients
+//! are sent again by the node that claims the entry.
 
 use super::outcome::OutcomeRecord;
 use super::work::{self, Content, Entry, Recipient};
 use super::{Keys, Link, Target, ROUND_TRIPS};
 use crate::engine::{Dispatcher, DispatcherBuilder, Event, EventKind};
 use crate::message::Body;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::StreamAutoClaimReply;
 use redis::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -83,6 +84,46 @@ pub struct NodeReport {
     /// Outcomes the node could not write before it gave up (Redis unreachable after a stop):
     /// their entries stay pending, and another node delivers them again.
     pub unwritten: AtomicU64,
+    /// Where the node's own threads spend their time.
+    pub timings: Timings,
+}
+
+/// Wall time per stage of the node's own threads (the engine's loops not counted), in
+/// microseconds, summed over the run: cheap (two clock reads per batch, none per entry).
+/// With `MXPIPE_NODE_TRACE=1` in the environment each batch is also traced on stderr.
+#[derive(Debug, Default)]
+pub struct Timings {
+    /// Waiting for `XREADGROUP` replies that brought entries (the round trip and the parse
+    /// of the reply into values).
+    pub read_us: AtomicU64,
+    /// Reading entries from those values and submitting them to the engine (waiting for room
+    /// included).
+    pub start_us: AtomicU64,
+    /// The writer taking events and encoding outcomes.
+    pub note_us: AtomicU64,
+    /// The writer's flushes to Redis (one atomic pipeline each).
+    pub flush_us: AtomicU64,
+}
+
+impl Timings {
+    fn add(&self, counter: &AtomicU64, d: Duration) {
+        counter.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Whether `MXPIPE_NODE_TRACE` asks for a line per batch on stderr.
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MXPIPE_NODE_TRACE").is_some_and(|v| v != "0"))
+}
+
+/// A trace line (milliseconds since the first trace), when tracing.
+fn trace(what: std::fmt::Arguments<'_>) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    if tracing() {
+        let t = START.get_or_init(Instant::now).elapsed();
+        eprintln!("mxpipe: node trace +{}ms {what}", t.as_millis());
+    }
 }
 
 impl std::fmt::Display for NodeReport {
@@ -91,7 +132,8 @@ impl std::fmt::Display for NodeReport {
         write!(
             f,
             "node entries={} claimed={} taken_deferred={} recipients={} delivered={} bounced={} \
-             expired={} handed_off={} flushes={} unwritten={} round_trips={}",
+             expired={} handed_off={} flushes={} unwritten={} round_trips={} read_ms={} \
+             parse_submit_ms={} note_ms={} flush_ms={}",
             g(&self.entries),
             g(&self.claimed),
             g(&self.taken_deferred),
@@ -102,7 +144,11 @@ impl std::fmt::Display for NodeReport {
             g(&self.handed_off),
             g(&self.flushes),
             g(&self.unwritten),
-            ROUND_TRIPS.load(Ordering::Relaxed)
+            ROUND_TRIPS.load(Ordering::Relaxed),
+            g(&self.timings.read_us) / 1000,
+            g(&self.timings.start_us) / 1000,
+            g(&self.timings.note_us) / 1000,
+            g(&self.timings.flush_us) / 1000,
         )
     }
 }
@@ -159,6 +205,9 @@ struct Batch {
     outcome_count: u64,
     done: HashMap<Arc<str>, Vec<(String, &'static str)>>,
     acks: Vec<Arc<str>>,
+    /// Entries acknowledged by an earlier flush, to delete from the work stream unless
+    /// trimmed.
+    deletes: Vec<Arc<str>>,
     drop_done: Vec<Arc<str>>,
     park: Vec<(String, u64, String)>,
     bodies: Vec<(String, Arc<Body>)>,
@@ -170,6 +219,7 @@ impl Batch {
         self.outcome_count == 0
             && self.done.is_empty()
             && self.acks.is_empty()
+            && self.deletes.is_empty()
             && self.park.is_empty()
             && self.unpark.is_empty()
     }
@@ -193,6 +243,72 @@ impl Batch {
         self.outcome_count += 1;
     }
 }
+
+/// How often the writer looks at the events waiting.
+const WRITER_POLL: Duration = Duration::from_millis(5);
+/// The least time between two flushes made because the engine went quiet.
+const QUIET_FLUSH: Duration = Duration::from_millis(20);
+/// How long an acknowledged entry waits for a trim (`TRIM_ACKED`) before it is deleted by ID.
+const LAZY_DELETE: Duration = Duration::from_secs(2);
+
+/// Removes acknowledged entries from the work stream (KEYS[1]; ARGV[1]: the group): first
+/// every entry older than the oldest one pending in the group (or, when none is pending, up to
+/// the last one the group read) with one `XTRIM MINID`, which drops whole nodes of the stream
+/// at once; then, by ID, those of ARGV[2..] (acknowledged entries) the trim did not reach.
+/// `XDEL` alone costs Redis several microseconds per entry (it walks the stream node for
+/// each); entries acknowledged a little while ago are nearly all behind the oldest pending one.
+/// Returns {trimmed, deleted, the trim's MINID or ""}: every entry below that ID is gone
+/// (the point only moves forward), so the node sends no ID below it again.
+const TRIM_ACKED: &str = r#"
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local minid
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1])
+if type(pending) == 'table' and not pending.err then
+  if tonumber(pending[1]) > 0 then
+    minid = pending[2]
+  else
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+      local name, last
+      for i = 1, #g, 2 do
+        if g[i] == 'name' then name = g[i + 1] end
+        if g[i] == 'last-delivered-id' then last = g[i + 1] end
+      end
+      if name == ARGV[1] and last then
+        local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+        if ms and #seq < 14 then
+          minid = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+        elseif ms then
+          minid = last
+        end
+      end
+    end
+  end
+end
+local trimmed = 0
+local mms, mseq
+if minid then
+  trimmed = redis.call('XTRIM', KEYS[1], 'MINID', minid)
+  mms, mseq = parse(minid)
+end
+local deleted, batch = 0, {}
+for i = 2, #ARGV do
+  local ms, seq = parse(ARGV[i])
+  if not mms or not ms or ms > mms or (ms == mms and seq >= mseq) then
+    batch[#batch + 1] = ARGV[i]
+    if #batch == 500 then
+      deleted = deleted + redis.call('XDEL', KEYS[1], unpack(batch))
+      batch = {}
+    end
+  end
+end
+if #batch > 0 then
+  deleted = deleted + redis.call('XDEL', KEYS[1], unpack(batch))
+end
+return {trimmed, deleted, minid or ''}
+"#;
 
 /// Takes up to ARGV[2] due members and leases them for ARGV[3] ms (they come back if this
 /// node dies before their outcome is written).
@@ -343,8 +459,9 @@ impl Node {
             }
             let consumer = self.config.consumer.clone();
             let work_key = self.keys.work();
+            let asked = Instant::now();
             let read = link.call_until_done(stop, |c| {
-                let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+                let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg(Keys::GROUP)
                     .arg(&consumer)
@@ -359,16 +476,15 @@ impl Node {
                 match reply {
                     Err(e) if e.code() == Some("NOGROUP") => {
                         ensure_group(c, &self.keys)?;
-                        Ok(None)
+                        Ok(Value::Nil)
                     }
                     other => other,
                 }
             });
-            let entries: Vec<StreamId> = match read {
+            let answered = Instant::now();
+            let entries: Vec<(String, EntryRead)> = match read {
                 None => break,
-                Some(Ok(reply)) => reply
-                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-                    .unwrap_or_default(),
+                Some(Ok(reply)) => read_reply(reply),
                 Some(Err(e)) => {
                     eprintln!("mxpipe: node: XREADGROUP: {e}");
                     std::thread::sleep(Duration::from_millis(500));
@@ -379,8 +495,19 @@ impl Node {
             self.report
                 .entries
                 .fetch_add(entries.len() as u64, Ordering::Relaxed);
+            let n = entries.len();
             if !entries.is_empty() {
                 self.start_entries(&mut link, stop, entries, false, &mut bodies);
+            }
+            if n > 0 {
+                let t = &self.report.timings;
+                t.add(&t.read_us, answered - asked);
+                t.add(&t.start_us, answered.elapsed());
+                trace(format_args!(
+                    "read entries={n} xreadgroup_us={} parse_submit_us={}",
+                    (answered - asked).as_micros(),
+                    answered.elapsed().as_micros()
+                ));
             }
             if got > 0 {
                 last_work = Instant::now();
@@ -515,11 +642,15 @@ impl Node {
             }
             None => return 0,
         };
-        let claimed: Vec<StreamId> = {
+        let claimed: Vec<(String, EntryRead)> = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             claimed
                 .into_iter()
                 .filter(|s| !state.entries.contains_key(s.id.as_str()))
+                .map(|s| {
+                    let entry = Entry::from_fields(&s.map);
+                    (s.id, entry)
+                })
                 .collect()
         };
         let n = claimed.len();
@@ -536,16 +667,16 @@ impl Node {
         &self,
         link: &mut Link,
         stop: &AtomicBool,
-        ids: Vec<StreamId>,
+        ids: Vec<(String, EntryRead)>,
         claimed: bool,
         bodies: &mut HashMap<String, Arc<Body>>,
     ) {
         let mut parsed = Vec::with_capacity(ids.len());
         let mut invalid = Vec::new();
-        for s in ids {
-            match Entry::from_fields(&s.map) {
-                Ok(entry) => parsed.push((s.id, entry)),
-                Err(e) => invalid.push((s.id, e.to_string())),
+        for (id, entry) in ids {
+            match entry {
+                Ok(entry) => parsed.push((id, entry)),
+                Err(e) => invalid.push((id, e.to_string())),
             }
         }
         // Bodies stored once: fetched once per node (one round trip for the batch).
@@ -882,6 +1013,57 @@ struct Parked {
     first_ms: u64,
 }
 
+/// A stream ID `MS-SEQ` as numbers (they order as the IDs do).
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// An entry read from the work stream: parsed, or what is wrong with it.
+type EntryRead = Result<Entry, work::EntryError>;
+
+/// The entries of an `XREADGROUP` reply (one stream), read straight from the reply's values:
+/// no map per entry, and field values are moved, not copied. RESP2 (arrays) and RESP3 (a map
+/// of streams) alike; an entry without fields (deleted since) is skipped.
+fn read_reply(reply: Value) -> Vec<(String, EntryRead)> {
+    let streams = match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let Value::Array(entries) = stream else {
+            continue;
+        };
+        out.reserve(entries.len());
+        for entry in entries {
+            let Value::Array(mut pair) = entry else {
+                continue;
+            };
+            if pair.len() != 2 {
+                continue;
+            }
+            let fields = pair.pop();
+            let id = match pair.pop() {
+                Some(Value::BulkString(id)) => String::from_utf8(id).ok(),
+                Some(Value::SimpleString(id)) => Some(id),
+                _ => None,
+            };
+            if let (Some(id), Some(Value::Array(fields))) = (id, fields) {
+                out.push((id, Entry::from_field_list(fields)));
+            }
+        }
+    }
+    out
+}
+
 /// Creates the consumer group (and the stream) unless it exists.
 pub(crate) fn ensure_group(
     c: &mut dyn redis::ConnectionLike,
@@ -900,16 +1082,73 @@ pub(crate) fn ensure_group(
     }
 }
 
-/// A JSON array's bracketed items as one Redis argument, without copying them.
-struct JsonArray<'a>(&'a [u8]);
+/// One MULTI/EXEC, encoded (RESP) into a buffer kept from one flush to the next: a flush of
+/// thousands of outcomes is one copy into memory already there, not a fresh command buffer and
+/// a fresh pipeline buffer (each grown, and its pages faulted in, every time).
+#[derive(Debug, Default)]
+struct Packed {
+    buf: Vec<u8>,
+    /// Commands between MULTI and EXEC.
+    count: usize,
+}
 
-impl redis::ToRedisArgs for JsonArray<'_> {
-    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+impl Packed {
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+        self.count = 0;
+    }
+
+    /// Adds a command; returns its place among the transaction's replies.
+    fn add(&mut self, cmd: &redis::Cmd) -> usize {
+        cmd.write_packed_command(&mut self.buf);
+        self.count += 1;
+        self.count - 1
+    }
+
+    /// Starts a command of `args` arguments, each added with [`Packed::bulk`].
+    fn command(&mut self, args: usize) {
         use std::io::Write as _;
-        let mut arg = out.writer_for_next_arg();
-        arg.write_all(b"[").expect("writes to memory");
-        arg.write_all(self.0).expect("writes to memory");
-        arg.write_all(b"]").expect("writes to memory");
+        write!(self.buf, "*{args}\r\n").expect("writes to memory");
+        self.count += 1;
+    }
+
+    /// One argument, the concatenation of `parts`.
+    fn bulk(&mut self, parts: &[&[u8]]) {
+        use std::io::Write as _;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        write!(self.buf, "${len}\r\n").expect("writes to memory");
+        for part in parts {
+            self.buf.extend_from_slice(part);
+        }
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Ends the transaction (after the last command).
+    fn seal(&mut self) {
+        self.buf.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+    }
+
+    /// Sends the sealed transaction and returns its replies, one per command; an error when
+    /// Redis refused a command (the others ran: a transaction does not roll back).
+    fn run(&self, c: &mut dyn redis::ConnectionLike) -> redis::RedisResult<Vec<Value>> {
+        let mut replies = c.req_packed_commands(&self.buf, self.count + 1, 1)?;
+        match replies.pop() {
+            Some(Value::Array(items)) => {
+                if let Some(Value::ServerError(e)) =
+                    items.iter().find(|v| matches!(v, Value::ServerError(_)))
+                {
+                    return Err(e.clone().into());
+                }
+                Ok(items)
+            }
+            Some(Value::ServerError(e)) => Err(e.into()),
+            other => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the transaction did not run",
+                format!("{other:?}"),
+            ))),
+        }
     }
 }
 
@@ -930,17 +1169,42 @@ impl Writer {
         let mut link = Link::new(self.config.target.clone(), &self.keys);
         let mut batch = Batch::default();
         let mut last_flush = Instant::now();
+        // Entries acknowledged by this node, by when: deleted from the work stream after
+        // `LAZY_DELETE`, unless a trim took them first (see `TRIM_ACKED`).
+        let mut acked: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
+        // The last trim's point: every entry below it is gone already.
+        let mut trimmed_to: Option<(u64, u64)> = None;
+        let mut packed = Packed::default();
+        // Events waiting at the last look.
+        let mut seen = 0;
         // Events wait in the channel until the next flush: the writer sleeps instead of
         // blocking on it, so the engine never wakes this thread (nor does it spin) per event.
         const MOST_PER_FLUSH: usize = 20_000;
         loop {
             let finishing = self.done.load(Ordering::Acquire);
-            let wait = self.config.flush_every.saturating_sub(last_flush.elapsed());
-            if !finishing && !wait.is_zero() && self.events.len() < MOST_PER_FLUSH {
-                std::thread::sleep(wait.min(Duration::from_millis(20)));
+            let since = last_flush.elapsed();
+            let waiting = self.events.len();
+            // Nothing new since the last look while outcomes wait, and nothing else in flight
+            // here: the tail of a run (or a lone entry), whose outcomes are written now rather
+            // than at the end of the period (at most one such flush per QUIET_FLUSH). Work still
+            // queued in the engine (a paced destination) waits for the period as before.
+            let quiet = waiting > 0
+                && waiting == seen
+                && since >= QUIET_FLUSH
+                && self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .in_flight
+                    <= waiting;
+            if !finishing && since < self.config.flush_every && waiting < MOST_PER_FLUSH && !quiet {
+                seen = waiting;
+                std::thread::sleep((self.config.flush_every - since).min(WRITER_POLL));
                 continue;
             }
+            seen = 0;
             let mut disconnected = false;
+            let noting = Instant::now();
             {
                 // One lock for every event waiting.
                 let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -955,17 +1219,60 @@ impl Writer {
                     }
                 }
             }
-            if !batch.is_empty() && !self.flush(&mut link, &batch) {
-                // Given up: what is still to come is not written either.
-                let left = self.events.try_iter().count();
-                self.report
-                    .unwritten
-                    .fetch_add(left as u64, Ordering::Relaxed);
-                break;
+            let last = disconnected || (finishing && self.events.is_empty());
+            // Acknowledged entries whose trim had its chance (all of them on the way out).
+            let now = Instant::now();
+            while let Some((at, _)) = acked.front() {
+                if !last && now.duration_since(*at) < LAZY_DELETE {
+                    break;
+                }
+                let (_, id) = acked.pop_front().expect("looked at above");
+                if trimmed_to.is_none_or(|t| stream_id(&id).is_none_or(|i| i >= t)) {
+                    batch.deletes.push(id);
+                }
+            }
+            let flushing = Instant::now();
+            let timings = &self.report.timings;
+            timings.add(&timings.note_us, flushing - noting);
+            if !batch.is_empty() {
+                match self.flush(&mut link, &batch, &mut packed) {
+                    None => {
+                        // Given up: what is still to come is not written either.
+                        let left = self.events.try_iter().count();
+                        self.report
+                            .unwritten
+                            .fetch_add(left as u64, Ordering::Relaxed);
+                        break;
+                    }
+                    Some((written, trim)) => {
+                        if let Some(t) = trim.as_deref().and_then(stream_id) {
+                            trimmed_to = trimmed_to.max(Some(t));
+                        }
+                        timings.add(&timings.flush_us, flushing.elapsed());
+                        trace(format_args!(
+                            "flush outcomes={} acks={} deletes={} waited_ms={} note_us={} \
+                             flush_us={} written={written} trimmed_to={trim:?}",
+                            batch.outcome_count,
+                            batch.acks.len(),
+                            batch.deletes.len(),
+                            since.as_millis(),
+                            (flushing - noting).as_micros(),
+                            flushing.elapsed().as_micros()
+                        ));
+                        if written {
+                            let at = Instant::now();
+                            acked.extend(batch.acks.drain(..).map(|id| (at, id)));
+                        } else {
+                            // Not written: the deletions are tried again with the next flush
+                            // (the acknowledgements were not made; those entries stay pending).
+                            acked.extend(batch.deletes.drain(..).map(|id| (now, id)));
+                        }
+                    }
+                }
             }
             batch.clear();
             last_flush = Instant::now();
-            if disconnected || (finishing && self.events.is_empty()) {
+            if last {
                 break;
             }
         }
@@ -1093,28 +1400,33 @@ impl Writer {
     }
 
     /// Writes a batch in one atomic pipeline, retrying (reconnecting) until Redis takes it or
-    /// the node gives up waiting (false: nothing of it was written).
-    fn flush(&self, link: &mut Link, batch: &Batch) -> bool {
+    /// the node gives up waiting (`None`: nothing of it was written). Otherwise whether Redis
+    /// took it (an error is logged), and the point the work stream was trimmed to.
+    fn flush(
+        &self,
+        link: &mut Link,
+        batch: &Batch,
+        packed: &mut Packed,
+    ) -> Option<(bool, Option<String>)> {
         let outcomes = batch.outcome_count;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        packed.clear();
         let max_age_s = 7 * 24 * 3600;
         for (name, body) in &batch.bodies {
-            pipe.cmd("SET")
-                .arg(self.keys.body(name))
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(self.keys.body(name))
                 .arg(body.as_bytes())
                 .arg("EX")
-                .arg(max_age_s)
-                .ignore();
+                .arg(max_age_s);
+            packed.add(&cmd);
         }
         if batch.outcome_count > 0 {
-            // The field is the array: its items, bracketed (written as three slices).
-            pipe.cmd("XADD")
-                .arg(self.keys.outcomes())
-                .arg("*")
-                .arg("outcomes")
-                .arg(JsonArray(&batch.outcomes))
-                .ignore();
+            // The field is the array: its items, bracketed, copied once into the buffer.
+            packed.command(5);
+            packed.bulk(&[b"XADD"]);
+            packed.bulk(&[self.keys.outcomes().as_bytes()]);
+            packed.bulk(&[b"*"]);
+            packed.bulk(&[b"outcomes"]);
+            packed.bulk(&[b"[", &batch.outcomes, b"]"]);
         }
         let mut marked = Vec::new();
         for (id, finals) in &batch.done {
@@ -1123,45 +1435,75 @@ impl Writer {
             for (address, word) in finals {
                 cmd.arg(address).arg(*word);
             }
-            pipe.add_command(cmd).ignore();
+            packed.add(&cmd);
             marked.push(Arc::clone(id));
         }
         for (member, due, payload) in &batch.park {
-            pipe.cmd("ZADD")
-                .arg(self.keys.deferred())
-                .arg(due)
-                .arg(member)
-                .ignore();
-            pipe.cmd("HSET")
-                .arg(self.keys.deferred_data())
-                .arg(member)
-                .arg(payload)
-                .ignore();
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(self.keys.deferred()).arg(due).arg(member);
+            packed.add(&cmd);
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(self.keys.deferred_data()).arg(member).arg(payload);
+            packed.add(&cmd);
         }
         if !batch.unpark.is_empty() {
-            self.keys.unpark(&mut pipe, &batch.unpark);
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(self.keys.deferred()).arg(&batch.unpark);
+            packed.add(&cmd);
+            let mut cmd = redis::cmd("HDEL");
+            cmd.arg(self.keys.deferred_data()).arg(&batch.unpark);
+            packed.add(&cmd);
         }
         if !batch.acks.is_empty() {
-            let ids: Vec<&str> = batch.acks.iter().map(|a| &**a).collect();
-            pipe.cmd("XACK")
-                .arg(self.keys.work())
-                .arg(Keys::GROUP)
-                .arg(&ids)
-                .ignore();
-            pipe.cmd("XDEL").arg(self.keys.work()).arg(&ids).ignore();
-        }
-        if !batch.drop_done.is_empty() {
-            let keys: Vec<String> = batch.drop_done.iter().map(|e| self.keys.done(e)).collect();
-            pipe.cmd("DEL").arg(keys).ignore();
-        }
-        match link.call_until_done(&self.give_up, |c| pipe.query::<()>(c)) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => eprintln!("mxpipe: node: writing outcomes: {e}"),
-            None => {
-                self.report.unwritten.fetch_add(outcomes, Ordering::Relaxed);
-                return false;
+            // Encoded in place too: thousands of IDs.
+            packed.command(3 + batch.acks.len());
+            packed.bulk(&[b"XACK"]);
+            packed.bulk(&[self.keys.work().as_bytes()]);
+            packed.bulk(&[Keys::GROUP.as_bytes()]);
+            for id in &batch.acks {
+                packed.bulk(&[id.as_bytes()]);
             }
         }
+        // After the XACK: the trim sees these entries acknowledged.
+        let trim_at = (!batch.acks.is_empty() || !batch.deletes.is_empty()).then(|| {
+            let deletes: Vec<&str> = batch.deletes.iter().map(|a| &**a).collect();
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(TRIM_ACKED)
+                .arg(1)
+                .arg(self.keys.work())
+                .arg(Keys::GROUP)
+                .arg(&deletes);
+            packed.add(&cmd)
+        });
+        if !batch.drop_done.is_empty() {
+            let keys: Vec<String> = batch.drop_done.iter().map(|e| self.keys.done(e)).collect();
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(keys);
+            packed.add(&cmd);
+        }
+        packed.seal();
+        let packed = &*packed;
+        let replies = link.call_until_done(&self.give_up, |c| packed.run(c));
+        let (written, trim) = match replies {
+            Some(Ok(replies)) => {
+                let trim = trim_at.and_then(|i| match replies.into_iter().nth(i) {
+                    Some(Value::Array(v)) => match v.into_iter().nth(2) {
+                        Some(Value::BulkString(id)) => String::from_utf8(id).ok(),
+                        _ => None,
+                    },
+                    _ => None,
+                });
+                (true, trim)
+            }
+            Some(Err(e)) => {
+                eprintln!("mxpipe: node: writing outcomes: {e}");
+                (false, None)
+            }
+            None => {
+                self.report.unwritten.fetch_add(outcomes, Ordering::Relaxed);
+                return None;
+            }
+        };
         self.report.flushes.fetch_add(1, Ordering::Relaxed);
         if !marked.is_empty() {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1171,6 +1513,66 @@ impl Writer {
                 }
             }
         }
-        true
+        Some((written, trim))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [bulk(k), bulk(v)])
+                    .collect(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn xreadgroup_replies_are_read_from_values_in_resp2_and_resp3() {
+        let good = entry(
+            "1-0",
+            &[
+                ("from", "a@b.example"),
+                ("to", r#"["c@d.example"]"#),
+                ("body_ref", "x"),
+            ],
+        );
+        let bad = entry("1-1", &[("from", "a@b.example"), ("body", "x")]);
+        let deleted = Value::Array(vec![bulk("1-2"), Value::Nil]);
+        let entries = Value::Array(vec![good, bad, deleted]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("{mxpipe}:work"),
+            entries.clone(),
+        ])]);
+        let resp3 = Value::Map(vec![(bulk("{mxpipe}:work"), entries)]);
+        for reply in [resp2, resp3] {
+            let read = read_reply(reply);
+            assert_eq!(read.len(), 2);
+            assert_eq!(read[0].0, "1-0");
+            let e = read[0].1.as_ref().unwrap();
+            assert_eq!(e.content, Content::Reference("x".into()));
+            assert_eq!(e.to, vec![Recipient::Plain("c@d.example".into())]);
+            assert_eq!(read[1].0, "1-1");
+            assert_eq!(read[1].1.as_ref().unwrap_err().field, "to");
+        }
+        assert!(read_reply(Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn stream_ids_order_as_numbers() {
+        assert_eq!(stream_id("1764570000000-12"), Some((1764570000000, 12)));
+        assert!(stream_id("9-10") > stream_id("9-9"));
+        assert!(stream_id("10-0") > stream_id("9-99"));
+        assert_eq!(stream_id("x"), None);
     }
 }

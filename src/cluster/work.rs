@@ -86,23 +86,47 @@ fn bad(field: &'static str, problem: impl Into<String>) -> EntryError {
 }
 
 impl Entry {
-    /// Reads an entry from its fields (as `XREADGROUP` returns them).
+    /// Reads an entry from its fields (as `StreamReadReply` maps them).
     pub fn from_fields(fields: &HashMap<String, redis::Value>) -> Result<Entry, EntryError> {
-        let bytes = |name: &'static str| -> Result<Option<Vec<u8>>, EntryError> {
-            match fields.get(name) {
-                None => Ok(None),
-                Some(redis::Value::BulkString(b)) => Ok(Some(b.clone())),
-                Some(redis::Value::SimpleString(s)) => Ok(Some(s.clone().into_bytes())),
-                Some(_) => Err(bad(name, "is not a string")),
+        let mut known = Fields::default();
+        for name in Fields::NAMES {
+            if let Some(value) = fields.get(name) {
+                known.set(name.as_bytes(), value.clone());
             }
+        }
+        Entry::from_known(known)
+    }
+
+    /// Reads an entry from its flat field list `[name, value, name, value, ...]`, as
+    /// `XREADGROUP` sends it, taking the values without copying them (a field given twice:
+    /// the last one counts; fields of no meaning to a node are ignored).
+    pub fn from_field_list(list: Vec<redis::Value>) -> Result<Entry, EntryError> {
+        let mut known = Fields::default();
+        let mut items = list.into_iter();
+        while let (Some(name), Some(value)) = (items.next(), items.next()) {
+            match &name {
+                redis::Value::BulkString(n) => known.set(n, value),
+                redis::Value::SimpleString(n) => known.set(n.as_bytes(), value),
+                _ => {}
+            }
+        }
+        Entry::from_known(known)
+    }
+
+    fn from_known(fields: Fields) -> Result<Entry, EntryError> {
+        let bytes = |name: &'static str, value: Option<redis::Value>| match value {
+            None => Ok(None),
+            Some(redis::Value::BulkString(b)) => Ok(Some(b)),
+            Some(redis::Value::SimpleString(s)) => Ok(Some(s.into_bytes())),
+            Some(_) => Err(bad(name, "is not a string")),
         };
-        let text = |name: &'static str| -> Result<Option<String>, EntryError> {
-            bytes(name)?
+        let text = |name: &'static str, value: Option<redis::Value>| {
+            bytes(name, value)?
                 .map(|b| String::from_utf8(b).map_err(|_| bad(name, "is not UTF-8")))
                 .transpose()
         };
-        let from = text("from")?.ok_or_else(|| bad("from", "missing"))?;
-        let to_json = text("to")?.ok_or_else(|| bad("to", "missing"))?;
+        let from = text("from", fields.from)?.ok_or_else(|| bad("from", "missing"))?;
+        let to_json = text("to", fields.to)?.ok_or_else(|| bad("to", "missing"))?;
         // Most entries list plain addresses: read those as strings first (the untagged enum
         // buffers every item before it tries its variants).
         let plain = serde_json::from_str::<Vec<String>>(&to_json)
@@ -120,14 +144,17 @@ impl Entry {
         if to.is_empty() {
             return Err(bad("to", "no recipients"));
         }
-        let content = match (bytes("body")?, text("body_ref")?) {
+        let content = match (
+            bytes("body", fields.body)?,
+            text("body_ref", fields.body_ref)?,
+        ) {
             (Some(body), None) => Content::Inline(body),
             (None, Some(name)) if !name.is_empty() => Content::Reference(name),
             (None, Some(_)) => return Err(bad("body_ref", "empty")),
             (Some(_), Some(_)) => return Err(bad("body", "give body or body_ref, not both")),
             (None, None) => return Err(bad("body", "missing (give body or body_ref)")),
         };
-        let tag = match text("tag")? {
+        let tag = match text("tag", fields.tag)? {
             None => 0,
             Some(t) => t
                 .parse()
@@ -158,6 +185,32 @@ impl Entry {
             out.push(("tag", self.tag.to_string().into_bytes()));
         }
         out
+    }
+}
+
+/// The fields of an entry a node reads, as Redis gave them.
+#[derive(Default)]
+struct Fields {
+    from: Option<redis::Value>,
+    to: Option<redis::Value>,
+    body: Option<redis::Value>,
+    body_ref: Option<redis::Value>,
+    tag: Option<redis::Value>,
+}
+
+impl Fields {
+    const NAMES: [&'static str; 5] = ["from", "to", "body", "body_ref", "tag"];
+
+    fn set(&mut self, name: &[u8], value: redis::Value) {
+        let slot = match name {
+            b"from" => &mut self.from,
+            b"to" => &mut self.to,
+            b"body" => &mut self.body,
+            b"body_ref" => &mut self.body_ref,
+            b"tag" => &mut self.tag,
+            _ => return,
+        };
+        *slot = Some(value);
     }
 }
 
@@ -245,6 +298,24 @@ mod tests {
             .map(|(k, v)| (k.to_string(), redis::Value::BulkString(v)))
             .collect();
         assert_eq!(Entry::from_fields(&back).unwrap().to, entry.to);
+        let list: Vec<redis::Value> = entry
+            .to_fields()
+            .into_iter()
+            .flat_map(|(k, v)| {
+                [
+                    redis::Value::BulkString(k.as_bytes().to_vec()),
+                    redis::Value::BulkString(v),
+                ]
+            })
+            .chain([
+                redis::Value::BulkString(b"other".to_vec()),
+                redis::Value::Int(3),
+            ])
+            .collect();
+        let listed = Entry::from_field_list(list).unwrap();
+        assert_eq!(listed.to, entry.to);
+        assert_eq!(listed.content, entry.content);
+        assert_eq!(listed.tag, 7);
 
         let e = Entry::from_fields(&fields(&[
             ("from", "a@b.example"),
