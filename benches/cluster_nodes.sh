@@ -3,22 +3,31 @@
 #
 # Against Postfix's smtp-sink on loopback, N one-recipient messages of 1 KB (default 30,000):
 #   local   `mxpipe bench --to SINK` (the engine alone)
-#   nodes=K K `mxpipe node` processes (1, 2, 3), each with its own sink, started first and
-#           idle; then `mxpipe enqueue --per-entry 1` puts N entries in
+#   nodes=K K `mxpipe node` processes (1, 2, 3), each with its own sink.
+# MODE=live (the default): the nodes are started first and idle; then `mxpipe enqueue
+#   --per-entry 1` puts N entries in while they work (the producer shares the 2 cores).
+# NODE_ARGS: more options for every node (e.g. "--max-in-flight 10000").
+# MODE=backlog: the N entries are enqueued first (a campaign put in, then worked): the nodes
+#   start on a full stream, and the producer's CPU is not in the window.
 # Both are clocked alike: from the first submission to the last final outcome (the engine
-# alone: its own clock; nodes: from just before the enqueue starts to the ID of the last
-# outcomes entry, on Redis's clock). CPU per message is of the mxpipe process(es) only, over
-# the same window: the engine's own getrusage; the nodes' user+sys from /proc/PID/stat read
-# just before the enqueue and when the work is done (every entry acknowledged), so neither the
-# start-up nor the idle wait before exit counts. redis-server's CPU over that window is shown
+# alone: its own clock; nodes: live, from just before the enqueue starts, backlog, from the
+# earliest `first_read_at_ms` of the nodes' summaries, to the ID of the last outcomes entry, on
+# Redis's clock: the outcomes' write latency, up to a flush period, is in it). CPU per message
+# is of the mxpipe process(es) only, over the same window: the engine's own getrusage; the
+# nodes' user+sys from /proc/PID/stat read just before the enqueue (backlog: as they start)
+# and when the work is done (every entry acknowledged), so the idle wait before exit does not
+# count. redis-server's CPU over that window is shown
 # apart (redis_cpu_us_per_msg). Redis commands per message (INFO commandstats over the window,
-# so the producer's XADD of each entry is in it; the bench's own polling is left out) and round
+# so the producer's XADD of each entry is in it when live, not in a backlog; the bench's own
+# polling is left out) and round
 # trips per message (the nodes' own count). Needs redis-server,
 # redis-cli, smtp-sink and a release build (cargo build --release). Every process it starts is
 # stopped by its PID.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${1:-30000}
+MODE=${MODE:-live}
+[[ $MODE == live || $MODE == backlog ]] || { echo "MODE is live or backlog" >&2; exit 2; }
 BIN=${MXPIPE_BIN:-target/release/mxpipe}
 DIR=$(mktemp -d)
 PIDS=()
@@ -61,21 +70,31 @@ all_acked() {
 for K in 1 2 3; do
     R flushall >/dev/null
     R xgroup create '{mxpipe}:work' nodes 0 mkstream >/dev/null
+    enqueue() {
+        $BIN enqueue --redis "redis://127.0.0.1:$RPORT" --from news@example.org \
+            --to-file "$DIR/list.txt" --per-entry 1 "$DIR/m.eml" >/dev/null
+    }
+    if [[ $MODE == backlog ]]; then
+        enqueue
+        before=$(calls)
+        redis0=$(ticks "$REDIS_PID")
+    fi
     NODE_PIDS=()
     for k in $(seq 1 "$K"); do
         $BIN node --redis "redis://127.0.0.1:$RPORT" --relay "${SINKS[$((k - 1))]}" \
-            --consumer "n$k" --exit-when-idle 1 >"$DIR/node.$k" 2>/dev/null &
+            --consumer "n$k" --exit-when-idle 1 ${NODE_ARGS:-} >"$DIR/node.$k" 2>/dev/null &
         NODE_PIDS+=($!)
         PIDS+=($!)
     done
-    sleep 0.5
     cpu0=0
-    for p in "${NODE_PIDS[@]}"; do cpu0=$((cpu0 + $(ticks "$p"))); done
-    redis0=$(ticks "$REDIS_PID")
-    before=$(calls)
-    start_ms=$(R time | awk 'NR == 1 {s = $1} NR == 2 {printf "%.0f\n", s * 1000 + $1 / 1000}')
-    $BIN enqueue --redis "redis://127.0.0.1:$RPORT" --from news@example.org --to-file "$DIR/list.txt" \
-        --per-entry 1 "$DIR/m.eml" >/dev/null
+    if [[ $MODE == live ]]; then
+        sleep 0.5
+        for p in "${NODE_PIDS[@]}"; do cpu0=$((cpu0 + $(ticks "$p"))); done
+        redis0=$(ticks "$REDIS_PID")
+        before=$(calls)
+        start_ms=$(R time | awk 'NR == 1 {s = $1} NR == 2 {printf "%.0f\n", s * 1000 + $1 / 1000}')
+        enqueue
+    fi
     # A node may exit as soon as the work is done (--exit-when-idle counts from its last read):
     # its CPU is sampled while waiting, and the last sample counts if it is gone by then.
     declare -A LAST_TICKS=()
@@ -92,6 +111,9 @@ for K in 1 2 3; do
     after=$(calls)
     for p in "${NODE_PIDS[@]}"; do wait "$p"; done
     trips=$(cat "$DIR"/node.* | sed -n 's/.*round_trips=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s}')
+    if [[ $MODE == backlog ]]; then
+        start_ms=$(cat "$DIR"/node.* | sed -n 's/.*first_read_at_ms=\([1-9][0-9]*\).*/\1/p' | sort -n | head -1)
+    fi
     R --raw xrange '{mxpipe}:outcomes' - + | python3 -c '
 import sys, json
 lines = sys.stdin.read().split("\n")
@@ -100,11 +122,11 @@ for i, line in enumerate(lines):
     if line.startswith("["):
         last = int(lines[i - 2].split("-")[0])
         n += sum(1 for o in json.loads(line) if o["status"] == "delivered")
-k, start, cpu, rcpu, before, after, trips, hz = sys.argv[1:]
+mode, k, start, cpu, rcpu, before, after, trips, hz = sys.argv[1:]
 span = max(last - int(start), 1) / 1000
-print(f"nodes={k} delivered={n} msgs_per_s={n / span:.0f} cpu_us_per_msg={int(cpu) / int(hz) * 1e6 / n:.1f} "
+print(f"mode={mode} nodes={k} delivered={n} msgs_per_s={n / span:.0f} cpu_us_per_msg={int(cpu) / int(hz) * 1e6 / n:.1f} "
       f"redis_cpu_us_per_msg={int(rcpu) / int(hz) * 1e6 / n:.1f} "
       f"redis_commands_per_msg={(int(after) - int(before)) / n:.4f} round_trips_per_msg={int(trips) / n:.4f}")
-' "$K" "$start_ms" "$((cpu1 - cpu0))" "$((redis1 - redis0))" "$before" "$after" "$trips" "$HZ"
+' "$MODE" "$K" "$start_ms" "$((cpu1 - cpu0))" "$((redis1 - redis0))" "$before" "$after" "$trips" "$HZ"
     rm -f "$DIR"/node.*
 done

@@ -84,6 +84,9 @@ pub struct NodeReport {
     /// Outcomes the node could not write before it gave up (Redis unreachable after a stop):
     /// their entries stay pending, and another node delivers them again.
     pub unwritten: AtomicU64,
+    /// When the first read brought entries (milliseconds since the Unix epoch; 0: none yet),
+    /// so that a bench can clock a node that drains a backlog from its first entry.
+    pub first_read_ms: AtomicU64,
     /// Where the node's own threads spend their time.
     pub timings: Timings,
 }
@@ -133,7 +136,7 @@ impl std::fmt::Display for NodeReport {
             f,
             "node entries={} claimed={} taken_deferred={} recipients={} delivered={} bounced={} \
              expired={} handed_off={} flushes={} unwritten={} round_trips={} read_ms={} \
-             parse_submit_ms={} note_ms={} flush_ms={}",
+             parse_submit_ms={} note_ms={} flush_ms={} first_read_at_ms={}",
             g(&self.entries),
             g(&self.claimed),
             g(&self.taken_deferred),
@@ -149,6 +152,7 @@ impl std::fmt::Display for NodeReport {
             g(&self.timings.start_us) / 1000,
             g(&self.timings.note_us) / 1000,
             g(&self.timings.flush_us) / 1000,
+            g(&self.first_read_ms),
         )
     }
 }
@@ -492,6 +496,9 @@ impl Node {
                 }
             };
             got += entries.len();
+            if !entries.is_empty() && self.report.first_read_ms.load(Ordering::Relaxed) == 0 {
+                self.report.first_read_ms.store(now_ms(), Ordering::Relaxed);
+            }
             self.report
                 .entries
                 .fetch_add(entries.len() as u64, Ordering::Relaxed);
