@@ -9,6 +9,7 @@
 
 use super::{EventKind, Shared};
 use crate::error::Error;
+use crate::message::Address;
 use crate::queue::{Envelope, Ingress, Submission};
 use crate::smtp::reply::Reply;
 use std::fmt;
@@ -29,6 +30,9 @@ pub struct Outcome {
     packed: std::ops::Range<usize>,
     /// How many recipients: never 0; exactly 1 when `failure` is set.
     count: usize,
+    /// Its recipients are named by their positions in the message as a spool stored it
+    /// (`u32` each), not by address: see [`Outcomes::positions`].
+    positional: bool,
     pub kind: EventKind,
     /// Delivery attempts made so far.
     pub attempts: u32,
@@ -50,15 +54,26 @@ impl Outcome {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+
+    /// Whether its recipients are named by position ([`Outcomes::positions`]) rather than by
+    /// address ([`Outcomes::recipients`]).
+    pub fn is_positional(&self) -> bool {
+        self.positional
+    }
 }
 
 /// A loop turn's outcomes, in the order decided, handed to the custody at the end of the turn
-/// and then reused. The recipients' addresses are copied into one buffer shared by the turn,
-/// each as its length (`u32`, little-endian) and its octets: the layout a spool checkpoint
-/// stores, so that writing one is one copy. Copying an address is cheaper for the loop than
-/// cloning its [`Address`](crate::message::Address) (an atomic increment, and a decrement later, on a count the
-/// submitting thread touched last), and memory kept from turn to turn makes no allocation
-/// per outcome.
+/// and then reused. Their recipients are written into one buffer shared by the turn, in the
+/// layout a spool checkpoint stores, so that writing one is one copy:
+/// - a recipient a spool placed (its [`Address`](crate::message::Address) has a position) as
+///   that position, a `u32` (little-endian): 4 octets, and the address's text is not read;
+/// - any other recipient, and every one whose outcome carries a [`Failure`], as its address:
+///   its length (`u32`, little-endian) and its octets.
+///
+/// One outcome holds recipients of one kind of naming. Copying a few octets is cheaper for the
+/// loop than cloning an address (an atomic increment, and a decrement later, on a count the
+/// submitting thread touched last), and memory kept from turn to turn makes no allocation per
+/// outcome.
 #[derive(Debug, Default)]
 pub struct Outcomes {
     pub list: Vec<Outcome>,
@@ -71,10 +86,24 @@ const KEEP_PACKED: usize = 1 << 20;
 const KEEP_OUTCOMES: usize = 8192;
 
 impl Outcomes {
-    /// `outcome`'s recipients as stored: each address's length (`u32`, little-endian), then
-    /// its octets.
+    /// `outcome`'s recipients as stored: each one's position (`u32`, little-endian) when the
+    /// outcome [`is_positional`](Outcome::is_positional), else each address's length (`u32`,
+    /// little-endian), then its octets.
     pub fn packed(&self, outcome: &Outcome) -> &[u8] {
         &self.packed[outcome.packed.clone()]
+    }
+
+    /// The positions of a positional outcome's recipients, in order (none for an outcome
+    /// named by address).
+    pub fn positions<'a>(&'a self, outcome: &Outcome) -> impl Iterator<Item = u32> + 'a {
+        let packed = if outcome.positional {
+            self.packed(outcome)
+        } else {
+            &[]
+        };
+        packed
+            .chunks_exact(4)
+            .map(|p| u32::from_le_bytes(p.try_into().expect("4 octets")))
     }
 
     /// The one recipient of an outcome that carries a failure, with that failure.
@@ -83,13 +112,15 @@ impl Outcomes {
         Some((self.recipients(outcome).next()?, failure))
     }
 
-    /// `outcome`'s recipients, in order.
+    /// The addresses of an outcome named by address, in order (none for a positional one;
+    /// an outcome with a failure is always named by address).
     pub fn recipients<'a>(
         &'a self,
         outcome: &Outcome,
     ) -> impl ExactSizeIterator<Item = &'a str> + 'a {
         let mut rest = self.packed(outcome);
-        (0..outcome.count).map(move |_| {
+        let count = if outcome.positional { 0 } else { outcome.count };
+        (0..count).map(move |_| {
             let (len, tail) = rest.split_at(4);
             let len = u32::from_le_bytes(len.try_into().expect("4 octets")) as usize;
             let (address, tail) = tail.split_at(len);
@@ -99,24 +130,34 @@ impl Outcomes {
     }
 
     /// Notes one recipient's outcome: it joins the last entry when that is of the same
-    /// message, kind, attempts and retry time and neither carries a failure, else starts one.
-    /// Returns the entry it is in.
+    /// message, kind, attempts and retry time, names its recipients the same way, and neither
+    /// carries a failure; else it starts one. Returns the entry it is in.
     pub fn note(
         &mut self,
         message_id: u64,
-        recipient: &str,
+        recipient: &Address,
         kind: EventKind,
         attempts: u32,
         retry_at: Option<SystemTime>,
         failure: Option<Box<Failure>>,
     ) -> &Outcome {
-        self.packed
-            .extend_from_slice(&(recipient.len() as u32).to_le_bytes());
-        self.packed.extend_from_slice(recipient.as_bytes());
+        let start = self.packed.len();
+        let position = recipient.position().filter(|_| failure.is_none());
+        match position {
+            Some(p) => self.packed.extend_from_slice(&p.to_le_bytes()),
+            None => {
+                let text = recipient.as_str();
+                self.packed
+                    .extend_from_slice(&(text.len() as u32).to_le_bytes());
+                self.packed.extend_from_slice(text.as_bytes());
+            }
+        }
         let end = self.packed.len();
+        let positional = position.is_some();
         let joins = |last: &Outcome| {
             failure.is_none()
                 && last.failure.is_none()
+                && last.positional == positional
                 && last.message_id == message_id
                 && last.kind == kind
                 && last.attempts == attempts
@@ -130,8 +171,9 @@ impl Outcomes {
             }
             _ => self.list.push(Outcome {
                 message_id,
-                packed: end - 4 - recipient.len()..end,
+                packed: start..end,
                 count: 1,
+                positional,
                 kind,
                 attempts,
                 retry_at,

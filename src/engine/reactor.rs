@@ -338,14 +338,9 @@ impl Reactor {
                         destination: Arc::clone(destination),
                     })
                 });
-            let outcome = self.outcomes.note(
-                envelope.id,
-                recipient.as_str(),
-                kind,
-                attempts,
-                retry_at,
-                failure,
-            );
+            let outcome =
+                self.outcomes
+                    .note(envelope.id, recipient, kind, attempts, retry_at, failure);
             if outcome.failure.is_some() {
                 custody.decided(outcome, recipient.as_str());
             }

@@ -26,6 +26,12 @@ const TAG_DSN: u8 = 7;
 /// One checkpoint for several recipients of a message (written since; `TAG_OUTCOME` records
 /// of an older spool are still read).
 const TAG_OUTCOMES: u8 = 8;
+/// One checkpoint for several recipients of a message named by their positions in its stored
+/// list (4 octets each instead of an address; written since, the older tags still read).
+const TAG_POSITIONS: u8 = 9;
+/// Where the recipients of a message record written by a compaction (its pending ones only)
+/// were in the message as first stored, so that checkpoints by position still find them.
+const TAG_POSITION_MAP: u8 = 10;
 
 /// What a checkpoint says about one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +106,19 @@ pub enum Record {
         retry_at_ms: u64,
         recipients: Vec<String>,
     },
+    /// One checkpoint for several recipients of a message, each named by its position in the
+    /// message's list as first stored (0 for the first; see [`Record::Positions`]).
+    OutcomePositions {
+        id: u64,
+        mark: Mark,
+        attempts: u32,
+        retry_at_ms: u64,
+        positions: Vec<u32>,
+    },
+    /// Written by a compaction after a message record that lists only some of the message's
+    /// recipients: the position each of them had in the list as first stored (ascending), which
+    /// checkpoints by position name. Without it a message's list is as first stored.
+    Positions { id: u64, positions: Vec<u32> },
     /// `mxpipe queue retry`: every deferred recipient of `id` (0: of every message) is due now.
     Retry { id: u64 },
     /// `mxpipe queue delete`: the message is dropped without further attempts.
@@ -155,6 +174,21 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             recipients.iter().map(String::as_str),
             out,
         ),
+        Record::OutcomePositions {
+            id,
+            mark,
+            attempts,
+            retry_at_ms,
+            positions,
+        } => framed(out, |out| {
+            checkpoint_head(out, TAG_POSITIONS, *id, *mark, *attempts, *retry_at_ms);
+            put_positions(out, positions);
+        }),
+        Record::Positions { id, positions } => framed(out, |out| {
+            out.push(TAG_POSITION_MAP);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_positions(out, positions);
+        }),
         Record::Retry { id } => framed(out, |out| {
             out.push(TAG_RETRY);
             out.extend_from_slice(&id.to_le_bytes());
@@ -276,6 +310,26 @@ pub fn encode_outcomes_packed(
     })
 }
 
+/// A checkpoint by position ([`Record::OutcomePositions`]) of `count` recipients whose
+/// positions are already in the record's layout (each a `u32`, little-endian): the loop's
+/// checkpoints, one copy.
+pub fn encode_positions_packed(
+    id: u64,
+    mark: Mark,
+    attempts: u32,
+    retry_at_ms: u64,
+    count: usize,
+    packed: &[u8],
+    out: &mut Vec<u8>,
+) {
+    debug_assert_eq!(packed.len(), 4 * count);
+    framed(out, |out| {
+        checkpoint_head(out, TAG_POSITIONS, id, mark, attempts, retry_at_ms);
+        out.extend_from_slice(&(count as u32).to_le_bytes());
+        out.extend_from_slice(packed);
+    })
+}
+
 /// Encodes a body record from a borrowed body.
 pub fn encode_body(body_id: u64, bytes: &[u8], out: &mut Vec<u8>) {
     encode_body_head(body_id, bytes, out);
@@ -328,6 +382,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// A count (`u32`), then each position (`u32`), all little-endian.
+fn put_positions(out: &mut Vec<u8>, positions: &[u32]) {
+    out.extend_from_slice(&(positions.len() as u32).to_le_bytes());
+    for p in positions {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+}
+
 /// A count (`u32`), then each string as [`put_str`] writes it.
 fn put_list<'a>(out: &mut Vec<u8>, list: impl ExactSizeIterator<Item = &'a str>) {
     out.extend_from_slice(&(list.len() as u32).to_le_bytes());
@@ -363,6 +425,17 @@ impl Cursor<'_> {
     fn string(&mut self) -> Option<String> {
         let n = self.u32()? as usize;
         String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+    /// A count, then that many positions.
+    fn positions(&mut self) -> Option<Vec<u32>> {
+        let n = self.u32()? as usize;
+        let bytes = self.take(n.checked_mul(4)?)?;
+        Some(
+            bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
     }
     /// A count, then that many strings.
     fn strings(&mut self) -> Option<Vec<String>> {
@@ -417,6 +490,29 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
                 retry_at_ms,
                 recipients,
             }
+        }
+        TAG_POSITIONS => {
+            let id = c.u64()?;
+            let mark = Mark::from_code(c.u8()?)?;
+            let attempts = c.u32()?;
+            let retry_at_ms = c.u64()?;
+            let positions = c.positions()?;
+            Record::OutcomePositions {
+                id,
+                mark,
+                attempts,
+                retry_at_ms,
+                positions,
+            }
+        }
+        TAG_POSITION_MAP => {
+            let id = c.u64()?;
+            let positions = c.positions()?;
+            // Ascending, as written: replay looks positions up in it.
+            if positions.windows(2).any(|w| w[0] >= w[1]) {
+                return None;
+            }
+            Record::Positions { id, positions }
         }
         TAG_RETRY => Record::Retry { id: c.u64()? },
         TAG_DELETE => Record::Delete { id: c.u64()? },
@@ -562,6 +658,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Address;
 
     fn records() -> Vec<Record> {
         vec![
@@ -591,6 +688,17 @@ mod tests {
                 retry_at_ms: 0,
                 recipients: vec!["e@f.example".into(), "g@h.example".into()],
             },
+            Record::OutcomePositions {
+                id: 7,
+                mark: Mark::Deferred,
+                attempts: 1,
+                retry_at_ms: 1_700_000_600_000,
+                positions: vec![0, 5, 70_000],
+            },
+            Record::Positions {
+                id: 7,
+                positions: vec![1, 4, 9],
+            },
             Record::Retry { id: 0 },
             Record::Delete { id: 7 },
         ]
@@ -605,11 +713,25 @@ mod tests {
             "\u{e9}l\u{e8}ve@\u{e9}cole.example",
             "",
         ];
+        let address = |a: &str| {
+            if a.is_empty() {
+                Address::null()
+            } else {
+                Address::parse(a, crate::error::Field::Sender).unwrap()
+            }
+        };
         let mut outcomes = Outcomes::default();
         // Another message's outcome first: the run's recipients start inside the buffer.
-        outcomes.note(6, "x@y.example", EventKind::Delivered, 1, None, None);
+        outcomes.note(
+            6,
+            &address("x@y.example"),
+            EventKind::Delivered,
+            1,
+            None,
+            None,
+        );
         for a in addresses {
-            outcomes.note(7, a, EventKind::Bounced, 3, None, None);
+            outcomes.note(7, &address(a), EventKind::Bounced, 3, None, None);
         }
         assert_eq!(outcomes.list.len(), 2);
         let run = &outcomes.list[1];
@@ -626,6 +748,70 @@ mod tests {
             &mut b,
         );
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn outcomes_of_placed_recipients_are_checkpoints_by_position() {
+        use crate::engine::{custody::Outcomes, EventKind};
+        let placed = |a: &str, p: u32| {
+            let mut a = Address::parse(a, crate::error::Field::Sender).unwrap();
+            a.set_position(p);
+            a
+        };
+        let mut outcomes = Outcomes::default();
+        outcomes.note(
+            7,
+            &placed("a@x.example", 3),
+            EventKind::Delivered,
+            1,
+            None,
+            None,
+        );
+        outcomes.note(
+            7,
+            &placed("b@x.example", 9),
+            EventKind::Delivered,
+            1,
+            None,
+            None,
+        );
+        // Not placed by a spool: an outcome of its own, by address.
+        let plain = Address::parse("c@x.example", crate::error::Field::Sender).unwrap();
+        outcomes.note(7, &plain, EventKind::Delivered, 1, None, None);
+        outcomes.note(
+            7,
+            &placed("d@x.example", 0),
+            EventKind::Delivered,
+            1,
+            None,
+            None,
+        );
+        assert_eq!(outcomes.list.len(), 3);
+        let run = &outcomes.list[0];
+        assert!(run.is_positional());
+        assert_eq!(outcomes.positions(run).collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(outcomes.recipients(run).count(), 0);
+        assert!(!outcomes.list[1].is_positional());
+        assert_eq!(
+            outcomes.recipients(&outcomes.list[1]).collect::<Vec<_>>(),
+            ["c@x.example"]
+        );
+        assert_eq!(outcomes.positions(&outcomes.list[1]).count(), 0);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_positions_packed(7, Mark::Delivered, 1, 0, 2, outcomes.packed(run), &mut a);
+        encode(
+            &Record::OutcomePositions {
+                id: 7,
+                mark: Mark::Delivered,
+                attempts: 1,
+                retry_at_ms: 0,
+                positions: vec![3, 9],
+            },
+            &mut b,
+        );
+        assert_eq!(a, b);
+        // 4 octets a recipient where the address took 4 and its length.
+        assert_eq!(a.len(), HEADER + 1 + 8 + 1 + 4 + 8 + 4 + 8);
     }
 
     fn read_all(dir: &Path, path: &Path) -> (Vec<Record>, ReadIssues) {

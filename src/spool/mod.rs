@@ -255,7 +255,12 @@ impl SpoolCustody {
                 EventKind::Bounced => Mark::Bounced,
                 EventKind::Expired => Mark::Expired,
             };
-            log::encode_outcomes_packed(
+            let encode = if o.is_positional() {
+                log::encode_positions_packed
+            } else {
+                log::encode_outcomes_packed
+            };
+            encode(
                 o.message_id,
                 mark,
                 o.attempts,
@@ -668,14 +673,17 @@ fn recovered_message(
         let age = Duration::from_millis(now_ms.saturating_sub(m.submitted_ms));
         let submitted = now.checked_sub(age).unwrap_or(now);
         let mut groups: HashMap<(u32, u64), Vec<Address>> = HashMap::new();
-        for (i, (recipient, checkpoint)) in m.pending().enumerate() {
+        for (i, (position, recipient, checkpoint)) in m.pending_placed().enumerate() {
             let (attempts, retry_at_ms) =
                 checkpoint.map_or((0, 0), |c| (c.attempts, c.retry_at_ms));
             let due_ms = if retry_at_ms > now_ms { retry_at_ms } else { 0 };
-            groups
-                .entry((attempts, due_ms))
-                .or_default()
-                .push(Address::parse(recipient, Field::Recipient(i)).ok()?);
+            let mut address = Address::parse(recipient, Field::Recipient(i)).ok()?;
+            // Where the message's record put it: the checkpoints after this restart name it
+            // by that position too.
+            if let Some(p) = position {
+                address.set_position(p);
+            }
+            groups.entry((attempts, due_ms)).or_default().push(address);
         }
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_by_key(|(k, _)| *k);
@@ -908,6 +916,15 @@ impl Writer {
             return;
         }
         self.buf.clear();
+        // Each recipient learns its position in the list its message record stores: the
+        // engine's checkpoints name it by that (4 octets) instead of its address.
+        for p in batch.iter_mut() {
+            for (i, r) in p.message.recipients.iter_mut().enumerate() {
+                if let Ok(i) = u32::try_from(i) {
+                    r.set_position(i);
+                }
+            }
+        }
         // Bodies are written from where they are (a vectored write), never copied into the
         // batch: `self.buf` holds the rest, and each body follows the head at its offset.
         let mut bodies: Vec<(usize, &[u8])> = Vec::new();

@@ -34,6 +34,13 @@ pub struct StoredMessage {
     pub checkpoints: HashMap<String, Checkpoint>,
     /// The DSN request, as stored ([`Record::Dsn`]): MAIL parameters, RCPT parameters.
     pub dsn: Option<(String, Vec<(String, String)>)>,
+    /// Where each of `recipients` was in the message's list as first stored, when a compaction
+    /// left only some ([`Record::Positions`]); `None`: `recipients` is that list.
+    pub positions: Option<Vec<u32>>,
+    /// A position map did not fit the list: checkpoints by position name nobody here (they
+    /// are dropped: a resend, never a loss), and the recipients go back to the engine without
+    /// positions, so that it names them by address.
+    pub unplaced: bool,
 }
 
 impl StoredMessage {
@@ -46,17 +53,49 @@ impl StoredMessage {
             recipients,
             checkpoints: HashMap::new(),
             dsn: None,
+            positions: None,
+            unplaced: false,
         }
     }
 
     /// Recipients without a final outcome, with their last deferral if any.
     pub fn pending(&self) -> impl Iterator<Item = (&str, Option<Checkpoint>)> {
+        self.pending_placed().map(|(_, r, c)| (r, c))
+    }
+
+    /// [`StoredMessage::pending`], each with its position in the message's list as first
+    /// stored (what the engine's checkpoints name it by; `None` when it is not known).
+    pub fn pending_placed(&self) -> impl Iterator<Item = (Option<u32>, &str, Option<Checkpoint>)> {
         self.recipients
             .iter()
-            .filter_map(|r| match self.checkpoints.get(r) {
+            .enumerate()
+            .filter_map(|(i, r)| match self.checkpoints.get(r) {
                 Some(c) if c.mark.is_final() => None,
-                c => Some((r.as_str(), c.copied())),
+                c => Some((self.position_of(i), r.as_str(), c.copied())),
             })
+    }
+
+    /// The position in the list as first stored of `recipients[index]`.
+    fn position_of(&self, index: usize) -> Option<u32> {
+        if self.unplaced {
+            return None;
+        }
+        match &self.positions {
+            Some(p) => p.get(index).copied(),
+            None => u32::try_from(index).ok(),
+        }
+    }
+
+    /// The recipient at `position` of the list as first stored, if it is still listed.
+    fn at_position(&self, position: u32) -> Option<&String> {
+        if self.unplaced {
+            return None;
+        }
+        let index = match &self.positions {
+            Some(p) => p.binary_search(&position).ok()?,
+            None => position as usize,
+        };
+        self.recipients.get(index)
     }
 
     /// Applies a recipient's checkpoint: a final outcome is never undone by a later deferral.
@@ -169,8 +208,13 @@ impl State {
                 self.next_id = self.next_id.max(id + 1);
                 match self.messages.get_mut(&id) {
                     // Met again after a compaction that did not finish deleting: the newer
-                    // list holds the recipients that were still pending.
-                    Some(m) => m.recipients = recipients,
+                    // list holds the recipients that were still pending (their positions come
+                    // in the record after it, if they moved).
+                    Some(m) => {
+                        m.recipients = recipients;
+                        m.positions = None;
+                        m.unplaced = false;
+                    }
                     None => {
                         self.messages.insert(
                             id,
@@ -194,6 +238,35 @@ impl State {
                 retry_at_ms,
                 recipients,
             } => self.checkpoint(id, mark, attempts, retry_at_ms, recipients),
+            Record::OutcomePositions {
+                id,
+                mark,
+                attempts,
+                retry_at_ms,
+                positions,
+            } => {
+                // Named by position: the address is the one at that position now. A position
+                // no longer listed was final when a compaction wrote the list.
+                let recipients: Vec<String> = match self.messages.get(&id) {
+                    Some(m) => positions
+                        .iter()
+                        .filter_map(|&p| m.at_position(p).cloned())
+                        .collect(),
+                    None => Vec::new(),
+                };
+                self.checkpoint(id, mark, attempts, retry_at_ms, recipients)
+            }
+            Record::Positions { id, positions } => {
+                if let Some(m) = self.messages.get_mut(&id) {
+                    // A map that does not fit the list names nobody (see `unplaced`).
+                    if positions.len() == m.recipients.len() {
+                        m.positions = Some(positions);
+                    } else {
+                        m.positions = None;
+                        m.unplaced = true;
+                    }
+                }
+            }
             Record::Retry { id } => {
                 let due_now = |m: &mut StoredMessage| {
                     for c in m.checkpoints.values_mut() {
@@ -240,13 +313,23 @@ impl State {
         self.delete_segments_read(dir)?;
         // The live state is now what the new segment says: forget what was dropped.
         for m in self.messages.values_mut() {
+            let kept: Vec<Option<u32>> = m.pending_placed().map(|(p, _, _)| p).collect();
             let StoredMessage {
                 recipients,
                 checkpoints,
+                positions,
                 ..
             } = m;
             recipients.retain(|r| !checkpoints.get(r).is_some_and(|c| c.mark.is_final()));
             checkpoints.retain(|_, c| !c.mark.is_final());
+            // As the new segment says (see `encode_live`).
+            if let Some(kept) = kept.into_iter().collect::<Option<Vec<u32>>>() {
+                *positions = kept
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &p)| p != i as u32)
+                    .then_some(kept);
+            }
         }
         self.segments.push((number, path));
         self.bytes = size;
@@ -310,7 +393,9 @@ impl State {
                     log::encode_body(m.body_id, bytes, &mut buf);
                 }
             }
-            let pending: Vec<(&str, Option<Checkpoint>)> = m.pending().collect();
+            let placed: Vec<(Option<u32>, &str, Option<Checkpoint>)> = m.pending_placed().collect();
+            let pending: Vec<(&str, Option<Checkpoint>)> =
+                placed.iter().map(|&(_, r, c)| (r, c)).collect();
             log::encode_message(
                 id,
                 m.body_id,
@@ -319,6 +404,16 @@ impl State {
                 pending.iter().map(|(r, _)| *r),
                 &mut buf,
             );
+            // Where those recipients were first: unless they are the whole list as first
+            // stored, or a start of it, the engine's checkpoints by position need the map.
+            // (An unplaced message has none to give: its recipients were handed to the engine
+            // without positions, so none of its checkpoints names one.)
+            let positions: Option<Vec<u32>> = placed.iter().map(|&(p, _, _)| p).collect();
+            if let Some(positions) = positions {
+                if positions.iter().enumerate().any(|(i, &p)| p != i as u32) {
+                    log::encode(&Record::Positions { id, positions }, &mut buf);
+                }
+            }
             if let Some((mail, recipients)) = &m.dsn {
                 log::encode(
                     &Record::Dsn {

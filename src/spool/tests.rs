@@ -315,16 +315,20 @@ fn a_torn_last_record_is_tolerated() {
 fn a_corrupt_record_is_set_aside_and_reported_once() {
     let dir = tempdir("corrupt");
     let id = spool_with_deferred(&dir);
-    // One octet of the deferral checkpoint flipped (after the id floor, body and message
-    // records): it names both recipients (one record per run of recipients).
+    // One octet of the deferral checkpoint flipped (the last record, after the id floor, body
+    // and message records): it names both recipients by position (one record per run).
+    assert!(
+        matches!(
+            all_records(&dir).last(),
+            Some(log::Record::OutcomePositions { id: of, mark: log::Mark::Deferred, positions, .. })
+                if *of == id && positions == &[0, 1]
+        ),
+        "{:?}",
+        all_records(&dir)
+    );
     let segment = last_segment(&dir);
     let mut bytes = fs::read(&segment).unwrap();
-    let needle = b"busy1@example.net";
-    let at = bytes
-        .windows(needle.len())
-        .rposition(|w| w == needle)
-        .unwrap();
-    bytes[at] ^= 0x20;
+    *bytes.last_mut().unwrap() ^= 0x20;
     fs::write(&segment, &bytes).unwrap();
     let s = sink(Faults::default());
     {
@@ -333,9 +337,9 @@ fn a_corrupt_record_is_set_aside_and_reported_once() {
         assert_eq!((report.torn, report.corrupt), (0, 1));
         // The recipients whose checkpoint was lost are sent at once (a resend, never a loss).
         assert_eq!((report.recipients, report.held), (2, 0));
+        // What was set aside is that record as it was found: positions 0 and 1, flipped.
         let aside = fs::read(&report.set_aside[0]).unwrap();
-        assert!(aside.windows(5).any(|w| w == b"Busy1"), "{aside:?}");
-        assert!(aside.windows(5).any(|w| w == b"busy2"), "{aside:?}");
+        assert!(aside.ends_with(&[0, 0, 0, 0, 1, 0, 0, 0x20]), "{aside:?}");
         d.flush();
         let delivered: Vec<String> = events(&d)
             .into_iter()
@@ -921,6 +925,103 @@ fn recovery_after_compact_checkpoints_yields_exactly_the_non_final_recipients() 
 }
 
 #[test]
+fn checkpoints_by_position_name_the_same_recipients_across_compactions_and_restarts() {
+    use log::{Mark, Record};
+    use std::io::Write;
+    let dir = tempdir("positions");
+    let later = super::unix_ms(std::time::SystemTime::now()) + 3_600_000;
+    let at = |id: u64, mark: Mark, retry_at_ms: u64, positions: &[u32]| Record::OutcomePositions {
+        id,
+        mark,
+        attempts: 1,
+        retry_at_ms,
+        positions: positions.to_vec(),
+    };
+    let to = ["a", "b", "c", "d", "e", "f"].map(|r| format!("{r}@example.net"));
+    let records = [
+        Record::Body {
+            body_id: 1,
+            bytes: b"Subject: x\r\n\r\ny\r\n".to_vec(),
+        },
+        Record::Message {
+            id: 1,
+            body_id: 1,
+            submitted_ms: later - 3_600_000,
+            sender: "news@example.org".into(),
+            recipients: to.to_vec(),
+        },
+        at(1, Mark::Delivered, 0, &[0, 2]),
+        at(1, Mark::Deferred, later, &[1, 3]),
+    ];
+    let mut buf = Vec::new();
+    for r in &records {
+        log::encode(r, &mut buf);
+    }
+    fs::write(log::segment_path(&dir, 1), &buf).unwrap();
+    let pending = |state: &super::store::State| -> Vec<(Option<u32>, String)> {
+        state.messages[&1]
+            .pending_placed()
+            .map(|(p, r, _)| (p, r.to_string()))
+            .collect()
+    };
+    let named = |list: &[(u32, &str)]| -> Vec<(Option<u32>, String)> {
+        list.iter()
+            .map(|&(p, r)| (Some(p), format!("{r}@example.net")))
+            .collect()
+    };
+    let mut state = super::store::State::load(&dir).unwrap();
+    assert_eq!(
+        pending(&state),
+        named(&[(1, "b"), (3, "d"), (4, "e"), (5, "f")])
+    );
+    // A compaction keeps only b, d, e and f: the record after their list says where they were.
+    let (_, mut file, _) = state.compact(&dir).unwrap();
+    assert!(
+        all_records(&dir).contains(&Record::Positions {
+            id: 1,
+            positions: vec![1, 3, 4, 5]
+        }),
+        "{:?}",
+        all_records(&dir)
+    );
+    assert_eq!(
+        pending(&state),
+        named(&[(1, "b"), (3, "d"), (4, "e"), (5, "f")])
+    );
+    // The engine goes on naming them by their first positions: 3 is d, 5 is f; 0 (a, final
+    // before the compaction) is listed no more and names nobody.
+    let mut buf = Vec::new();
+    log::encode(&at(1, Mark::Delivered, 0, &[0, 3]), &mut buf);
+    log::encode(&at(1, Mark::Bounced, 0, &[5]), &mut buf);
+    file.write_all(&buf).unwrap();
+    drop(file);
+    let mut state = super::store::State::load(&dir).unwrap();
+    assert_eq!(pending(&state), named(&[(1, "b"), (4, "e")]));
+    // Recovered: each recipient goes back to the engine with its first position.
+    let recovered = super::recovered_submissions(super::store::State::load(&dir).unwrap(), &mut 0);
+    let mut given: Vec<(Option<u32>, String)> = recovered
+        .iter()
+        .flat_map(|(_, s)| s.message.recipients.iter())
+        .map(|r| (r.position(), r.to_string()))
+        .collect();
+    given.sort();
+    assert_eq!(given, named(&[(1, "b"), (4, "e")]));
+    // A second compaction maps the maps; a checkpoint after it still finds e at 4.
+    let (_, mut file, _) = state.compact(&dir).unwrap();
+    file.write_all(&{
+        let mut buf = Vec::new();
+        log::encode(&at(1, Mark::Delivered, 0, &[4]), &mut buf);
+        buf
+    })
+    .unwrap();
+    drop(file);
+    let state = super::store::State::load(&dir).unwrap();
+    assert_eq!((state.issues.torn, state.issues.corrupt), (0, 0));
+    assert_eq!(pending(&state), named(&[(1, "b")]));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_transactions_recipients_are_checkpointed_in_one_record() {
     let dir = tempdir("one-record");
     let s = sink(Faults {
@@ -948,28 +1049,35 @@ fn a_transactions_recipients_are_checkpointed_in_one_record() {
         d.flush();
         d.shutdown();
     }
-    let checkpoints: Vec<(log::Mark, u32, Vec<String>)> = all_records(&dir)
+    let checkpoints: Vec<(log::Mark, u32, Vec<u32>)> = all_records(&dir)
         .into_iter()
         .filter_map(|r| match r {
-            log::Record::Outcomes {
+            log::Record::OutcomePositions {
                 id: of,
                 mark,
                 attempts,
-                recipients,
+                positions,
                 ..
-            } if of == id => Some((mark, attempts, recipients)),
-            log::Record::Outcome { .. } => panic!("a per-recipient record was written"),
+            } if of == id => Some((mark, attempts, positions)),
+            log::Record::Outcome { .. } | log::Record::Outcomes { .. } => {
+                panic!("a recipient was checkpointed by address: {r:?}")
+            }
             _ => None,
         })
         .collect();
-    // The delivered fifty in one record, the two deferred in another.
+    // The delivered fifty in one record, the two deferred in another, each recipient named by
+    // its position in the message's record (4 octets, not its address).
     assert_eq!(
         checkpoints,
         [
-            (log::Mark::Delivered, 1, to[..50].to_vec()),
-            (log::Mark::Deferred, 1, to[50..].to_vec())
+            (log::Mark::Delivered, 1, (0..50).collect()),
+            (log::Mark::Deferred, 1, vec![50, 51])
         ]
     );
+    // And they name the right ones: the two deferred are what the spool holds.
+    let state = super::store::State::load(&dir).unwrap();
+    let pending: Vec<&str> = state.messages[&id].pending().map(|(r, _)| r).collect();
+    assert_eq!(pending, ["busy1@example.net", "busy2@example.net"]);
     let _ = fs::remove_dir_all(&dir);
 }
 
