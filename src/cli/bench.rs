@@ -378,11 +378,12 @@ pub(crate) fn run_bench(args: BenchArgs) -> CliResult {
     let cpu = cpu1 - cpu0;
     // Diagnostics on their own line; the result line keeps its fixed form for scripts.
     println!(
-        "loop longest_turn_us={} submitted_in_ms={} destinations={destinations} transactions={} connections_per_s={:.0}",
+        "loop longest_turn_us={} submitted_in_ms={} destinations={destinations} transactions={} connections_per_s={:.0} recipients_per_s={:.0}",
         s.longest_turn_us,
         submitted_in.as_millis(),
         s.transactions,
-        s.connections_opened as f64 / elapsed.as_secs_f64()
+        s.connections_opened as f64 / elapsed.as_secs_f64(),
+        measured.delivered as f64 / elapsed.as_secs_f64()
     );
     println!(
         "result messages={messages} delivered={} msgs_per_s={:.0} cpu_us_per_msg={:.2} peak_rss_kb={peak_rss_kb} connections={}",
