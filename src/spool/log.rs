@@ -29,9 +29,10 @@ const TAG_OUTCOMES: u8 = 8;
 /// One checkpoint for several recipients of a message named by their positions in its stored
 /// list (4 octets each instead of an address; written since, the older tags still read).
 const TAG_POSITIONS: u8 = 9;
-/// Where the recipients of a message record written by a compaction (its pending ones only)
-/// were in the message as first stored, so that checkpoints by position still find them.
-const TAG_POSITION_MAP: u8 = 10;
+/// A message record written by a compaction that kept only some of its recipients, with the
+/// position each one had in the list as first stored: one record, so that the list and its
+/// positions are read, or set aside, together.
+const TAG_PLACED_MESSAGE: u8 = 10;
 
 /// What a checkpoint says about one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +108,7 @@ pub enum Record {
         recipients: Vec<String>,
     },
     /// One checkpoint for several recipients of a message, each named by its position in the
-    /// message's list as first stored (0 for the first; see [`Record::Positions`]).
+    /// message's list as first stored (0 for the first; see [`Record::PlacedMessage`]).
     OutcomePositions {
         id: u64,
         mark: Mark,
@@ -115,10 +116,18 @@ pub enum Record {
         retry_at_ms: u64,
         positions: Vec<u32>,
     },
-    /// Written by a compaction after a message record that lists only some of the message's
-    /// recipients: the position each of them had in the list as first stored (ascending), which
-    /// checkpoints by position name. Without it a message's list is as first stored.
-    Positions { id: u64, positions: Vec<u32> },
+    /// A message record written by a compaction that kept only some of the message's
+    /// recipients, with the position each of them had in the list as first stored (ascending,
+    /// one per recipient), which checkpoints by position name. A [`Record::Message`] is a list
+    /// as first stored.
+    PlacedMessage {
+        id: u64,
+        body_id: u64,
+        submitted_ms: u64,
+        sender: String,
+        recipients: Vec<String>,
+        positions: Vec<u32>,
+    },
     /// `mxpipe queue retry`: every deferred recipient of `id` (0: of every message) is due now.
     Retry { id: u64 },
     /// `mxpipe queue delete`: the message is dropped without further attempts.
@@ -184,9 +193,20 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             checkpoint_head(out, TAG_POSITIONS, *id, *mark, *attempts, *retry_at_ms);
             put_positions(out, positions);
         }),
-        Record::Positions { id, positions } => framed(out, |out| {
-            out.push(TAG_POSITION_MAP);
+        Record::PlacedMessage {
+            id,
+            body_id,
+            submitted_ms,
+            sender,
+            recipients,
+            positions,
+        } => framed(out, |out| {
+            out.push(TAG_PLACED_MESSAGE);
             out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&body_id.to_le_bytes());
+            out.extend_from_slice(&submitted_ms.to_le_bytes());
+            put_str(out, sender);
+            put_list(out, recipients.iter().map(String::as_str));
             put_positions(out, positions);
         }),
         Record::Retry { id } => framed(out, |out| {
@@ -505,14 +525,21 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
                 positions,
             }
         }
-        TAG_POSITION_MAP => {
+        TAG_PLACED_MESSAGE => {
             let id = c.u64()?;
+            let body_id = c.u64()?;
+            let submitted_ms = c.u64()?;
+            let sender = c.string()?;
+            let recipients = c.strings()?;
             let positions = c.positions()?;
-            // Ascending, as written: replay looks positions up in it.
-            if positions.windows(2).any(|w| w[0] >= w[1]) {
-                return None;
+            Record::PlacedMessage {
+                id,
+                body_id,
+                submitted_ms,
+                sender,
+                recipients,
+                positions,
             }
-            Record::Positions { id, positions }
         }
         TAG_RETRY => Record::Retry { id: c.u64()? },
         TAG_DELETE => Record::Delete { id: c.u64()? },
@@ -695,9 +722,13 @@ mod tests {
                 retry_at_ms: 1_700_000_600_000,
                 positions: vec![0, 5, 70_000],
             },
-            Record::Positions {
-                id: 7,
-                positions: vec![1, 4, 9],
+            Record::PlacedMessage {
+                id: 8,
+                body_id: 1,
+                submitted_ms: 1_700_000_000_000,
+                sender: "a@b.example".into(),
+                recipients: vec!["e@f.example".into(), "g@h.example".into()],
+                positions: vec![4, 9],
             },
             Record::Retry { id: 0 },
             Record::Delete { id: 7 },

@@ -35,7 +35,7 @@ pub struct StoredMessage {
     /// The DSN request, as stored ([`Record::Dsn`]): MAIL parameters, RCPT parameters.
     pub dsn: Option<(String, Vec<(String, String)>)>,
     /// Where each of `recipients` was in the message's list as first stored, when a compaction
-    /// left only some ([`Record::Positions`]); `None`: `recipients` is that list.
+    /// left only some ([`Record::PlacedMessage`]); `None`: `recipients` is that list.
     pub positions: Option<Vec<u32>>,
     /// A position map did not fit the list: checkpoints by position name nobody here (they
     /// are dropped: a resend, never a loss), and the recipients go back to the engine without
@@ -192,6 +192,41 @@ impl State {
         }
     }
 
+    /// A message record, with the positions of its recipients when a compaction wrote it.
+    fn message(
+        &mut self,
+        id: u64,
+        body_id: u64,
+        submitted_ms: u64,
+        sender: String,
+        recipients: Vec<String>,
+        positions: Option<Vec<u32>>,
+    ) {
+        self.next_id = self.next_id.max(id + 1);
+        // Positions that do not fit the list (one each, ascending) name nobody: see
+        // `unplaced`.
+        let fits = positions
+            .as_ref()
+            .is_none_or(|p| p.len() == recipients.len() && p.windows(2).all(|w| w[0] < w[1]));
+        let m = match self.messages.entry(id) {
+            // Met again after a compaction that did not finish deleting: the newer list holds
+            // the recipients that were still pending.
+            std::collections::btree_map::Entry::Occupied(e) => {
+                let m = e.into_mut();
+                m.recipients = recipients;
+                m
+            }
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(StoredMessage::new(
+                body_id,
+                submitted_ms,
+                sender,
+                recipients,
+            )),
+        };
+        m.unplaced = !fits;
+        m.positions = positions.filter(|_| fits);
+    }
+
     fn apply(&mut self, record: Record) {
         match record {
             Record::Body { body_id, bytes } => {
@@ -204,25 +239,22 @@ impl State {
                 submitted_ms,
                 sender,
                 recipients,
-            } => {
-                self.next_id = self.next_id.max(id + 1);
-                match self.messages.get_mut(&id) {
-                    // Met again after a compaction that did not finish deleting: the newer
-                    // list holds the recipients that were still pending (their positions come
-                    // in the record after it, if they moved).
-                    Some(m) => {
-                        m.recipients = recipients;
-                        m.positions = None;
-                        m.unplaced = false;
-                    }
-                    None => {
-                        self.messages.insert(
-                            id,
-                            StoredMessage::new(body_id, submitted_ms, sender, recipients),
-                        );
-                    }
-                }
-            }
+            } => self.message(id, body_id, submitted_ms, sender, recipients, None),
+            Record::PlacedMessage {
+                id,
+                body_id,
+                submitted_ms,
+                sender,
+                recipients,
+                positions,
+            } => self.message(
+                id,
+                body_id,
+                submitted_ms,
+                sender,
+                recipients,
+                Some(positions),
+            ),
             // A spool written before runs of recipients had one record per recipient.
             Record::Outcome {
                 id,
@@ -255,17 +287,6 @@ impl State {
                     None => Vec::new(),
                 };
                 self.checkpoint(id, mark, attempts, retry_at_ms, recipients)
-            }
-            Record::Positions { id, positions } => {
-                if let Some(m) = self.messages.get_mut(&id) {
-                    // A map that does not fit the list names nobody (see `unplaced`).
-                    if positions.len() == m.recipients.len() {
-                        m.positions = Some(positions);
-                    } else {
-                        m.positions = None;
-                        m.unplaced = true;
-                    }
-                }
             }
             Record::Retry { id } => {
                 let due_now = |m: &mut StoredMessage| {
@@ -396,23 +417,32 @@ impl State {
             let placed: Vec<(Option<u32>, &str, Option<Checkpoint>)> = m.pending_placed().collect();
             let pending: Vec<(&str, Option<Checkpoint>)> =
                 placed.iter().map(|&(_, r, c)| (r, c)).collect();
-            log::encode_message(
-                id,
-                m.body_id,
-                m.submitted_ms,
-                &m.sender,
-                pending.iter().map(|(r, _)| *r),
-                &mut buf,
-            );
             // Where those recipients were first: unless they are the whole list as first
-            // stored, or a start of it, the engine's checkpoints by position need the map.
-            // (An unplaced message has none to give: its recipients were handed to the engine
-            // without positions, so none of its checkpoints names one.)
+            // stored, or a start of it, the engine's checkpoints by position need the positions,
+            // in the same record as the list (read or set aside together). An unplaced message
+            // has none to give: its recipients went to the engine without positions, so none
+            // of its checkpoints names one.
             let positions: Option<Vec<u32>> = placed.iter().map(|&(p, _, _)| p).collect();
-            if let Some(positions) = positions {
-                if positions.iter().enumerate().any(|(i, &p)| p != i as u32) {
-                    log::encode(&Record::Positions { id, positions }, &mut buf);
-                }
+            match positions.filter(|p| p.iter().enumerate().any(|(i, &p)| p != i as u32)) {
+                Some(positions) => log::encode(
+                    &Record::PlacedMessage {
+                        id,
+                        body_id: m.body_id,
+                        submitted_ms: m.submitted_ms,
+                        sender: m.sender.clone(),
+                        recipients: pending.iter().map(|(r, _)| r.to_string()).collect(),
+                        positions,
+                    },
+                    &mut buf,
+                ),
+                None => log::encode_message(
+                    id,
+                    m.body_id,
+                    m.submitted_ms,
+                    &m.sender,
+                    pending.iter().map(|(r, _)| *r),
+                    &mut buf,
+                ),
             }
             if let Some((mail, recipients)) = &m.dsn {
                 log::encode(

@@ -974,11 +974,17 @@ fn checkpoints_by_position_name_the_same_recipients_across_compactions_and_resta
         pending(&state),
         named(&[(1, "b"), (3, "d"), (4, "e"), (5, "f")])
     );
-    // A compaction keeps only b, d, e and f: the record after their list says where they were.
+    // A compaction keeps only b, d, e and f: their record says where they were.
     let (_, mut file, _) = state.compact(&dir).unwrap();
     assert!(
-        all_records(&dir).contains(&Record::Positions {
+        all_records(&dir).contains(&Record::PlacedMessage {
             id: 1,
+            body_id: 1,
+            submitted_ms: later - 3_600_000,
+            sender: "news@example.org".into(),
+            recipients: ["b", "d", "e", "f"]
+                .map(|r| format!("{r}@example.net"))
+                .to_vec(),
             positions: vec![1, 3, 4, 5]
         }),
         "{:?}",
@@ -1018,6 +1024,74 @@ fn checkpoints_by_position_name_the_same_recipients_across_compactions_and_resta
     let state = super::store::State::load(&dir).unwrap();
     assert_eq!((state.issues.torn, state.issues.corrupt), (0, 0));
     assert_eq!(pending(&state), named(&[(1, "b")]));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn positions_that_do_not_fit_their_list_name_nobody() {
+    use log::{Mark, Record};
+    let dir = tempdir("unplaced");
+    let later = super::unix_ms(std::time::SystemTime::now()) + 3_600_000;
+    let to = ["b", "d", "e"].map(|r| format!("{r}@example.net"));
+    let mut buf = Vec::new();
+    for r in [
+        Record::Body {
+            body_id: 1,
+            bytes: b"Subject: x\r\n\r\ny\r\n".to_vec(),
+        },
+        // Three recipients, two positions (and a list whose positions are not ascending).
+        Record::PlacedMessage {
+            id: 1,
+            body_id: 1,
+            submitted_ms: later - 3_600_000,
+            sender: "news@example.org".into(),
+            recipients: to.to_vec(),
+            positions: vec![1, 3],
+        },
+        Record::PlacedMessage {
+            id: 2,
+            body_id: 1,
+            submitted_ms: later - 3_600_000,
+            sender: "news@example.org".into(),
+            recipients: to.to_vec(),
+            positions: vec![3, 1, 4],
+        },
+        Record::OutcomePositions {
+            id: 1,
+            mark: Mark::Delivered,
+            attempts: 1,
+            retry_at_ms: 0,
+            positions: vec![0, 1, 2, 3],
+        },
+        Record::OutcomePositions {
+            id: 2,
+            mark: Mark::Delivered,
+            attempts: 1,
+            retry_at_ms: 0,
+            positions: vec![0, 1, 2, 3, 4],
+        },
+    ] {
+        log::encode(&r, &mut buf);
+    }
+    fs::write(log::segment_path(&dir, 1), &buf).unwrap();
+    let state = super::store::State::load(&dir).unwrap();
+    // Nobody is marked final by a position that cannot be trusted: all are sent again, and
+    // without positions, so that their checkpoints name them by address.
+    for id in [1, 2] {
+        let pending: Vec<(Option<u32>, &str)> = state.messages[&id]
+            .pending_placed()
+            .map(|(p, r, _)| (p, r))
+            .collect();
+        assert_eq!(
+            pending,
+            to.iter().map(|r| (None, r.as_str())).collect::<Vec<_>>()
+        );
+    }
+    let recovered = super::recovered_submissions(state, &mut 0);
+    assert!(recovered
+        .iter()
+        .flat_map(|(_, s)| s.message.recipients.iter())
+        .all(|r| r.position().is_none()));
     let _ = fs::remove_dir_all(&dir);
 }
 
