@@ -18,5 +18,22 @@ mod cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    no_huge_pages();
     cli::main()
+}
+
+/// Turns transparent huge pages off for this process (and the processes it starts), unless
+/// `MXPIPE_THP=1`. With them on, the kernel zeroes each fresh 2 MiB region of the heap whole at
+/// its first touch: a spooled send of one body to a million distinct recipients spent a tenth
+/// of its time there, against the same send in memory (README "Benchmarks"). Only the command
+/// line does this: the library never changes its host process.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MXPIPE_THP").is_none_or(|v| v != "1") {
+        // SAFETY: PR_SET_THP_DISABLE takes integers only and changes nothing but this flag;
+        // it fails only on kernels without it, where there is nothing to turn off.
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
+    }
 }
