@@ -446,6 +446,27 @@ impl Cursor<'_> {
         let n = self.u32()? as usize;
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }
+    /// What a message record starts with ([`encode_message`]): id, body id, submission time,
+    /// sender, recipients.
+    fn message(&mut self) -> Option<(u64, u64, u64, String, Vec<String>)> {
+        Some((
+            self.u64()?,
+            self.u64()?,
+            self.u64()?,
+            self.string()?,
+            self.strings()?,
+        ))
+    }
+    /// What a checkpoint record starts with after its tag ([`checkpoint_head`]): id, mark,
+    /// attempts, retry time.
+    fn checkpoint(&mut self) -> Option<(u64, Mark, u32, u64)> {
+        Some((
+            self.u64()?,
+            Mark::from_code(self.u8()?)?,
+            self.u32()?,
+            self.u64()?,
+        ))
+    }
     /// A count, then that many positions.
     fn positions(&mut self) -> Option<Vec<u32>> {
         let n = self.u32()? as usize;
@@ -477,11 +498,7 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             bytes: c.take(c.0.len())?.to_vec(),
         },
         TAG_MESSAGE => {
-            let id = c.u64()?;
-            let body_id = c.u64()?;
-            let submitted_ms = c.u64()?;
-            let sender = c.string()?;
-            let recipients = c.strings()?;
+            let (id, body_id, submitted_ms, sender, recipients) = c.message()?;
             Record::Message {
                 id,
                 body_id,
@@ -498,10 +515,7 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             recipient: c.string()?,
         },
         TAG_OUTCOMES => {
-            let id = c.u64()?;
-            let mark = Mark::from_code(c.u8()?)?;
-            let attempts = c.u32()?;
-            let retry_at_ms = c.u64()?;
+            let (id, mark, attempts, retry_at_ms) = c.checkpoint()?;
             let recipients = c.strings()?;
             Record::Outcomes {
                 id,
@@ -512,10 +526,7 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             }
         }
         TAG_POSITIONS => {
-            let id = c.u64()?;
-            let mark = Mark::from_code(c.u8()?)?;
-            let attempts = c.u32()?;
-            let retry_at_ms = c.u64()?;
+            let (id, mark, attempts, retry_at_ms) = c.checkpoint()?;
             let positions = c.positions()?;
             Record::OutcomePositions {
                 id,
@@ -526,11 +537,7 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             }
         }
         TAG_PLACED_MESSAGE => {
-            let id = c.u64()?;
-            let body_id = c.u64()?;
-            let submitted_ms = c.u64()?;
-            let sender = c.string()?;
-            let recipients = c.strings()?;
+            let (id, body_id, submitted_ms, sender, recipients) = c.message()?;
             let positions = c.positions()?;
             Record::PlacedMessage {
                 id,

@@ -752,6 +752,23 @@ fn all_records(dir: &Path) -> Vec<log::Record> {
     out
 }
 
+/// A body (1) and message 1 of it, submitted at `submitted_ms` to each of `to` at example.net.
+fn body_and_message(submitted_ms: u64, to: &[&str]) -> [log::Record; 2] {
+    [
+        log::Record::Body {
+            body_id: 1,
+            bytes: b"Subject: x\r\n\r\ny\r\n".to_vec(),
+        },
+        log::Record::Message {
+            id: 1,
+            body_id: 1,
+            submitted_ms,
+            sender: "news@example.org".into(),
+            recipients: to.iter().map(|r| format!("{r}@example.net")).collect(),
+        },
+    ]
+}
+
 #[test]
 fn recovery_after_compact_checkpoints_yields_exactly_the_non_final_recipients() {
     use log::{Mark, Record};
@@ -774,20 +791,10 @@ fn recovery_after_compact_checkpoints_yields_exactly_the_non_final_recipients() 
             retry_at_ms,
             recipient: to.to_string(),
         };
+    let [body, first] = body_and_message(later - 3_600_000, &["a", "b", "c", "d", "e"]);
     let records = [
-        Record::Body {
-            body_id: 1,
-            bytes: b"Subject: x\r\n\r\ny\r\n".to_vec(),
-        },
-        Record::Message {
-            id: 1,
-            body_id: 1,
-            submitted_ms: later - 3_600_000,
-            sender: "news@example.org".into(),
-            recipients: ["a", "b", "c", "d", "e"]
-                .map(|r| format!("{r}@example.net"))
-                .to_vec(),
-        },
+        body,
+        first,
         Record::Message {
             id: 2,
             body_id: 1,
@@ -937,19 +944,10 @@ fn checkpoints_by_position_name_the_same_recipients_across_compactions_and_resta
         retry_at_ms,
         positions: positions.to_vec(),
     };
-    let to = ["a", "b", "c", "d", "e", "f"].map(|r| format!("{r}@example.net"));
+    let [body, message] = body_and_message(later - 3_600_000, &["a", "b", "c", "d", "e", "f"]);
     let records = [
-        Record::Body {
-            body_id: 1,
-            bytes: b"Subject: x\r\n\r\ny\r\n".to_vec(),
-        },
-        Record::Message {
-            id: 1,
-            body_id: 1,
-            submitted_ms: later - 3_600_000,
-            sender: "news@example.org".into(),
-            recipients: to.to_vec(),
-        },
+        body,
+        message,
         at(1, Mark::Delivered, 0, &[0, 2]),
         at(1, Mark::Deferred, later, &[1, 3]),
     ];
