@@ -95,7 +95,8 @@ impl Outcomes {
 
     /// The positions of a positional outcome's recipients, in order (none for an outcome
     /// named by address).
-    pub fn positions<'a>(&'a self, outcome: &Outcome) -> impl Iterator<Item = u32> + 'a {
+    #[cfg(test)]
+    pub(crate) fn positions<'a>(&'a self, outcome: &Outcome) -> impl Iterator<Item = u32> + 'a {
         let packed = if outcome.positional {
             self.packed(outcome)
         } else {

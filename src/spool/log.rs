@@ -200,15 +200,15 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             sender,
             recipients,
             positions,
-        } => framed(out, |out| {
-            out.push(TAG_PLACED_MESSAGE);
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&body_id.to_le_bytes());
-            out.extend_from_slice(&submitted_ms.to_le_bytes());
-            put_str(out, sender);
-            put_list(out, recipients.iter().map(String::as_str));
-            put_positions(out, positions);
-        }),
+        } => encode_placed_message(
+            *id,
+            *body_id,
+            *submitted_ms,
+            sender,
+            recipients.iter().map(String::as_str),
+            positions,
+            out,
+        ),
         Record::Retry { id } => framed(out, |out| {
             out.push(TAG_RETRY);
             out.extend_from_slice(&id.to_le_bytes());
@@ -256,13 +256,58 @@ pub fn encode_message<'a>(
     out: &mut Vec<u8>,
 ) {
     framed(out, |out| {
-        out.push(TAG_MESSAGE);
-        out.extend_from_slice(&id.to_le_bytes());
-        out.extend_from_slice(&body_id.to_le_bytes());
-        out.extend_from_slice(&submitted_ms.to_le_bytes());
-        put_str(out, sender);
-        put_list(out, recipients);
+        message_head(
+            out,
+            TAG_MESSAGE,
+            id,
+            body_id,
+            submitted_ms,
+            sender,
+            recipients,
+        )
     })
+}
+
+/// Encodes a compacted message record ([`Record::PlacedMessage`]) from borrowed parts.
+pub fn encode_placed_message<'a>(
+    id: u64,
+    body_id: u64,
+    submitted_ms: u64,
+    sender: &str,
+    recipients: impl ExactSizeIterator<Item = &'a str>,
+    positions: &[u32],
+    out: &mut Vec<u8>,
+) {
+    framed(out, |out| {
+        message_head(
+            out,
+            TAG_PLACED_MESSAGE,
+            id,
+            body_id,
+            submitted_ms,
+            sender,
+            recipients,
+        );
+        put_positions(out, positions);
+    })
+}
+
+/// What a message record of either kind starts with.
+fn message_head<'a>(
+    out: &mut Vec<u8>,
+    tag: u8,
+    id: u64,
+    body_id: u64,
+    submitted_ms: u64,
+    sender: &str,
+    recipients: impl ExactSizeIterator<Item = &'a str>,
+) {
+    out.push(tag);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&body_id.to_le_bytes());
+    out.extend_from_slice(&submitted_ms.to_le_bytes());
+    put_str(out, sender);
+    put_list(out, recipients);
 }
 
 /// Encodes an outcome record from a borrowed recipient (the checkpoints' hot path).
@@ -312,9 +357,13 @@ pub fn encode_outcomes<'a>(
     })
 }
 
-/// [`encode_outcomes`] of `count` recipients already in the record's layout (each address's
-/// length as a `u32`, little-endian, then its octets): the loop's checkpoints, one copy.
-pub fn encode_outcomes_packed(
+/// A checkpoint of `count` recipients already in the record's layout, as the loop's
+/// [`Outcomes`](crate::engine::custody::Outcomes) hold them: one copy. `by_position`: each is
+/// a position (`u32`, little-endian; [`Record::OutcomePositions`]), else an address's length
+/// (`u32`, little-endian) and its octets ([`Record::Outcomes`]).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_packed_checkpoint(
+    by_position: bool,
     id: u64,
     mark: Mark,
     attempts: u32,
@@ -323,28 +372,14 @@ pub fn encode_outcomes_packed(
     packed: &[u8],
     out: &mut Vec<u8>,
 ) {
+    let tag = if by_position {
+        debug_assert_eq!(packed.len(), 4 * count);
+        TAG_POSITIONS
+    } else {
+        TAG_OUTCOMES
+    };
     framed(out, |out| {
-        checkpoint_head(out, TAG_OUTCOMES, id, mark, attempts, retry_at_ms);
-        out.extend_from_slice(&(count as u32).to_le_bytes());
-        out.extend_from_slice(packed);
-    })
-}
-
-/// A checkpoint by position ([`Record::OutcomePositions`]) of `count` recipients whose
-/// positions are already in the record's layout (each a `u32`, little-endian): the loop's
-/// checkpoints, one copy.
-pub fn encode_positions_packed(
-    id: u64,
-    mark: Mark,
-    attempts: u32,
-    retry_at_ms: u64,
-    count: usize,
-    packed: &[u8],
-    out: &mut Vec<u8>,
-) {
-    debug_assert_eq!(packed.len(), 4 * count);
-    framed(out, |out| {
-        checkpoint_head(out, TAG_POSITIONS, id, mark, attempts, retry_at_ms);
+        checkpoint_head(out, tag, id, mark, attempts, retry_at_ms);
         out.extend_from_slice(&(count as u32).to_le_bytes());
         out.extend_from_slice(packed);
     })
@@ -776,7 +811,8 @@ mod tests {
         assert_eq!(outcomes.recipients(run).collect::<Vec<_>>(), addresses);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         encode_outcomes(7, Mark::Bounced, 3, 42, addresses.into_iter(), &mut a);
-        encode_outcomes_packed(
+        encode_packed_checkpoint(
+            false,
             7,
             Mark::Bounced,
             3,
@@ -836,7 +872,16 @@ mod tests {
         );
         assert_eq!(outcomes.positions(&outcomes.list[1]).count(), 0);
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        encode_positions_packed(7, Mark::Delivered, 1, 0, 2, outcomes.packed(run), &mut a);
+        encode_packed_checkpoint(
+            true,
+            7,
+            Mark::Delivered,
+            1,
+            0,
+            2,
+            outcomes.packed(run),
+            &mut a,
+        );
         encode(
             &Record::OutcomePositions {
                 id: 7,

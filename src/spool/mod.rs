@@ -255,12 +255,8 @@ impl SpoolCustody {
                 EventKind::Bounced => Mark::Bounced,
                 EventKind::Expired => Mark::Expired,
             };
-            let encode = if o.is_positional() {
-                log::encode_positions_packed
-            } else {
-                log::encode_outcomes_packed
-            };
-            encode(
+            log::encode_packed_checkpoint(
+                o.is_positional(),
                 o.message_id,
                 mark,
                 o.attempts,

@@ -86,6 +86,22 @@ impl StoredMessage {
         }
     }
 
+    /// The first positions of the pending recipients, when a record of only those needs them
+    /// (see [`Record::PlacedMessage`]): `None` when they are the list as first stored or a
+    /// start of it, or when they are not known (an unplaced message's recipients went to the
+    /// engine without positions, so none of its checkpoints names one).
+    fn pending_moved(&self) -> Option<Vec<u32>> {
+        let positions: Vec<u32> = self
+            .pending_placed()
+            .map(|(p, _, _)| p)
+            .collect::<Option<_>>()?;
+        positions
+            .iter()
+            .enumerate()
+            .any(|(i, &p)| p != i as u32)
+            .then_some(positions)
+    }
+
     /// The recipient at `position` of the list as first stored, if it is still listed.
     fn at_position(&self, position: u32) -> Option<&String> {
         if self.unplaced {
@@ -334,7 +350,7 @@ impl State {
         self.delete_segments_read(dir)?;
         // The live state is now what the new segment says: forget what was dropped.
         for m in self.messages.values_mut() {
-            let kept: Vec<Option<u32>> = m.pending_placed().map(|(p, _, _)| p).collect();
+            let moved = m.pending_moved();
             let StoredMessage {
                 recipients,
                 checkpoints,
@@ -344,13 +360,7 @@ impl State {
             recipients.retain(|r| !checkpoints.get(r).is_some_and(|c| c.mark.is_final()));
             checkpoints.retain(|_, c| !c.mark.is_final());
             // As the new segment says (see `encode_live`).
-            if let Some(kept) = kept.into_iter().collect::<Option<Vec<u32>>>() {
-                *positions = kept
-                    .iter()
-                    .enumerate()
-                    .any(|(i, &p)| p != i as u32)
-                    .then_some(kept);
-            }
+            *positions = moved;
         }
         self.segments.push((number, path));
         self.bytes = size;
@@ -414,25 +424,17 @@ impl State {
                     log::encode_body(m.body_id, bytes, &mut buf);
                 }
             }
-            let placed: Vec<(Option<u32>, &str, Option<Checkpoint>)> = m.pending_placed().collect();
-            let pending: Vec<(&str, Option<Checkpoint>)> =
-                placed.iter().map(|&(_, r, c)| (r, c)).collect();
-            // Where those recipients were first: unless they are the whole list as first
-            // stored, or a start of it, the engine's checkpoints by position need the positions,
-            // in the same record as the list (read or set aside together). An unplaced message
-            // has none to give: its recipients went to the engine without positions, so none
-            // of its checkpoints names one.
-            let positions: Option<Vec<u32>> = placed.iter().map(|&(p, _, _)| p).collect();
-            match positions.filter(|p| p.iter().enumerate().any(|(i, &p)| p != i as u32)) {
-                Some(positions) => log::encode(
-                    &Record::PlacedMessage {
-                        id,
-                        body_id: m.body_id,
-                        submitted_ms: m.submitted_ms,
-                        sender: m.sender.clone(),
-                        recipients: pending.iter().map(|(r, _)| r.to_string()).collect(),
-                        positions,
-                    },
+            let pending: Vec<(&str, Option<Checkpoint>)> = m.pending().collect();
+            // Where those recipients were first, when the engine's checkpoints by position need
+            // it: in the same record as the list (read or set aside together).
+            match m.pending_moved() {
+                Some(positions) => log::encode_placed_message(
+                    id,
+                    m.body_id,
+                    m.submitted_ms,
+                    &m.sender,
+                    pending.iter().map(|(r, _)| *r),
+                    &positions,
                     &mut buf,
                 ),
                 None => log::encode_message(
